@@ -1,0 +1,36 @@
+# Everything sets itself up: the first target that needs Python builds .venv
+# from the package registry. Only python3 (3.11+) is needed on the machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: test demo fuzz fuzz-long bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## make test: the whole suite, a short fuzz run, and core line coverage (>= 90%)
+test: $(STAMP)
+	HYPOTHESIS_PROFILE=ci $(PY) -m coverage erase
+	HYPOTHESIS_PROFILE=ci $(PY) -m coverage run -m pytest -q
+	$(PY) -m coverage report
+	$(PY) -m fuzz.run --seconds 20
+
+## make demo: two federating servers on loopback with real TLS, the guide end to end
+demo: $(STAMP)
+	$(VENV)/bin/scaiwave demo
+
+## make fuzz-long: the long fuzz run (one hour, all harnesses)
+fuzz-long: $(STAMP)
+	$(PY) -m fuzz.run --seconds 3600
+
+bench: $(STAMP)
+	$(PY) -m bench.ingest
+	$(PY) -m bench.replay
+
+clean:
+	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache demo-run

@@ -1,0 +1,126 @@
+"""Refusal codes: the one table of stable error codes, and the values that carry them.
+
+Bad remote data and policy decisions become values (:class:`Refused`), never
+exceptions and never HTTP statuses: the shell maps codes to statuses in its own
+table. Exceptions are kept for caller misuse (:class:`LocalProtocolError`).
+
+The codes are part of the outside contract (docs/protocol.md lists them); a
+code's string never changes once released.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS"]
+
+
+class Code(str, enum.Enum):
+    """Every stable refusal code. The value is the wire string."""
+
+    # Rooms that never leave their server (guide: "What can't be federated").
+    ROOM_INCOGNITO = "room_incognito"
+    ROOM_BRIDGE = "room_bridge"
+    ROOM_SIDEKICK = "room_sidekick"
+    TENANT_FEDERATION_DISABLED = "tenant_federation_disabled"
+    # Policy.
+    FEDERATION_CLOSED = "federation_closed"
+    PEER_NOT_ALLOWED = "peer_not_allowed"
+    PEER_BLOCKED = "peer_blocked"
+    NOT_PEERED = "not_peered"
+    # Descriptors and transport.
+    NO_DESCRIPTOR = "no_descriptor"
+    INVALID_DESCRIPTOR = "invalid_descriptor"
+    SERVER_NAME_MISMATCH = "server_name_mismatch"
+    TLS_FAILURE = "tls_failure"
+    PEER_UNREACHABLE = "peer_unreachable"
+    # Signatures and keys.
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    EXPIRED_KEY = "expired_key"
+    PROTOCOL_VERSION_MISMATCH = "protocol_version_mismatch"
+    OWN_KEY_MISSING = "own_key_missing"
+    # Requests.
+    CLOCK_SKEW = "clock_skew"
+    REPLAYED_REQUEST = "replayed_request"
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    NON_CANONICAL = "non_canonical"
+    WRONG_DESTINATION = "wrong_destination"
+    UNAUTHORIZED = "unauthorized"
+    # Events and history.
+    BAD_HASH = "bad_hash"
+    CHAIN_BROKEN = "chain_broken"
+    WRONG_ROOM = "wrong_room"
+    HANDSHAKE_FAILED = "handshake_failed"
+    # Local resources (client and admin API).
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    CONFLICT = "conflict"
+    BAD_REQUEST = "bad_request"
+
+
+#: One line per code: what it means for an admin. Rendered into docs/protocol.md.
+DESCRIPTIONS: dict[Code, str] = {
+    Code.ROOM_INCOGNITO: "incognito rooms never leave their server",
+    Code.ROOM_BRIDGE: "bridge rooms never leave their server",
+    Code.ROOM_SIDEKICK: "rooms with room_type=sidekick never leave their server",
+    Code.TENANT_FEDERATION_DISABLED: "the room's owner tenant has federation disabled tenant-wide",
+    Code.FEDERATION_CLOSED: "this server's policy is closed: it refuses all federation",
+    Code.PEER_NOT_ALLOWED: "policy is invite_only and the peer is not in allowed_peers",
+    Code.PEER_BLOCKED: "the peer is in blocked_peers",
+    Code.NOT_PEERED: "the servers have not completed a handshake",
+    Code.NO_DESCRIPTOR: "the server publishes no /.well-known/scaiwave descriptor",
+    Code.INVALID_DESCRIPTOR: "the descriptor is malformed, unsigned, badly signed or expired",
+    Code.SERVER_NAME_MISMATCH: "the descriptor names another server than the one asked",
+    Code.TLS_FAILURE: "the peer's TLS certificate chain or name did not verify",
+    Code.PEER_UNREACHABLE: "the peer could not be reached (connection refused, timeout)",
+    Code.UNKNOWN_KEY: "signed with a key id the signer's descriptor does not list",
+    Code.BAD_SIGNATURE: "the signature does not verify",
+    Code.EXPIRED_KEY: "signed with a rotated-out key past its validity",
+    Code.PROTOCOL_VERSION_MISMATCH: "the two servers share no protocol version",
+    Code.OWN_KEY_MISSING: "this server has no federation key: run `scaiwave admin federation key generate`",
+    Code.CLOCK_SKEW: "the request's time is outside the accepted skew window",
+    Code.REPLAYED_REQUEST: "this signed request was already seen inside the window",
+    Code.TOO_LARGE: "the body or object exceeds its size limit",
+    Code.MALFORMED: "the bytes are not a well-formed object of the expected shape",
+    Code.NON_CANONICAL: "the object is not in canonical CBOR encoding",
+    Code.WRONG_DESTINATION: "the request was signed for another server, method or path",
+    Code.UNAUTHORIZED: "missing or wrong credentials",
+    Code.BAD_HASH: "the event id is not the hash of its content",
+    Code.CHAIN_BROKEN: "the event does not link to the previous event of the room",
+    Code.WRONG_ROOM: "the event belongs to another room than the one asked",
+    Code.HANDSHAKE_FAILED: "the peer's handshake answer did not prove its key",
+    Code.NOT_FOUND: "no such resource",
+    Code.FORBIDDEN: "the caller may not do this",
+    Code.CONFLICT: "the resource already exists or is in another state",
+    Code.BAD_REQUEST: "the request's fields are missing or wrong",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A decision not to accept something, with a stable :class:`Code`.
+
+    ``detail`` is a human sentence for logs and admins; it may change between
+    releases, the code may not.
+    """
+
+    code: Code
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, Code):
+            raise LocalProtocolError(f"Refused needs a Code, got {self.code!r}")
+
+    def as_dict(self) -> dict[str, str]:
+        """The wire form: ``{"code": ..., "message": ...}``."""
+        return {"code": self.code.value, "message": self.detail or DESCRIPTIONS[self.code]}
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.detail or DESCRIPTIONS[self.code]}"
+
+
+class LocalProtocolError(Exception):
+    """The caller used the core wrongly (a bug in the embedding host, not the peer)."""
