@@ -1,0 +1,51 @@
+"""ScaiWave Federation core: deterministic, sans-IO.
+
+Inputs in (bytes, clock readings as integer milliseconds, injected random
+seeds), effects and decisions out as values. Nothing here performs I/O,
+reads a clock, draws randomness or looks at the environment (a test enforces
+it), so the same core runs under Trio, asyncio, a blocking server or a replay
+of recorded traffic, and gives the same outputs for the same inputs.
+
+Modules, by what they own:
+
+- :mod:`.codes` -- the refusal code table, :class:`Refused`, :class:`LocalProtocolError`
+- :mod:`.wire` -- canonical CBOR, strict bounded decoding
+- :mod:`.names` -- server names, user and room ids
+- :mod:`.keys` -- ed25519 keys, key ring, rotation and validity rules
+- :mod:`.descriptor` -- ``/.well-known/scaiwave`` documents
+- :mod:`.keycache` -- peers' keys and the refetch rate limit
+- :mod:`.requests` -- signed requests and the replay window
+- :mod:`.policy` -- who may federate, which rooms may leave
+- :mod:`.handshake` -- the peering state machine
+- :mod:`.events` -- signed, hash-chained events
+- :mod:`.rooms` -- chaining, proposals, invites and transactions
+- :mod:`.backfill` -- paged history pulls and serving
+- :mod:`.effects` -- what the core asks its host to do
+- :mod:`.node` -- :class:`Federation`, the per-server facade
+"""
+
+from .backfill import MAX_PULL, PAGE_CAP, BackfillDone, BackfillPuller, build_page, decode_page
+from .codes import DESCRIPTIONS, Code, LocalProtocolError, Refused
+from .descriptor import PROTOCOL_VERSIONS, build_descriptor, parse_descriptor
+from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest, StoreEvents
+from .events import Event, NeedKeys, decode_event, make_event, verify_events
+from .handshake import Initiator, answer_hello
+from .keycache import KeyCache
+from .keys import GRACE_MS, ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey, verify_batch
+from .node import Federation, InviteDecision, Route
+from .policy import Policy, room_refusal
+from .requests import Authenticated, RequestVerifier, sign_request
+from .rooms import Head, chain_event, check_proposal, link
+
+__all__ = [
+    "MAX_PULL", "PAGE_CAP", "BackfillDone", "BackfillPuller", "build_page", "decode_page",
+    "DESCRIPTIONS", "Code", "LocalProtocolError", "Refused",
+    "PROTOCOL_VERSIONS", "build_descriptor", "parse_descriptor",
+    "Failed", "FetchDescriptor", "PeerAgreed", "SendRequest", "StoreEvents",
+    "Event", "NeedKeys", "decode_event", "make_event", "verify_events",
+    "Initiator", "answer_hello", "KeyCache",
+    "GRACE_MS", "ROTATION_PERIOD_MS", "KeyRing", "ServerKeys", "SigningKey", "verify_batch",
+    "Federation", "InviteDecision", "Route", "Policy", "room_refusal",
+    "Authenticated", "RequestVerifier", "sign_request",
+    "Head", "chain_event", "check_proposal", "link",
+]

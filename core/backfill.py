@@ -1,0 +1,319 @@
+"""Backfill: pulling a room's history from its host, page by page, verifying every link.
+
+Serving side: :func:`parse_query` reads ``before`` and ``limit`` (capped at
+:data:`PAGE_CAP`), storage hands back the events strictly below ``before``
+in descending depth, and :func:`build_page` encodes the page::
+
+    {"room_id": str, "before": int | null, "events": [envelope, ...], "next": int | null}
+
+``before`` echoes the request (``null``: from the room's newest event), and
+``next`` is the cursor for the following page (``null`` at the room's start).
+Cursors are opaque to clients; today they are depths.
+
+Pulling side: :class:`BackfillPuller` asks for pages, checks each event's
+hash, signature and chain link, and emits :class:`~.effects.StoreEvents` with
+only verified events, each depth once, together with a resume cursor.
+
+- The chain is walked downward from an *anchor*: the oldest event we already
+  hold (its depth and ``prev``), or the newest event of the head page.
+- Pages may arrive split anyhow, duplicated or reordered: verified events
+  wait in a bounded buffer until the chain reaches them, so the stored set is
+  the same whatever the order.
+- It stops at ``limit`` (at most :data:`MAX_PULL`), at the room's first event,
+  or when the host has nothing older. A bad event is refused with its code;
+  everything verified before it stays stored, and the pull stops there
+  (storing past it would leave a hole in the chain). The saved cursor lets a
+  later pull resume exactly there, storing nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .codes import Code, LocalProtocolError, Refused
+from .effects import Effect, Failed, SendRequest, StoreEvents
+from .events import Event, NeedKeys, verify_events
+from .keycache import KeyCache
+from .keys import BatchVerifier, SigningKey, verify_batch
+from .requests import sign_request
+from .wire import decode, encode
+
+__all__ = [
+    "PAGE_CAP",
+    "MAX_PULL",
+    "MAX_PAGE_BYTES",
+    "backfill_target",
+    "parse_query",
+    "build_page",
+    "decode_page",
+    "Page",
+    "BackfillPuller",
+    "BackfillDone",
+]
+
+PAGE_CAP = 100
+MAX_PULL = 1000
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+
+
+def backfill_target(room_id: str, before: int | None, limit: int) -> str:
+    """The request target of one page."""
+    query = f"limit={limit}" if before is None else f"before={before}&limit={limit}"
+    return f"/_scaiwave/federation/v1/rooms/{room_id}/backfill?{query}"
+
+
+def parse_query(query: Mapping[str, str]) -> tuple[int | None, int] | Refused:
+    """``before`` and ``limit`` from a backfill request; the page is capped at :data:`PAGE_CAP`."""
+    try:
+        before = int(query["before"]) if "before" in query else None
+        limit = int(query.get("limit", str(PAGE_CAP)))
+    except ValueError:
+        return Refused(Code.MALFORMED, "before and limit are integers")
+    if (before is not None and before < 1) or limit < 1:
+        return Refused(Code.MALFORMED, "before and limit are positive")
+    return before, min(limit, PAGE_CAP)
+
+
+def build_page(room_id: str, before: int | None, envelopes: list[bytes], depths: list[int]) -> bytes:
+    """Encode one page; ``envelopes`` in descending depth (as storage returns them)."""
+    oldest = depths[-1] if depths else None
+    next_cursor = oldest if oldest is not None and oldest > 1 else None
+    return encode({"room_id": room_id, "before": before, "events": envelopes, "next": next_cursor})
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A decoded page (events still unverified)."""
+
+    room_id: str
+    before: int | None
+    events: tuple[bytes, ...]
+    next: int | None
+
+
+def _opt_int(value: object) -> bool:
+    return value is None or (type(value) is int and 0 < value < 1 << 63)
+
+
+def decode_page(body: bytes) -> Page | Refused:
+    """Strictly decode a page body."""
+    value = decode(body, max_size=MAX_PAGE_BYTES, max_depth=3)
+    if isinstance(value, Refused):
+        return value
+    if not (isinstance(value, dict) and value.keys() == {"room_id", "before", "events", "next"}):
+        return Refused(Code.MALFORMED, "a backfill page is {room_id, before, events, next}")
+    events = value["events"]
+    if not (type(value["room_id"]) is str and _opt_int(value["before"]) and _opt_int(value["next"])
+            and type(events) is list and len(events) <= PAGE_CAP
+            and all(type(e) is bytes for e in events)):
+        return Refused(Code.MALFORMED, "backfill page fields have the wrong types")
+    return Page(value["room_id"], value["before"], tuple(events), value["next"])
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillDone:
+    """Effect: the pull ended. ``refusal`` is set when it stopped at a bad event or error."""
+
+    room_id: str
+    peer: str
+    stored: int
+    reached_start: bool
+    refusal: Refused | None = None
+
+
+@dataclass
+class _Progress:
+    next_depth: int | None  # the depth the chain needs next (None: not anchored yet)
+    expected_id: bytes | None  # the id that event must have
+    stored: int = 0
+    refusals: list[tuple[int, Refused]] = field(default_factory=list)
+
+
+class BackfillPuller:
+    """Pulls up to ``limit`` events of ``room_id`` from ``peer``.
+
+    Drive it: ``start(now)``, then for each :class:`SendRequest` answer
+    ``page_received(status, body, now)``. ``keys_updated(now)`` after a
+    :class:`NeedKeys` was satisfied (or could not be). The pull is over when
+    a :class:`BackfillDone` comes out.
+    """
+
+    def __init__(self, *, server_name: str, room_id: str, peer: str, key: SigningKey, keys: KeyCache,
+                 limit: int = MAX_PULL, page_size: int = PAGE_CAP, anchor: tuple[int, bytes | None] | None = None,
+                 verifier: BatchVerifier = verify_batch) -> None:
+        if not 0 < limit <= MAX_PULL:
+            raise LocalProtocolError(f"a pull takes 1 to {MAX_PULL} events")
+        if not 0 < page_size <= PAGE_CAP:
+            raise LocalProtocolError(f"page_size is 1 to {PAGE_CAP}")
+        self.server_name, self.room_id, self.peer = server_name, room_id, peer
+        self.key, self.keys, self.limit, self.page_size, self.verifier = key, keys, limit, page_size, verifier
+        if anchor is None:
+            self._p = _Progress(None, None)
+        else:
+            depth, prev = anchor
+            self._p = _Progress(depth - 1, prev)
+        self._buffer: dict[int, Event] = {}
+        self._pending: list[Page] = []
+        self.done: BackfillDone | None = None
+        if anchor is not None and (anchor[0] <= 1 or anchor[1] is None):
+            self.done = BackfillDone(room_id, peer, 0, True)
+
+    # -- resume cursors -------------------------------------------------------------
+
+    def cursor(self) -> bytes:
+        """Opaque resume state, saved with each stored page."""
+        return encode({"room_id": self.room_id, "peer": self.peer, "next_depth": self._p.next_depth,
+                       "expected_id": self._p.expected_id, "stored": self._p.stored, "limit": self.limit})
+
+    @classmethod
+    def resume(cls, cursor: bytes, *, server_name: str, key: SigningKey, keys: KeyCache,
+               page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch) -> "BackfillPuller":
+        """Continue a pull from a saved :meth:`cursor` (our own bytes, from storage)."""
+        c = decode(cursor, max_size=4096)
+        if not isinstance(c, dict) or set(c) != {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}:
+            raise LocalProtocolError("not a backfill cursor")
+        puller = cls(server_name=server_name, room_id=c["room_id"], peer=c["peer"], key=key, keys=keys,
+                     limit=c["limit"], page_size=page_size, verifier=verifier)
+        puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
+        if c["next_depth"] is not None and c["next_depth"] < 1 or c["stored"] >= c["limit"]:
+            puller.done = BackfillDone(puller.room_id, puller.peer, c["stored"], c["next_depth"] == 0)
+        return puller
+
+    @property
+    def stored(self) -> int:
+        """Events stored by this pull so far (resumed pulls count earlier pages)."""
+        return self._p.stored
+
+    @property
+    def refusals(self) -> list[tuple[int, Refused]]:
+        """Events refused so far, as ``(position, refusal)``."""
+        return list(self._p.refusals)
+
+    # -- driving ------------------------------------------------------------------
+
+    def start(self, now: int) -> list[Effect]:
+        """The first page request (or the end, if there is nothing to pull)."""
+        if self.done is not None:
+            return [self.done]
+        return [self._request(now)]
+
+    def _request(self, now: int) -> SendRequest:
+        remaining = self.limit - self._p.stored
+        before = None if self._p.next_depth is None else self._p.next_depth + 1
+        target = backfill_target(self.room_id, before, min(self.page_size, remaining))
+        auth = sign_request(self.key, origin=self.server_name, destination=self.peer, method="GET",
+                            target=target, body=b"", now=now)
+        return SendRequest(self.peer, "GET", target, b"", auth)
+
+    def page_received(self, status: int, body: bytes, now: int) -> list[Effect]:
+        """A page (or an error reply) arrived. Returns what to store and what next."""
+        if self.done is not None:
+            return [self.done]
+        if status != 200:
+            from .handshake import decode_refusal
+
+            return self._finish(decode_refusal(status, body))
+        page = decode_page(body)
+        if isinstance(page, Refused):
+            return self._finish(page)
+        if page.room_id != self.room_id:
+            return self._finish(Refused(Code.WRONG_ROOM, f"asked for {self.room_id}, page is of {page.room_id[:100]}"))
+        self._pending.append(page)
+        return self._process(now)
+
+    def keys_updated(self, now: int) -> list[Effect]:
+        """Call after the descriptor asked for by :class:`NeedKeys` was fed to the cache."""
+        if self.done is not None:
+            return [self.done]
+        return self._process(now, retry=True)
+
+    def fail(self, refusal: Refused) -> list[Effect]:
+        """The host cannot carry on (transport failure); ends the pull, resumable."""
+        return self._finish(refusal)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _finish(self, refusal: Refused | None) -> list[Effect]:
+        self.done = BackfillDone(self.room_id, self.peer, self._p.stored, self._p.next_depth == 0, refusal)
+        out: list[Effect] = []
+        if refusal is not None:
+            out.append(Failed(self.peer, refusal))
+        out.append(self.done)
+        return out
+
+    def _current_before(self) -> int | None:
+        return None if self._p.next_depth is None else self._p.next_depth + 1
+
+    def _process(self, now: int, retry: bool = False) -> list[Effect]:
+        pages, self._pending = self._pending, []
+        current = self._current_before()
+        answered = False
+        for page in pages:
+            results = verify_events(page.events, self.keys.keys, verifier=self.verifier)
+            need = next((r for r in results if isinstance(r, NeedKeys)), None)
+            if need is not None:
+                if retry or not self.keys.may_fetch(need.server, now):
+                    return self._finish(Refused(Code.UNKNOWN_KEY, f"{need.server} has no key {need.key_id}"))
+                self._pending = [page] + self._pending
+                return [need]
+            answered = answered or page.before == current
+            if page.before is None and self._p.next_depth is None:
+                self._anchor_at_head(results)
+            for position, result in enumerate(results):
+                self._take(result, position)
+        return self._link(now, answered)
+
+    def _anchor_at_head(self, results: list) -> None:
+        heads = [r for r in results if isinstance(r, Event) and r.depth > 0]
+        if heads:
+            top = max(heads, key=lambda e: e.depth)
+            self._p.next_depth, self._p.expected_id = top.depth, top.event_id
+
+    def _take(self, result: Event | Refused | NeedKeys, position: int) -> None:
+        next_depth = self._p.next_depth
+        if isinstance(result, Refused):
+            self._p.refusals.append((position, result))
+            return
+        if not isinstance(result, Event):
+            return
+        if result.room_id != self.room_id or result.depth == 0:
+            self._p.refusals.append((position, Refused(Code.WRONG_ROOM, f"event {result.id_text} is not a chained event of {self.room_id}")))
+            return
+        remaining = self.limit - self._p.stored
+        # Buffer only what the chain can still reach: bounded by the pull's limit.
+        if next_depth is None or next_depth - remaining < result.depth <= next_depth:
+            self._buffer.setdefault(result.depth, result)
+
+    def _link(self, now: int, answered: bool) -> list[Effect]:
+        linked: list[Event] = []
+        p = self._p
+        while p.next_depth is not None and p.next_depth >= 1 and p.stored < self.limit:
+            event = self._buffer.pop(p.next_depth, None)
+            if event is None:
+                break
+            if p.expected_id is not None and event.event_id != p.expected_id:
+                refusal = Refused(Code.CHAIN_BROKEN, f"event at depth {event.depth} is not the one the chain links to")
+                p.refusals.append((event.depth, refusal))
+                continue
+            linked.append(event)
+            p.stored += 1
+            p.expected_id = event.prev
+            p.next_depth = event.depth - 1
+        # Anything left above the chain is stale (duplicates, or below a gap we wait for).
+        self._buffer = {d: e for d, e in self._buffer.items() if p.next_depth is not None and d <= p.next_depth}
+        out: list[Effect] = []
+        if linked:
+            out.append(StoreEvents(self.room_id, tuple(linked), self.cursor()))
+        reached_start = p.next_depth == 0
+        if reached_start or p.stored >= self.limit:
+            return out + self._finish(None)
+        if p.refusals and p.next_depth is not None and p.next_depth not in self._buffer:
+            # The chain cannot pass the refused event: stop, resumable here.
+            return out + self._finish(p.refusals[-1][1])
+        if answered and not linked:
+            # The page for our own cursor brought nothing the chain needs:
+            # the host has nothing older to give.
+            return out + self._finish(None)
+        out.append(self._request(now))
+        return out

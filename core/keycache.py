@@ -1,0 +1,84 @@
+"""What we know of other servers' keys, and when we may ask again.
+
+The cache holds each peer's :class:`~.keys.ServerKeys` as read from its
+descriptor. A signature under a key id we do not know makes the verifier ask
+for the signer's descriptor again (key rotation is discovered this way), but
+at most once per ``refetch_interval_ms`` per server: a flood of made-up key
+ids cannot turn us into a descriptor-fetching amplifier.
+
+The cache never fetches: it answers "fetch now" or "you may not yet" and the
+shell carries out the fetch, then hands the bytes to :meth:`KeyCache.learn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codes import Refused
+from .descriptor import parse_descriptor
+from .keys import ServerKeys
+
+__all__ = ["KeyCache", "PeerDescriptor", "DEFAULT_REFETCH_INTERVAL_MS"]
+
+DEFAULT_REFETCH_INTERVAL_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDescriptor:
+    """A checked descriptor of one server, as cached."""
+
+    keys: ServerKeys
+    protocol_versions: tuple[str, ...]
+    fields: dict
+    fetched_at: int
+
+
+class KeyCache:
+    """Peers' keys by server name, with the refetch rate limit."""
+
+    def __init__(self, *, refetch_interval_ms: int = DEFAULT_REFETCH_INTERVAL_MS) -> None:
+        self.refetch_interval_ms = refetch_interval_ms
+        self._peers: dict[str, PeerDescriptor] = {}
+        self._attempted: dict[str, int] = {}
+
+    def get(self, server: str) -> PeerDescriptor | None:
+        """The cached descriptor of ``server``, or ``None``."""
+        return self._peers.get(server)
+
+    def keys(self, server: str) -> ServerKeys | None:
+        """The cached keys of ``server`` (a :data:`~.events.KeyLookup`)."""
+        entry = self._peers.get(server)
+        return entry.keys if entry else None
+
+    def may_fetch(self, server: str, now: int) -> bool:
+        """True if a descriptor fetch for ``server`` is allowed at ``now``."""
+        last = self._attempted.get(server)
+        return last is None or now - last >= self.refetch_interval_ms
+
+    def fetch_attempted(self, server: str, now: int) -> None:
+        """Record a fetch (successful or not) so the rate limit applies."""
+        self._attempted[server] = now
+
+    def learn(self, server: str, data: bytes, now: int) -> PeerDescriptor | Refused:
+        """Check fetched descriptor bytes of ``server`` and cache them.
+
+        On refusal the previous entry (if any) stays: a broken fetch never
+        loses keys we already trust.
+        """
+        self.fetch_attempted(server, now)
+        parsed = parse_descriptor(data, server)
+        if isinstance(parsed, Refused):
+            return parsed
+        keys, versions, fields = parsed
+        entry = PeerDescriptor(keys, versions, fields, now)
+        self._peers[server] = entry
+        return entry
+
+    def forget(self, server: str) -> None:
+        """Drop what we know of ``server`` (the admin's refresh does this first)."""
+        self._peers.pop(server, None)
+        self._attempted.pop(server, None)
+
+    def servers(self) -> list[str]:
+        """Every server with cached keys, sorted."""
+        return sorted(self._peers)

@@ -1,0 +1,234 @@
+"""The federation node: one server's core state and its inbound decisions.
+
+:class:`Federation` bundles what every decision needs (our name, key ring,
+policy, peers' keys, the replay window, the clock readings passed in) and
+answers the questions the host asks for each federation request:
+
+1. :meth:`Federation.route` -- which endpoint is this (``not_found`` otherwise)?
+2. :meth:`Federation.authenticate` -- is it signed by who it claims, now?
+   (:class:`~.events.NeedKeys` means: fetch that descriptor, feed it to
+   :meth:`Federation.learn_descriptor`, ask again.)
+3. the endpoint's own decision: :meth:`on_handshake`, :meth:`on_invite`,
+   :meth:`on_events`, :meth:`on_backfill`.
+
+Decisions that need stored state (a room's head, a member's membership) take
+that state as arguments: the node never reads storage. The same node type
+serves the Trio daemon, an embedding host and ``scaiwave replay``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .codes import Code, Refused
+from .descriptor import PROTOCOL_VERSIONS, build_descriptor
+from .effects import PeerAgreed
+from .events import Event, NeedKeys, verify_events
+from .handshake import answer_hello
+from .keycache import DEFAULT_REFETCH_INTERVAL_MS, KeyCache, PeerDescriptor
+from .keys import BatchVerifier, KeyRing, verify_batch
+from .policy import Policy, room_refusal
+from .requests import DEFAULT_SKEW_MS, Authenticated, RequestVerifier, sign_request
+from . import backfill
+from .names import server_of
+from .rooms import decode_events_body
+
+__all__ = ["Federation", "Route", "ROUTES", "InviteDecision", "FEDERATION_PREFIX"]
+
+FEDERATION_PREFIX = "/_scaiwave/federation/v1/"
+
+#: (method, path pattern) -> endpoint name. Anything else is ``not_found``.
+ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("POST", re.compile(r"handshake"), "handshake"),
+    ("PUT", re.compile(r"invite/(?P<room_id>![^/?#]{1,255})"), "invite"),
+    ("PUT", re.compile(r"send/(?P<txn_id>[A-Za-z0-9._~-]{1,128})"), "send"),
+    ("GET", re.compile(r"rooms/(?P<room_id>![^/?#]{1,255})/backfill"), "backfill"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A recognised federation endpoint and its path parameter."""
+
+    endpoint: str
+    param: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InviteDecision:
+    """An accepted invite: store ``events`` (the room so far) and notify ``invitee``."""
+
+    room_id: str
+    room_type: str
+    invitee: str
+    inviter: str
+    events: tuple[Event, ...]
+
+
+class Federation:
+    """One server's federation core. All time arguments are integer milliseconds."""
+
+    def __init__(
+        self,
+        server_name: str,
+        *,
+        keyring: KeyRing | None = None,
+        policy: Policy | None = None,
+        skew_ms: int = DEFAULT_SKEW_MS,
+        refetch_interval_ms: int = DEFAULT_REFETCH_INTERVAL_MS,
+        versions: tuple[str, ...] = PROTOCOL_VERSIONS,
+        verifier: BatchVerifier = verify_batch,
+    ) -> None:
+        self.server_name = server_name
+        self.keyring = keyring or KeyRing()
+        self.policy = policy or Policy()
+        self.versions = versions
+        self.keys = KeyCache(refetch_interval_ms=refetch_interval_ms)
+        self.requests = RequestVerifier(server_name, self.keys, skew_ms=skew_ms)
+        self.batch_verifier = verifier
+
+    # -- our own identity ----------------------------------------------------------
+
+    def descriptor(self, federation_endpoint: str) -> dict[str, Any]:
+        """Our signed descriptor (JSON-ready)."""
+        return build_descriptor(self.server_name, self.keyring, federation_endpoint=federation_endpoint,
+                                protocol_versions=self.versions)
+
+    def lookup(self, server: str):
+        """Keys of ``server``: ours from the key ring, others' from the cache."""
+        if server == self.server_name:
+            return self.keyring.public(self.server_name)
+        return self.keys.keys(server)
+
+    def sign(self, *, destination: str, method: str, target: str, body: bytes, now: int) -> str | Refused:
+        """The Authorization header for an outbound request, or ``own_key_missing``."""
+        key = self.keyring.current
+        if key is None:
+            return Refused(Code.OWN_KEY_MISSING, "no federation key: run `scaiwave admin federation key generate`")
+        return sign_request(key, origin=self.server_name, destination=destination, method=method,
+                            target=target, body=body, now=now)
+
+    def learn_descriptor(self, server: str, data: bytes, now: int) -> PeerDescriptor | Refused:
+        """Feed fetched descriptor bytes of ``server`` into the key cache."""
+        return self.keys.learn(server, data, now)
+
+    def timers(self) -> dict[str, int]:
+        """When to call :meth:`handle_timer` next, per reason (``rotate_key``, ``expire_nonces``)."""
+        out = {}
+        due = self.keyring.rotation_due_at()
+        if due is not None:
+            out["rotate_key"] = due
+        nonce = self.requests.replay.next_expiry()
+        if nonce is not None:
+            out["expire_nonces"] = nonce
+        return out
+
+    def handle_timer(self, now: int) -> list[str]:
+        """Run what is due at ``now``. Returns the due actions the host must carry
+        out with its own randomness (``"rotate_key"``: call ``keyring.rotate``)."""
+        self.requests.replay.expire(now)
+        due = self.keyring.rotation_due_at()
+        return ["rotate_key"] if due is not None and now >= due else []
+
+    # -- inbound -------------------------------------------------------------------
+
+    def route(self, method: str, path: str) -> Route | Refused:
+        """Which federation endpoint ``method path`` is (path without query)."""
+        if not path.startswith(FEDERATION_PREFIX):
+            return Refused(Code.NOT_FOUND, f"no federation endpoint {path[:120]}")
+        rest = path[len(FEDERATION_PREFIX):]
+        for want_method, pattern, name in ROUTES:
+            match = pattern.fullmatch(rest)
+            if match:
+                if method.upper() != want_method:
+                    return Refused(Code.NOT_FOUND, f"{name} takes {want_method}")
+                params = match.groupdict()
+                return Route(name, next(iter(params.values()), None))
+        return Refused(Code.NOT_FOUND, f"no federation endpoint {path[:120]}")
+
+    def authenticate(self, *, method: str, target: str, authorization: str | None, body: bytes,
+                     now: int) -> Authenticated | Refused | NeedKeys:
+        """Check the request signature (see :mod:`.requests`) and our own state."""
+        if self.keyring.current is None:
+            # Without a key we cannot prove anything to anyone: refuse first.
+            return Refused(Code.OWN_KEY_MISSING, f"{self.server_name} has no federation key yet")
+        return self.requests.verify(authorization, method=method, target=target, body=body, now=now)
+
+    def on_handshake(self, auth: Authenticated, body: bytes) -> tuple[bytes, PeerAgreed] | Refused:
+        """The responder's side of the handshake."""
+        return answer_hello(origin=auth.origin, body=body, server_name=self.server_name,
+                            key=self.keyring.current, policy=self.policy, versions=self.versions)
+
+    def admit(self, auth: Authenticated, *, peered: bool) -> Refused | None:
+        """May this authenticated origin use invite/send/backfill now?"""
+        refusal = self.policy.admits(auth.origin)
+        if refusal is not None:
+            return refusal
+        if not peered:
+            return Refused(Code.NOT_PEERED, f"{auth.origin} has not completed a handshake with {self.server_name}")
+        return None
+
+    def on_invite(self, auth: Authenticated, room_id: str, body: bytes, *,
+                  is_local_user: Callable[[str], bool]) -> InviteDecision | Refused | NeedKeys:
+        """An invite of one of our users into ``room_id`` hosted by the origin."""
+        if server_of(room_id) != auth.origin:
+            return Refused(Code.FORBIDDEN, f"{auth.origin} does not host {room_id[:100]}")
+        decoded = decode_events_body(body)
+        if isinstance(decoded, Refused):
+            return decoded
+        results = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)
+        events: list[Event] = []
+        for result in results:
+            if not isinstance(result, Event):
+                return result
+            events.append(result)
+        invite = events[-1]
+        for index, event in enumerate(events):
+            if event.room_id != room_id or event.depth != index + 1 or (index and event.prev != events[index - 1].event_id):
+                return Refused(Code.CHAIN_BROKEN, "an invite carries the room's chain from its first event")
+        refusal = room_refusal(invite.room_type)
+        if refusal is not None:
+            return refusal
+        invitee = invite.content.get("user")
+        if invite.type != "m.member" or invite.content.get("membership") != "invite" or not isinstance(invitee, str):
+            return Refused(Code.MALFORMED, "the last event of an invite is an m.member invite")
+        if server_of(invitee) != self.server_name or not is_local_user(invitee):
+            return Refused(Code.NOT_FOUND, f"no user {invitee[:100]} on {self.server_name}")
+        return InviteDecision(room_id, invite.room_type, invitee, invite.sender, tuple(events))
+
+    def on_events(self, auth: Authenticated, body: bytes) -> list[Event | Refused | NeedKeys] | Refused:
+        """A transaction: decode and verify every event (chain links are the caller's,
+        against its stored heads, with :func:`~.rooms.link`)."""
+        decoded = decode_events_body(body)
+        if isinstance(decoded, Refused):
+            return decoded
+        results = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)
+        out: list[Event | Refused | NeedKeys] = []
+        for result in results:
+            if isinstance(result, Event):
+                refusal = room_refusal(result.room_type)
+                # Chained events come from their host; proposals from the sender's server.
+                if refusal is None and result.depth > 0 and server_of(result.room_id) != auth.origin:
+                    refusal = Refused(Code.FORBIDDEN, f"{auth.origin} does not host {result.room_id[:100]}")
+                if refusal is None and result.depth == 0 and result.origin != auth.origin:
+                    refusal = Refused(Code.FORBIDDEN, f"{auth.origin} may not relay proposals of {result.origin[:100]}")
+                out.append(refusal or result)
+            else:
+                out.append(result)
+        return out
+
+    def on_backfill(self, auth: Authenticated, room_id: str, query: Mapping[str, str], *,
+                    room_type: str | None, tenant_federates: bool,
+                    origin_is_member: bool) -> tuple[int | None, int] | Refused:
+        """May ``auth.origin`` read ``room_id``'s history? Returns ``(before, limit)``
+        for storage, then :func:`~.backfill.build_page` encodes the page."""
+        if room_type is None or server_of(room_id) != self.server_name:
+            return Refused(Code.NOT_FOUND, f"{self.server_name} hosts no room {room_id[:100]}")
+        refusal = room_refusal(room_type, tenant_federates=tenant_federates)
+        if refusal is not None:
+            return refusal
+        if not origin_is_member:
+            return Refused(Code.FORBIDDEN, f"no user of {auth.origin} is in {room_id[:100]}")
+        return backfill.parse_query(query)

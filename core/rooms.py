@@ -1,0 +1,153 @@
+"""Rooms over federation: chaining on the host, invites, proposals and transactions.
+
+A room lives on its host (the server in its id), which orders its events in a
+hash chain: event ``n`` names event ``n-1`` in ``prev``. These pure rules are
+used by both sides: the host when it chains, and every receiver when it
+checks what it was sent.
+
+Federation payloads (canonical CBOR):
+
+- invite ``PUT invite/{room_id}``: ``{"events": [create, ..., invite]}``, the
+  room's chain up to and including the ``m.member`` invite event (a DM's
+  whole history is its create event and the invite);
+- transaction ``PUT send/{txn_id}``: ``{"events": [envelope, ...]}``: chained
+  events from the host, or proposals (depth 0) from a member's server;
+- transaction reply: ``{"results": [{"event_id", "ok"} | {"event_id", "error"}],
+  "events": [the chained events made from the proposals]}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .codes import Code, Refused
+from .events import Event, make_event
+from .keys import SigningKey
+from .names import server_of
+from .policy import room_refusal
+from .wire import decode, encode
+
+__all__ = [
+    "Head",
+    "chain_event",
+    "link",
+    "LinkResult",
+    "check_proposal",
+    "decode_events_body",
+    "encode_events_body",
+    "MAX_TXN_EVENTS",
+    "MAX_TXN_BYTES",
+]
+
+MAX_TXN_EVENTS = 100
+MAX_TXN_BYTES = 2 * 1024 * 1024
+MEMBERSHIPS = ("invite", "join", "decline", "leave")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The newest event of a room as a server holds it."""
+
+    depth: int
+    event_id: bytes
+
+
+def chain_event(key: SigningKey, *, head: Head | None, room_id: str, room_type: str, sender: str,
+                type: str, ts: int, content: dict, source: bytes | None = None) -> Event:
+    """The host appends an event after ``head`` (``None``: the room's first event)."""
+    host = server_of(room_id)
+    assert host is not None
+    return make_event(
+        key,
+        room_id=room_id,
+        room_type=room_type,
+        depth=1 if head is None else head.depth + 1,
+        prev=None if head is None else head.event_id,
+        origin=host,
+        sender=sender,
+        type=type,
+        ts=ts,
+        content=content,
+        source=source,
+    )
+
+
+class LinkResult:
+    """What to do with a chained event given our head."""
+
+    APPEND = "append"
+    DUPLICATE = "duplicate"
+
+
+def link(event: Event, head: Head | None, known_at_depth: bytes | None = None) -> str | Refused:
+    """Check a received chained event against our head of its room.
+
+    ``known_at_depth`` is the id we already hold at ``event.depth`` (if any).
+    Returns :data:`LinkResult.APPEND`, :data:`LinkResult.DUPLICATE`, or
+    ``chain_broken`` (a gap: the caller backfills, or an inserted event).
+    """
+    if known_at_depth is not None:
+        if known_at_depth == event.event_id:
+            return LinkResult.DUPLICATE
+        return Refused(Code.CHAIN_BROKEN, f"another event already holds depth {event.depth}")
+    if head is None:
+        if event.depth == 1:
+            return LinkResult.APPEND
+        return Refused(Code.CHAIN_BROKEN, f"event at depth {event.depth} but we hold none of the room")
+    if event.depth == head.depth + 1 and event.prev == head.event_id:
+        return LinkResult.APPEND
+    return Refused(Code.CHAIN_BROKEN, f"event at depth {event.depth} does not follow our head at {head.depth}")
+
+
+def check_proposal(proposal: Event, *, origin: str, room_type: str, tenant_federates: bool,
+                   membership: str | None) -> Refused | None:
+    """May the host chain ``proposal``, received from authenticated ``origin``?
+
+    ``membership`` is the sender's current membership of the room (``None``:
+    none). Joined members may post messages; invited users may join or
+    decline. Returns ``None`` when it may.
+    """
+    if proposal.depth != 0:
+        return Refused(Code.MALFORMED, "members send proposals (depth 0), not chained events")
+    if proposal.origin != origin or server_of(proposal.sender) != origin:
+        return Refused(Code.FORBIDDEN, f"{origin} may not speak for {proposal.sender[:100]}")
+    refusal = room_refusal(room_type, tenant_federates=tenant_federates)
+    if refusal is not None:
+        return refusal
+    if proposal.room_type != room_type:
+        return Refused(Code.MALFORMED, "proposal names another room type")
+    if proposal.type == "m.message":
+        if membership != "join":
+            return Refused(Code.FORBIDDEN, f"{proposal.sender[:100]} is not a member of the room")
+        if not isinstance(proposal.content.get("body"), str):
+            return Refused(Code.MALFORMED, "a message has a text body")
+        return None
+    if proposal.type == "m.member":
+        wanted = proposal.content.get("membership")
+        if proposal.content.get("user") != proposal.sender:
+            return Refused(Code.FORBIDDEN, "a member event from a member's server concerns its sender only")
+        if wanted in ("join", "decline") and membership in ("invite", "join" if wanted == "join" else "invite"):
+            return None
+        if wanted == "leave" and membership == "join":
+            return None
+        return Refused(Code.FORBIDDEN, f"{proposal.sender[:100]} cannot {wanted!s:.20} (membership {membership})")
+    return Refused(Code.MALFORMED, f"unknown event type {proposal.type[:40]!r}")
+
+
+def encode_events_body(envelopes: list[bytes], **extra: Any) -> bytes:
+    """``{"events": [...], **extra}`` as canonical CBOR."""
+    return encode({"events": list(envelopes), **extra})
+
+
+def decode_events_body(body: bytes, *, extra: frozenset[str] = frozenset()) -> tuple[list[bytes], dict] | Refused:
+    """Decode an invite or transaction body into its envelopes (and extra fields)."""
+    value = decode(body, max_size=MAX_TXN_BYTES, max_depth=4)
+    if isinstance(value, Refused):
+        return value
+    if not isinstance(value, dict) or "events" not in value or not set(value) <= {"events"} | extra:
+        return Refused(Code.MALFORMED, "body is {events: [...]}")
+    events = value["events"]
+    if type(events) is not list or not 0 < len(events) <= MAX_TXN_EVENTS or not all(type(e) is bytes for e in events):
+        return Refused(Code.MALFORMED, f"events is a list of 1 to {MAX_TXN_EVENTS} envelopes")
+    return events, {k: v for k, v in value.items() if k != "events"}

@@ -1,0 +1,336 @@
+"""The daemon's outbound HTTPS client to peer servers (httpx on Trio).
+
+One :class:`PeerClient` holds one ``httpx.AsyncClient`` (one connection pool)
+for the daemon's lifetime. It speaks to peers by *server name*
+(``peer.test:8449``, 443 when no port is given) and turns every transport
+failure into a :class:`TransportError` with a stable code and a one-line
+message naming the real cause. HTTP error statuses are *not* exceptions: the
+caller gets a :class:`PeerResponse` and decodes the peer's refusal body.
+
+Resolve overrides (``SCAIWAVE_RESOLVE``, like curl's ``--resolve``) change only
+where the TCP connection goes. TLS still verifies the peer's certificate
+against the server name: the request goes to ``https://ADDRESS:PORT/...`` with
+``Host: SERVER_NAME`` and httpcore's ``sni_hostname`` request extension set to
+the name's host, which httpcore passes to the TLS layer as ``server_hostname``;
+so SNI is sent for the real name and ``check_hostname`` checks the certificate
+against it (tests/test_shell_client.py proves a wrong-name certificate fails).
+
+:func:`backoff_ms` is the pure retry schedule for the outbox worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = [
+    "DESCRIPTOR_PATH",
+    "PeerClient",
+    "PeerResponse",
+    "TransportError",
+    "backoff_ms",
+    "split_server_name",
+]
+
+DESCRIPTOR_PATH = "/.well-known/scaiwave"
+# DNS names and IPv4 literals; anything else would be percent-encoded by the
+# URL layer into a name nobody serves, so it is refused up front.
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class TransportError(Exception):
+    """A peer could not be talked to.
+
+    ``code`` is one of the stable refusal codes ``"tls_failure"``,
+    ``"peer_unreachable"``, ``"no_descriptor"``, ``"too_large"`` (the same
+    strings as ``scaiwave_federation.core.codes.Code``); ``message`` is one
+    line naming the real cause.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PeerResponse:
+    """A complete HTTP response from a peer: status, lower-cased headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def split_server_name(name: str) -> tuple[str, int]:
+    """Split ``host[:port]`` (IPv6 literals in brackets) into ``(host, port)``.
+
+    The port defaults to 443; IPv6 hosts are returned without brackets.
+    Raises ValueError for an empty or malformed host, a bad or out-of-range
+    port, or an unbracketed IPv6 literal.
+    """
+    if name.startswith("["):
+        end = name.find("]")
+        if end < 0:
+            raise ValueError(f"invalid server name {name!r}: unclosed '['")
+        host, rest = name[1:end], name[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"invalid server name {name!r}")
+        port_text = rest[1:] if rest else None
+    elif name.count(":") > 1:
+        raise ValueError(f"invalid server name {name!r}: IPv6 literals need brackets")
+    else:
+        host, sep, port_text = name.partition(":")
+        port_text = port_text if sep else None
+    if not host:
+        raise ValueError(f"invalid server name {name!r}: empty host")
+    try:
+        ok = ipaddress.IPv6Address(host) if name.startswith("[") else _HOST_RE.fullmatch(host)
+    except ValueError:
+        ok = None
+    if not ok:
+        raise ValueError(f"invalid server name {name!r}: bad host")
+    if port_text is None:
+        return host, 443
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"invalid server name {name!r}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def backoff_ms(
+    failures: int, *, base_ms: int = 1000, cap_ms: int = 300_000, jitter: float = 0.0
+) -> int:
+    """Delay in milliseconds before the next retry after ``failures`` failures.
+
+    Exponential: ``base_ms * 2**(failures - 1)`` capped at ``cap_ms`` (1 s,
+    2 s, 4 s, ... 5 min by default); 0 failures means no wait. Pure and
+    deterministic: there is no randomness inside. A caller that wants jitter
+    draws it itself and passes ``jitter`` in [0, 1]: that fraction of the
+    delay is taken off (``jitter=0.25`` turns 4000 into 3000).
+    Raises ValueError for negative ``failures`` or ``jitter`` outside [0, 1].
+    """
+    if failures < 0:
+        raise ValueError(f"failures must be >= 0, got {failures}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
+    if failures == 0:
+        return 0
+    # Compare exponents first so a huge failure count never builds a huge int.
+    if base_ms <= 0 or (failures - 1) >= cap_ms.bit_length():
+        delay = cap_ms if base_ms > 0 else 0
+    else:
+        delay = min(base_ms << (failures - 1), cap_ms)
+    return delay - round(delay * jitter)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything behind it, outermost first.
+
+    Follows ``__cause__``/``__context__`` and the members of exception groups
+    (trio reports "all attempts to connect failed" as a group holding the
+    ConnectionRefusedError of each address tried).
+    """
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return seen
+
+
+class PeerClient:
+    """Outbound HTTPS to peers; use as ``async with PeerClient(...) as c``.
+
+    ``ssl_context`` verifies peers (chain and host name: keep
+    ``check_hostname`` on). ``resolve`` maps ``(host, port)`` to the address to
+    connect to instead of using DNS. ``timeout`` (seconds) bounds each of
+    connect, read, write and pool wait. Bodies larger than
+    ``max_response_bytes`` are refused with ``too_large``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        resolve: dict[tuple[str, int], str] | None = None,
+        timeout: float = 10.0,
+        max_response_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._resolve = {(h.lower(), p): a for (h, p), a in (resolve or {}).items()}
+        self._timeout = timeout
+        self._max = max_response_bytes
+        # The pool keys connections by URL origin, i.e. by the override
+        # address, not by SNI. If two names share one address:port, a
+        # connection verified for one name must not carry the other's
+        # requests, so those names never keep connections alive.
+        shared = Counter((a, p) for (_, p), a in self._resolve.items())
+        self._no_reuse = {k for k, a in self._resolve.items() if shared[(a, k[1])] > 1}
+        # trust_env=False: proxies, SSL_CERT_FILE and .netrc from the
+        # environment must not silently change whom we talk to or trust.
+        # Accept-Encoding identity: bodies are returned (and size-capped)
+        # exactly as they crossed the wire, so no decompression bombs.
+        self._http = httpx.AsyncClient(
+            verify=ssl_context,
+            trust_env=False,
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            headers={"Accept-Encoding": "identity", "User-Agent": "scaiwave-federation"},
+        )
+
+    async def __aenter__(self) -> PeerClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. Safe to call twice."""
+        await self._http.aclose()
+
+    async def get(
+        self, server_name: str, target: str, *, headers: dict[str, str] | None = None
+    ) -> PeerResponse:
+        """GET ``target`` (path and query) from ``server_name``; see :meth:`request`."""
+        return await self.request(server_name, "GET", target, headers=headers)
+
+    async def request(
+        self,
+        server_name: str,
+        method: str,
+        target: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+    ) -> PeerResponse:
+        """Send one request to ``server_name`` and read the whole response.
+
+        ``target`` is sent byte for byte as the request target (it is what the
+        caller signed). Returns the response whatever its status. Raises
+        TransportError (``tls_failure``, ``peer_unreachable``, ``too_large``);
+        raises ValueError if ``target`` does not start with ``/`` or holds
+        spaces, control or non-ASCII characters (caller misuse).
+        """
+        bad = not target.isascii() or any(c <= " " or c == "\x7f" for c in target)
+        if bad or not target.startswith("/"):
+            raise ValueError(f"invalid request target {target!r}")
+        try:
+            host, port = split_server_name(server_name)
+        except ValueError as exc:
+            raise TransportError("peer_unreachable", str(exc)) from None
+        key = (host.lower(), port)
+        address = self._resolve.get(key)
+        req_headers = dict(headers or {})
+        extensions: dict[str, object] = {}
+        if address is not None:
+            # Connect to the override but verify, SNI and Host as the name.
+            req_headers["Host"] = server_name
+            extensions["sni_hostname"] = host
+            if key in self._no_reuse:
+                req_headers["Connection"] = "close"
+        url = httpx.URL(
+            scheme="https", host=address or host, port=port, raw_path=target.encode("ascii")
+        )
+        where = server_name + (f" ({address})" if address else "")
+        req = self._http.build_request(
+            method, url, headers=req_headers, content=body, extensions=extensions
+        )
+        try:
+            resp = await self._http.send(req, stream=True)
+            try:
+                return PeerResponse(
+                    status=resp.status_code,
+                    headers={k.lower(): v for k, v in resp.headers.items()},
+                    body=await self._read_capped(resp, where),
+                )
+            finally:
+                # Closing an unfinished response drops its connection.
+                await resp.aclose()
+        except httpx.HTTPError as exc:
+            raise self._classify(exc, where) from exc
+
+    async def fetch_descriptor(self, server_name: str) -> bytes:
+        """GET ``/.well-known/scaiwave`` and return the body bytes, unparsed.
+
+        Raises TransportError ``no_descriptor`` on any status but 200, and the
+        transport errors of :meth:`request`.
+        """
+        resp = await self.get(server_name, DESCRIPTOR_PATH)
+        if resp.status != 200:
+            raise TransportError(
+                "no_descriptor",
+                f"{server_name} publishes no {DESCRIPTOR_PATH} (HTTP {resp.status})",
+            )
+        return resp.body
+
+    async def _read_capped(self, resp: httpx.Response, where: str) -> bytes:
+        too_large = TransportError(
+            "too_large", f"response from {where} exceeds {self._max} bytes"
+        )
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max:
+            raise too_large  # refuse before reading anything
+        chunks: list[bytes] = []
+        size = 0
+        body = resp.aiter_raw()
+        async for chunk in body:
+            size += len(chunk)
+            if size > self._max:
+                # Stop reading: closing drops the connection. httpx streams
+                # are nested async generators that a `break` leaves
+                # suspended (trio then warns when they are collected,
+                # httpx#3686); one more pull on the closed stream fails
+                # through every level and finishes them all.
+                await resp.aclose()
+                with contextlib.suppress(Exception):
+                    async for _ in body:
+                        pass
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _classify(self, exc: httpx.HTTPError, where: str) -> TransportError:
+        """Map an httpx error to a TransportError naming the real cause.
+
+        On Trio, httpx's ConnectError is often empty; the ssl / OS error that
+        caused it sits further down the __cause__/__context__ chain.
+        """
+        chain = _chain(exc)
+        for e in chain:
+            if isinstance(e, ssl.SSLCertVerificationError):
+                reason = e.verify_message or e.reason or str(e)
+                return TransportError(
+                    "tls_failure", f"TLS with {where} failed: certificate verify failed: {reason}"
+                )
+        for e in chain:
+            if isinstance(e, ssl.SSLError):
+                reason = e.reason or str(e)
+                return TransportError("tls_failure", f"TLS with {where} failed: {reason}")
+        if isinstance(exc, httpx.TimeoutException):
+            phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout) else "waiting for"
+            return TransportError(
+                "peer_unreachable", f"{phase} {where}: timed out after {self._timeout:g}s"
+            )
+        for e in chain:
+            if isinstance(e, ConnectionRefusedError):
+                return TransportError("peer_unreachable", f"connection refused by {where}")
+            if isinstance(e, socket.gaierror):
+                return TransportError(
+                    "peer_unreachable", f"cannot resolve {where}: {e.strerror or e}"
+                )
+        for e in chain:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if text:
+                return TransportError("peer_unreachable", f"{where}: {text}")
+        return TransportError("peer_unreachable", f"{where}: {type(exc).__name__}")
