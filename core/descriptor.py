@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .codes import Code, Refused
+from .codes import Code, LocalProtocolError, Refused
 from .keys import Domain, KeyRing, OldKey, ServerKeys, key_id_for, sign, verify
 from .wire import b64d, b64e, encode
 
@@ -104,7 +104,12 @@ def parse_descriptor(data: bytes, expected_server: str) -> tuple[ServerKeys, tup
             return Refused(Code.INVALID_DESCRIPTOR, f"old key {entry['key_id'][:40]} is malformed")
         old.append(OldKey(entry["key_id"], pk, entry["expired_at"]))
     signed = {k: doc[k] for k in _FIELDS}
-    if not verify(public_key, Domain.DESCRIPTOR, encode(signed), signature):
+    try:
+        signed_bytes = encode(signed)
+    except LocalProtocolError:
+        # JSON admits lone surrogates (the escape \ud800) that have no UTF-8, hence no CBOR, form.
+        return Refused(Code.INVALID_DESCRIPTOR, "descriptor text is not valid Unicode")
+    if not verify(public_key, Domain.DESCRIPTOR, signed_bytes, signature):
         return Refused(Code.INVALID_DESCRIPTOR, "descriptor self-signature does not verify")
     keys = ServerKeys(expected_server, doc["key_id"], public_key, tuple(old))
     return keys, tuple(doc["protocol_versions"]), doc

@@ -25,7 +25,7 @@ from .codes import Code, LocalProtocolError, Refused
 from .descriptor import PROTOCOL_VERSIONS
 from .effects import Effect, Failed, FetchDescriptor, PeerAgreed, SendRequest
 from .keycache import KeyCache
-from .keys import Domain, KeyRing, SigningKey, sign, verify
+from .keys import Domain, KeyRing, ServerKeys, SigningKey, sign, verify
 from .policy import Policy
 from .requests import sign_request
 from .wire import decode, encode
@@ -104,6 +104,13 @@ class Initiator:
         self.version: str | None = None
         self.refusal: Refused | None = None
         self._nonce = b""
+        self._peer_keys: ServerKeys | None = None
+
+    def _expect(self, event: str) -> None:
+        # Checked before an input touches anything (nonce, key cache), so a
+        # misused machine is left exactly as it was.
+        if (self.state, event) not in TRANSITIONS:
+            raise LocalProtocolError(f"handshake: {event!r} is not valid in state {self.state!r}")
 
     def _move(self, event: str, new_state: str) -> None:
         allowed = TRANSITIONS.get((self.state, event))
@@ -118,6 +125,7 @@ class Initiator:
 
     def start(self, nonce: bytes) -> list[Effect]:
         """Begin. ``nonce`` is 16-64 fresh random bytes from the host."""
+        self._expect("start")
         if not 16 <= len(nonce) <= 64:
             raise LocalProtocolError("handshake nonce must be 16-64 bytes")
         self._nonce = nonce
@@ -131,6 +139,7 @@ class Initiator:
 
     def descriptor_received(self, data: bytes, now: int) -> list[Effect]:
         """The peer's descriptor bytes arrived; returns the hello request."""
+        self._expect("descriptor_received")
         entry = self.keys.learn(self.peer, data, now)
         if isinstance(entry, Refused):
             return self._fail("descriptor_received", entry)
@@ -139,6 +148,9 @@ class Initiator:
                 "descriptor_received",
                 Refused(Code.PROTOCOL_VERSION_MISMATCH, f"{self.peer} speaks {', '.join(entry.protocol_versions)[:200]}"),
             )
+        # The proof is checked under this descriptor's key, even if the shared
+        # cache is refreshed or forgets the peer while the hello is in flight.
+        self._peer_keys = entry.keys
         body = encode({
             "type": "hello",
             "initiator": self.server_name,
@@ -155,10 +167,12 @@ class Initiator:
 
     def descriptor_failed(self, refusal: Refused) -> list[Effect]:
         """The descriptor could not be fetched (``no_descriptor``, ``tls_failure``...)."""
+        self._expect("descriptor_failed")
         return self._fail("descriptor_failed", refusal)
 
     def reply_received(self, status: int, body: bytes) -> list[Effect]:
         """The peer answered the hello; checks its proof."""
+        self._expect("reply_received")
         if status != 200:
             return self._fail("reply_received", decode_refusal(status, body))
         value = decode(body, max_size=MAX_HANDSHAKE_BYTES, max_depth=2)
@@ -171,17 +185,18 @@ class Initiator:
             return self._fail("reply_received", Refused(Code.HANDSHAKE_FAILED, "reply is for another handshake"))
         if value["version"] not in self.versions:
             return self._fail("reply_received", Refused(Code.PROTOCOL_VERSION_MISMATCH, "peer chose a version we do not speak"))
-        entry = self.keys.get(self.peer)
-        assert entry is not None and entry.keys.public_key is not None  # learned in descriptor_received
+        peer_keys = self._peer_keys
+        assert peer_keys is not None and peer_keys.public_key is not None  # set in descriptor_received
         transcript = _transcript(self.server_name, self.peer, value["version"], self._nonce)
-        if not verify(entry.keys.public_key, Domain.HANDSHAKE, transcript, value["proof"]):
+        if not verify(peer_keys.public_key, Domain.HANDSHAKE, transcript, value["proof"]):
             return self._fail("reply_received", Refused(Code.HANDSHAKE_FAILED, "peer's proof does not verify under its descriptor key"))
         self._move("reply_received", State.PEERED)
         self.version = value["version"]
-        return [PeerAgreed(self.peer, value["version"], entry.keys.key_id or "")]
+        return [PeerAgreed(self.peer, value["version"], peer_keys.key_id or "")]
 
     def reply_failed(self, refusal: Refused) -> list[Effect]:
         """The hello could not be delivered (transport failure)."""
+        self._expect("reply_failed")
         return self._fail("reply_failed", refusal)
 
 

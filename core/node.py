@@ -58,13 +58,13 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class InviteDecision:
-    """An accepted invite: store ``events`` (the room so far) and notify ``invitee``."""
+    """An accepted invite: keep ``event`` and notify ``invitee``."""
 
     room_id: str
     room_type: str
     invitee: str
     inviter: str
-    events: tuple[Event, ...]
+    event: Event
 
 
 class Federation:
@@ -178,16 +178,13 @@ class Federation:
         decoded = decode_events_body(body)
         if isinstance(decoded, Refused):
             return decoded
-        results = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)
-        events: list[Event] = []
-        for result in results:
-            if not isinstance(result, Event):
-                return result
-            events.append(result)
-        invite = events[-1]
-        for index, event in enumerate(events):
-            if event.room_id != room_id or event.depth != index + 1 or (index and event.prev != events[index - 1].event_id):
-                return Refused(Code.CHAIN_BROKEN, "an invite carries the room's chain from its first event")
+        if len(decoded[0]) != 1:
+            return Refused(Code.MALFORMED, "an invite carries exactly one event: the m.member invite")
+        invite = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)[0]
+        if not isinstance(invite, Event):
+            return invite
+        if invite.room_id != room_id or invite.depth < 1:
+            return Refused(Code.WRONG_ROOM, f"the invite event is not a chained event of {room_id[:100]}")
         refusal = room_refusal(invite.room_type)
         if refusal is not None:
             return refusal
@@ -196,7 +193,7 @@ class Federation:
             return Refused(Code.MALFORMED, "the last event of an invite is an m.member invite")
         if server_of(invitee) != self.server_name or not is_local_user(invitee):
             return Refused(Code.NOT_FOUND, f"no user {invitee[:100]} on {self.server_name}")
-        return InviteDecision(room_id, invite.room_type, invitee, invite.sender, tuple(events))
+        return InviteDecision(room_id, invite.room_type, invitee, invite.sender, invite)
 
     def on_events(self, auth: Authenticated, body: bytes) -> list[Event | Refused | NeedKeys] | Refused:
         """A transaction: decode and verify every event (chain links are the caller's,

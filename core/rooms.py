@@ -7,9 +7,10 @@ checks what it was sent.
 
 Federation payloads (canonical CBOR):
 
-- invite ``PUT invite/{room_id}``: ``{"events": [create, ..., invite]}``, the
-  room's chain up to and including the ``m.member`` invite event (a DM's
-  whole history is its create event and the invite);
+- invite ``PUT invite/{room_id}``: ``{"events": [invite]}``, the host-signed
+  ``m.member`` invite event (content ``{"membership": "invite", "user"}``);
+  the invitee's server stores it as a pending invite, and the room's history
+  reaches it after the join (in transactions from then on, and by backfill);
 - transaction ``PUT send/{txn_id}``: ``{"events": [envelope, ...]}``: chained
   events from the host, or proposals (depth 0) from a member's server;
 - transaction reply: ``{"results": [{"event_id", "ok"} | {"event_id", "error"}],

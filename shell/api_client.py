@@ -1,0 +1,283 @@
+"""Client endpoints (a local user's bearer token): just enough chat for the guide.
+
+DMs and rooms are hosted on the server that creates them. Writes to a room
+hosted elsewhere go to its host as proposals; the host chains them and the
+reply carries the chained event, which is verified before it is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from scaiwave_federation.core import Code, Event, Head, Refused, decode_event, make_event
+from scaiwave_federation.core.handshake import decode_refusal
+from scaiwave_federation.core.names import server_of
+from scaiwave_federation.core.policy import ROOM_TYPES, room_refusal
+from scaiwave_federation.core.rooms import chain_event, encode_events_body, link, LinkResult
+from scaiwave_federation.core.wire import decode, encode
+from scaiwave_federation.core import verify_events
+
+from .errors import json_error
+from .http import Request, Response
+from .service import Service
+
+__all__ = ["handle_client", "token_hash"]
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class _Fail(Exception):
+    def __init__(self, refusal: Refused) -> None:
+        self.refusal = refusal
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        value = json.loads(request.body or b"{}")
+    except ValueError:
+        raise _Fail(Refused(Code.BAD_REQUEST, "body is not JSON"))
+    if not isinstance(value, dict):
+        raise _Fail(Refused(Code.BAD_REQUEST, "body is a JSON object"))
+    return value
+
+
+def _need(result: Any) -> Any:
+    if isinstance(result, Refused):
+        raise _Fail(result)
+    return result
+
+
+async def handle_client(service: Service, request: Request) -> Response:
+    """Serve ``/v1/...`` client endpoints."""
+    try:
+        user = await _user(service, request)
+        return await _dispatch(service, request, user)
+    except _Fail as fail:
+        return json_error(fail.refusal)
+
+
+async def _user(service: Service, request: Request) -> dict[str, Any]:
+    header = request.header("authorization") or ""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise _Fail(Refused(Code.UNAUTHORIZED, "send Authorization: Bearer <user access token>"))
+    user = await service.store.user_by_token_hash(token_hash(token.strip()))
+    if user is None:
+        raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
+    return user
+
+
+async def _dispatch(service: Service, request: Request, user: dict[str, Any]) -> Response:
+    parts = request.path.strip("/").split("/")[1:]  # drop "v1"
+    m = request.method
+    if parts == ["dms"] and m == "POST":
+        return await _create_dm(service, user, _body(request))
+    if parts == ["rooms"] and m == "POST":
+        return await _create_room(service, user, _body(request))
+    if parts == ["rooms"] and m == "GET":
+        return Response.json(200, {"rooms": await service.store.rooms_for_user(user["user_id"])})
+    if parts == ["notifications"] and m == "GET":
+        invites = await service.store.pending_invites(user["user_id"])
+        return Response.json(200, {"notifications": [
+            {"type": "invite", "room_id": i["room_id"], "room_type": i["room_type"], "inviter": i["inviter"],
+             "origin": i["origin"], "at": i["created_at"]} for i in invites]})
+    if len(parts) == 3 and parts[0] == "invites" and parts[2] in ("accept", "decline") and m == "POST":
+        return await _answer_invite(service, user, parts[1], parts[2])
+    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "invite" and m == "POST":
+        body = _body(request)
+        return await _invite(service, user, parts[1], str(body.get("user", "")))
+    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "messages":
+        if m == "POST":
+            text = _body(request).get("body")
+            if not isinstance(text, str) or not text:
+                raise _Fail(Refused(Code.BAD_REQUEST, "a message has a non-empty text body"))
+            return await _post_message(service, user, parts[1], text)
+        if m == "GET":
+            return await _messages(service, user, parts[1])
+    raise _Fail(Refused(Code.NOT_FOUND, f"no endpoint {m} {request.path[:100]}"))
+
+
+async def _tenant_federates(service: Service, tenant: str | None) -> bool:
+    row = await service.store.get_tenant(tenant) if tenant else None
+    return bool(row["federation_enabled"]) if row else True
+
+
+def _key(service: Service):
+    key = service.node.keyring.current
+    if key is None:
+        raise _Fail(Refused(Code.OWN_KEY_MISSING, "no federation key: run `scaiwave admin federation key generate`"))
+    return key
+
+
+async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict) -> Event:
+    """Chain an event in a room we host, store it, queue it for member servers."""
+    head = await service.head_of(room["room_id"])
+    event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
+                        sender=sender, type=type, ts=service.now(), content=content)
+    await service.store.store_events(room["room_id"], [event.as_record()])
+    await service.push_events(room["room_id"], [event])
+    return event
+
+
+async def _new_room(service: Service, user: dict[str, Any], room_type: str) -> dict[str, Any]:
+    room_id = f"!{os.urandom(9).hex()}:{service.config.server_name}"
+    await service.store.create_room(room_id=room_id, room_type=room_type, host=service.config.server_name,
+                                    tenant=user["tenant"], creator=user["user_id"], created_at=service.now())
+    room = await service.store.get_room(room_id)
+    await _append(service, room, user["user_id"], "m.create", {"creator": user["user_id"], "room_type": room_type})
+    await service.store.set_membership(room_id, user["user_id"], "join")
+    await _append(service, room, user["user_id"], "m.member", {"membership": "join", "user": user["user_id"]})
+    return room
+
+
+async def _create_room(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
+    room_type = body.get("room_type", "group")
+    if room_type not in ROOM_TYPES or room_type == "dm":
+        raise _Fail(Refused(Code.BAD_REQUEST, f"room_type is one of group, incognito, bridge, sidekick"))
+    _key(service)
+    room = await _new_room(service, user, room_type)
+    return Response.json(200, {"room_id": room["room_id"], "room_type": room_type})
+
+
+async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
+    to = body.get("to")
+    if not isinstance(to, str) or server_of(to) is None:
+        raise _Fail(Refused(Code.BAD_REQUEST, "to is a user id like @bob:peer.acme.com"))
+    _need(await _check_remote_invite(service, user, "dm", to))
+    room = await _new_room(service, user, "dm")
+    await _invite_user(service, user, room, to)
+    return Response.json(200, {"room_id": room["room_id"], "to": to, "invite": "delivered"})
+
+
+async def _check_remote_invite(service: Service, user: dict[str, Any], room_type: str, to: str) -> Refused | None:
+    server = server_of(to)
+    if server == service.config.server_name:
+        if await service.store.get_user(to) is None:
+            return Refused(Code.NOT_FOUND, f"no user {to}")
+        return None
+    refusal = room_refusal(room_type, tenant_federates=await _tenant_federates(service, user["tenant"]))
+    if refusal is not None:
+        return refusal
+    _key(service)
+    return await service.ensure_peered(server)
+
+
+async def _invite_user(service: Service, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
+    server = server_of(to)
+    event = await _append(service, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
+    await service.store.set_membership(room["room_id"], to, "invite")
+    if server == service.config.server_name:
+        await service.store.save_invite(room_id=room["room_id"], user_id=to, inviter=user["user_id"],
+                                        origin=server, room_type=room["room_type"], state="pending",
+                                        payload=event.envelope, created_at=service.now())
+        return event
+    result = _need(await service.signed_request(server, "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
+                                                encode_events_body([event.envelope])))
+    if result[0] != 200:
+        await service.store.set_membership(room["room_id"], to, "decline")
+        raise _Fail(decode_refusal(*result))
+    return event
+
+
+async def _invite(service: Service, user: dict[str, Any], room_id: str, to: str) -> Response:
+    room = await service.store.get_room(room_id)
+    if room is None or room["host"] != service.config.server_name:
+        raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id} hosted here"))
+    if server_of(to) is None:
+        raise _Fail(Refused(Code.BAD_REQUEST, "user is a user id like @bob:peer.acme.com"))
+    _need(await _check_remote_invite(service, user, room["room_type"], to))
+    await _invite_user(service, user, room, to)
+    return Response.json(200, {"room_id": room_id, "user": to, "invite": "delivered"})
+
+
+async def _membership(service: Service, room_id: str, user_id: str) -> str | None:
+    for m in await service.store.members(room_id):
+        if m["user_id"] == user_id:
+            return m["membership"]
+    return None
+
+
+async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, Any], type: str,
+                        content: dict) -> Event:
+    """Send a proposal to the room's host; store the chained event it answers with."""
+    proposal = make_event(_key(service), room_id=room["room_id"], room_type=room["room_type"], depth=0, prev=None,
+                          origin=service.config.server_name, sender=user["user_id"], type=type,
+                          ts=service.now(), content=content)
+    txn = f"{service.now()}-{os.urandom(6).hex()}"
+    host = room["host"]
+    status, body = _need(await service.signed_request(host, "PUT", f"/_scaiwave/federation/v1/send/{txn}",
+                                                      encode_events_body([proposal.envelope])))
+    if status != 200:
+        raise _Fail(decode_refusal(status, body))
+    reply = decode(body, max_size=4 * 1024 * 1024)
+    if not isinstance(reply, dict) or not isinstance(reply.get("results"), list) or not reply["results"]:
+        raise _Fail(Refused(Code.MALFORMED, f"{host} answered the transaction without results"))
+    first = reply["results"][0]
+    if isinstance(first, dict) and isinstance(first.get("error"), dict):
+        raise _Fail(decode_refusal(403, encode({"error": first["error"]})))
+    envelopes = reply.get("events") or []
+    verified = verify_events(envelopes, service.node.lookup)
+    if not all(isinstance(r, Event) for r in verified):
+        await service.learn_descriptor(host)
+        verified = verify_events(envelopes, service.node.lookup)
+    events = [r for r in verified if isinstance(r, Event) and r.room_id == room["room_id"] and r.origin == host]
+    if not events:
+        bad = next((r for r in verified if isinstance(r, Refused)), Refused(Code.MALFORMED, "no chained event"))
+        raise _Fail(bad)
+    head = await service.head_of(room["room_id"])
+    stored = []
+    for event in events:
+        verdict = LinkResult.APPEND if head is None else link(event, head)
+        if verdict == LinkResult.APPEND:
+            stored.append(event)
+            head = Head(event.depth, event.event_id)
+        elif isinstance(verdict, Refused):
+            raise _Fail(verdict)
+    await service.store.store_events(room["room_id"], [e.as_record() for e in stored])
+    return events[-1]
+
+
+async def _answer_invite(service: Service, user: dict[str, Any], room_id: str, answer: str) -> Response:
+    invite = await service.store.get_invite(room_id, user["user_id"])
+    if invite is None or invite["state"] != "pending":
+        raise _Fail(Refused(Code.NOT_FOUND, f"no pending invite to {room_id}"))
+    membership = "join" if answer == "accept" else "decline"
+    content = {"membership": membership, "user": user["user_id"]}
+    room = await service.store.get_room(room_id)
+    if room["host"] == service.config.server_name:
+        await service.store.set_membership(room_id, user["user_id"], membership)
+        event = await _append(service, room, user["user_id"], "m.member", content)
+    else:
+        event = await _write_remote(service, room, user, "m.member", content)
+        await service.store.set_membership(room_id, user["user_id"], membership)
+    await service.store.set_invite_state(room_id, user["user_id"], "accepted" if membership == "join" else "declined")
+    return Response.json(200, {"room_id": room_id, "membership": membership, "event_id": event.id_text})
+
+
+async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str) -> Response:
+    room = await service.store.get_room(room_id)
+    if room is None or await _membership(service, room_id, user["user_id"]) != "join":
+        raise _Fail(Refused(Code.FORBIDDEN, f"{user['user_id']} is not in {room_id}"))
+    if room["host"] == service.config.server_name:
+        event = await _append(service, room, user["user_id"], "m.message", {"body": text})
+    else:
+        event = await _write_remote(service, room, user, "m.message", {"body": text})
+    return Response.json(200, {"event_id": event.id_text, "depth": event.depth})
+
+
+async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Response:
+    if await _membership(service, room_id, user["user_id"]) != "join":
+        raise _Fail(Refused(Code.FORBIDDEN, f"{user['user_id']} is not in {room_id}"))
+    rows = await service.store.events_after(room_id, None, 100_000)
+    messages = []
+    for row in rows:
+        event = decode_event(row["envelope"])
+        if isinstance(event, Event) and event.type == "m.message":
+            messages.append({"event_id": event.id_text, "depth": event.depth, "sender": event.sender,
+                             "body": event.content.get("body"), "ts": event.ts})
+    return Response.json(200, {"room_id": room_id, "messages": messages, "events": len(rows)})

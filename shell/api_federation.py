@@ -1,0 +1,220 @@
+"""Inbound federation endpoints: ``/_scaiwave/federation/v1/*`` (CBOR bodies).
+
+Each request: the core routes it, authenticates it (fetching the origin's
+descriptor when the core asks), then decides; this module reads the state the
+decision needs from storage, stores what the core accepted (before replying),
+and records the exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
+from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.names import server_of
+from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, link
+from scaiwave_federation.core.wire import encode
+
+from .errors import cbor_error
+from .http import Request, Response
+from .service import Service
+
+log = logging.getLogger("scaiwave.federation")
+
+__all__ = ["handle_federation"]
+
+
+async def handle_federation(service: Service, request: Request) -> Response:
+    """Serve one federation request and record it."""
+    context: dict[str, Any] = {}
+    response = await _handle(service, request, context)
+    service.record("inbound", method=request.method, target=request.target,
+                   authorization=request.header("authorization"), body=request.body, context=context,
+                   status=response.status, response=response.body)
+    return response
+
+
+async def _handle(service: Service, request: Request, context: dict[str, Any]) -> Response:
+    node = service.node
+    route = node.route(request.method, request.path)
+    if isinstance(route, Refused):
+        return cbor_error(route)
+    auth = await _authenticate(service, request)
+    if isinstance(auth, Refused):
+        return cbor_error(auth)
+    await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
+    await service.peer_seen(auth.origin)
+    if route.endpoint == "handshake":
+        return await _handshake(service, auth, request)
+    peer = await service.store.get_peer(auth.origin)
+    context["peered"] = bool(peer and peer.get("state") == "active")
+    refusal = node.admit(auth, peered=context["peered"])
+    if refusal is not None:
+        return cbor_error(refusal)
+    if route.endpoint == "invite":
+        return await _invite(service, auth, route.param or "", request, context)
+    if route.endpoint == "send":
+        return await _send(service, auth, route.param or "", request, context)
+    return await _backfill(service, auth, route.param or "", request, context)
+
+
+async def _authenticate(service: Service, request: Request) -> Authenticated | Refused:
+    args = dict(method=request.method, target=request.target, authorization=request.header("authorization"),
+                body=request.body)
+    result = service.node.authenticate(**args, now=service.now())
+    if isinstance(result, NeedKeys):
+        fetched = await service.learn_descriptor(result.server)
+        if fetched is not None and fetched.code not in (Code.UNKNOWN_KEY,):
+            return fetched
+        result = service.node.authenticate(**args, now=service.now())
+        if isinstance(result, NeedKeys):
+            return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
+    return result
+
+
+async def _handshake(service: Service, auth: Authenticated, request: Request) -> Response:
+    result = service.node.on_handshake(auth, request.body)
+    if isinstance(result, Refused):
+        await service.peer_error(auth.origin, result)
+        return cbor_error(result)
+    reply, agreed = result
+    await service.store.upsert_peer(auth.origin, state="active", protocol_version=agreed.protocol_version,
+                                    key_id=service.node.keys.get(auth.origin).keys.key_id)
+    return Response.cbor(200, reply)
+
+
+async def _invite(service: Service, auth: Authenticated, room_id: str, request: Request,
+                  context: dict[str, Any]) -> Response:
+    local_users = set()
+
+    # The decision needs to know which invitees exist here; read them first.
+    async def exists(user_id: str) -> bool:
+        return await service.store.get_user(user_id) is not None
+
+    from scaiwave_federation.core.rooms import decode_events_body
+    from scaiwave_federation.core import decode_event
+
+    decoded = decode_events_body(request.body)
+    if not isinstance(decoded, Refused) and decoded[0]:
+        event = decode_event(decoded[0][-1])
+        if isinstance(event, Event) and isinstance(event.content.get("user"), str):
+            if await exists(event.content["user"]):
+                local_users.add(event.content["user"])
+    context["local_users"] = sorted(local_users)
+    decision = service.node.on_invite(auth, room_id, request.body, is_local_user=local_users.__contains__)
+    if isinstance(decision, NeedKeys):
+        decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
+    if isinstance(decision, Refused):
+        return cbor_error(decision)
+    if await service.store.get_room(room_id) is None:
+        await service.store.create_room(room_id=room_id, room_type=decision.room_type, host=auth.origin,
+                                        tenant=None, creator=decision.inviter, created_at=service.now())
+    await service.store.save_invite(room_id=room_id, user_id=decision.invitee, inviter=decision.inviter,
+                                    origin=auth.origin, room_type=decision.room_type, state="pending",
+                                    payload=decision.event.envelope, created_at=service.now())
+    await service.store.set_membership(room_id, decision.invitee, "invite")
+    return Response.cbor(200, encode({"ok": True}))
+
+
+async def _send(service: Service, auth: Authenticated, txn_id: str, request: Request,
+                context: dict[str, Any]) -> Response:
+    stored = await service.store.get_txn_response(auth.origin, txn_id)
+    if stored is not None:
+        context["replayed_txn"] = True
+        return Response.cbor(200, stored)
+    results = service.node.on_events(auth, request.body)
+    if isinstance(results, Refused):
+        return cbor_error(results)
+    outcomes: list[dict[str, Any]] = []
+    to_store: dict[str, list[Event]] = {}
+    created: list[Event] = []
+    heads: dict[str, Any] = {}
+    context["rooms"] = {}
+    for result in results:
+        if isinstance(result, NeedKeys):
+            await service.learn_descriptor(result.server)
+            result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
+        if isinstance(result, Refused):
+            outcomes.append({"error": result.as_dict()})
+            continue
+        room = await service.store.get_room(result.room_id)
+        if result.room_id not in heads:
+            heads[result.room_id] = await service.head_of(result.room_id)
+        head = heads[result.room_id]
+        if result.depth > 0:
+            # A chained event from the room's host.
+            verdict = link(result, head) if room is not None else Refused(Code.NOT_FOUND, "unknown room")
+            if verdict == LinkResult.APPEND:
+                to_store.setdefault(result.room_id, []).append(result)
+                heads[result.room_id] = type(head)(result.depth, result.event_id) if head else _head(result)
+                outcomes.append({"event_id": result.id_text, "ok": True})
+            elif verdict == LinkResult.DUPLICATE:
+                outcomes.append({"event_id": result.id_text, "ok": True})
+            else:
+                outcomes.append({"event_id": result.id_text, "error": verdict.as_dict()})
+            continue
+        # A proposal for a room we host.
+        if room is None or room["host"] != service.config.server_name:
+            outcomes.append({"event_id": result.id_text, "error": Refused(Code.NOT_FOUND, "no such room here").as_dict()})
+            continue
+        tenant = await service.store.get_tenant(room["tenant"]) if room["tenant"] else None
+        members = {m["user_id"]: m["membership"] for m in await service.store.members(result.room_id)}
+        ctx = {"room_type": room["room_type"], "tenant_federates": bool(tenant["federation_enabled"]) if tenant else True,
+               "membership": members.get(result.sender)}
+        context["rooms"][result.room_id] = ctx
+        refusal = check_proposal(result, origin=auth.origin, **ctx)
+        if refusal is not None:
+            outcomes.append({"event_id": result.id_text, "error": refusal.as_dict()})
+            continue
+        key = service.node.keyring.current
+        chained = chain_event(key, head=head, room_id=result.room_id, room_type=room["room_type"],
+                              sender=result.sender, type=result.type, ts=service.now(), content=result.content,
+                              source=result.envelope)
+        heads[result.room_id] = _head(chained)
+        to_store.setdefault(result.room_id, []).append(chained)
+        created.append(chained)
+        outcomes.append({"event_id": result.id_text, "ok": True, "chained": chained.id_text})
+        if result.type == "m.member":
+            await service.store.set_membership(result.room_id, result.sender, result.content["membership"])
+    response = encode({"results": outcomes, "events": [e.envelope for e in created]})
+    # Store every room's events and the response atomically; nothing is
+    # acknowledged before it is durable.
+    rooms = list(to_store.items())
+    outcome = await service.store.store_txn(
+        auth.origin, txn_id, response, service.now(), None,
+        [{**e.as_record(), "room_id": rid} for rid, evs in rooms for e in evs])
+    reply = outcome.response
+    for room_id, events in rooms:
+        mine = [e for e in events if e in created]
+        if mine:
+            await service.push_events(room_id, mine, exclude=auth.origin)
+    return Response.cbor(200, reply)
+
+
+def _head(event: Event):
+    from scaiwave_federation.core import Head
+
+    return Head(event.depth, event.event_id)
+
+
+async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
+                    context: dict[str, Any]) -> Response:
+    room = await service.store.get_room(room_id)
+    tenant = await service.store.get_tenant(room["tenant"]) if room and room["tenant"] else None
+    members = await service.store.members(room_id) if room else []
+    ctx = {
+        "room_type": room["room_type"] if room and room["host"] == service.config.server_name else None,
+        "tenant_federates": bool(tenant["federation_enabled"]) if tenant else True,
+        "origin_is_member": any(server_of(m["user_id"]) == auth.origin and m["membership"] in ("join", "invite")
+                                for m in members),
+    }
+    context.update(ctx)
+    decision = service.node.on_backfill(auth, room_id, request.query, **ctx)
+    if isinstance(decision, Refused):
+        return cbor_error(decision)
+    before, limit = decision
+    rows = await service.store.events_before(room_id, before, limit)
+    page = build_page(room_id, before, [r["envelope"] for r in rows], [r["depth"] for r in rows])
+    return Response.cbor(200, page)

@@ -1,0 +1,82 @@
+"""``scaiwave serve``: the Trio daemon.
+
+Wires the pieces: configuration checked at start (one clear line on error),
+storage, the core node, the HTTPS listener, the outbox worker and the core's
+timers; stops cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from .api_admin import handle_admin
+from .api_client import handle_client
+from .api_federation import handle_federation
+from .config import Config, server_ssl_context
+from .errors import INTERNAL
+from .http import Request, Response, serve_http
+from .service import Service, descriptor_json
+
+log = logging.getLogger("scaiwave.daemon")
+
+__all__ = ["serve", "make_handler"]
+
+
+def make_handler(service: Service, nursery: trio.Nursery):
+    """The HTTP handler: one table from path prefix to the module that owns it."""
+
+    async def handler(request: Request) -> Response:
+        path = request.path
+        try:
+            if path == "/.well-known/scaiwave" and request.method == "GET":
+                return Response(200, descriptor_json(service), "application/json")
+            if path.startswith("/_scaiwave/federation/"):
+                return await handle_federation(service, request)
+            if path.startswith("/v1/admin/"):
+                return await handle_admin(service, request, nursery)
+            if path.startswith("/v1/"):
+                return await handle_client(service, request)
+            return Response.error(404, "not_found", f"no endpoint {path[:100]}")
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, path[:200])
+            return INTERNAL
+
+    return handler
+
+
+async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until cancelled or signalled. ``task_status.started(port)``."""
+    ssl_context = server_ssl_context(config)
+    for line in config.warnings():
+        log.warning("%s", line)
+    service = await Service.open(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            handler = make_handler(service, nursery)
+            port = await nursery.start(lambda task_status: serve_http(
+                handler, host=config.listen_host, port=config.listen_port, ssl_context=ssl_context,
+                task_status=task_status))
+            nursery.start_soon(service.outbox_worker)
+            nursery.start_soon(service.timer_loop)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            if service.node.keyring.current is None:
+                log.warning("no federation key yet: run `scaiwave admin federation key generate`")
+            log.info("scaiwave serving %s on %s:%s", config.server_name, config.listen_host, port)
+            task_status.started(port)
+    finally:
+        with trio.CancelScope(shield=True):
+            await service.aclose()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+    except RuntimeError:  # not the main thread (tests): no signal handling
+        return

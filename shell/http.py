@@ -1,0 +1,428 @@
+"""A small HTTP/1.1 server: h11 for the protocol, Trio for the I/O.
+
+:func:`handle_connection` runs one connection (keep-alive, size limits,
+timeouts, error replies); :func:`serve_http` accepts connections, optionally
+wraps them in TLS, and runs each in its own task of one connection nursery.
+Handlers are ``async def handler(request: Request) -> Response``; they never see
+h11, and an exception in a handler becomes a 500 whose details go to the log
+only.
+
+Error replies are JSON ``{"error": {"code": ..., "message": ...}}``:
+``malformed`` (400), ``too_large`` (413, or 431 for headers), ``timeout`` (408
+when a request is not read in time, 503 when the handler is too slow),
+``internal_error`` (500).
+"""
+
+from __future__ import annotations
+
+import errno
+import http
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+
+__all__ = ["Request", "Response", "Handler", "Limits", "handle_connection", "serve_http"]
+
+log = logging.getLogger("scaiwave.http")
+
+RECEIVE_SIZE = 65536
+#: How long the final close (TLS close_notify) may take.
+CLOSE_TIMEOUT = 2.0
+#: After an error reply, how much unread input we drain before closing (see _linger).
+LINGER_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request, fully read. Header names are lower-case; values are latin-1 text."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    peer: str = ""
+
+    def header(self, name: str) -> str | None:
+        """The last value of header ``name`` (case-insensitive), or None."""
+        name = name.lower()
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    @property
+    def path(self) -> str:
+        """The target without its query string (still percent-encoded)."""
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string's parameters, decoded; the last of repeated keys wins."""
+        return dict(parse_qsl(urlsplit(self.target).query, keep_blank_values=True))
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a handler returns. ``headers`` must not repeat content-type/-length."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # 1xx replies are the server's business (100-continue), not a handler's.
+        if not 200 <= self.status <= 599:
+            raise ValueError(f"status must be 200..599, got {self.status}")
+
+    @classmethod
+    def json(cls, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+        """A compact UTF-8 JSON reply; raises TypeError for objects json can't encode."""
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return cls(status, body, "application/json", headers)
+
+    @classmethod
+    def cbor(cls, status: int, payload: bytes, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+        """A reply whose body is already-encoded CBOR."""
+        return cls(status, payload, "application/cbor", headers)
+
+    @classmethod
+    def error(cls, status: int, code: str, message: str) -> Response:
+        """The contract's JSON error shape ``{"error": {"code", "message"}}``."""
+        return cls.json(status, {"error": {"code": code, "message": message}})
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits (bytes) and timeouts (seconds) for one connection."""
+
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 4 * 1024 * 1024
+    read_timeout: float = 30.0  # to finish reading a request once its first byte came
+    idle_timeout: float = 60.0  # for the first byte of the next request (keep-alive)
+    handler_timeout: float = 120.0
+    linger_timeout: float = 1.0  # draining input after an error reply, see _linger
+
+
+class _Reply(Exception):
+    """Answer with this error and close the connection."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.response = Response.error(status, code, message)
+
+
+class _Quit(Exception):
+    """Close the connection without a reply (idle timeout, peer gone, server draining)."""
+
+
+@dataclass
+class _Drain:
+    """Shared by a server's connections, so that shutdown can wind them down."""
+
+    draining: bool = False
+    grace: float = 0.0
+    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    shields: set[trio.CancelScope] = field(default_factory=set)
+
+    def start(self, grace: float) -> None:
+        self.draining, self.grace = True, grace
+        for scope in self.idle_scopes:
+            scope.cancel()  # nothing in flight there: close now
+        for scope in self.shields:
+            scope.deadline = trio.current_time() + grace
+
+
+class _Connection:
+    """One connection's state: the h11 machine, the stream and the current deadline."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, handler: Handler, limits: Limits, peer: str, drain: _Drain | None
+    ) -> None:
+        self.stream, self.handler, self.limits, self.peer = stream, handler, limits, peer
+        self.drain = drain or _Drain()
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.send_lock = trio.Lock()
+        self.idle = True  # waiting for the first byte of a request
+        self.deadline = 0.0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self._read_request()
+                response = await self._call_handler(request)
+                close = self.drain.draining
+                await self._send_response(response, head=request.method == "HEAD", close=close)
+                if close or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                    return
+                self.h11.start_next_cycle()
+        except _Reply as reply:
+            await self._reply_and_linger(reply.response)
+        except _Quit:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            # Peer vanished, reset, or failed the TLS handshake (SSLStream wraps
+            # ssl errors in BrokenResourceError): nothing to answer, nobody to tell.
+            log.debug("connection from %s ended: %r", self.peer, exc)
+        finally:
+            await self._close()
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        if self.idle and self.drain.draining:
+            raise _Quit
+        with trio.move_on_at(self.deadline) as scope:
+            if self.idle:
+                self.drain.idle_scopes.add(scope)
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            finally:
+                self.drain.idle_scopes.discard(scope)
+        if scope.cancelled_caught:
+            if self.idle:
+                raise _Quit  # keep-alive idle timeout or shutdown: close silently
+            raise _Reply(408, "timeout", f"request not received within {self.limits.read_timeout:g} s")
+        if self.idle and data:
+            # The request has begun: from now on it must arrive within read_timeout.
+            self.idle = False
+            self.deadline = trio.current_time() + self.limits.read_timeout
+        return data
+
+    async def _next_event(self) -> Any:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                if exc.error_status_hint == 431:
+                    raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes")
+                raise _Reply(400, "malformed", f"malformed HTTP request: {exc}")
+            if event is not h11.NEED_DATA:
+                return event
+            self.h11.receive_data(await self._receive())
+
+    async def _read_request(self) -> Request:
+        # Bytes already buffered (pipelining) mean the next request has begun.
+        self.idle = not self.h11.trailing_data[0]
+        timeout = self.limits.idle_timeout if self.idle else self.limits.read_timeout
+        self.deadline = trio.current_time() + timeout
+        event = await self._next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            raise _Quit
+        assert isinstance(event, h11.Request), event
+        headers = tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers)
+        # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
+        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in headers)
+        if head_size > self.limits.max_header_bytes:
+            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes")
+        length = dict(headers).get("content-length")
+        limit = self.limits.max_body_bytes
+        if length is not None and int(length) > limit:  # h11 validated it as digits
+            raise _Reply(413, "too_large", f"body over {limit} bytes")
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = bytearray()
+        while True:
+            part = await self._next_event()
+            if isinstance(part, h11.EndOfMessage):
+                break
+            if isinstance(part, h11.ConnectionClosed):  # h11 raises for a truncated body; be safe
+                raise _Quit
+            body += part.data
+            if len(body) > limit:  # chunked bodies have no length up front
+                raise _Reply(413, "too_large", f"body over {limit} bytes")
+        method, target = event.method.decode("ascii"), event.target.decode("ascii")  # h11 checked: ASCII
+        return Request(method, target, headers, bytes(body), self.peer)
+
+    # -- answering -------------------------------------------------------------
+
+    async def _call_handler(self, request: Request) -> Response:
+        try:
+            with trio.fail_after(self.limits.handler_timeout):
+                response = await self.handler(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"handler returned {type(response).__name__}, not Response")
+            return response
+        except trio.TooSlowError:
+            log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
+                        self.limits.handler_timeout)
+            return Response.error(503, "timeout", "the server took too long to answer")
+        except Exception:
+            # The traceback is for the operator's log only; it may hold secrets.
+            log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
+            return Response.error(500, "internal_error", "internal error")
+
+    async def _send(self, event: Any) -> None:
+        data = self.h11.send(event)
+        if data:
+            async with self.send_lock:
+                await self.stream.send_all(data)
+
+    async def _send_response(self, response: Response, *, head: bool = False, close: bool = False) -> None:
+        try:
+            reason = http.HTTPStatus(response.status).phrase
+        except ValueError:  # an unregistered status is allowed, just unnamed
+            reason = ""
+        # 204 and 304 carry no body, and so no content headers (RFC 9110).
+        bodiless = response.status in (204, 304)
+        headers = [] if bodiless else [("content-type", response.content_type)]
+        headers += [] if bodiless else [("content-length", str(len(response.body)))]
+        headers += response.headers
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            event = h11.Response(status_code=response.status, headers=headers, reason=reason)
+        except h11.LocalProtocolError:
+            # A handler put an invalid header in its Response: its bug, answered as one.
+            log.exception("invalid response headers for %s: %r", self.peer, response.headers)
+            event = h11.Response(status_code=500, headers=[("content-length", "0"), ("connection", "close")])
+            bodiless = True
+        await self._send(event)
+        if response.body and not head and not bodiless:
+            await self._send(h11.Data(data=response.body))
+        await self._send(h11.EndOfMessage())
+
+    async def _reply_and_linger(self, response: Response) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a reply is already under way; all we can do is close
+        try:
+            await self._send_response(response, close=True)
+            await self._linger()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError) as exc:
+            log.debug("could not send error reply to %s: %r", self.peer, exc)
+
+    async def _linger(self) -> None:
+        # Closing a TCP socket with unread input makes the kernel send a reset,
+        # which can destroy our error reply before the client reads it (a big
+        # upload answered 413). So: end our side, then read and drop input for
+        # a moment, until the client closes.
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+        drained = 0
+        with trio.move_on_after(self.limits.linger_timeout):
+            while drained < LINGER_MAX_BYTES:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+
+    async def _close(self) -> None:
+        # Shielded so a cancelled connection still closes (and sends TLS
+        # close_notify); bounded so a peer that stops reading can't hold us.
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                pass
+
+
+async def handle_connection(
+    stream: trio.abc.Stream, handler: Handler, *, limits: Limits = Limits(), peer: str = ""
+) -> None:
+    """Serve HTTP/1.1 requests on ``stream`` until the client or a timeout ends it.
+
+    Calls ``handler`` once per request (keep-alive: several per connection).
+    Replies with JSON errors for malformed (400), oversized (413/431), slowly
+    sent (408) requests and failing (500) or too slow (503) handlers. Closes
+    ``stream`` before returning. Raises nothing but ``trio.Cancelled``:
+    connection errors end the connection and are logged at debug level.
+    ``peer`` is the client's address, passed on in ``Request.peer``.
+    """
+    await _Connection(stream, handler, limits, peer, None).run()
+
+
+def _peer_text(stream: trio.abc.Stream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _connection_task(transport: trio.abc.Stream, handler: Handler, ssl_context: ssl.SSLContext | None,
+                           limits: Limits, drain: _Drain) -> None:
+    peer = _peer_text(transport)
+    stream: trio.abc.Stream = transport
+    if ssl_context is not None:
+        # The handshake runs lazily on the first receive, so it falls under
+        # the idle timeout and its failures end up in _Connection.run.
+        stream = trio.SSLStream(transport, ssl_context, server_side=True, https_compatible=True)
+    # Shielded: cancelling serve_http must not cut requests in flight; _Drain
+    # gives the shield a deadline (the grace) instead.
+    with trio.CancelScope(shield=True) as shield:
+        if drain.draining:
+            shield.deadline = trio.current_time() + drain.grace
+        drain.shields.add(shield)
+        try:
+            await _Connection(stream, handler, limits, peer, drain).run()
+        except Exception:
+            # A bug here must not take the whole server down with it.
+            log.exception("connection from %s crashed", peer)
+        finally:
+            drain.shields.discard(shield)
+
+
+async def _accept_loop(listener: trio.SocketListener, nursery: trio.Nursery, handler: Handler,
+                       ssl_context: ssl.SSLContext | None, limits: Limits, drain: _Drain) -> None:
+    async with listener:
+        while True:
+            try:
+                transport = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    raise
+                # Out of file descriptors or memory: wait for connections to end.
+                log.error("accept failed (%s); pausing", errno.errorcode.get(exc.errno, exc.errno))
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(_connection_task, transport, handler, ssl_context, limits, drain)
+
+
+async def serve_http(
+    handler: Handler,
+    *,
+    host: str | None,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    limits: Limits = Limits(),
+    grace: float = 5.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` and serve ``handler`` until cancelled.
+
+    Each accepted connection runs :func:`handle_connection` in its own task,
+    over TLS when ``ssl_context`` is given. ``task_status.started(port)``
+    reports the bound port (useful with ``port=0``; when ``host`` resolves to
+    several addresses, port 0 binds each to a different port and the first is
+    reported). Raises OSError if it cannot listen.
+
+    Shutdown: cancel the scope around ``serve_http``. Listeners close at once
+    and idle keep-alive connections close; requests in flight get ``grace``
+    seconds to finish (their reply says ``Connection: close``) before they
+    are cancelled too. ``serve_http`` returns (re-raising the cancellation)
+    only when every connection is closed.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = listeners[0].socket.getsockname()[1]
+    drain = _Drain()
+    async with trio.open_nursery() as connections:
+        try:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(
+                        _accept_loop, listener, connections, handler, ssl_context, limits, drain
+                    )
+                task_status.started(bound_port)
+        finally:
+            drain.start(grace)

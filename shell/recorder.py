@@ -1,0 +1,97 @@
+"""The traffic recorder: every federation exchange, appended to a CBOR sequence.
+
+Format ``scaiwave-recording`` version 1 (RFC 8742 CBOR sequence): the first
+item is a header ``{"format": "scaiwave-recording", "version": 1,
+"server_name": str, "started_at": ms}``; every later item is a record
+``{"kind": str, "now": ms, ...}``. Kinds:
+
+- ``policy`` ``{policy}``: the policy in force from here on;
+- ``own_keys`` ``{public}``: our descriptor after a key change (public halves only);
+- ``descriptor`` ``{server, body | error}``: a descriptor fetch and its bytes;
+- ``inbound`` ``{method, target, authorization, body, context, status, response}``:
+  a federation request that reached the core, the stored state its decision
+  read (``context``), and our reply;
+- ``outbound`` ``{peer, method, target, body, status, response | error}``;
+- ``handshake_start`` ``{peer, nonce}``, ``backfill_start`` ``{room_id, peer, limit, cursor}``.
+
+Only federation traffic is recorded: admin and user bearer tokens never reach
+the file (client and admin requests are not recorded at all). Each record is
+written with one ``write`` and flushed, so a crash leaves at most one torn
+record at the end, which readers skip.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import cbor2
+
+__all__ = ["Recorder", "read_recording", "FORMAT", "VERSION", "RecordingError"]
+
+FORMAT = "scaiwave-recording"
+VERSION = 1
+
+
+class RecordingError(Exception):
+    """The file is not a scaiwave recording (or of a newer version)."""
+
+
+class Recorder:
+    """Appends records to a recording file."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+
+    @classmethod
+    def open(cls, path: Path, server_name: str, now: int | None = None) -> "Recorder":
+        """Open ``path`` for appending; writes the header if the file is new."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        fh = open(path, "ab")
+        rec = cls(fh)
+        if new:
+            import time
+
+            rec._write({"format": FORMAT, "version": VERSION, "server_name": server_name,
+                        "started_at": now if now is not None else time.time_ns() // 1_000_000})
+        return rec
+
+    def _write(self, item: dict[str, Any]) -> None:
+        self._fh.write(cbor2.dumps(item, canonical=True))
+        self._fh.flush()
+
+    def record(self, kind: str, now: int, **fields: Any) -> None:
+        """Append one record."""
+        self._write({"kind": kind, "now": now, **fields})
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_recording(path: Path | str) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """Open a recording: returns ``(header, records)``; a torn last record ends the iteration."""
+    data = Path(path).read_bytes()
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(stream)
+    try:
+        header = decoder.decode()
+    except (cbor2.CBORDecodeError, EOFError) as exc:
+        raise RecordingError(f"{path}: not a scaiwave recording ({exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise RecordingError(f"{path}: not a scaiwave recording")
+    if header.get("version") != VERSION:
+        raise RecordingError(f"{path}: recording version {header.get('version')} is not supported (this reads {VERSION})")
+
+    def records() -> Iterator[dict[str, Any]]:
+        while stream.tell() < len(data):
+            try:
+                item = decoder.decode()
+            except (cbor2.CBORDecodeError, EOFError):
+                return  # a torn record from a crash: everything before it stands
+            if isinstance(item, dict) and "kind" in item:
+                yield item
+
+    return header, records()

@@ -1,0 +1,453 @@
+"""The daemon's federation service: carries out the core's effects.
+
+It owns the running state that ties the core to the world: the
+:class:`~scaiwave_federation.core.Federation` node, storage, the outbound
+client, the clock and the recorder. It makes no protocol decision: it asks the
+core, then fetches, sends and stores what the core says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from scaiwave_federation.core import (
+    BackfillDone,
+    BackfillPuller,
+    Code,
+    Event,
+    Failed,
+    Federation,
+    FetchDescriptor,
+    Head,
+    Initiator,
+    KeyRing,
+    NeedKeys,
+    PeerAgreed,
+    Policy,
+    Refused,
+    SendRequest,
+    SigningKey,
+    StoreEvents,
+)
+from scaiwave_federation.core.handshake import decode_refusal
+from scaiwave_federation.core.keys import OldKey
+from scaiwave_federation.core.names import server_of
+from scaiwave_federation.core.rooms import encode_events_body
+
+from .client import PeerClient, TransportError, backoff_ms
+from .config import Config, client_ssl_context
+from .recorder import Recorder
+from .storage import AsyncStore
+
+log = logging.getLogger("scaiwave.service")
+
+__all__ = ["Service", "BackfillJob"]
+
+OUTBOX_POLL_S = 0.5
+
+
+def _refusal_of(exc: TransportError) -> Refused:
+    try:
+        return Refused(Code(exc.code), exc.message)
+    except ValueError:
+        return Refused(Code.PEER_UNREACHABLE, exc.message)
+
+
+@dataclass
+class BackfillJob:
+    """A running or finished backfill, as the admin API shows it."""
+
+    id: int
+    room_id: str
+    peer: str
+    limit: int
+    stored: int = 0
+    state: str = "running"
+    error: dict | None = None
+    refused: list[dict] = field(default_factory=list)
+    reached_start: bool = False
+    done: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
+                "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
+                "reached_start": self.reached_start}
+
+
+class Service:
+    """Everything the HTTP handlers need. Build with :meth:`open`."""
+
+    def __init__(self, config: Config, store: AsyncStore, node: Federation, client: PeerClient,
+                 recorder: Recorder | None) -> None:
+        self.config = config
+        self.store = store
+        self.node = node
+        self.client = client
+        self.recorder = recorder
+        self.jobs: dict[int, BackfillJob] = {}
+        self._peer_locks: dict[str, trio.Lock] = {}
+        self._wake_outbox = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._timer_changed = trio.Event()
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: Config) -> "Service":
+        """Open storage and restore the core's state from it."""
+        store = await AsyncStore.open(config.data_dir)
+        current, old = await store.load_keyring()
+        keyring = KeyRing(
+            current=SigningKey.from_seed(current["seed"], current["created_at"]) if current else None,
+            old=tuple(OldKey(o["key_id"], o["public_key"], o["expired_at"]) for o in old),
+        )
+        policy = Policy.from_dict(await store.get_policy())
+        node = Federation(config.server_name, keyring=keyring, policy=policy,
+                          refetch_interval_ms=config.key_refetch_interval_ms)
+        service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve),
+                      Recorder.open(config.record_path, config.server_name) if config.record_path else None)
+        now = service.now()
+        for peer in await store.list_peers():
+            if peer.get("descriptor"):
+                node.keys.learn(peer["server_name"], peer["descriptor"].encode(), peer["descriptor_fetched_at"] or now)
+        for _origin, nonce, expires in await store.live_nonces(now):
+            node.requests.replay.remember(nonce, expires)
+        if service.recorder:
+            service.recorder.record("policy", now, policy=policy.as_dict())
+        return service
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.store.close()
+        if self.recorder:
+            self.recorder.close()
+
+    def now(self) -> int:
+        """The daemon's clock in ms (shifted by the SCAIWAVE_CLOCK_OFFSET test setting)."""
+        return time.time_ns() // 1_000_000 + self.config.clock_offset_ms
+
+    def record(self, kind: str, **fields: Any) -> None:
+        if self.recorder:
+            self.recorder.record(kind, self.now(), **fields)
+
+    # -- keys and policy ----------------------------------------------------------------
+
+    async def _save_keyring(self, ring: KeyRing) -> None:
+        cur = ring.current
+        await self.store.save_keyring(
+            {"key_id": cur.key_id, "seed": cur.seed, "public_key": cur.public_key, "created_at": cur.created_at,
+             "expired_at": None} if cur else None,
+            [{"key_id": o.key_id, "seed": None, "public_key": o.public_key, "created_at": None,
+              "expired_at": o.expired_at} for o in ring.old],
+        )
+        self.node.keyring = ring
+        self._timer_changed.set()
+        self.record("own_keys", public=self.node.descriptor(self.federation_endpoint))
+
+    async def generate_key(self) -> KeyRing:
+        """``key generate``; raises LocalProtocolError if a key exists."""
+        ring = self.node.keyring.generate(os.urandom(32), self.now())
+        await self._save_keyring(ring)
+        return ring
+
+    async def rotate_key(self) -> KeyRing:
+        """``key rotate``; raises LocalProtocolError without a key."""
+        ring = self.node.keyring.rotate(os.urandom(32), self.now())
+        await self._save_keyring(ring)
+        log.info("federation key rotated: now %s", ring.current.key_id if ring.current else None)
+        return ring
+
+    async def set_policy(self, policy: Policy) -> None:
+        await self.store.set_policy(policy.as_dict())
+        self.node.policy = policy
+        self.record("policy", policy=policy.as_dict())
+
+    @property
+    def federation_endpoint(self) -> str:
+        return f"{self.config.public_base_url}/_scaiwave/federation/v1"
+
+    # -- descriptors -------------------------------------------------------------------
+
+    async def fetch_descriptor(self, server: str) -> bytes | Refused:
+        """GET a server's descriptor over verified TLS (the raw bytes)."""
+        try:
+            data = await self.client.fetch_descriptor(server)
+        except TransportError as exc:
+            refusal = _refusal_of(exc)
+            self.record("descriptor", server=server, error=refusal.as_dict())
+            return refusal
+        self.record("descriptor", server=server, body=data)
+        return data
+
+    async def learn_descriptor(self, server: str, *, force: bool = False) -> Refused | None:
+        """Fetch and cache ``server``'s keys (respecting the core's rate limit unless forced)."""
+        now = self.now()
+        if not force and not self.node.keys.may_fetch(server, now):
+            return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago")
+        self.node.keys.fetch_attempted(server, now)
+        data = await self.fetch_descriptor(server)
+        if isinstance(data, Refused):
+            await self.peer_error(server, data)
+            return data
+        entry = self.node.learn_descriptor(server, data, now)
+        if isinstance(entry, Refused):
+            await self.peer_error(server, entry)
+            return entry
+        await self.store.save_descriptor(server, data.decode(), now)
+        await self.store.upsert_peer(server, key_id=entry.keys.key_id)
+        return None
+
+    # -- peer bookkeeping ----------------------------------------------------------------
+
+    async def peer_seen(self, server: str) -> None:
+        await self.store.mark_seen(server, self.now())
+
+    async def peer_error(self, server: str, refusal: Refused) -> None:
+        if server == self.config.server_name:
+            return
+        peer = await self.store.get_peer(server)
+        failures = (peer or {}).get("failures") or 0
+        now = self.now()
+        await self.store.mark_error(server, refusal.code.value, refusal.as_dict()["message"], now,
+                                    now + backoff_ms(failures + 1))
+
+    async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused:
+        """Carry out a SendRequest; transport failures come back as refusals.
+        ``last_seen``/``last_error`` follow the outcome."""
+        headers = {"authorization": effect.authorization, "content-type": "application/cbor"}
+        try:
+            resp = await self.client.request(effect.destination, effect.method, effect.target,
+                                             headers=headers, body=effect.body)
+        except TransportError as exc:
+            refusal = _refusal_of(exc)
+            self.record("outbound", peer=effect.destination, method=effect.method, target=effect.target,
+                        body=effect.body, error=refusal.as_dict())
+            await self.peer_error(effect.destination, refusal)
+            return refusal
+        self.record("outbound", peer=effect.destination, method=effect.method, target=effect.target,
+                    body=effect.body, status=resp.status, response=resp.body)
+        if resp.status == 200:
+            await self.peer_seen(effect.destination)
+        else:
+            await self.peer_error(effect.destination, decode_refusal(resp.status, resp.body))
+        return resp.status, resp.body
+
+    async def signed_request(self, peer: str, method: str, target: str, body: bytes) -> tuple[int, bytes] | Refused:
+        auth = self.node.sign(destination=peer, method=method, target=target, body=body, now=self.now())
+        if isinstance(auth, Refused):
+            return auth
+        return await self.send(SendRequest(peer, method, target, body, auth))
+
+    # -- handshake -----------------------------------------------------------------
+
+    async def handshake(self, peer: str) -> PeerAgreed | Refused:
+        """Run the core's handshake initiator against ``peer``."""
+        lock = self._peer_locks.setdefault(peer, trio.Lock())
+        async with lock:
+            machine = Initiator(server_name=self.config.server_name, peer=peer, keyring=self.node.keyring,
+                                policy=self.node.policy, keys=self.node.keys, versions=self.node.versions)
+            effects = machine.start(os.urandom(16))
+            self.record("handshake_start", peer=peer, nonce=machine._nonce)
+            while effects:
+                effect = effects.pop(0)
+                if isinstance(effect, FetchDescriptor):
+                    now = self.now()
+                    self.node.keys.fetch_attempted(effect.server, now)
+                    data = await self.fetch_descriptor(effect.server)
+                    if isinstance(data, Refused):
+                        effects += machine.descriptor_failed(data)
+                    else:
+                        effects += machine.descriptor_received(data, now)
+                        if machine.state != "failed":
+                            await self.store.save_descriptor(peer, data.decode(), now)
+                elif isinstance(effect, SendRequest):
+                    result = await self.send(effect)
+                    if isinstance(result, Refused):
+                        effects += machine.reply_failed(result)
+                    else:
+                        effects += machine.reply_received(*result)
+                elif isinstance(effect, PeerAgreed):
+                    await self.store.upsert_peer(peer, state="active", protocol_version=effect.protocol_version,
+                                                 key_id=effect.key_id)
+                    await self.peer_seen(peer)
+                    return effect
+                elif isinstance(effect, Failed):
+                    await self.peer_error(peer, effect.refusal)
+                    return effect.refusal
+            return Refused(Code.HANDSHAKE_FAILED, "handshake ended without an answer")
+
+    async def ensure_peered(self, peer: str) -> Refused | None:
+        """Handshake with ``peer`` unless already active (and still admitted by policy)."""
+        refusal = self.node.policy.admits(peer)
+        if refusal is not None:
+            return refusal
+        row = await self.store.get_peer(peer)
+        if row and row.get("state") == "active" and self.node.keys.get(peer) is not None:
+            return None
+        result = await self.handshake(peer)
+        return result if isinstance(result, Refused) else None
+
+    # -- pushing events to member servers -------------------------------------------------
+
+    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
+        """Queue chained events for every other server with joined members (durably,
+        then delivered by the outbox worker with per-peer backoff)."""
+        members = await self.store.members(room_id)
+        servers = sorted({server_of(m["user_id"]) for m in members if m["membership"] in ("join", "invite")}
+                         - {self.config.server_name, exclude, None})
+        now = self.now()
+        body = encode_events_body([e.envelope for e in events])
+        for server in servers:
+            txn_id = f"{now}-{os.urandom(6).hex()}"
+            await self.store.enqueue(server, txn_id, f"/_scaiwave/federation/v1/send/{txn_id}", body, now)
+        if servers:
+            self._wake_outbox.set()
+
+    async def outbox_worker(self) -> None:
+        """Deliver queued transactions; failures back off per peer (visible in peers)."""
+        while True:
+            now = self.now()
+            for item in await self.store.due(now=now):
+                result = await self.signed_request(item["peer"], "PUT", item["path"], item["body"])
+                if isinstance(result, tuple) and result[0] == 200:
+                    await self.store.delivered(item["id"])
+                    continue
+                failures = (item.get("attempts") or 0) + 1
+                await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
+                if isinstance(result, tuple):
+                    # The peer answered with a refusal: retrying will not change it.
+                    log.warning("transaction to %s refused: %s", item["peer"], decode_refusal(*result))
+                    await self.store.delivered(item["id"])
+            with trio.move_on_after(OUTBOX_POLL_S):
+                await self._wake_outbox.wait()
+            self._wake_outbox = trio.Event()
+
+    async def retry_now(self, peer: str) -> int:
+        count = await self.store.reset_retry(peer, self.now())
+        self._wake_outbox.set()
+        return count
+
+    # -- backfill ------------------------------------------------------------------
+
+    def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
+        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=peer, limit=limit)
+        self.jobs[job.id] = job
+        nursery.start_soon(self._run_backfill, job)
+        return job
+
+    async def _run_backfill(self, job: BackfillJob) -> None:
+        try:
+            await self._backfill(job)
+        except Exception as exc:  # an unexpected failure must not kill the daemon
+            log.exception("backfill %s failed", job.id)
+            job.state, job.error = "failed", {"code": "internal_error", "message": str(exc)[:200]}
+        finally:
+            job.done.set()
+
+    async def _backfill(self, job: BackfillJob) -> None:
+        key = self.node.keyring.current
+        if key is None:
+            job.state, job.error = "failed", Refused(Code.OWN_KEY_MISSING).as_dict()
+            return
+        refusal = await self.ensure_peered(job.peer)
+        if refusal is not None:
+            job.state, job.error = "failed", refusal.as_dict()
+            return
+        saved = await self.store.get_cursor(job.room_id, job.peer)
+        if saved is not None:
+            puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
+                                           keys=self.node.keys)
+            if puller.done is not None or puller.limit != job.limit:
+                saved = None
+        if saved is None:
+            lowest = await self.store.events_after(job.room_id, None, 1)
+            anchor = None
+            if lowest:
+                event = self.node_event(lowest[0]["envelope"])
+                anchor = (event.depth, event.prev)
+            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
+                                    key=key, keys=self.node.keys, limit=job.limit, anchor=anchor)
+        self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
+                    cursor=puller.cursor())
+        base = puller.stored
+        effects = puller.start(self.now())
+        while effects:
+            effect = effects.pop(0)
+            if isinstance(effect, SendRequest):
+                result = await self.send(effect)
+                effects += puller.fail(result) if isinstance(result, Refused) else puller.page_received(*result, self.now())
+            elif isinstance(effect, StoreEvents):
+                await self.store.store_events(
+                    job.room_id, [e.as_record() for e in effect.events],
+                    cursor={"peer": job.peer, "cursor": effect.cursor, "stored": puller.stored,
+                            "updated_at": self.now()})
+                job.stored = puller.stored - base
+            elif isinstance(effect, NeedKeys):
+                await self.learn_descriptor(effect.server)
+                effects += puller.keys_updated(self.now())
+            elif isinstance(effect, Failed):
+                await self.peer_error(effect.server, effect.refusal)
+            elif isinstance(effect, BackfillDone):
+                job.reached_start = effect.reached_start
+                job.refused = [{"position": pos, **r.as_dict()} for pos, r in puller.refusals]
+                if effect.refusal is not None:
+                    job.state, job.error = "failed", effect.refusal.as_dict()
+                else:
+                    job.state = "done"
+                    await self.store.clear_cursor(job.room_id, job.peer)
+                return
+
+    def node_event(self, envelope: bytes) -> Event:
+        """Decode an envelope from our own storage (already verified when stored)."""
+        from scaiwave_federation.core import decode_event
+
+        event = decode_event(envelope)
+        assert isinstance(event, Event), event
+        return event
+
+    async def head_of(self, room_id: str) -> Head | None:
+        row = await self.store.head(room_id)
+        return Head(row["depth"], row["event_id"]) if row else None
+
+    # -- timers ------------------------------------------------------------------------
+
+    async def timer_loop(self) -> None:
+        """The core's timers: yearly key rotation and the replay window's expiry."""
+        while True:
+            timers = self.node.timers()
+            wake = min(timers.values(), default=None)
+            delay = 60.0 if wake is None else max(0.0, min(60.0, (wake - self.now()) / 1000))
+            with trio.move_on_after(delay):
+                await self._timer_changed.wait()
+            self._timer_changed = trio.Event()
+            now = self.now()
+            for action in self.node.handle_timer(now):
+                if action == "rotate_key":
+                    await self.rotate_key()
+            await self.store.expire_nonces(now)
+
+
+def describe_keyring(ring: KeyRing) -> dict[str, Any]:
+    """The admin view of our keys (no private material)."""
+    from scaiwave_federation.core.wire import b64e
+
+    cur = ring.current
+    return {
+        "key_id": cur.key_id if cur else None,
+        "public_key": b64e(cur.public_key) if cur else "",
+        "created_at": cur.created_at if cur else None,
+        "rotation_due_at": ring.rotation_due_at(),
+        "old_keys": [{"key_id": o.key_id, "public_key": b64e(o.public_key), "expired_at": o.expired_at}
+                     for o in ring.old],
+    }
+
+
+def descriptor_json(service: Service) -> bytes:
+    return json.dumps(service.node.descriptor(service.federation_endpoint), indent=2).encode()

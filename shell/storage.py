@@ -1,0 +1,774 @@
+"""Durable storage for the daemon: one SQLite file, behind a small interface.
+
+:class:`Store` is synchronous: plain methods, usable from the CLI, scripts and
+tests without Trio. :class:`AsyncStore` is what the daemon uses: the same
+methods as coroutines, each run on a worker thread through a
+``trio.CapacityLimiter(1)``, so the event loop never blocks on disk and there
+is exactly one writer at a time.
+
+Nothing is acknowledged to a peer before it is durably stored:
+
+- ``<data_dir>/scaiwave.db`` runs in WAL mode with ``synchronous=FULL``: a
+  commit survives power loss, not just a process crash;
+- every multi-row write (a page of events and its backfill cursor, a
+  transaction's events and its response) is one SQLite transaction, so a crash
+  leaves all of it or none of it;
+- the file is created mode 0600 (it holds the signing key's seed); SQLite gives
+  its ``-wal`` and ``-shm`` files the same mode.
+
+Rows come back as plain dicts keyed by column name, BLOB columns as ``bytes``,
+times as integer milliseconds. Failures a caller can act on raise
+:class:`StorageError` with a ``code`` (the table is in :mod:`.schema`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import sqlite_utils
+import trio
+
+from .schema import SCHEMA_VERSION, StorageError, migrate
+
+__all__ = [
+    "DB_FILENAME",
+    "DEFAULT_POLICY",
+    "SCHEMA_VERSION",
+    "AsyncStore",
+    "Store",
+    "StorageError",
+    "TxnOutcome",
+]
+
+DB_FILENAME = "scaiwave.db"
+
+#: ``get_policy()`` before any policy is set: a new server federates only with
+#: peers an admin names.
+DEFAULT_POLICY: dict[str, Any] = {
+    "default_mode": "invite_only",
+    "allowed_peers": [],
+    "blocked_peers": [],
+}
+
+_PEER_FIELDS = frozenset(
+    "state protocol_version key_id last_seen last_error_code last_error_message last_error_at"
+    " failures retry_at descriptor descriptor_fetched_at".split()
+)
+_MEMBERSHIPS = frozenset({"invite", "join", "leave", "decline"})
+_INVITE_STATES = frozenset({"pending", "accepted", "declined"})
+# last_error_message can come from a peer's reply: a hostile peer must not be
+# able to grow a row (or the admin API's output) without bound.
+_MAX_ERROR_MESSAGE = 500
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TxnOutcome:
+    """What :meth:`Store.store_txn` did.
+
+    ``response``: the stored response to send back (the first one on a
+    replay). ``replayed``: (origin, txn_id) was stored already and nothing was
+    written. ``new_events``: how many events this call stored.
+    """
+
+    response: bytes
+    replayed: bool
+    new_events: int
+
+
+class Store:
+    """Synchronous access to the scaiwave database.
+
+    Not safe for use from several threads at the same time: the daemon goes
+    through :class:`AsyncStore`, which serialises every call. The connection
+    has ``check_same_thread=False`` because those calls run, one at a time, on
+    whichever worker thread Trio hands out.
+    """
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        """Wrap an open, migrated database; use :meth:`open` instead."""
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, data_dir: Path | str) -> Store:
+        """Open (creating if needed) ``<data_dir>/scaiwave.db`` and migrate it.
+
+        Creates ``data_dir`` (mode 0700) and the file (mode 0600) if missing.
+        Raises :class:`StorageError` ``schema`` for a file from a newer
+        scaiwave or a failed migration, ``open`` for a file that cannot be used.
+        """
+        data_dir = Path(data_dir)
+        path = data_dir / DB_FILENAME
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file ourselves so it never exists world-readable.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # isolation_level=None: the sqlite3 module issues no implicit BEGIN;
+            # our transactions are explicit (_write). timeout: a second process
+            # (the CLI while the daemon runs) waits for the write lock.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError("open", f"cannot open {path}: {exc}") from exc
+        try:
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StorageError("open", f"cannot use WAL for {path} (journal mode {mode})")
+            # FULL fsyncs the WAL at every commit; NORMAL could lose the last
+            # commits on power loss, after we already answered the peer.
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            migrate(db)
+        except StorageError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StorageError("open", f"cannot open {path}: {exc}") from exc
+        return cls(db, path)
+
+    def close(self) -> None:
+        """Close the connection (the last one out checkpoints the WAL). Idempotent."""
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        """Return the schema version of the open file."""
+        return int(self._scalar("SELECT value FROM meta WHERE key = 'schema_version'"))
+
+    # ------------------------------------------------------------- helpers
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """Run the block as one transaction: all of it is stored, or none.
+
+        BEGIN IMMEDIATE takes the write lock up front, so a writer in another
+        process makes us wait at BEGIN (busy timeout) instead of failing with
+        SQLITE_BUSY halfway through, after our reads.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def _x(self, sql: str, *params: Any) -> sqlite3.Cursor:
+        return self.db.execute(sql, params)
+
+    def _insert(self, table: str, row: Row, on_conflict: str = "") -> sqlite3.Cursor:
+        # Table and column names come from this module (upsert_peer checks its
+        # kwargs first), never from remote data: formatting them in is safe.
+        cols, marks = ", ".join(row), ", ".join("?" * len(row))
+        sql = f"INSERT INTO {table} ({cols}) VALUES ({marks}) {on_conflict}"
+        return self._x(sql, *row.values())
+
+    def _upsert(self, table: str, row: Row, key: str) -> sqlite3.Cursor:
+        # Insert, or update the columns of ``row`` outside the primary ``key``.
+        sets = ", ".join(f"{c} = excluded.{c}" for c in row if c not in key.split(", "))
+        return self._insert(table, row, f"ON CONFLICT ({key}) DO UPDATE SET {sets}")
+
+    def _all(self, sql: str, *params: Any) -> list[Row]:
+        cur = self.db.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def _one(self, sql: str, *params: Any) -> Row | None:
+        rows = self._all(sql, *params)
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str, *params: Any) -> Any:
+        row = self.db.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # ---------------------------------------------------------------- keys
+
+    def save_keyring(self, current: Row | None, old: Sequence[Row]) -> None:
+        """Replace the whole keyring atomically.
+
+        Each key: ``key_id``, ``seed`` (bytes; None allowed for old keys,
+        whose seeds are wiped on rotation), ``public_key``, ``created_at``
+        (None allowed for old keys), ``expired_at`` (None for ``current``, set
+        for every old key). Raises ``invalid`` otherwise, or for a repeated key_id.
+        """
+        if current is not None and (current.get("expired_at") is not None or not current["seed"]):
+            raise StorageError("invalid", "the current key needs a seed and no expired_at")
+        if any(key.get("expired_at") is None for key in old):
+            raise StorageError("invalid", "every old key needs an expired_at")
+        with self._write():
+            self._x("DELETE FROM keys")
+            for key in ([current] if current is not None else []) + list(old):
+                row = {"key_id": key["key_id"], "seed": _blob(key.get("seed")),
+                       "public_key": _blob(key["public_key"]), "created_at": key.get("created_at"),
+                       "expired_at": key.get("expired_at")}
+                try:
+                    self._insert("keys", row)
+                except sqlite3.IntegrityError as exc:
+                    raise StorageError("invalid", f"key {row['key_id']!r}: {exc}") from exc
+
+    def load_keyring(self) -> tuple[Row | None, list[Row]]:
+        """Return ``(current key or None, old keys in the order they expired)``."""
+        rows = self._all("SELECT * FROM keys ORDER BY expired_at, key_id")
+        current = next((r for r in rows if r["expired_at"] is None), None)
+        return current, [r for r in rows if r["expired_at"] is not None]
+
+    # -------------------------------------------------------------- policy
+
+    def get_policy(self) -> Row:
+        """Return the federation policy dict (a copy of :data:`DEFAULT_POLICY` if unset)."""
+        text = self._scalar("SELECT value FROM policy WHERE id = 1")
+        return json.loads(text if text is not None else json.dumps(DEFAULT_POLICY))
+
+    def set_policy(self, policy: Row) -> None:
+        """Store the federation policy dict (the core validates it, not storage)."""
+        self._upsert("policy", {"id": 1, "value": json.dumps(policy, sort_keys=True)}, "id")
+
+    # --------------------------------------------------------------- peers
+
+    def get_peer(self, name: str) -> Row | None:
+        """Return the peers row of server ``name``, or None."""
+        return self._one("SELECT * FROM peers WHERE server_name = ?", name)
+
+    def list_peers(self) -> list[Row]:
+        """Return every peers row, by server name."""
+        return self._all("SELECT * FROM peers ORDER BY server_name")
+
+    def upsert_peer(self, name: str, **fields: Any) -> None:
+        """Create the peer (state ``known`` unless given) or update just ``fields``.
+        Raises ``invalid`` for a field that is not a peers column."""
+        unknown = set(fields) - _PEER_FIELDS
+        if unknown:
+            raise StorageError("invalid", f"unknown peer fields: {', '.join(sorted(unknown))}")
+        if fields:
+            self._upsert("peers", {"server_name": name, **fields}, "server_name")
+        else:
+            self._insert("peers", {"server_name": name}, "ON CONFLICT DO NOTHING")
+
+    def mark_seen(self, name: str, now: int) -> None:
+        """Record a good exchange: ``last_seen = now``; clear ``last_error_*``,
+        ``failures`` and ``retry_at``. Creates the peer (state ``known``) if missing."""
+        cleared = dict.fromkeys(("last_error_code", "last_error_message", "last_error_at"))
+        row = {"server_name": name, "last_seen": now, **cleared, "failures": 0, "retry_at": None}
+        self._upsert("peers", row, "server_name")
+
+    def mark_error(self, name: str, code: str, message: str, now: int, retry_at: int | None) -> int:
+        """Record a failed exchange; return the peer's consecutive failures.
+
+        Sets ``last_error_code/_message/_at`` (message flattened to one line of
+        at most 500 characters), adds 1 to ``failures``, sets ``retry_at``.
+        Creates the peer (state ``known``) if missing.
+        """
+        flat = " ".join(str(message).split())[:_MAX_ERROR_MESSAGE]
+        changes = {"last_error_code": code, "last_error_message": flat, "last_error_at": now,
+                   "retry_at": retry_at}
+        row = {"server_name": name, "failures": 1, **changes}
+        update = ", ".join(f"{c} = excluded.{c}" for c in changes)
+        with self._write():
+            clause = f"ON CONFLICT (server_name) DO UPDATE SET {update}"
+            self._insert("peers", row, clause + ", failures = peers.failures + 1")
+            return int(self._scalar("SELECT failures FROM peers WHERE server_name = ?", name))
+
+    def save_descriptor(self, name: str, text: str, now: int) -> None:
+        """Cache a peer's descriptor JSON text exactly as received, fetched at ``now``."""
+        self.upsert_peer(name, descriptor=text, descriptor_fetched_at=now)
+
+    # ------------------------------------------------------ tenants, users
+
+    def create_tenant(self, name: str, federation_enabled: bool = True) -> Row:
+        """Create a tenant; return ``{"name", "federation_enabled"}``. Raises ``conflict``."""
+        try:
+            self._insert("tenants", {"name": name, "federation_enabled": int(federation_enabled)})
+        except sqlite3.IntegrityError as exc:
+            raise StorageError("conflict", f"tenant {name!r} already exists") from exc
+        return {"name": name, "federation_enabled": bool(federation_enabled)}
+
+    def get_tenant(self, name: str) -> Row | None:
+        """Return ``{"name", "federation_enabled": bool}`` or None."""
+        row = self._one("SELECT * FROM tenants WHERE name = ?", name)
+        return _tenant(row) if row else None
+
+    def list_tenants(self) -> list[Row]:
+        """Return every tenant, by name."""
+        return [_tenant(r) for r in self._all("SELECT * FROM tenants ORDER BY name")]
+
+    def set_tenant_federation(self, name: str, enabled: bool) -> None:
+        """Turn federation on or off for all of a tenant's rooms. Raises ``not_found``."""
+        sql = "UPDATE tenants SET federation_enabled = ? WHERE name = ?"
+        if self._x(sql, int(enabled), name).rowcount == 0:
+            raise StorageError("not_found", f"no tenant {name!r}")
+
+    def create_user(self, user_id: str, name: str, tenant: str, token_hash: str) -> Row:
+        """Create a local user and return its row. Raises ``not_found`` for an
+        unknown tenant, ``conflict`` if the user id or the token hash is taken."""
+        row = {"user_id": user_id, "name": name, "tenant": tenant, "token_hash": token_hash}
+        with self._write():
+            self._need_tenant(tenant)
+            try:
+                self._insert("users", row)
+            except sqlite3.IntegrityError as exc:
+                raise StorageError("conflict", f"user {user_id!r} already exists") from exc
+        return row
+
+    def _need_tenant(self, tenant: str) -> None:
+        # Checked up front, not left to the foreign key, to say what is missing.
+        if self._scalar("SELECT 1 FROM tenants WHERE name = ?", tenant) is None:
+            raise StorageError("not_found", f"no tenant {tenant!r}")
+
+    def get_user(self, user_id: str) -> Row | None:
+        """Return the users row or None."""
+        return self._one("SELECT * FROM users WHERE user_id = ?", user_id)
+
+    def user_by_token_hash(self, token_hash: str) -> Row | None:
+        """Return the user whose access token hashes to ``token_hash``, or None."""
+        return self._one("SELECT * FROM users WHERE token_hash = ?", token_hash)
+
+    def list_users(self) -> list[Row]:
+        """Return every local user, by user id."""
+        return self._all("SELECT * FROM users ORDER BY user_id")
+
+    # ------------------------------------------------------ rooms, members
+
+    def create_room(
+        self, room_id: str, room_type: str, host: str, creator: str, created_at: int,
+        tenant: str | None = None,
+    ) -> Row:
+        """Create a rooms row and return it. ``tenant`` is None for a room hosted
+        elsewhere. Raises ``conflict`` if it exists, ``not_found`` for an unknown tenant."""
+        row = {"room_id": room_id, "room_type": room_type, "host": host, "tenant": tenant,
+               "creator": creator, "created_at": created_at}
+        with self._write():
+            if tenant is not None:
+                self._need_tenant(tenant)
+            try:
+                self._insert("rooms", row)
+            except sqlite3.IntegrityError as exc:
+                raise StorageError("conflict", f"room {room_id!r} already exists") from exc
+        return row
+
+    def get_room(self, room_id: str) -> Row | None:
+        """Return the rooms row or None."""
+        return self._one("SELECT * FROM rooms WHERE room_id = ?", room_id)
+
+    def set_membership(self, room_id: str, user_id: str, membership: str) -> None:
+        """Set a participant's membership: ``invite``, ``join``, ``leave`` or
+        ``decline`` (else ``invalid``). Raises ``not_found`` if the room has no row."""
+        if membership not in _MEMBERSHIPS:
+            raise StorageError("invalid", f"unknown membership {membership!r}")
+        row = {"room_id": room_id, "user_id": user_id, "membership": membership}
+        try:
+            self._upsert("members", row, "room_id, user_id")
+        except sqlite3.IntegrityError as exc:  # the rooms foreign key
+            raise StorageError("not_found", f"no room {room_id!r}") from exc
+
+    def members(self, room_id: str) -> list[Row]:
+        """Return the room's ``{"room_id", "user_id", "membership"}`` rows, by user id."""
+        return self._all("SELECT * FROM members WHERE room_id = ? ORDER BY user_id", room_id)
+
+    def rooms_for_user(self, user_id: str) -> list[Row]:
+        """Return each room the user has any membership in (callers filter), as
+        the rooms row plus ``membership``, oldest room first."""
+        return self._all(
+            "SELECT rooms.*, members.membership FROM members JOIN rooms USING (room_id)"
+            " WHERE members.user_id = ? ORDER BY rooms.created_at, rooms.room_id",
+            user_id,
+        )
+
+    # --------------------------------------------------------------- events
+
+    def _insert_event(self, room_id: str, event: Row) -> bool:
+        """Insert one event inside the caller's transaction; True if it was new.
+
+        A method of its own so the crash test can kill the process between
+        rows. ON CONFLICT DO NOTHING, not INSERT OR IGNORE: OR IGNORE would
+        also skip rows that break NOT NULL or CHECK constraints, silently.
+        """
+        if event.get("room_id", room_id) != room_id:
+            raise StorageError("invalid", f"an event of {event['room_id']} given for {room_id}")
+        try:
+            row = {"event_id": _blob(event["event_id"]), "room_id": room_id,
+                   "depth": event["depth"],
+                   **{f: event[f] for f in ("sender", "origin", "type", "ts")},
+                   "envelope": _blob(event["envelope"])}
+        except KeyError as exc:
+            raise StorageError("invalid", f"event lacks {exc.args[0]!r}") from exc
+        eid, depth = row["event_id"], row["depth"]
+        try:
+            if self._insert("events", row, "ON CONFLICT DO NOTHING").rowcount == 1:
+                return True
+        except sqlite3.IntegrityError as exc:
+            raise StorageError("invalid", f"event at depth {depth} refused: {exc}") from exc
+        # Not inserted: either this very event is stored (a resumed pull, a
+        # resent transaction: fine), or another event holds its id or its
+        # (room, depth) slot: a fork, which the caller must hear about.
+        held = self._all(
+            "SELECT event_id, room_id, depth FROM events"
+            " WHERE event_id = ? OR (room_id = ? AND depth = ?)", eid, room_id, depth,
+        )
+        if held != [{"event_id": eid, "room_id": room_id, "depth": depth}]:
+            raise StorageError("conflict", f"another event is stored at depth {depth} of {room_id}")
+        return False
+
+    def _store_events_in_tx(self, room_id: str, events: Sequence[Row], cursor: Row | None) -> int:
+        new = sum(self._insert_event(room_id, event) for event in events)
+        if cursor is not None:
+            row = {"room_id": room_id, "peer": cursor["peer"], "cursor": _blob(cursor["cursor"]),
+                   "stored": cursor.get("stored", 0), "updated_at": cursor["updated_at"]}
+            self._upsert("backfill_cursors", row, "room_id, peer")
+        return new
+
+    def store_events(self, room_id: str, events: Sequence[Row], cursor: Row | None = None) -> int:
+        """Store a batch of events, and optionally a backfill cursor, atomically.
+
+        ``events``: dicts with ``event_id`` (32 bytes), ``depth``, ``sender``,
+        ``origin``, ``type``, ``ts``, ``envelope`` (bytes). Events already
+        stored are skipped. ``cursor``: ``{"peer", "cursor": bytes, "stored",
+        "updated_at"}``, upserted for (room_id, peer) in the same transaction,
+        so a page and its cursor land together (empty ``events`` just moves the
+        cursor). Returns how many events were new.
+
+        Raises ``conflict`` if a different event holds an event's id or
+        (room_id, depth), ``invalid`` for a malformed event; either way
+        nothing of the batch or cursor is stored.
+        """
+        with self._write():
+            return self._store_events_in_tx(room_id, events, cursor)
+
+    def head(self, room_id: str) -> Row | None:
+        """Return the room's highest-depth event, or None if it has none."""
+        sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth DESC LIMIT 1"
+        return self._one(sql, room_id)
+
+    def events_before(self, room_id: str, before_depth: int | None, limit: int) -> list[Row]:
+        """Return up to ``limit`` events strictly below ``before_depth`` (None:
+        from the head), highest depth first."""
+        if before_depth is None:
+            sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth DESC LIMIT ?"
+            return self._all(sql, room_id, limit)
+        sql = "SELECT * FROM events WHERE room_id = ? AND depth < ? ORDER BY depth DESC LIMIT ?"
+        return self._all(sql, room_id, before_depth, limit)
+
+    def events_after(self, room_id: str, after_depth: int | None, limit: int) -> list[Row]:
+        """Return up to ``limit`` events strictly above ``after_depth`` (None:
+        from the first), lowest depth first."""
+        if after_depth is None:
+            sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth LIMIT ?"
+            return self._all(sql, room_id, limit)
+        sql = "SELECT * FROM events WHERE room_id = ? AND depth > ? ORDER BY depth LIMIT ?"
+        return self._all(sql, room_id, after_depth, limit)
+
+    def event_count(self, room_id: str) -> int:
+        """Return how many events of the room are stored."""
+        return int(self._scalar("SELECT count(*) FROM events WHERE room_id = ?", room_id))
+
+    def get_event(self, event_id: bytes) -> Row | None:
+        """Return the event with this 32-byte id, or None."""
+        return self._one("SELECT * FROM events WHERE event_id = ?", _blob(event_id))
+
+    def depths(self, room_id: str) -> list[int]:
+        """Return the room's stored depths, ascending (a gap shows as a gap)."""
+        rows = self._x("SELECT depth FROM events WHERE room_id = ? ORDER BY depth", room_id)
+        return [depth for (depth,) in rows.fetchall()]
+
+    # -------------------------------------------------------------- invites
+
+    def save_invite(
+        self, room_id: str, user_id: str, inviter: str, origin: str, room_type: str,
+        payload: bytes, created_at: int, state: str = "pending",
+    ) -> bool:
+        """Store an invite (``pending`` by default) of ``user_id`` into ``room_id``;
+        True if new.
+
+        The same payload again (a retried PUT) changes nothing, so a retry
+        cannot reopen an accepted or declined invite; a different payload is
+        a fresh invite and replaces the row. Raises ``invalid`` for a bad state.
+        """
+        if state not in _INVITE_STATES:
+            raise StorageError("invalid", f"unknown invite state {state!r}")
+        row = {"room_id": room_id, "user_id": user_id, "inviter": inviter, "origin": origin,
+               "room_type": room_type, "state": state, "payload": _blob(payload),
+               "created_at": created_at}
+        with self._write():
+            sql = "SELECT payload FROM invites WHERE room_id = ? AND user_id = ?"
+            if self._scalar(sql, room_id, user_id) == row["payload"]:
+                return False
+            self._upsert("invites", row, "room_id, user_id")
+            return True
+
+    def get_invite(self, room_id: str, user_id: str) -> Row | None:
+        """Return the invites row or None."""
+        sql = "SELECT * FROM invites WHERE room_id = ? AND user_id = ?"
+        return self._one(sql, room_id, user_id)
+
+    def pending_invites(self, user_id: str) -> list[Row]:
+        """Return the user's pending invites, oldest first."""
+        sql = "SELECT * FROM invites WHERE user_id = ? AND state = 'pending' ORDER BY created_at"
+        return self._all(sql, user_id)
+
+    def set_invite_state(self, room_id: str, user_id: str, state: str) -> None:
+        """Set an invite ``pending``, ``accepted`` or ``declined`` (else ``invalid``).
+        Raises ``not_found`` if there is no such invite."""
+        if state not in _INVITE_STATES:
+            raise StorageError("invalid", f"unknown invite state {state!r}")
+        sql = "UPDATE invites SET state = ? WHERE room_id = ? AND user_id = ?"
+        if self._x(sql, state, room_id, user_id).rowcount == 0:
+            raise StorageError("not_found", f"no invite of {user_id} into {room_id}")
+
+    # ----------------------------------------------------- backfill cursors
+
+    def get_cursor(self, room_id: str, peer: str) -> Row | None:
+        """Return ``{"room_id", "peer", "cursor": bytes, "stored", "updated_at"}`` or None."""
+        sql = "SELECT * FROM backfill_cursors WHERE room_id = ? AND peer = ?"
+        return self._one(sql, room_id, peer)
+
+    def clear_cursor(self, room_id: str, peer: str) -> None:
+        """Forget the backfill cursor of a finished or abandoned pull."""
+        self._x("DELETE FROM backfill_cursors WHERE room_id = ? AND peer = ?", room_id, peer)
+
+    # --------------------------------------------------------------- nonces
+
+    def remember_nonce(self, origin: str, nonce: bytes, expires_at: int) -> bool:
+        """Record a request nonce; False if (origin, nonce) was known already."""
+        row = {"origin": origin, "nonce": _blob(nonce), "expires_at": expires_at}
+        return self._insert("nonces", row, "ON CONFLICT DO NOTHING").rowcount == 1
+
+    def live_nonces(self, now: int) -> list[tuple[str, bytes, int]]:
+        """Return ``(origin, nonce, expires_at)`` of nonces still live at ``now``
+        (``expires_at > now``): the core's replay window after a restart."""
+        sql = "SELECT origin, nonce, expires_at FROM nonces WHERE expires_at > ?"
+        return [(o, bytes(n), e) for o, n, e in self._x(sql, now).fetchall()]
+
+    def expire_nonces(self, now: int) -> int:
+        """Delete nonces with ``expires_at <= now``; return how many."""
+        return self._x("DELETE FROM nonces WHERE expires_at <= ?", now).rowcount
+
+    # ----------------------------------------------------------------- txns
+
+    def get_txn_response(self, origin: str, txn_id: str) -> bytes | None:
+        """Return the stored response to (origin, txn_id), or None."""
+        sql = "SELECT response FROM txns WHERE origin = ? AND txn_id = ?"
+        value = self._scalar(sql, origin, txn_id)
+        return None if value is None else bytes(value)
+
+    def save_txn_response(self, origin: str, txn_id: str, response: bytes, now: int) -> bool:
+        """Store the response to (origin, txn_id); False, changing nothing, if
+        one is stored already: the first response stands."""
+        row = {"origin": origin, "txn_id": txn_id, "response": _blob(response), "created_at": now}
+        return self._insert("txns", row, "ON CONFLICT DO NOTHING").rowcount == 1
+
+    def store_txn(
+        self, origin: str, txn_id: str, response: bytes, now: int, room_id: str | None,
+        events: Sequence[Row],
+    ) -> TxnOutcome:
+        """Store a transaction's events and its response in one SQLite transaction.
+
+        If (origin, txn_id) is stored already nothing is written and the first
+        response comes back (``replayed=True``). Raises like
+        :meth:`store_events`, and then the response is not stored either.
+        With ``room_id`` None the events may span rooms: each names its own in
+        a ``room_id`` key (else ``invalid``).
+        """
+        with self._write():
+            first = self.get_txn_response(origin, txn_id)
+            if first is not None:
+                return TxnOutcome(response=first, replayed=True, new_events=0)
+            new = 0
+            for event in events:
+                room = room_id if room_id is not None else event.get("room_id")
+                if room is None:
+                    raise StorageError("invalid", "an event of the transaction names no room")
+                new += self._insert_event(room, event)
+            self.save_txn_response(origin, txn_id, response, now)
+        return TxnOutcome(response=bytes(response), replayed=False, new_events=new)
+
+    def prune_txns(self, before: int) -> int:
+        """Forget txn responses created before ``before``; return how many.
+        (Peers retry a transaction for minutes, not forever.)"""
+        return self._x("DELETE FROM txns WHERE created_at < ?", before).rowcount
+
+    # --------------------------------------------------------------- outbox
+
+    def enqueue(self, peer: str, txn_id: str, path: str, body: bytes, now: int) -> int:
+        """Queue a request for ``peer``, due at ``now``; return its outbox id.
+        Raises ``conflict`` if ``txn_id`` is queued already."""
+        row = {"peer": peer, "txn_id": txn_id, "path": path, "body": _blob(body),
+               "created_at": now, "next_attempt_at": now}
+        try:
+            return int(self._insert("outbox", row).lastrowid or 0)
+        except sqlite3.IntegrityError as exc:
+            raise StorageError("conflict", f"txn {txn_id!r} is already queued") from exc
+
+    def due(self, peer: str | None = None, *, now: int, limit: int = 100) -> list[Row]:
+        """Return queued requests with ``next_attempt_at <= now``, for ``peer``
+        or all peers, in queue order, at most ``limit``."""
+        if peer is None:
+            sql = "SELECT * FROM outbox WHERE next_attempt_at <= ? ORDER BY id LIMIT ?"
+            return self._all(sql, now, limit)
+        sql = "SELECT * FROM outbox WHERE peer = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?"
+        return self._all(sql, peer, now, limit)
+
+    def next_due_at(self, peer: str | None = None) -> int | None:
+        """Return the earliest ``next_attempt_at`` queued (for ``peer`` or all),
+        None if nothing is queued: when the sender should wake up next."""
+        if peer is None:
+            return self._scalar("SELECT min(next_attempt_at) FROM outbox")
+        return self._scalar("SELECT min(next_attempt_at) FROM outbox WHERE peer = ?", peer)
+
+    def pending_count(self, peer: str | None = None) -> int:
+        """Return how many requests are queued, for ``peer`` or all peers."""
+        if peer is None:
+            return int(self._scalar("SELECT count(*) FROM outbox"))
+        return int(self._scalar("SELECT count(*) FROM outbox WHERE peer = ?", peer))
+
+    def mark_attempt(self, id: int, next_attempt_at: int) -> None:
+        """Count a failed delivery and schedule the next try. Raises ``not_found``."""
+        sql = "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ? WHERE id = ?"
+        if self._x(sql, next_attempt_at, id).rowcount == 0:
+            raise StorageError("not_found", f"no outbox entry {id}")
+
+    def delivered(self, id: int) -> None:
+        """Drop a delivered request from the outbox. Raises ``not_found``."""
+        if self._x("DELETE FROM outbox WHERE id = ?", id).rowcount == 0:
+            raise StorageError("not_found", f"no outbox entry {id}")
+
+    def reset_retry(self, peer: str, now: int) -> int:
+        """The admin "retry now": make every request for ``peer`` due at ``now``
+        and clear the peer's ``retry_at``; return how many requests."""
+        with self._write():
+            sql = "UPDATE outbox SET next_attempt_at = ? WHERE peer = ?"
+            count = self._x(sql, now, peer).rowcount
+            self._x("UPDATE peers SET retry_at = NULL WHERE server_name = ?", peer)
+        return count
+
+
+def _blob(value: Any) -> bytes | None:
+    # A str would be stored as TEXT and never compare equal to a BLOB: refuse
+    # it here rather than lose lookups later.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise StorageError("invalid", "expected bytes, got str")
+    return bytes(value)
+
+
+def _tenant(row: Row) -> Row:
+    return {"name": row["name"], "federation_enabled": bool(row["federation_enabled"])}
+
+
+# ------------------------------------------------------------------- async
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _offload(
+    method: Callable[Concatenate[Store, P], R],
+) -> Callable[Concatenate[AsyncStore, P], Awaitable[R]]:
+    """Make a ``Store`` method into an ``AsyncStore`` coroutine method with the
+    same name, docs and (for type checkers, through ParamSpec) signature."""
+
+    async def call(self: AsyncStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.run(lambda store: method(store, *args, **kwargs))
+
+    return functools.wraps(method)(call)
+
+
+class AsyncStore:
+    """The daemon's storage: every :class:`Store` method, as a coroutine.
+
+    Each call runs on a worker thread through a ``CapacityLimiter(1)``: one
+    call at a time (one writer, one user of the connection), and the Trio loop
+    keeps running meanwhile. A cancelled call is not abandoned: its caller
+    waits until the SQLite transaction has committed or rolled back, so a
+    cancel scope can never leave half a write, nor two threads on the connection.
+    """
+
+    def __init__(self, store: Store) -> None:
+        """Wrap an open :class:`Store`; the daemon uses :meth:`open`."""
+        self.sync = store
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, data_dir: Path | str) -> AsyncStore:
+        """Open the database on a worker thread; raises like :meth:`Store.open`."""
+        return cls(await trio.to_thread.run_sync(Store.open, data_dir))
+
+    async def run(self, fn: Callable[[Store], R]) -> R:
+        """Run ``fn(store)`` on the storage thread and return its result: for
+        several calls that no other task's call may come between."""
+        return await trio.to_thread.run_sync(fn, self.sync, limiter=self._limiter)
+
+    async def __aenter__(self) -> AsyncStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    close = _offload(Store.close)
+    schema_version = _offload(Store.schema_version)
+    save_keyring = _offload(Store.save_keyring)
+    load_keyring = _offload(Store.load_keyring)
+    get_policy = _offload(Store.get_policy)
+    set_policy = _offload(Store.set_policy)
+    get_peer = _offload(Store.get_peer)
+    list_peers = _offload(Store.list_peers)
+    upsert_peer = _offload(Store.upsert_peer)
+    mark_seen = _offload(Store.mark_seen)
+    mark_error = _offload(Store.mark_error)
+    save_descriptor = _offload(Store.save_descriptor)
+    create_tenant = _offload(Store.create_tenant)
+    get_tenant = _offload(Store.get_tenant)
+    list_tenants = _offload(Store.list_tenants)
+    set_tenant_federation = _offload(Store.set_tenant_federation)
+    create_user = _offload(Store.create_user)
+    get_user = _offload(Store.get_user)
+    user_by_token_hash = _offload(Store.user_by_token_hash)
+    list_users = _offload(Store.list_users)
+    create_room = _offload(Store.create_room)
+    get_room = _offload(Store.get_room)
+    set_membership = _offload(Store.set_membership)
+    members = _offload(Store.members)
+    rooms_for_user = _offload(Store.rooms_for_user)
+    store_events = _offload(Store.store_events)
+    head = _offload(Store.head)
+    events_before = _offload(Store.events_before)
+    events_after = _offload(Store.events_after)
+    event_count = _offload(Store.event_count)
+    get_event = _offload(Store.get_event)
+    depths = _offload(Store.depths)
+    save_invite = _offload(Store.save_invite)
+    get_invite = _offload(Store.get_invite)
+    pending_invites = _offload(Store.pending_invites)
+    set_invite_state = _offload(Store.set_invite_state)
+    get_cursor = _offload(Store.get_cursor)
+    clear_cursor = _offload(Store.clear_cursor)
+    remember_nonce = _offload(Store.remember_nonce)
+    live_nonces = _offload(Store.live_nonces)
+    expire_nonces = _offload(Store.expire_nonces)
+    get_txn_response = _offload(Store.get_txn_response)
+    save_txn_response = _offload(Store.save_txn_response)
+    store_txn = _offload(Store.store_txn)
+    prune_txns = _offload(Store.prune_txns)
+    enqueue = _offload(Store.enqueue)
+    due = _offload(Store.due)
+    next_due_at = _offload(Store.next_due_at)
+    pending_count = _offload(Store.pending_count)
+    mark_attempt = _offload(Store.mark_attempt)
+    delivered = _offload(Store.delivered)
+    reset_retry = _offload(Store.reset_retry)

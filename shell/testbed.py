@@ -1,0 +1,172 @@
+"""A loopback testbed: real ``scaiwave serve`` processes with a throwaway CA.
+
+Used by ``scaiwave demo`` and the end-to-end tests. Each server gets its own
+data directory, a certificate from one trustme CA for its name, and
+``SCAIWAVE_RESOLVE`` entries so names like ``peer.test`` reach 127.0.0.1
+while TLS still checks the names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["Testbed", "Server", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """One daemon of the testbed."""
+
+    name: str  # host part
+    port: int
+    root: Path
+    ca_path: Path
+    admin_token: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def server_name(self) -> str:
+        return f"{self.name}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    def start(self, extra_env: dict[str, str] | None = None, wait: float = 20.0) -> None:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "scaiwave_federation.shell.cli", "serve"], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.server_name} exited at start: {self.log_path.read_text()[-2000:]}")
+            try:
+                self.get("/.well-known/scaiwave")
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.server_name} did not start in {wait}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def _client(self) -> httpx.Client:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.ca_path))
+        return httpx.Client(verify=ctx, trust_env=False, timeout=60.0)
+
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        """An HTTPS request to this server by name (resolved to loopback, name checked)."""
+        headers = {"host": self.server_name}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        with self._client() as c:
+            resp = c.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
+                             extensions={"sni_hostname": self.name})
+        try:
+            return resp.status_code, resp.json()
+        except ValueError:
+            return resp.status_code, resp.content
+
+    def get(self, path: str, token: str | None = None) -> Any:
+        status, data = self.request("GET", path, token=token)
+        return data
+
+    def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return self.request(method, path, body, token=self.admin_token)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """Run ``scaiwave ARGS`` with this server's configuration."""
+        env = {**os.environ, **self.env}
+        proc = subprocess.run([sys.executable, "-m", "scaiwave_federation.shell.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"scaiwave {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    def cli_json(self, *args: str) -> Any:
+        proc = self.cli(*args, "--json", check=True)
+        return json.loads(proc.stdout)
+
+
+class Testbed:
+    """Servers sharing one CA (and optionally a stranger with its own CA)."""
+
+    def __init__(self, root: Path) -> None:
+        import trustme
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_path = self.root / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_path))
+        self.servers: dict[str, Server] = {}
+
+    def add(self, name: str, *, ca: Any = None, extra: dict[str, str] | None = None) -> Server:
+        """Configure a server ``name`` (a host name) on a free loopback port."""
+        port = free_port()
+        root = self.root / name
+        root.mkdir(parents=True, exist_ok=True)
+        issuer = ca or self.ca
+        cert = issuer.issue_cert(name)
+        cert.private_key_pem.write_to_path(str(root / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+        for pem in cert.cert_chain_pems[1:]:
+            pem.write_to_path(str(root / "cert.pem"), append=True)
+        server = Server(name=name, port=port, root=root, ca_path=self.ca_path,
+                        admin_token=f"admin-token-{name}-0123456789")
+        self.servers[name] = server
+        server.env = {
+            "SCAIWAVE_SERVER_NAME": server.server_name,
+            "SCAIWAVE_DATA_DIR": str(root / "data"),
+            "SCAIWAVE_LISTEN": f"127.0.0.1:{port}",
+            "SCAIWAVE_TLS_CERT": str(root / "cert.pem"),
+            "SCAIWAVE_TLS_KEY": str(root / "key.pem"),
+            "SCAIWAVE_CA_BUNDLE": str(self.ca_path),
+            "SCAIWAVE_ADMIN_TOKEN": server.admin_token,
+            "SCAIWAVE_KEY_REFETCH_INTERVAL": "1s",
+            **(extra or {}),
+        }
+        if ca is not None:
+            # A stranger trusts its own CA for its own listener check, and ours for peers.
+            bundle = root / "bundle.pem"
+            bundle.write_bytes(ca.cert_pem.bytes() + self.ca.cert_pem.bytes())
+            server.env["SCAIWAVE_CA_BUNDLE"] = str(bundle)
+        self._update_resolve()
+        return server
+
+    def _update_resolve(self) -> None:
+        resolve = ",".join(f"{s.name}:{s.port}:127.0.0.1" for s in self.servers.values())
+        for s in self.servers.values():
+            s.env["SCAIWAVE_RESOLVE"] = resolve
+
+    def stop(self) -> None:
+        for s in self.servers.values():
+            s.stop()

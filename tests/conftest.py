@@ -1,0 +1,22 @@
+"""Shared test configuration: hypothesis profiles.
+
+``HYPOTHESIS_PROFILE=ci`` (what CI sets) is derandomized, keeps no example
+database and runs 60 examples per property; ``dev`` (the default) runs 100
+random examples. Neither has a deadline: timing assertions are explicit where
+timing is the point (see test_core_wire.py).
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -1,0 +1,401 @@
+"""Helpers for the core tests: cores from fixed seeds, and two cores over a fake link.
+
+Everything here is in memory and deterministic: keys come from fixed seeds,
+the clock is an argument, and :class:`FakeLink` carries each
+:class:`~scaiwave_federation.core.SendRequest` straight to the destination
+core's ``route`` / ``authenticate`` / ``on_*`` methods, doing the small part
+of the shell's job a test needs (key fetches, storage of hosted rooms,
+codes -> HTTP statuses). No sockets, no threads, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+from urllib.parse import parse_qsl
+
+from scaiwave_federation.core import (
+    BackfillDone,
+    BackfillPuller,
+    Code,
+    Event,
+    Federation,
+    FetchDescriptor,
+    Head,
+    Initiator,
+    KeyRing,
+    NeedKeys,
+    PeerAgreed,
+    Policy,
+    Refused,
+    SendRequest,
+    SigningKey,
+    StoreEvents,
+    chain_event,
+)
+from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.handshake import refusal_body
+from scaiwave_federation.core.rooms import encode_events_body
+from scaiwave_federation.core.wire import decode, encode
+
+#: The fixed clock of every scenario: 2025-11-24T16:00:00Z in milliseconds.
+NOW = 1_764_000_000_000
+A = "your-host.test"
+B = "peer.test:8449"
+C = "third.test"
+DAY = 24 * 60 * 60 * 1000
+
+
+def seed(n: int) -> bytes:
+    """The fixed 32-byte key seed ``bytes([n]) * 32`` (0x01*32, 0x02*32, ...)."""
+    return bytes([n]) * 32
+
+
+def endpoint(server_name: str) -> str:
+    return f"https://{server_name}/_scaiwave/federation/v1"
+
+
+def make_node(
+    name: str,
+    seed_byte: int | None,
+    *,
+    mode: str = "invite_only",
+    allowed: Iterable[str] = (),
+    blocked: Iterable[str] = (),
+    now: int = NOW,
+    **kwargs,
+) -> Federation:
+    """A :class:`Federation` whose key comes from ``seed(seed_byte)`` (no key if ``None``)."""
+    ring = KeyRing() if seed_byte is None else KeyRing().generate(seed(seed_byte), now)
+    policy = Policy(mode, frozenset(allowed), frozenset(blocked))
+    return Federation(name, keyring=ring, policy=policy, **kwargs)
+
+
+def pair(**kwargs) -> tuple[Federation, Federation]:
+    """Servers A (seed 0x01) and B (seed 0x02), each allowing the other."""
+    return (
+        make_node(A, 1, allowed=[B], **kwargs),
+        make_node(B, 2, allowed=[A], **kwargs),
+    )
+
+
+def descriptor_bytes(node: Federation) -> bytes:
+    """The node's ``/.well-known/scaiwave`` body, as the shell serves it."""
+    return json.dumps(node.descriptor(endpoint(node.server_name))).encode()
+
+
+# -- codes -> HTTP statuses (the shell keeps the real table; this one is simple) --
+
+_STATUS = {
+    Code.UNAUTHORIZED: 401,
+    Code.UNKNOWN_KEY: 401,
+    Code.BAD_SIGNATURE: 401,
+    Code.EXPIRED_KEY: 401,
+    Code.CLOCK_SKEW: 401,
+    Code.REPLAYED_REQUEST: 401,
+    Code.WRONG_DESTINATION: 401,
+    Code.FEDERATION_CLOSED: 403,
+    Code.PEER_NOT_ALLOWED: 403,
+    Code.PEER_BLOCKED: 403,
+    Code.NOT_PEERED: 403,
+    Code.FORBIDDEN: 403,
+    Code.ROOM_INCOGNITO: 403,
+    Code.ROOM_BRIDGE: 403,
+    Code.ROOM_SIDEKICK: 403,
+    Code.TENANT_FEDERATION_DISABLED: 403,
+    Code.NOT_FOUND: 404,
+    Code.TOO_LARGE: 413,
+    Code.OWN_KEY_MISSING: 503,
+}
+
+
+def status_for(refusal: Refused) -> int:
+    return _STATUS.get(refusal.code, 400)
+
+
+def error_reply(refusal: Refused) -> tuple[int, bytes]:
+    return status_for(refusal), refusal_body(refusal)
+
+
+# -- rooms ----------------------------------------------------------------------
+
+
+def build_chain(
+    key: SigningKey,
+    room_id: str,
+    n: int,
+    *,
+    room_type: str = "group",
+    sender: str | None = None,
+    ts: int = NOW,
+) -> list[Event]:
+    """A room chain of ``n`` events (depth 1..n): an ``m.create`` then messages ``m2``, ``m3``..."""
+    host = room_id.split(":", 1)[1]
+    sender = sender or f"@alice:{host}"
+    events: list[Event] = []
+    head: Head | None = None
+    for i in range(1, n + 1):
+        etype, content = ("m.create", {"creator": sender}) if i == 1 else ("m.message", {"body": f"m{i}"})
+        event = chain_event(key, head=head, room_id=room_id, room_type=room_type, sender=sender,
+                            type=etype, ts=ts + i, content=content)
+        events.append(event)
+        head = Head(event.depth, event.event_id)
+    return events
+
+
+def head_of(events: list[Event]) -> Head | None:
+    return Head(events[-1].depth, events[-1].event_id) if events else None
+
+
+def invite_event(key: SigningKey, chain: list[Event], invitee: str, *, ts: int = NOW) -> Event:
+    """The host's ``m.member`` invite of ``invitee``, chained after ``chain``."""
+    first = chain[0]
+    return chain_event(key, head=head_of(chain), room_id=first.room_id, room_type=first.room_type,
+                       sender=first.sender, type="m.member", ts=ts,
+                       content={"membership": "invite", "user": invitee})
+
+
+def tamper_envelope(event: Event, **content: object) -> bytes:
+    """The event's envelope with its body's content changed but the old signature kept."""
+    body = decode(event.body, max_size=1 << 20)
+    body["content"] = {**body["content"], **content} if content else {**body["content"], "body": "forged"}
+    return encode([encode(body), event.key_id, event.signature])
+
+
+# -- the fake link ------------------------------------------------------------------
+
+
+@dataclass
+class HostedRoom:
+    room_type: str
+    events: list[Event]
+    tenant_federates: bool = True
+    member_servers: set[str] = field(default_factory=set)
+    #: depth -> envelope served instead of the stored one (a lying or broken host).
+    substitutes: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class FakeServer:
+    """One core plus the little state its shell would keep."""
+
+    node: Federation
+    rooms: dict[str, HostedRoom] = field(default_factory=dict)
+    users: set[str] = field(default_factory=set)
+    peered: dict[str, PeerAgreed] = field(default_factory=dict)
+    invites: list = field(default_factory=list)
+    received: list = field(default_factory=list)
+    #: Served at /.well-known/scaiwave instead of our own descriptor.
+    descriptor_override: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request and its answer, as the link carried them."""
+
+    origin: str
+    destination: str
+    method: str
+    target: str
+    body: bytes
+    authorization: str
+    status: int
+    reply: bytes
+
+
+class FakeLink:
+    """Carries requests between in-memory cores. ``log`` keeps every exchange."""
+
+    def __init__(self, *nodes: Federation) -> None:
+        self.servers = {n.server_name: FakeServer(n) for n in nodes}
+        self.log: list[Exchange] = []
+        self.fetches: list[str] = []
+
+    def server(self, name: str) -> FakeServer:
+        return self.servers[name]
+
+    def fetch_descriptor(self, name: str) -> bytes | Refused:
+        """What ``GET https://name/.well-known/scaiwave`` returns."""
+        self.fetches.append(name)
+        srv = self.servers.get(name)
+        if srv is None:
+            return Refused(Code.PEER_UNREACHABLE, f"no server {name}")
+        return srv.descriptor_override if srv.descriptor_override is not None else descriptor_bytes(srv.node)
+
+    def deliver(self, origin: str, req: SendRequest, now: int) -> tuple[int, bytes]:
+        status, reply = self._answer(req, now)
+        self.log.append(Exchange(origin, req.destination, req.method, req.target, req.body,
+                                 req.authorization, status, reply))
+        return status, reply
+
+    # The destination's side: what the shell does with one inbound request.
+    def _answer(self, req: SendRequest, now: int) -> tuple[int, bytes]:
+        srv = self.servers.get(req.destination)
+        if srv is None:
+            return error_reply(Refused(Code.PEER_UNREACHABLE, req.destination))
+        node = srv.node
+        path, _, query = req.target.partition("?")
+        route = node.route(req.method, path)
+        if isinstance(route, Refused):
+            return error_reply(route)
+        auth = self.authenticate(srv, req, now)
+        if isinstance(auth, Refused):
+            return error_reply(auth)
+        if route.endpoint == "handshake":
+            answer = node.on_handshake(auth, req.body)
+            if isinstance(answer, Refused):
+                return error_reply(answer)
+            reply, agreed = answer
+            srv.peered[agreed.server] = agreed
+            return 200, reply
+        refusal = node.admit(auth, peered=auth.origin in srv.peered)
+        if refusal is not None:
+            return error_reply(refusal)
+        if route.endpoint == "invite":
+            decision = node.on_invite(auth, route.param, req.body, is_local_user=srv.users.__contains__)
+            if isinstance(decision, NeedKeys):
+                decision = Refused(Code.UNKNOWN_KEY, str(decision))
+            if isinstance(decision, Refused):
+                return error_reply(decision)
+            srv.invites.append(decision)
+            return 200, encode({})
+        if route.endpoint == "send":
+            results = node.on_events(auth, req.body)
+            if isinstance(results, Refused):
+                return error_reply(results)
+            out = []
+            for result in results:
+                if isinstance(result, Event):
+                    srv.received.append(result)
+                    out.append({"ok": True})
+                else:
+                    code = result.code if isinstance(result, Refused) else Code.UNKNOWN_KEY
+                    out.append({"error": code.value})
+            return 200, encode({"results": out})
+        assert route.endpoint == "backfill"
+        room = srv.rooms.get(route.param)
+        answer = node.on_backfill(
+            auth, route.param, dict(parse_qsl(query)),
+            room_type=room.room_type if room else None,
+            tenant_federates=room.tenant_federates if room else True,
+            origin_is_member=room is not None and auth.origin in room.member_servers,
+        )
+        if isinstance(answer, Refused):
+            return error_reply(answer)
+        before, limit = answer
+        chosen = [e for e in reversed(room.events) if before is None or e.depth < before][:limit]
+        envelopes = [room.substitutes.get(e.depth, e.envelope) for e in chosen]
+        return 200, build_page(route.param, before, envelopes, [e.depth for e in chosen])
+
+    def authenticate(self, srv: FakeServer, req: SendRequest, now: int):
+        """``authenticate``, fetching the origin's descriptor once on :class:`NeedKeys`."""
+        node = srv.node
+        for _ in range(2):
+            auth = node.authenticate(method=req.method, target=req.target, authorization=req.authorization,
+                                     body=req.body, now=now)
+            if not isinstance(auth, NeedKeys):
+                return auth
+            data = self.fetch_descriptor(auth.server)
+            if isinstance(data, Refused):
+                node.keys.fetch_attempted(auth.server, now)
+                return data
+            learned = node.learn_descriptor(auth.server, data, now)
+            if isinstance(learned, Refused):
+                return learned
+        return Refused(Code.UNKNOWN_KEY, "still unknown after a fetch")
+
+
+# -- drivers ----------------------------------------------------------------------------
+
+
+def run_handshake(
+    link: FakeLink,
+    initiator: str,
+    responder: str,
+    *,
+    nonce: bytes = b"n" * 16,
+    now: int = NOW,
+    reply_filter: Callable[[int, bytes], tuple[int, bytes]] | None = None,
+) -> tuple[Initiator, list]:
+    """Drive an :class:`Initiator` over the link; returns it and every effect it emitted."""
+    srv = link.server(initiator)
+    node = srv.node
+    ini = Initiator(server_name=initiator, peer=responder, keyring=node.keyring, policy=node.policy,
+                    keys=node.keys, versions=node.versions)
+    transcript: list = []
+    effects = ini.start(nonce)
+    while effects:
+        transcript.extend(effects)
+        following: list = []
+        for eff in effects:
+            if isinstance(eff, FetchDescriptor):
+                data = link.fetch_descriptor(eff.server)
+                if isinstance(data, Refused):
+                    following += ini.descriptor_failed(data)
+                else:
+                    following += ini.descriptor_received(data, now)
+            elif isinstance(eff, SendRequest):
+                status, body = link.deliver(initiator, eff, now)
+                if reply_filter is not None:
+                    status, body = reply_filter(status, body)
+                following += ini.reply_received(status, body)
+            elif isinstance(eff, PeerAgreed):
+                srv.peered[eff.server] = eff
+        effects = following
+    return ini, transcript
+
+
+@dataclass
+class BackfillRun:
+    stored: list[Event] = field(default_factory=list)
+    effects: list = field(default_factory=list)
+    cursor: bytes | None = None
+    done: BackfillDone | None = None
+    requests: int = 0
+
+
+def run_backfill(link: FakeLink, puller: BackfillPuller, *, now: int = NOW,
+                 max_requests: int | None = None) -> BackfillRun:
+    """Drive a puller over the link until it is done, or cut it off after ``max_requests`` pages."""
+    run = BackfillRun()
+    node = link.server(puller.server_name).node
+    effects = puller.start(now)
+    while effects:
+        run.effects.extend(effects)
+        following: list = []
+        for eff in effects:
+            if isinstance(eff, StoreEvents):
+                run.stored.extend(eff.events)
+                run.cursor = eff.cursor
+            elif isinstance(eff, BackfillDone):
+                run.done = eff
+            elif isinstance(eff, NeedKeys):
+                data = link.fetch_descriptor(eff.server)
+                if isinstance(data, bytes):
+                    node.learn_descriptor(eff.server, data, now)
+                following += puller.keys_updated(now)
+            elif isinstance(eff, SendRequest):
+                if max_requests is not None and run.requests >= max_requests:
+                    return run  # cut off: the request is never answered
+                run.requests += 1
+                status, body = link.deliver(puller.server_name, eff, now)
+                following += puller.page_received(status, body, now)
+        effects = following
+    return run
+
+
+def hosted_pair(n_events: int, *, room_type: str = "group") -> tuple[FakeLink, list[Event], str]:
+    """A and B peered over a link; B hosts a group room of ``n_events`` that A may read."""
+    a, b = pair()
+    link = FakeLink(a, b)
+    ini, _ = run_handshake(link, A, B)
+    assert ini.state == "peered"
+    room_id = f"!grp:{B}"
+    chain = build_chain(b.keyring.current, room_id, n_events, room_type=room_type)
+    link.server(B).rooms[room_id] = HostedRoom(room_type, chain, member_servers={A})
+    return link, chain, room_id
+
+
+def events_body(events: Iterable[Event]) -> bytes:
+    return encode_events_body([e.envelope for e in events])

@@ -1,0 +1,238 @@
+"""The wire model: canonical CBOR in, strict bounded decoding of untrusted bytes.
+
+Every refusal is a value with a code, never an exception; the
+exponential-time input (maps nested as map keys) is refused fast.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scaiwave_federation.core import Code, LocalProtocolError, Refused
+from scaiwave_federation.core.wire import MAX_DEPTH, b64d, b64e, decode, encode
+
+# Values the protocol encodes: text-keyed maps, lists, text, bytes, ints, bools, None.
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64 - 1) | st.text() | st.binary(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_canonical_round_trip(value):
+    data = encode(value)
+    assert decode(data, max_size=len(data)) == value
+    # One encoding per value: encoding the decoded value gives the same bytes.
+    assert encode(decode(data, max_size=len(data))) == data
+
+
+def test_encode_sorts_keys_canonically():
+    # RFC 8949 4.2.1: keys sorted by their encoded bytes (shorter first).
+    assert encode({"bb": 1, "a": 2, "c": 3}) == bytes.fromhex("a3") + b"\x61a\x02" + b"\x61c\x03" + b"\x62bb\x01"
+
+
+def test_encode_refuses_what_the_protocol_cannot_carry():
+    with pytest.raises(LocalProtocolError):
+        encode(object())
+
+
+def test_decode_takes_only_bytes():
+    with pytest.raises(LocalProtocolError):
+        decode("text", max_size=10)
+
+
+def test_bytearray_and_memoryview_are_accepted():
+    data = encode([1, "x"])
+    assert decode(bytearray(data), max_size=100) == [1, "x"]
+    assert decode(memoryview(data), max_size=100) == [1, "x"]
+
+
+def test_too_large_is_refused_before_parsing():
+    data = encode("x" * 100)
+    assert decode(data, max_size=len(data)) == "x" * 100
+    refused = decode(data, max_size=len(data) - 1)
+    assert isinstance(refused, Refused) and refused.code is Code.TOO_LARGE
+    # Even garbage is only measured, not parsed.
+    assert decode(b"\xff" * 11, max_size=10).code is Code.TOO_LARGE
+
+
+TAGGED = {
+    "datetime string, tag 0": "c074323031332d30332d32315432303a30343a30305a",
+    "epoch datetime, tag 1": "c11a514b67b0",
+    "positive bignum, tag 2": "c249010000000000000000",
+    "negative bignum, tag 3": "c349010000000000000000",
+    "decimal fraction, tag 4": "c48221196ab3",
+    "shared value, tag 28": "d81c80",
+    "shared reference, tag 29": "82d81c80d81d00",
+    "bare shared reference, tag 29": "d81d00",
+    "regex, tag 35": "d8236161",
+    "uuid, tag 37": "d82550" + "00" * 16,
+    "set, tag 258": "d9010283010203",
+    "self-described CBOR, tag 55799": "d9d9f701",
+    "unknown tag 65535": "d9ffff01",
+    "unknown tag 2**32": "db000000010000000001",
+    "tag inside a map": "a16161c11a514b67b0",
+}
+
+
+@pytest.mark.parametrize("hex_data", TAGGED.values(), ids=TAGGED.keys())
+def test_every_tag_is_malformed(hex_data):
+    refused = decode(bytes.fromhex(hex_data), max_size=1000)
+    assert isinstance(refused, Refused)
+    assert refused.code is Code.MALFORMED
+
+
+MALFORMED = {
+    "indefinite array": "9f0102ff",
+    "indefinite map": "bf616101ff",
+    "indefinite text": "7f616161626163ff",
+    "indefinite bytes": "5f4101ff",
+    "duplicate key": "a2616101616102",
+    "integer map key": "a10101",
+    "array map key": "a1800000",
+    "map map key": "a1a00000",
+    "bool map key": "a1f500",
+    "invalid utf-8 text": "62c328",
+    "truncated array": "8201",
+    "empty input": "",
+    "lone break": "ff",
+    "length beyond the input": "5bffffffffffffffff",
+    "reserved additional info": "1c",
+}
+
+
+@pytest.mark.parametrize("hex_data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_inputs(hex_data):
+    refused = decode(bytes.fromhex(hex_data), max_size=1000)
+    assert isinstance(refused, Refused), refused
+    assert refused.code is Code.MALFORMED
+
+
+def test_bytes_map_keys_are_allowed_when_canonical():
+    data = encode({b"k": 1})
+    assert decode(data, max_size=100) == {b"k": 1}
+
+
+def test_depth_limit():
+    def nested(depth):
+        value: object = 0
+        for _ in range(depth):
+            value = [value]
+        return encode(value)
+
+    assert decode(nested(MAX_DEPTH), max_size=1000) == nested_value(MAX_DEPTH)
+    assert decode(nested(MAX_DEPTH + 1), max_size=1000).code is Code.MALFORMED
+    assert decode(nested(3), max_size=1000, max_depth=2).code is Code.MALFORMED
+    # Far deeper than Python's recursion limit: still a value, not an exception.
+    assert decode(b"\x81" * 100_000 + b"\x00", max_size=1 << 20).code is Code.MALFORMED
+
+
+def nested_value(depth):
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+NON_CANONICAL = {
+    "trailing byte": "0100",
+    "two items": "0101",
+    "1 as two bytes": "1801",
+    "23 as two bytes": "1817",
+    "24 as three bytes": "190018",
+    "-1 as two bytes": "3800",
+    "length 1 text with a two-byte length": "780161",
+    "array length with a two-byte length": "980100",
+    "unsorted keys": "a2616201616101",
+    "longer key before shorter": "a262616101616202",
+    "float64 1.0 (shortest is float16)": "fb3ff0000000000000",
+}
+
+
+@pytest.mark.parametrize("hex_data", NON_CANONICAL.values(), ids=NON_CANONICAL.keys())
+def test_non_canonical_inputs(hex_data):
+    refused = decode(bytes.fromhex(hex_data), max_size=1000)
+    assert isinstance(refused, Refused), refused
+    assert refused.code is Code.NON_CANONICAL
+
+
+def _maps_as_keys(levels: int) -> bytes:
+    # {{{...{}:0}:0}:0}: each level is a one-entry map whose key is the level below.
+    data = b"\xa0"
+    for _ in range(levels):
+        data = b"\xa1" + data + b"\x00"
+    return data
+
+
+@pytest.mark.parametrize("levels", [22, 1000])
+@pytest.mark.parametrize("max_depth", [MAX_DEPTH, 5000])
+def test_maps_nested_as_map_keys_are_refused_fast(levels, max_depth):
+    """cbor2's canonical encoder is exponential on such input (45 bytes took 5 s):
+    it must be refused while decoding, never reach the re-encoder."""
+    data = _maps_as_keys(levels)
+    assert len(data) in (45, 2001)
+    started = time.perf_counter()
+    refused = decode(data, max_size=1 << 20, max_depth=max_depth)
+    elapsed = time.perf_counter() - started
+    assert isinstance(refused, Refused)
+    assert refused.code is Code.MALFORMED
+    assert elapsed < 0.050, f"took {elapsed * 1000:.1f} ms"
+
+
+def test_arrays_as_map_keys_are_refused_fast():
+    data = b"\x80"
+    for _ in range(1000):
+        data = b"\xa1\x81" + data + b"\x00"
+    started = time.perf_counter()
+    assert decode(data, max_size=1 << 20, max_depth=5000).code is Code.MALFORMED
+    assert time.perf_counter() - started < 0.050
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_or_refuse(data):
+    # The h11 fuzz invariant: any bytes are a value or a refusal, never an exception.
+    result = decode(data, max_size=64)
+    if isinstance(result, Refused):
+        assert result.code in (Code.MALFORMED, Code.NON_CANONICAL)
+    else:
+        assert cbor2.dumps(result, canonical=True) == data
+
+
+# -- base64url --
+
+
+@given(st.binary(max_size=100))
+def test_b64_round_trip(raw):
+    text = b64e(raw)
+    assert "=" not in text and "+" not in text and "/" not in text
+    assert b64d(text) == raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AA==",  # padded
+        "AB",  # non-zero unused bits: decodes, but is not b64e of anything
+        "A",  # impossible length
+        "A+8",  # standard alphabet
+        "A/8",
+        "AA AA",  # whitespace
+        "é",  # not ASCII
+        "AA\n",
+    ],
+)
+def test_b64d_rejects_non_canonical_text(text):
+    assert b64d(text) is None
+
+
+def test_b64d_rejects_non_text_and_huge_input():
+    assert b64d(b"AA") is None
+    assert b64d(None) is None
+    assert b64d("A" * ((1 << 16) + 4)) is None
+    assert b64d("") == b""

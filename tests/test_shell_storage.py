@@ -1,0 +1,614 @@
+"""Storage: schema and migrations, every table's methods, atomicity (including
+a real process crash in the middle of a write), and the Trio wrapper.
+
+Every test uses a real SQLite file under tmp_path: WAL, fsync and crash
+recovery are what is under test, so no in-memory database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from scaiwave_federation.shell import schema
+from scaiwave_federation.shell.storage import (
+    DB_FILENAME,
+    DEFAULT_POLICY,
+    SCHEMA_VERSION,
+    AsyncStore,
+    StorageError,
+    Store,
+    TxnOutcome,
+)
+
+ROOM = "!room1:host.test"
+
+
+def ev(depth: int, room: str = ROOM, tag: str = "") -> dict:
+    """A stand-in event: the id is a 32-byte hash, as the core's are."""
+    eid = hashlib.sha256(f"{room}|{depth}|{tag}".encode()).digest()
+    return {
+        "event_id": eid,
+        "depth": depth,
+        "sender": "@alice:host.test",
+        "origin": "host.test",
+        "type": "m.message",
+        "ts": 1_700_000_000_000 + depth,
+        "envelope": b"\xa1" + eid,
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store.open(tmp_path / "data")
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_schema_on_new_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    with Store.open(data_dir) as s:
+        assert s.schema_version() == SCHEMA_VERSION == len(schema.MIGRATIONS)
+        tables = set(s.db.table_names())
+        assert {"meta", "keys", "policy", "peers", "tenants", "users", "rooms", "members",
+                "events", "invites", "backfill_cursors", "nonces", "txns", "outbox"} <= tables
+        assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert s.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert stat.S_IMODE(data_dir.stat().st_mode) & 0o077 == 0
+    assert stat.S_IMODE((data_dir / DB_FILENAME).stat().st_mode) & 0o077 == 0
+
+
+def test_reopen_is_idempotent(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as s:
+        s.create_tenant("acme")
+        ddl = s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    with Store.open(tmp_path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == ddl
+        assert s.get_tenant("acme") == {"name": "acme", "federation_enabled": True}
+        # Running the migrations again on an up-to-date file changes nothing.
+        assert schema.migrate(s.db) == SCHEMA_VERSION
+        assert s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == ddl
+
+
+def test_migrations_apply_in_order_and_a_failure_rolls_back_all(tmp_path: Path) -> None:
+    calls = []
+
+    def m2(db) -> None:
+        calls.append("m2")
+        db.execute("CREATE TABLE extra (x INTEGER)")
+
+    def m3_broken(db) -> None:
+        db.execute("CREATE TABLE more (x INTEGER)")
+        raise RuntimeError("boom")
+
+    with Store.open(tmp_path) as s:
+        with pytest.raises(StorageError) as info:
+            schema.migrate(s.db, [*schema.MIGRATIONS, m2, m3_broken])
+        assert info.value.code == "schema"
+        assert "version 3" in str(info.value)
+        # Neither m2's nor m3's table survived: one transaction for all steps.
+        assert not {"extra", "more"} & set(s.db.table_names())
+        assert s.schema_version() == 1
+        assert schema.migrate(s.db, [*schema.MIGRATIONS, m2]) == 2
+        assert calls == ["m2", "m2"]
+        assert "extra" in s.db.table_names() and s.schema_version() == 2
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    Store.open(tmp_path).close()
+    with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StorageError) as info:
+        Store.open(tmp_path)
+    assert info.value.code == "schema"
+    assert str(info.value) == (
+        f"database schema version 99 is newer than this scaiwave (max {SCHEMA_VERSION})"
+    )
+
+
+def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError) as info:
+        Store.open(tmp_path)
+    assert info.value.code == "open"
+
+
+# ----------------------------------------------------------- keys, policy
+
+
+def key(kid: str, created: int | None, expired: int | None = None, seed: bytes | None = b"s" * 32):
+    return {"key_id": kid, "seed": seed, "public_key": kid.encode() * 4,
+            "created_at": created, "expired_at": expired}
+
+
+def test_keyring(store: Store) -> None:
+    assert store.load_keyring() == (None, [])
+    store.save_keyring(key("k1", 1), [])
+    assert store.load_keyring() == (key("k1", 1), [])
+    # Rotation: k1 becomes old with its seed wiped, k2 is current.
+    store.save_keyring(key("k2", 5), [key("k1", 1, expired=5, seed=None)])
+    current, old = store.load_keyring()
+    assert current == key("k2", 5)
+    assert old == [key("k1", 1, expired=5, seed=None)]
+    with pytest.raises(StorageError, match="current key") as info:
+        store.save_keyring(key("k3", 9, expired=10), [])
+    assert info.value.code == "invalid"
+    with pytest.raises(StorageError, match="expired_at"):
+        store.save_keyring(key("k3", 9), [key("k2", 5)])  # two current keys
+    with pytest.raises(StorageError) as info:
+        store.save_keyring(key("k2", 5), [key("k2", 1, expired=5)])  # one id twice
+    assert info.value.code == "invalid"
+    assert store.load_keyring() == (current, old)  # refused writes changed nothing
+    # Old keys may come without created_at; they list in the order they expired.
+    older = [key("k1", None, expired=5, seed=None), key("k0", None, expired=2, seed=None)]
+    store.save_keyring(None, older)
+    assert store.load_keyring() == (None, older[::-1])
+
+
+def test_keyring_file_allows_one_current_key(store: Store) -> None:
+    store.save_keyring(key("k1", 1), [])
+    with pytest.raises(sqlite3.IntegrityError):
+        store.db.execute("INSERT INTO keys VALUES ('k2', x'00', x'00', 2, NULL)")
+
+
+def test_policy(store: Store) -> None:
+    assert store.get_policy() == DEFAULT_POLICY
+    store.get_policy()["allowed_peers"].append("mutated.test")  # a copy, not the default
+    assert store.get_policy() == DEFAULT_POLICY
+    policy = {"default_mode": "open", "allowed_peers": [], "blocked_peers": ["bad.test"]}
+    store.set_policy(policy)
+    assert store.get_policy() == policy
+
+
+# ------------------------------------------------------------------- peers
+
+
+def test_peers_errors_and_recovery(store: Store) -> None:
+    assert store.get_peer("peer.test") is None
+    assert store.mark_error("peer.test", "tls_failure", "bad\ncert", now=10, retry_at=20) == 1
+    assert store.mark_error("peer.test", "peer_unreachable", "refused", now=30, retry_at=90) == 2
+    peer = store.get_peer("peer.test")
+    assert peer["state"] == "known" and peer["failures"] == 2 and peer["retry_at"] == 90
+    assert (peer["last_error_code"], peer["last_error_message"], peer["last_error_at"]) == (
+        "peer_unreachable", "refused", 30)
+    store.mark_seen("peer.test", 100)
+    peer = store.get_peer("peer.test")
+    assert peer["last_seen"] == 100 and peer["failures"] == 0 and peer["retry_at"] is None
+    assert peer["last_error_code"] is peer["last_error_message"] is peer["last_error_at"] is None
+    long = "x" * 5000
+    store.mark_error("peer.test", "malformed", long, now=110, retry_at=None)
+    assert len(store.get_peer("peer.test")["last_error_message"]) == 500
+
+
+def test_upsert_peer_and_descriptor(store: Store) -> None:
+    store.mark_seen("b.test", 5)  # creates the row
+    store.upsert_peer("a.test", state="peered", protocol_version="1", key_id="k1")
+    store.upsert_peer("a.test", key_id="k2")  # only key_id changes
+    store.upsert_peer("c.test")
+    store.save_descriptor("a.test", '{"server_name": "a.test"}', now=7)
+    a = store.get_peer("a.test")
+    assert (a["state"], a["protocol_version"], a["key_id"]) == ("peered", "1", "k2")
+    assert (a["descriptor"], a["descriptor_fetched_at"]) == ('{"server_name": "a.test"}', 7)
+    assert [p["server_name"] for p in store.list_peers()] == ["a.test", "b.test", "c.test"]
+    assert store.get_peer("c.test")["state"] == "known"
+    with pytest.raises(StorageError) as info:
+        store.upsert_peer("a.test", **{"state = 'x'; --": 1})
+    assert info.value.code == "invalid"
+
+
+# --------------------------------------------------------- tenants, users
+
+
+def test_tenants_and_users(store: Store) -> None:
+    assert store.create_tenant("acme") == {"name": "acme", "federation_enabled": True}
+    store.create_tenant("secret", federation_enabled=False)
+    with pytest.raises(StorageError) as info:
+        store.create_tenant("acme")
+    assert info.value.code == "conflict"
+    assert store.list_tenants() == [
+        {"name": "acme", "federation_enabled": True},
+        {"name": "secret", "federation_enabled": False},
+    ]
+    store.set_tenant_federation("acme", False)
+    assert store.get_tenant("acme")["federation_enabled"] is False
+    assert store.get_tenant("nope") is None
+    with pytest.raises(StorageError, match="no tenant") as info:
+        store.set_tenant_federation("nope", True)
+    assert info.value.code == "not_found"
+
+    alice = store.create_user("@alice:host.test", "alice", "acme", "h1")
+    assert store.get_user("@alice:host.test") == alice
+    assert store.user_by_token_hash("h1") == alice
+    assert store.user_by_token_hash("nope") is None
+    for args, code in [
+        (("@alice:host.test", "alice", "acme", "h2"), "conflict"),  # same id
+        (("@bob:host.test", "bob", "acme", "h1"), "conflict"),  # same token hash
+        (("@carol:host.test", "carol", "nope", "h3"), "not_found"),  # unknown tenant
+    ]:
+        with pytest.raises(StorageError) as info:
+            store.create_user(*args)
+        assert info.value.code == code
+    store.create_user("@bob:host.test", "bob", "secret", "h2")
+    assert [u["user_id"] for u in store.list_users()] == ["@alice:host.test", "@bob:host.test"]
+
+
+# ---------------------------------------------------------- rooms, members
+
+
+def test_rooms_and_members(store: Store) -> None:
+    store.create_tenant("acme")
+    room = store.create_room(ROOM, "group", "host.test", "@alice:host.test", 10, tenant="acme")
+    assert store.get_room(ROOM) == room
+    remote = store.create_room("!dm:peer.test", "dm", "peer.test", "@bob:peer.test", 20)
+    assert remote["tenant"] is None
+    with pytest.raises(StorageError) as info:
+        store.create_room(ROOM, "group", "host.test", "@alice:host.test", 11)
+    assert info.value.code == "conflict"
+    with pytest.raises(StorageError) as info:
+        store.create_room("!x:host.test", "group", "host.test", "@a:host.test", 1, tenant="nope")
+    assert info.value.code == "not_found"
+
+    store.set_membership(ROOM, "@alice:host.test", "join")
+    store.set_membership(ROOM, "@bob:peer.test", "invite")
+    store.set_membership(ROOM, "@bob:peer.test", "join")
+    store.set_membership("!dm:peer.test", "@alice:host.test", "invite")
+    assert store.members(ROOM) == [
+        {"room_id": ROOM, "user_id": "@alice:host.test", "membership": "join"},
+        {"room_id": ROOM, "user_id": "@bob:peer.test", "membership": "join"},
+    ]
+    rooms = store.rooms_for_user("@alice:host.test")
+    assert [(r["room_id"], r["membership"]) for r in rooms] == [
+        (ROOM, "join"), ("!dm:peer.test", "invite")]
+    with pytest.raises(StorageError) as info:
+        store.set_membership(ROOM, "@alice:host.test", "banned")
+    assert info.value.code == "invalid"
+    with pytest.raises(StorageError) as info:
+        store.set_membership("!nope:host.test", "@alice:host.test", "join")
+    assert info.value.code == "not_found"
+
+
+def test_invites(store: Store) -> None:
+    args = (ROOM, "@bob:host.test", "@alice:peer.test", "peer.test", "dm")
+    assert store.save_invite(*args, b"signed-1", 10) is True
+    assert store.save_invite("!r2:peer.test", "@bob:host.test", "@carol:peer.test", "peer.test",
+                             "group", b"signed-2", 5) is True
+    pending = store.pending_invites("@bob:host.test")
+    assert [i["room_id"] for i in pending] == ["!r2:peer.test", ROOM]  # oldest first
+    store.set_invite_state(ROOM, "@bob:host.test", "accepted")
+    # A retried PUT of the same invite does not reopen it...
+    assert store.save_invite(*args, b"signed-1", 11) is False
+    assert store.get_invite(ROOM, "@bob:host.test")["state"] == "accepted"
+    # ...but a new invite (new signed payload) is pending again.
+    assert store.save_invite(*args, b"signed-3", 12) is True
+    invite = store.get_invite(ROOM, "@bob:host.test")
+    assert (invite["state"], invite["payload"], invite["created_at"]) == (
+        "pending", b"signed-3", 12)
+    store.set_invite_state("!r2:peer.test", "@bob:host.test", "declined")
+    with pytest.raises(StorageError):
+        store.save_invite("!r3:peer.test", "@bob:host.test", "@c:peer.test", "peer.test", "group",
+                          b"signed-4", 13, state="lost")
+    store.save_invite(room_id="!r4:peer.test", user_id="@bob:host.test", inviter="@c:peer.test",
+                      origin="peer.test", room_type="group", state="accepted",
+                      payload=b"signed-5", created_at=14)
+    assert store.get_invite("!r4:peer.test", "@bob:host.test")["state"] == "accepted"
+    assert [i["room_id"] for i in store.pending_invites("@bob:host.test")] == [ROOM]
+    for room, state, code in [(ROOM, "maybe", "invalid"), ("!no:x.test", "accepted", "not_found")]:
+        with pytest.raises(StorageError) as info:
+            store.set_invite_state(room, "@bob:host.test", state)
+        assert info.value.code == code
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_event_queries(store: Store) -> None:
+    assert store.head(ROOM) is None and store.events_before(ROOM, None, 10) == []
+    assert store.store_events(ROOM, [ev(d) for d in range(10)]) == 10
+    store.store_events("!other:host.test", [ev(d, room="!other:host.test") for d in range(3)])
+    assert store.head(ROOM) == {"room_id": ROOM, **ev(9)}
+    assert [e["depth"] for e in store.events_before(ROOM, None, 3)] == [9, 8, 7]
+    assert [e["depth"] for e in store.events_before(ROOM, 7, 3)] == [6, 5, 4]
+    assert [e["depth"] for e in store.events_before(ROOM, 2, 10)] == [1, 0]
+    assert [e["depth"] for e in store.events_after(ROOM, None, 3)] == [0, 1, 2]
+    assert [e["depth"] for e in store.events_after(ROOM, 7, 10)] == [8, 9]
+    assert store.event_count(ROOM) == 10 and store.depths(ROOM) == list(range(10))
+    got = store.get_event(ev(4)["event_id"])
+    assert got == {"room_id": ROOM, **ev(4)} and isinstance(got["envelope"], bytes)
+    assert store.get_event(b"\0" * 32) is None
+
+
+def test_store_events_conflict_stores_nothing_of_the_batch(store: Store) -> None:
+    store.store_events(ROOM, [ev(0), ev(1)])
+    store.store_events(ROOM, [], cursor={"peer": "p.test", "cursor": b"c0", "stored": 2,
+                                         "updated_at": 1})
+    batch = [ev(2), ev(3), ev(1, tag="fork"), ev(4)]  # 3rd: a different event at depth 1
+    with pytest.raises(StorageError) as info:
+        store.store_events(ROOM, batch, cursor={"peer": "p.test", "cursor": b"c1", "stored": 5,
+                                                "updated_at": 2})
+    assert info.value.code == "conflict"
+    assert store.depths(ROOM) == [0, 1] and store.get_event(ev(1)["event_id"]) == {
+        "room_id": ROOM, **ev(1)}
+    assert store.get_cursor(ROOM, "p.test")["cursor"] == b"c0"  # the cursor rolled back too
+
+
+def test_store_events_is_idempotent(store: Store) -> None:
+    page = [ev(d) for d in range(5)]
+    assert store.store_events(ROOM, page) == 5
+    assert store.store_events(ROOM, page) == 0
+    assert store.store_events(ROOM, [ev(4), ev(5)]) == 1  # overlapping page: only the new one
+    assert store.event_count(ROOM) == 6
+
+
+def test_store_events_refuses_bad_events(store: Store) -> None:
+    other = ev(0, room="!other:host.test")
+    cases = [
+        {**ev(0), "event_id": b"short"},  # not a 32-byte id: the CHECK constraint
+        {**ev(0), "event_id": "a" * 32},  # str, not bytes
+        {k: v for k, v in ev(0).items() if k != "sender"},
+        {**other, "room_id": "!other:host.test"},  # says another room
+    ]
+    for bad in cases:
+        with pytest.raises(StorageError) as info:
+            store.store_events(ROOM, [ev(5), bad])
+        assert info.value.code == "invalid", bad
+    # The same event id in another room's slot is a conflict, not a duplicate.
+    store.store_events("!other:host.test", [other])
+    with pytest.raises(StorageError) as info:
+        store.store_events(ROOM, [{**other, "depth": 0}])
+    assert info.value.code == "conflict"
+    assert store.event_count(ROOM) == 0
+
+
+def test_page_and_cursor_are_stored_together(store: Store) -> None:
+    cursor = {"peer": "peer.test", "cursor": b"\x82\x01\x02", "stored": 3, "updated_at": 50}
+    assert store.store_events(ROOM, [ev(9), ev(8), ev(7)], cursor=cursor) == 3
+    assert store.get_cursor(ROOM, "peer.test") == {"room_id": ROOM, **cursor}
+    cursor2 = {**cursor, "cursor": b"\x82\x03", "stored": 5, "updated_at": 60}
+    store.store_events(ROOM, [ev(6), ev(5)], cursor=cursor2)
+    assert store.get_cursor(ROOM, "peer.test") == {"room_id": ROOM, **cursor2}
+    store.clear_cursor(ROOM, "peer.test")
+    assert store.get_cursor(ROOM, "peer.test") is None
+
+
+CRASH_CHILD = textwrap.dedent(
+    """
+    import hashlib, json, os, signal, sys
+    from pathlib import Path
+    from scaiwave_federation.shell.storage import Store
+
+    room = sys.argv[2]
+
+    def ev(depth):
+        eid = hashlib.sha256(f"{room}|{depth}|".encode()).digest()
+        # Big envelopes, and a one-page cache below: uncommitted rows of
+        # page 2 spill into the WAL file before the crash, so recovery has
+        # real uncommitted frames to discard, not just lost memory.
+        return {"event_id": eid, "depth": depth, "sender": "@a:host.test",
+                "origin": "host.test", "type": "m.message", "ts": depth,
+                "envelope": eid * 200}
+
+    store = Store.open(Path(sys.argv[1]))
+    store.db.execute("PRAGMA cache_size=1")
+    wal = Path(sys.argv[1]) / "scaiwave.db-wal"
+    store.store_events(room, [ev(d) for d in range(100, 90, -1)],
+                       cursor={"peer": "peer.test", "cursor": b"page-1", "stored": 10,
+                               "updated_at": 1})
+    after_page_1 = wal.stat().st_size
+
+    inserted = 0
+    real_insert = Store._insert_event
+
+    def insert_then_die(self, room_id, event):
+        global inserted
+        new = real_insert(self, room_id, event)
+        inserted += 1
+        if inserted == 7:  # page 2 is 10 events: die with 7 of them written
+            print(json.dumps({"after_page_1": after_page_1, "at_crash": wal.stat().st_size,
+                              "in_transaction": self.db.conn.in_transaction}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(1)  # where SIGKILL is not available
+        return new
+
+    Store._insert_event = insert_then_die
+    store.store_events(room, [ev(d) for d in range(90, 80, -1)],
+                       cursor={"peer": "peer.test", "cursor": b"page-2", "stored": 20,
+                               "updated_at": 2})
+    print("page 2 committed: the crash did not happen", flush=True)
+    """
+)
+
+
+def test_crash_between_pages_keeps_page_1_and_nothing_of_page_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(tmp_path), ROOM],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode in (-signal.SIGKILL, 1), proc.stderr
+    report = json.loads(proc.stdout.splitlines()[0])
+    assert report["in_transaction"] is True
+    assert report["at_crash"] > report["after_page_1"]  # page 2 frames reached the disk
+    assert (tmp_path / f"{DB_FILENAME}-wal").exists()  # not checkpointed: recovery runs
+
+    with Store.open(tmp_path) as s:
+        assert s.depths(ROOM) == list(range(91, 101))
+        cursor = s.get_cursor(ROOM, "peer.test")
+        assert (cursor["cursor"], cursor["stored"], cursor["updated_at"]) == (b"page-1", 10, 1)
+        assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        # The pull resumes from the cursor: page 2 again stores all of it, once.
+        assert s.store_events(ROOM, [ev(d) for d in range(90, 80, -1)]) == 10
+        assert s.event_count(ROOM) == 20
+
+
+# ---------------------------------------------------- nonces, txns, outbox
+
+
+def test_nonces(store: Store) -> None:
+    assert store.remember_nonce("a.test", b"n1", 100) is True
+    assert store.remember_nonce("a.test", b"n1", 100) is False  # a replay
+    assert store.remember_nonce("b.test", b"n1", 200) is True  # per origin
+    store.remember_nonce("a.test", b"n2", 50)
+    assert store.live_nonces(60) == [("a.test", b"n1", 100), ("b.test", b"n1", 200)]
+    assert store.expire_nonces(100) == 2
+    assert store.live_nonces(0) == [("b.test", b"n1", 200)]
+
+
+def test_txn_idempotency(store: Store) -> None:
+    first = store.store_txn("peer.test", "t1", b"ok-1", 10, ROOM, [ev(0), ev(1)])
+    assert first == TxnOutcome(response=b"ok-1", replayed=False, new_events=2)
+    again = store.store_txn("peer.test", "t1", b"ok-2", 20, ROOM, [ev(0), ev(1), ev(2)])
+    assert again == TxnOutcome(response=b"ok-1", replayed=True, new_events=0)
+    assert store.get_txn_response("peer.test", "t1") == b"ok-1"
+    assert store.event_count(ROOM) == 2
+    assert store.get_txn_response("other.test", "t1") is None
+    # A conflicting transaction stores neither its events nor its response.
+    with pytest.raises(StorageError):
+        store.store_txn("peer.test", "t2", b"ok", 30, ROOM, [ev(2), ev(1, tag="fork")])
+    assert store.get_txn_response("peer.test", "t2") is None and store.event_count(ROOM) == 2
+    assert store.store_txn("peer.test", "t3", b"empty", 40, None, []).new_events == 0
+    # room_id None: a transaction spanning rooms, each event naming its own.
+    other = "!other:host.test"
+    multi = [{**ev(2), "room_id": ROOM}, {**ev(0, room=other), "room_id": other}]
+    assert store.store_txn("peer.test", "t5", b"multi", 45, None, multi).new_events == 2
+    assert store.depths(ROOM) == [0, 1, 2] and store.depths(other) == [0]
+    with pytest.raises(StorageError) as info:
+        store.store_txn("peer.test", "t6", b"x", 46, None, [ev(3)])
+    assert info.value.code == "invalid"
+    assert store.save_txn_response("peer.test", "t3", b"other", 50) is False
+    assert store.save_txn_response("peer.test", "t4", b"four", 50) is True
+    assert store.prune_txns(before=40) == 1  # t1 (10); t2 and t6 were never stored
+    assert store.get_txn_response("peer.test", "t1") is None
+
+
+def test_outbox(store: Store) -> None:
+    a1 = store.enqueue("a.test", "txn-a1", "/send/txn-a1", b"body-a1", 100)
+    a2 = store.enqueue("a.test", "txn-a2", "/send/txn-a2", b"body-a2", 110)
+    b1 = store.enqueue("b.test", "txn-b1", "/send/txn-b1", b"body-b1", 100)
+    with pytest.raises(StorageError) as info:
+        store.enqueue("a.test", "txn-a1", "/send/txn-a1", b"body", 120)
+    assert info.value.code == "conflict"
+    assert [r["id"] for r in store.due(now=105)] == [a1, b1]
+    assert [r["txn_id"] for r in store.due("a.test", now=200)] == ["txn-a1", "txn-a2"]
+    assert store.due("a.test", now=200)[0]["body"] == b"body-a1"
+    assert store.pending_count("a.test") == 2 and store.pending_count() == 3
+    store.mark_attempt(a1, next_attempt_at=1000)
+    store.mark_attempt(a2, next_attempt_at=2000)
+    store.mark_error("a.test", "peer_unreachable", "refused", now=150, retry_at=1000)
+    assert store.due("a.test", now=500) == [] and store.next_due_at("a.test") == 1000
+    assert store.due("a.test", now=1000)[0]["attempts"] == 1
+    # The admin "retry now".
+    assert store.reset_retry("a.test", now=500) == 2
+    assert [r["id"] for r in store.due("a.test", now=500)] == [a1, a2]
+    assert store.get_peer("a.test")["retry_at"] is None
+    store.delivered(a1)
+    assert store.pending_count("a.test") == 1 and store.next_due_at() == 100
+    for call in (lambda: store.delivered(a1), lambda: store.mark_attempt(a1, 1)):
+        with pytest.raises(StorageError) as info:
+            call()
+        assert info.value.code == "not_found"
+
+
+# ------------------------------------------------------------------- async
+
+
+def test_async_store_has_every_store_method() -> None:
+    public = {name for name, _ in inspect.getmembers(Store, inspect.isfunction)
+              if not name.startswith("_")}
+    for name in public:
+        method = getattr(AsyncStore, name)
+        assert inspect.iscoroutinefunction(method), name
+        assert method.__doc__ == getattr(Store, name).__doc__
+
+
+async def test_async_store_runs_off_the_loop(tmp_path: Path) -> None:
+    astore = await AsyncStore.open(tmp_path)
+    loop_thread = threading.get_ident()
+    assert await astore.run(lambda s: threading.get_ident()) != loop_thread
+
+    # A call that blocks its worker thread until the loop lets it go: if the
+    # loop were blocked too, this would deadlock (and fail_after would fire).
+    release = threading.Event()
+    order: list[str] = []
+
+    def slow(s: Store) -> int:
+        release.wait(10)
+        order.append("slow")
+        return s.store_events(ROOM, [ev(0)])
+
+    async def quick() -> None:
+        order.append("quick started")
+        await astore.store_events(ROOM, [ev(1)])  # queued behind slow: one at a time
+        order.append("quick")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(astore.run, slow)
+            await trio.sleep(0.05)
+            nursery.start_soon(quick)
+            await trio.sleep(0.05)
+            order.append("loop ran")  # the loop runs while both calls are pending
+            release.set()
+    assert order == ["quick started", "loop ran", "slow", "quick"]
+    assert await astore.depths(ROOM) == [0, 1]
+    await astore.close()
+
+
+async def test_async_store_concurrent_calls_all_complete(tmp_path: Path) -> None:
+    async with await AsyncStore.open(tmp_path) as astore:
+        results: dict[int, int] = {}
+
+        async def write(depth: int) -> None:
+            results[depth] = await astore.store_events(ROOM, [ev(depth)])
+
+        async with trio.open_nursery() as nursery:
+            for depth in range(20):
+                nursery.start_soon(write, depth)
+        assert results == {d: 1 for d in range(20)}
+        assert await astore.event_count(ROOM) == 20
+        with pytest.raises(StorageError):
+            await astore.create_user("@x:host.test", "x", "nope", "h")
+
+
+async def test_cancelled_call_still_finishes_its_write(tmp_path: Path) -> None:
+    async with await AsyncStore.open(tmp_path) as astore:
+
+        def slow_write(s: Store) -> int:
+            time.sleep(0.2)
+            return s.store_events(ROOM, [ev(0)])
+
+        returned = None
+        with trio.move_on_after(0.01) as scope:
+            returned = await astore.run(slow_write)
+            await trio.sleep(10)  # the pending cancel lands here
+        # The cancel waited for the thread: the write returned whole, not half.
+        assert scope.cancelled_caught and returned == 1
+        assert await astore.event_count(ROOM) == 1
+
+
+def test_store_usable_without_trio_after_async_use(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with await AsyncStore.open(tmp_path) as astore:
+            await astore.create_tenant("acme")
+
+    trio.run(main)
+    with Store.open(tmp_path) as s:
+        assert s.get_tenant("acme") is not None
+    assert os.path.exists(tmp_path / DB_FILENAME)
