@@ -59,6 +59,8 @@ class Code(str, enum.Enum):
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     BAD_REQUEST = "bad_request"
+    TIMEOUT = "timeout"
+    INTERNAL_ERROR = "internal_error"
 
 
 #: One line per code: what it means for an admin. Rendered into docs/protocol.md.
@@ -96,6 +98,8 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.FORBIDDEN: "the caller may not do this",
     Code.CONFLICT: "the resource already exists or is in another state",
     Code.BAD_REQUEST: "the request's fields are missing or wrong",
+    Code.TIMEOUT: "the request was not read or answered in time",
+    Code.INTERNAL_ERROR: "an unexpected failure on this server (see its log); nothing was half-stored",
 }
 
 

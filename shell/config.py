@@ -68,6 +68,7 @@ class Config:
     clock_offset_ms: int = 0
     key_refetch_interval_ms: int = DEFAULT_KEY_REFETCH_INTERVAL_MS
     insecure_skip_tls_verify: bool = False
+    test_tamper_backfill: str | None = None
 
     @property
     def server_host(self) -> str:
@@ -103,6 +104,11 @@ class Config:
             )
         for (name, port), address in sorted(self.resolve.items()):
             lines.append(f"SCAIWAVE_RESOLVE: {name}:{port} is sent to {address} instead of DNS")
+        if self.test_tamper_backfill:
+            lines.append(
+                f"SCAIWAVE_TEST_TAMPER_BACKFILL is set: this server deliberately serves a tampered "
+                f"event ({self.test_tamper_backfill}) in backfill pages (a test setting)"
+            )
         if self.record_path is not None:
             lines.append(
                 f"SCAIWAVE_RECORD is set: every federation exchange is recorded to {self.record_path}"
@@ -298,6 +304,9 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "clock_offset": (lambda v, s, b: parse_duration_ms(v, s, allow_negative=True), 0),
     "key_refetch_interval": (_plain(_parse_interval), DEFAULT_KEY_REFETCH_INTERVAL_MS),
     "insecure_skip_tls_verify": (_plain(_parse_bool), False),
+    # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
+    # puller's refusal against a deliberately broken peer). Logged loudly.
+    "test_tamper_backfill": (_plain(_expect_str), None),
 }
 
 

@@ -48,6 +48,8 @@ STATUS: dict[Code, int] = {
     Code.FORBIDDEN: 403,
     Code.CONFLICT: 409,
     Code.BAD_REQUEST: 400,
+    Code.TIMEOUT: 408,
+    Code.INTERNAL_ERROR: 500,
 }
 
 INTERNAL = Response.json(500, {"error": {"code": "internal_error", "message": "internal error (see the server log)"}})
