@@ -138,7 +138,7 @@ async def _new_room(service: Service, user: dict[str, Any], room_type: str) -> d
 async def _create_room(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
     room_type = body.get("room_type", "group")
     if room_type not in ROOM_TYPES or room_type == "dm":
-        raise _Fail(Refused(Code.BAD_REQUEST, f"room_type is one of group, incognito, bridge, sidekick"))
+        raise _Fail(Refused(Code.BAD_REQUEST, "room_type is one of group, incognito, bridge, sidekick"))
     _key(service)
     room = await _new_room(service, user, room_type)
     return Response.json(200, {"room_id": room["room_id"], "room_type": room_type})
