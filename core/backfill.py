@@ -253,7 +253,7 @@ class BackfillPuller:
             results = verify_events(page.events, self.keys.keys, verifier=self.verifier)
             need = next((r for r in results if isinstance(r, NeedKeys)), None)
             if need is not None:
-                if retry or not self.keys.may_fetch(need.server, now):
+                if retry or not self.keys.may_fetch(need.server, now, need.key_id):
                     return self._finish(Refused(Code.UNKNOWN_KEY, f"{need.server} has no key {need.key_id}"))
                 self._pending = [page] + self._pending
                 return [need]
@@ -300,8 +300,14 @@ class BackfillPuller:
             p.stored += 1
             p.expected_id = event.prev
             p.next_depth = event.depth - 1
-        # Anything left above the chain is stale (duplicates, or below a gap we wait for).
-        self._buffer = {d: e for d, e in self._buffer.items() if p.next_depth is not None and d <= p.next_depth}
+        if p.next_depth is None:
+            # Not anchored yet: pages that came before the head page wait for it.
+            # The chain can only ever use the newest ``limit`` of them.
+            newest = sorted(self._buffer, reverse=True)[: self.limit]
+            self._buffer = {d: self._buffer[d] for d in newest}
+        else:
+            # Anything left above the chain is stale (duplicates, or below a gap we wait for).
+            self._buffer = {d: e for d, e in self._buffer.items() if d <= p.next_depth}
         out: list[Effect] = []
         if linked:
             out.append(StoreEvents(self.room_id, tuple(linked), self.cursor()))

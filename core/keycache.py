@@ -3,8 +3,12 @@
 The cache holds each peer's :class:`~.keys.ServerKeys` as read from its
 descriptor. A signature under a key id we do not know makes the verifier ask
 for the signer's descriptor again (key rotation is discovered this way), but
-at most once per ``refetch_interval_ms`` per server: a flood of made-up key
-ids cannot turn us into a descriptor-fetching amplifier.
+not often: per server, once per ``refetch_interval_ms``, except that a key id
+not yet asked about since the last fetch may trigger one after
+:data:`NEW_KEY_FLOOR_MS`. So a peer that rotates right after we fetched its
+descriptor is picked up within a second, while a flood of made-up key ids
+cannot turn us into a descriptor-fetching amplifier (one fetch a second per
+server at most).
 
 The cache never fetches: it answers "fetch now" or "you may not yet" and the
 shell carries out the fetch, then hands the bytes to :meth:`KeyCache.learn`.
@@ -21,6 +25,8 @@ from .keys import ServerKeys
 __all__ = ["KeyCache", "PeerDescriptor", "DEFAULT_REFETCH_INTERVAL_MS"]
 
 DEFAULT_REFETCH_INTERVAL_MS = 30_000
+#: The shortest gap between two fetches for a server, for a newly seen key id.
+NEW_KEY_FLOOR_MS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,7 @@ class KeyCache:
         self.refetch_interval_ms = refetch_interval_ms
         self._peers: dict[str, PeerDescriptor] = {}
         self._attempted: dict[str, int] = {}
+        self._asked: dict[str, set[str]] = {}  # key ids fetched for since the last fetch
 
     def get(self, server: str) -> PeerDescriptor | None:
         """The cached descriptor of ``server``, or ``None``."""
@@ -50,14 +57,18 @@ class KeyCache:
         entry = self._peers.get(server)
         return entry.keys if entry else None
 
-    def may_fetch(self, server: str, now: int) -> bool:
-        """True if a descriptor fetch for ``server`` is allowed at ``now``."""
+    def may_fetch(self, server: str, now: int, key_id: str | None = None) -> bool:
+        """True if a descriptor fetch for ``server`` (because of ``key_id``) is allowed at ``now``."""
         last = self._attempted.get(server)
-        return last is None or now - last >= self.refetch_interval_ms
+        if last is None or now - last >= self.refetch_interval_ms:
+            return True
+        asked = self._asked.get(server, set())
+        return key_id is not None and key_id not in asked and now - last >= min(NEW_KEY_FLOOR_MS, self.refetch_interval_ms)
 
-    def fetch_attempted(self, server: str, now: int) -> None:
+    def fetch_attempted(self, server: str, now: int, key_id: str | None = None) -> None:
         """Record a fetch (successful or not) so the rate limit applies."""
         self._attempted[server] = now
+        self._asked[server] = {key_id} if key_id else set()
 
     def learn(self, server: str, data: bytes, now: int) -> PeerDescriptor | Refused:
         """Check fetched descriptor bytes of ``server`` and cache them.
@@ -78,6 +89,7 @@ class KeyCache:
         """Drop what we know of ``server`` (the admin's refresh does this first)."""
         self._peers.pop(server, None)
         self._attempted.pop(server, None)
+        self._asked.pop(server, None)
 
     def servers(self) -> list[str]:
         """Every server with cached keys, sorted."""

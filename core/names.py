@@ -8,6 +8,7 @@ room id is the room's host.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 __all__ = ["valid_server_name", "server_of", "split_server_name", "local_of", "user_id"]
 
@@ -36,8 +37,15 @@ def split_server_name(name: str) -> tuple[str, int]:
 
 def server_of(identifier: object) -> str | None:
     """The server part of ``@user:server`` or ``!room:server``; ``None`` if malformed."""
-    if not isinstance(identifier, str):
+    # Longer than _ID_RE can match (1 + 128 + 1 + 255): never an id.
+    if not isinstance(identifier, str) or len(identifier) > 385:
         return None
+    return _server_of(identifier)
+
+
+@lru_cache(maxsize=4096)
+def _server_of(identifier: str) -> str | None:
+    # Cached: a batch of events repeats the same few room and user ids.
     match = _ID_RE.fullmatch(identifier)
     if match is None or not valid_server_name(match.group(3)):
         return None

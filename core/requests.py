@@ -201,9 +201,10 @@ class RequestVerifier:
         if isinstance(public_key, Refused):
             return public_key
         if public_key is None:
-            if self.keys.may_fetch(req.origin, now):
+            if self.keys.may_fetch(req.origin, now, req.key_id):
                 return NeedKeys(req.origin, req.key_id)
-            return Refused(Code.UNKNOWN_KEY, f"{req.origin} has no key {req.key_id[:64]} in its descriptor")
+            return Refused(Code.UNKNOWN_KEY, f"key {req.key_id[:64]} of {req.origin} is unknown here "
+                                             f"(its descriptor was fetched moments ago; retry shortly)")
         if not verify(public_key, Domain.REQUEST, req.signed, req.signature):
             return Refused(Code.BAD_SIGNATURE, "request signature does not verify")
         nonce = req.nonce

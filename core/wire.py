@@ -1,22 +1,39 @@
 """The wire model: one canonical encoding for everything that is signed.
 
-Everything signed is deterministic CBOR (RFC 8949 section 4.2.1 core
-deterministic encoding, as produced by ``cbor2.dumps(canonical=True)``).
+Everything signed is deterministic CBOR as produced by
+``cbor2.dumps(canonical=True)``: minimal-length heads, definite lengths, the
+shortest float that keeps the value, and map keys sorted by the length of
+their encoding first, then bytewise (RFC 7049 section 3.9 "canonical CBOR";
+for keys of one major type this is the same order as RFC 8949 section
+4.2.1).
 
 Decoding untrusted bytes is strict and bounded, in this order:
 
 1. size: more than ``max_size`` bytes is refused (``too_large``) before parsing;
-2. structure, inside cbor2's C decoder: nesting depth (``max_depth``), no
+2. item budget: at most ``16 + size // 32`` arrays and maps (``too_large``).
+   Each container costs cbor2 about a microsecond to build and re-encode, so
+   without this bound 2 MB of empty maps took 1.7 s. A cheap upper bound
+   (bytes that could be container heads) settles almost every input; only
+   when it is inconclusive are the heads walked, skipping string contents
+   (that walk also applies step 3's depth and map-key rules as it goes);
+3. structure, inside cbor2's decoder: nesting depth (``max_depth``), no
    indefinite lengths, no duplicate map keys, only text or byte strings as
    map keys, and no tags at all (every semantic tag is refused, so no bignums,
    no shared references, no regexes, no dates);
-3. canonical form: the decoded value must re-encode to exactly the received
+4. canonical form: the decoded value must re-encode to exactly the received
    bytes (``non_canonical`` otherwise). This also refuses trailing bytes.
 
-Step 2 runs before step 3 on purpose: cbor2's canonical encoder takes
+Step 3 runs before step 4 on purpose: cbor2's canonical encoder takes
 exponential time on maps nested as map keys (41 bytes took 1.3 s, 45 bytes
 5.4 s), so such input must never reach the re-encoder. Refusing non-string
 map keys while decoding makes it impossible.
+
+Step 4 is fast on the common path: while decoding, every map is checked to
+be in canonical key order (and, if it is not, replaced by a canonically
+ordered copy, so the comparison below fails). A plain re-encode then equals
+the canonical one unless the value holds floats, which a plain encode always
+writes as 8 bytes; so the canonical encoder only runs when the plain
+re-encode differs, or when the bytes contain ``0xfb`` (a possible 8-byte float).
 
 Nothing here raises for bad remote bytes: :func:`decode` returns a
 :class:`~.codes.Refused` instead.
@@ -31,10 +48,17 @@ import cbor2
 
 from .codes import Code, LocalProtocolError, Refused
 
-__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH"]
+__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER"]
 
 #: Deepest nesting any protocol object needs (event content included).
 MAX_DEPTH = 16
+#: The item budget: an object may hold ``CONTAINER_FLOOR + size // BYTES_PER_CONTAINER``
+#: arrays and maps. Protocol objects hold a handful (an event: its envelope,
+#: body and content); a page or transaction two, whatever its size.
+CONTAINER_FLOOR = 16
+BYTES_PER_CONTAINER = 32
+# Every array or map head is one of these bytes (major types 4 and 5).
+_CONTAINER_HEADS = bytes(range(0x80, 0xC0))
 
 
 class _RefuseEveryTag(dict):
@@ -61,6 +85,87 @@ def _refuse_tag(*_args: object) -> Any:
 
 _NO_TAGS = _RefuseEveryTag()
 
+# Tuples of map keys already seen in canonical order (a cache: it changes
+# speed, never results). Only short key tuples are kept, and only so many.
+_ORDERED_KEYS: set[tuple] = set()
+_MAX_CACHED_KEY_TUPLES = 4096
+
+
+def _key_order(key: str | bytes) -> tuple[int, bytes]:
+    encoded = cbor2.dumps(key)
+    return len(encoded), encoded
+
+
+def _canonical_map(value: dict, _immutable: bool = False) -> dict:
+    """cbor2 ``object_hook`` (cbor2 >= 6 calls it with ``(mapping, immutable)``).
+
+    Returns ``value`` when its keys are in canonical order, else a copy in
+    canonical order, which can then never re-encode to the received bytes.
+    """
+    keys = tuple(value)
+    if keys in _ORDERED_KEYS:
+        return value
+    ordered = sorted(keys, key=_key_order)
+    if ordered == list(keys):
+        if len(keys) <= 32 and len(_ORDERED_KEYS) < _MAX_CACHED_KEY_TUPLES:
+            _ORDERED_KEYS.add(keys)
+        return value
+    return {k: value[k] for k in ordered}
+
+
+def _prescan(data: bytes, max_depth: int) -> Refused | None:
+    """Step 2, the item budget; ``None`` when ``data`` is within it (or cbor2 must judge)."""
+    size = len(data)
+    allowed = CONTAINER_FLOOR + size // BYTES_PER_CONTAINER
+    # Upper bound: every container head is a byte in 0x80-0xbf (string
+    # contents may count too). Settles nearly every legitimate input at C speed.
+    if size - len(data.translate(None, _CONTAINER_HEADS)) <= allowed:
+        return None
+    # Walk the heads of the first item, skipping string contents. The walk
+    # applies step 3's depth and map-key rules too, in stream order, so a
+    # malformed input gets the same verdict as from cbor2. Anything else it
+    # does not follow (tags, indefinite lengths, reserved values, truncation)
+    # is left to cbor2, which refuses it.
+    remaining = [1]  # per open container: items still to read (the bottom: the top-level item)
+    is_map = [False]
+    pos = containers = 0
+    while True:
+        while remaining[-1] == 0:
+            remaining.pop()
+            is_map.pop()
+            if not remaining:
+                return None
+        if pos >= size:
+            return None
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            arg = int.from_bytes(data[pos:pos + width], "big")
+            pos += width
+        else:
+            return None
+        is_key = is_map[-1] and remaining[-1] % 2 == 0
+        remaining[-1] -= 1
+        if is_key and major != 2 and major != 3:
+            return Refused(Code.MALFORMED, "not well-formed CBOR: map keys are text or byte strings")
+        if major == 4 or major == 5:
+            if len(remaining) > max_depth:
+                return Refused(Code.MALFORMED, f"not well-formed CBOR: nesting deeper than {max_depth}")
+            containers += 1
+            if containers > allowed:
+                return Refused(Code.TOO_LARGE, f"more than {allowed} arrays and maps in {size} bytes")
+            if arg:
+                remaining.append(arg if major == 4 else 2 * arg)
+                is_map.append(major == 5)
+        elif major == 2 or major == 3:
+            pos += arg
+        elif major == 6:
+            return None
+
 
 def encode(value: Any) -> bytes:
     """Encode ``value`` as canonical CBOR.
@@ -85,11 +190,15 @@ def decode(data: bytes, *, max_size: int, max_depth: int = MAX_DEPTH) -> Any | R
     if len(data) > max_size:
         return Refused(Code.TOO_LARGE, f"{len(data)} bytes, limit {max_size}")
     data = bytes(data)
+    refused = _prescan(data, max_depth)
+    if refused is not None:
+        return refused
     try:
         value = cbor2.loads(
             data,
             semantic_decoders=_NO_TAGS,
             tag_hook=_refuse_tag,
+            object_hook=_canonical_map,
             max_depth=max_depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
@@ -99,7 +208,11 @@ def decode(data: bytes, *, max_size: int, max_depth: int = MAX_DEPTH) -> Any | R
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
         return Refused(Code.MALFORMED, f"not well-formed CBOR: {_short(exc)}")
     try:
-        again = cbor2.dumps(value, canonical=True)
+        # Maps are already in canonical order (see _canonical_map): a plain
+        # encode is canonical unless floats are involved (see module doc).
+        again = cbor2.dumps(value)
+        if again != data or b"\xfb" in data:
+            again = cbor2.dumps(value, canonical=True)
     except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
         return Refused(Code.MALFORMED, f"value cannot be re-encoded: {_short(exc)}")
     if again != data:

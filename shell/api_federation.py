@@ -29,10 +29,11 @@ __all__ = ["handle_federation"]
 async def handle_federation(service: Service, request: Request) -> Response:
     """Serve one federation request and record it."""
     context: dict[str, Any] = {}
+    received_at = service.now()
     response = await _handle(service, request, context)
     service.record("inbound", method=request.method, target=request.target,
                    authorization=request.header("authorization"), body=request.body, context=context,
-                   status=response.status, response=response.body)
+                   status=response.status, response=response.body, received_at=received_at)
     return response
 
 
@@ -65,7 +66,7 @@ async def _authenticate(service: Service, request: Request) -> Authenticated | R
                 body=request.body)
     result = service.node.authenticate(**args, now=service.now())
     if isinstance(result, NeedKeys):
-        fetched = await service.learn_descriptor(result.server)
+        fetched = await service.learn_descriptor(result.server, key_id=result.key_id)
         if fetched is not None and fetched.code not in (Code.UNKNOWN_KEY,):
             return fetched
         result = service.node.authenticate(**args, now=service.now())
@@ -80,6 +81,7 @@ async def _handshake(service: Service, auth: Authenticated, request: Request) ->
         await service.peer_error(auth.origin, result)
         return cbor_error(result)
     reply, agreed = result
+    log.info("peered with %s at its request (%s)", auth.origin, agreed.protocol_version)
     await service.store.upsert_peer(auth.origin, state="active", protocol_version=agreed.protocol_version,
                                     key_id=service.node.keys.get(auth.origin).keys.key_id)
     return Response.cbor(200, reply)
@@ -142,6 +144,10 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
         room = await service.store.get_room(result.room_id)
         if result.room_id not in heads:
             heads[result.room_id] = await service.head_of(result.room_id)
+            first = heads[result.room_id]
+            context.setdefault("heads", {})[result.room_id] = {
+                "known": room is not None, "host": room["host"] if room else None,
+                "head": [first.depth, first.event_id] if first else None}
         head = heads[result.room_id]
         if result.depth > 0:
             # A chained event from the room's host.
@@ -164,6 +170,7 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
         ctx = {"room_type": room["room_type"], "tenant_federates": bool(tenant["federation_enabled"]) if tenant else True,
                "membership": members.get(result.sender)}
         context["rooms"][result.room_id] = ctx
+        context.setdefault("proposals", {})[result.id_text] = ctx
         refusal = check_proposal(result, origin=auth.origin, **ctx)
         if refusal is not None:
             outcomes.append({"event_id": result.id_text, "error": refusal.as_dict()})

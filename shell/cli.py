@@ -122,7 +122,9 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
                 "rotate": ("POST", "/v1/admin/federation/key/rotate")}[args.action]
         data = c.call(*path)
         _print(args, data, f"key_id: {data['key_id'] or '(none: run key generate)'}\npublic_key: {data['public_key']}"
-               + "".join(f"\nold: {o['key_id']} expired {_fmt_time(o['expired_at'])}" for o in data["old_keys"]))
+               + "".join(f"\nold: {o['key_id']} rotated out {_fmt_time(o['expired_at'])}, accepted for live traffic until "
+                         f"{_fmt_time(o['expired_at'] + 30 * 86_400_000)}, for its history forever"
+                         for o in data["old_keys"]))
     elif cmd == "policy":
         if args.action == "show":
             data = c.call("GET", "/v1/admin/federation/policy")

@@ -12,21 +12,21 @@ however the demo ends.
 
 The directory (default ``demo-run/``) is wiped at the start, but only if it is
 empty or holds an earlier demo run, and keeps each server's ``server.log``,
-``data/`` (SQLite), certificate and key afterwards.
+``data/`` (SQLite), ``recording.cbor`` (its federation traffic, for
+``scaiwave replay``), certificate and key afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
-import ssl
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
 
 import httpx
 
@@ -97,19 +97,20 @@ class _Demo:
         """Run ``scaiwave ARGS`` as ``server``'s admin; print it and its output.
 
         With ``fail=True`` the command must fail; returns the error code."""
-        _say(f"  [{server.name} admin]$ scaiwave {' '.join(args)}")
+        typed = shlex.join(["scaiwave", *args])  # as typed in a shell: room ids start with "!"
+        _say(f"  [{server.name} admin]$ {typed}")
         proc = server.cli(*args)
         _out(proc.stdout)
         stderr = [line for line in proc.stderr.splitlines()
                   if line.strip() and not line.startswith("backfill:") and " INFO " not in line]
         _out("\n".join(stderr))
         if fail:
-            _check(proc.returncode != 0, f"`scaiwave {' '.join(args)}` on {server.name} should have failed")
+            _check(proc.returncode != 0, f"`{typed}` on {server.name} should have failed")
             lines = [line for line in stderr if line.startswith("error: ")]
-            _check(bool(lines), f"`scaiwave {' '.join(args)}` printed no error line: {proc.stderr[-500:]}")
+            _check(bool(lines), f"`{typed}` printed no error line: {proc.stderr[-500:]}")
             return lines[-1].split(":")[1].strip()
         _check(proc.returncode == 0,
-               f"`scaiwave {' '.join(args)}` on {server.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+               f"`{typed}` on {server.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
         return proc.stdout
 
     def call(self, server: Server, method: str, path: str, body: Any = None, *, user: str | None = None,
@@ -395,14 +396,10 @@ def _notifications(data: dict[str, Any]) -> str:
 
 
 def _post_many(server: Server, token: str, room_id: str, bodies: list[str]) -> None:
-    """Post messages over one kept-alive HTTPS connection (a new one per message is slow)."""
-    ctx = ssl.create_default_context(cafile=str(server.ca_path))
-    headers = {"host": server.server_name, "authorization": f"Bearer {token}"}
-    url = f"https://127.0.0.1:{server.port}/v1/rooms/{quote(room_id, safe='!:')}/messages"
-    with httpx.Client(verify=ctx, trust_env=False, timeout=60.0) as client:
-        for body in bodies:
-            resp = client.post(url, json={"body": body}, headers=headers, extensions={"sni_hostname": server.name})
-            _check(resp.status_code == 200, f"posting {body!r}: HTTP {resp.status_code}: {resp.text[:300]}")
+    """Post messages quietly (the testbed's client keeps its HTTPS connection alive)."""
+    for body in bodies:
+        status, data = server.request("POST", f"/v1/rooms/{room_id}/messages", {"body": body}, token=token)
+        _check(status == 200, f"posting {body!r}: HTTP {status}: {_short(data, 300)}")
 
 
 def _prepare(directory: Path) -> None:

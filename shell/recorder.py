@@ -5,14 +5,23 @@ item is a header ``{"format": "scaiwave-recording", "version": 1,
 "server_name": str, "started_at": ms}``; every later item is a record
 ``{"kind": str, "now": ms, ...}``. Kinds:
 
-- ``policy`` ``{policy}``: the policy in force from here on;
-- ``own_keys`` ``{public}``: our descriptor after a key change (public halves only);
-- ``descriptor`` ``{server, body | error}``: a descriptor fetch and its bytes;
-- ``inbound`` ``{method, target, authorization, body, context, status, response}``:
-  a federation request that reached the core, the stored state its decision
-  read (``context``), and our reply;
+- ``policy`` ``{policy}``: the policy in force from here on (also at daemon start);
+- ``own_keys`` ``{public}``: our descriptor at start and after a key change (public halves only);
+- ``descriptor`` ``{server, body | error}``: a descriptor fetch and its bytes; at
+  daemon start ``{server, body, cached: true, fetched_at}`` for each descriptor
+  the key cache is restored with;
+- ``settings`` ``{refetch_interval_ms, skew_ms}``: the core's tunables, at daemon start;
+- ``nonces`` ``{nonces: [[nonce, expires_at], ...]}``: the replay window restored at start;
+- ``inbound`` ``{method, target, authorization, body, context, status, response,
+  received_at}``: a federation request that reached the core, the stored state
+  its decision read (``context``: ``peered``, ``local_users``, ``heads``,
+  ``proposals``, the room fields of a backfill...), and our reply;
 - ``outbound`` ``{peer, method, target, body, status, response | error}``;
-- ``handshake_start`` ``{peer, nonce}``, ``backfill_start`` ``{room_id, peer, limit, cursor}``.
+- ``handshake_start`` ``{peer, nonce}`` ... ``handshake_end`` ``{peer, protocol_version | error}``;
+- ``backfill_start`` ``{room_id, peer, limit, cursor}`` ... ``backfill_end``
+  ``{room_id, peer, stored, reached_start, error}``.
+
+``scaiwave replay`` (:mod:`.replay`) reads this format; docs/replay.md describes it.
 
 Only federation traffic is recorded: admin and user bearer tokens never reach
 the file (client and admin requests are not recorded at all). Each record is

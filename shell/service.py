@@ -120,7 +120,20 @@ class Service:
         for _origin, nonce, expires in await store.live_nonces(now):
             node.requests.replay.remember(nonce, expires)
         if service.recorder:
+            # The state the core starts from, so a replay starts from it too:
+            # policy, our public keys, peers' cached descriptors, live nonces.
             service.recorder.record("policy", now, policy=policy.as_dict())
+            service.recorder.record("settings", now, refetch_interval_ms=config.key_refetch_interval_ms,
+                                    skew_ms=node.requests.skew_ms)
+            service.recorder.record("own_keys", now, public=node.descriptor(service.federation_endpoint))
+            for peer in await store.list_peers():
+                if peer.get("descriptor"):
+                    service.recorder.record("descriptor", now, server=peer["server_name"],
+                                            body=peer["descriptor"].encode(), cached=True,
+                                            fetched_at=peer["descriptor_fetched_at"] or now)
+            nonces = [[nonce, expires] for _origin, nonce, expires in await store.live_nonces(now)]
+            if nonces:
+                service.recorder.record("nonces", now, nonces=nonces)
         return service
 
     async def aclose(self) -> None:
@@ -186,12 +199,13 @@ class Service:
         self.record("descriptor", server=server, body=data)
         return data
 
-    async def learn_descriptor(self, server: str, *, force: bool = False) -> Refused | None:
+    async def learn_descriptor(self, server: str, *, force: bool = False, key_id: str | None = None) -> Refused | None:
         """Fetch and cache ``server``'s keys (respecting the core's rate limit unless forced)."""
         now = self.now()
-        if not force and not self.node.keys.may_fetch(server, now):
+        if not force and not self.node.keys.may_fetch(server, now, key_id):
             return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago")
-        self.node.keys.fetch_attempted(server, now)
+        self.node.keys.fetch_attempted(server, now, key_id)
+        log.info("fetching the descriptor of %s%s", server, f" (unknown key {key_id})" if key_id else "")
         data = await self.fetch_descriptor(server)
         if isinstance(data, Refused):
             await self.peer_error(server, data)
@@ -212,6 +226,7 @@ class Service:
     async def peer_error(self, server: str, refusal: Refused) -> None:
         if server == self.config.server_name:
             return
+        log.warning("peer %s: %s", server, refusal)
         peer = await self.store.get_peer(server)
         failures = (peer or {}).get("failures") or 0
         now = self.now()
@@ -277,11 +292,15 @@ class Service:
                     await self.store.upsert_peer(peer, state="active", protocol_version=effect.protocol_version,
                                                  key_id=effect.key_id)
                     await self.peer_seen(peer)
+                    self.record("handshake_end", peer=peer, protocol_version=effect.protocol_version)
                     return effect
                 elif isinstance(effect, Failed):
                     await self.peer_error(peer, effect.refusal)
+                    self.record("handshake_end", peer=peer, error=effect.refusal.as_dict())
                     return effect.refusal
-            return Refused(Code.HANDSHAKE_FAILED, "handshake ended without an answer")
+            refusal = Refused(Code.HANDSHAKE_FAILED, "handshake ended without an answer")
+            self.record("handshake_end", peer=peer, error=refusal.as_dict())
+            return refusal
 
     async def ensure_peered(self, peer: str) -> Refused | None:
         """Handshake with ``peer`` unless already active (and still admitted by policy)."""
@@ -390,11 +409,16 @@ class Service:
                             "updated_at": self.now()})
                 job.stored = puller.stored - base
             elif isinstance(effect, NeedKeys):
-                await self.learn_descriptor(effect.server)
+                await self.learn_descriptor(effect.server, key_id=effect.key_id)
                 effects += puller.keys_updated(self.now())
             elif isinstance(effect, Failed):
                 await self.peer_error(effect.server, effect.refusal)
             elif isinstance(effect, BackfillDone):
+                log.info("backfill of %s from %s: %s events stored%s", job.room_id, job.peer, puller.stored - base,
+                         f", stopped: {effect.refusal}" if effect.refusal else "")
+                self.record("backfill_end", room_id=job.room_id, peer=job.peer, stored=effect.stored,
+                            reached_start=effect.reached_start,
+                            error=effect.refusal.as_dict() if effect.refusal else None)
                 job.reached_start = effect.reached_start
                 job.refused = [{"position": pos, **r.as_dict()} for pos, r in puller.refusals]
                 if effect.refusal is not None:

@@ -95,10 +95,8 @@ class Server:
         headers = {"host": self.server_name}
         if token:
             headers["authorization"] = f"Bearer {token}"
-        c = self._client()
-        if True:
-            resp = c.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
-                             extensions={"sni_hostname": self.name})
+        resp = self._client().request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
+                                      extensions={"sni_hostname": self.name})
         try:
             return resp.status_code, resp.json()
         except ValueError:

@@ -144,11 +144,16 @@ def test_origin_never_seen_needs_keys():
 def test_refetch_is_rate_limited_then_unknown_key():
     a, b = _peers()  # B fetched A's descriptor at NOW
     made_up = make_node(A, 12).keyring.current  # a key A never published
-    auth = _sign(a, key=made_up, now=NOW + 1000)
-    result = _verify(b, auth, now=NOW + 1000)
+    # Inside the 1 s floor even a new key id may not trigger a fetch.
+    result = _verify(b, _sign(a, key=made_up, now=NOW + 500), now=NOW + 500)
     assert isinstance(result, Refused) and result.code is Code.UNKNOWN_KEY
-    # Once the interval has passed, one fetch is allowed again.
-    later = NOW + b.keys.refetch_interval_ms
+    # A key id not yet asked about may trigger one fetch after the floor...
+    assert _verify(b, _sign(a, key=made_up, now=NOW + 1000), now=NOW + 1000) == NeedKeys(A, made_up.key_id)
+    b.keys.fetch_attempted(A, NOW + 1000, made_up.key_id)
+    # ...but asking again for the same (still unknown) id waits for the full interval.
+    result = _verify(b, _sign(a, key=made_up, now=NOW + 3000), now=NOW + 3000)
+    assert isinstance(result, Refused) and result.code is Code.UNKNOWN_KEY
+    later = NOW + 1000 + b.keys.refetch_interval_ms
     assert _verify(b, _sign(a, key=made_up, now=later), now=later) == NeedKeys(A, made_up.key_id)
 
 

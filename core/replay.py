@@ -1,0 +1,589 @@
+"""Replay: drive a fresh core with recorded federation traffic and compare its decisions.
+
+A recording (see ``shell/recorder.py`` for the format) holds every federation
+exchange of one daemon, the stored state each inbound decision read, and the
+live outcome. :class:`Replayer` feeds it, record by record, to a *fresh*
+:class:`~.node.Federation` and returns one :class:`Decision` per core
+decision, each with the replayed and the live :class:`Outcome`:
+
+- ``inbound``: route, authenticate, then the endpoint's decision
+  (``on_handshake``; ``admit`` then ``on_invite`` / ``on_events`` /
+  ``on_backfill``), using the record's ``context`` for stored state. When the
+  core asks for keys (:class:`~.events.NeedKeys`), it gets the descriptor
+  fetch the live daemon recorded just before this request was written (the
+  daemon writes an inbound record after answering it).
+- ``handshake``: an :class:`~.handshake.Initiator` started with the recorded
+  nonce, answered with the descriptor and hello reply recorded after
+  ``handshake_start``.
+- ``backfill``: a :class:`~.backfill.BackfillPuller` resumed from the recorded
+  cursor, answered with the recorded pages.
+
+The replay mirrors the daemon's glue around each core call step by step
+(``shell/api_federation.py``, ``Service.handshake``, ``Service._backfill``):
+the order of checks, which refusals end a request, when a descriptor may be
+fetched. A drift between the two shows up as a mismatch.
+
+What-if: a different :class:`~.policy.Policy` (replacing the recorded ones) or
+a clock offset added to every clock reading. Stored state stays as recorded:
+a what-if changes the core's inputs, not what the database held.
+
+Our own key. A recording holds no private keys (by design). The replay signs
+with a fixed substitute seed (:data:`SUBSTITUTE_SEED`), while our *public*
+keys (what verifiers of our own signatures use, for example a proposal of
+ours relayed back by a room's host) are the recorded ones. No decision
+depends on the private half: only the signature bytes of our own replies
+(the handshake proof, chained events, request signatures) differ from live.
+
+Pure and deterministic: the same records and settings give the same
+decisions, byte for byte. Nothing here reads a file or a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+from urllib.parse import parse_qsl, urlsplit
+
+from .backfill import BackfillDone, BackfillPuller, decode_page
+from .codes import Code, LocalProtocolError, Refused
+from .descriptor import parse_descriptor
+from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest
+from .events import NeedKeys
+from .handshake import HANDSHAKE_TARGET, Initiator
+from .keys import ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey
+from .node import Federation
+from .policy import Policy
+from .requests import Authenticated, parse_authorization
+from .rooms import Head, LinkResult, chain_event, check_proposal, link
+from .wire import decode
+
+__all__ = ["SUBSTITUTE_SEED", "UNKNOWN", "Outcome", "Decision", "ReplayResult", "Replayer", "replay_records"]
+
+#: The replay's own signing seed (the recording has no private keys).
+SUBSTITUTE_SEED = hashlib.sha256(b"scaiwave replay: substitute own key").digest()
+#: The verdict of a live outcome the recording does not tell.
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One side of a decision (replayed or live).
+
+    ``verdict``: ``accepted``, ``refused``, ``peered``, ``done`` (a backfill
+    ended cleanly), ``diverged`` (the replay asked for something the recording
+    cannot answer) or :data:`UNKNOWN`. ``code`` is the refusal code;
+    ``events`` the per-event results of a transaction (``ok`` or a code);
+    ``count`` the events a backfill stored. ``detail`` and ``status`` (the
+    live HTTP status) are for people and are not compared.
+    """
+
+    verdict: str
+    code: str | None = None
+    detail: str = ""
+    events: tuple[str, ...] = ()
+    count: int | None = None
+    status: int | None = None
+
+    def short(self) -> str:
+        """What is compared: ``refused peer_not_allowed``, ``accepted [ok, bad_signature]``, ``done 3 stored``."""
+        text = self.verdict if self.code is None else f"{self.verdict} {self.code}"
+        if any(e != "ok" for e in self.events):
+            text += " [" + ", ".join(self.events) + "]"
+        return text if self.count is None else f"{text} {self.count} stored"
+
+    def text(self) -> str:
+        """:meth:`short` with the live status in front and the detail after."""
+        text = self.short() + (f" ({self.detail})" if self.detail else "")
+        return text if self.status is None else f"{self.status} {text}"
+
+    def matches(self, other: "Outcome") -> bool:
+        """Same verdict, code, per-event results and (when both know it) count."""
+        return (self.verdict, self.code, self.events) == (other.verdict, other.code, other.events) and (
+            self.count is None or other.count is None or self.count == other.count)
+
+
+def _refused(refusal: Refused, **kw: Any) -> Outcome:
+    return Outcome("refused", refusal.code.value, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One core decision: record ``index`` (0-based, after the header), what it was, both outcomes."""
+
+    index: int
+    kind: str  # inbound | handshake | backfill
+    method: str
+    target: str
+    peer: str  # the request's origin (inbound) or the peer we asked (handshake, backfill)
+    replay: Outcome
+    live: Outcome
+
+    @property
+    def comparable(self) -> bool:
+        """False when the recording does not tell the live outcome."""
+        return self.live.verdict != UNKNOWN
+
+    @property
+    def same(self) -> bool:
+        """The replay decided as the live daemon did (True when not comparable)."""
+        return not self.comparable or self.live.matches(self.replay)
+
+
+@dataclass
+class ReplayResult:
+    """Everything one replay produced."""
+
+    server_name: str
+    decisions: list[Decision]
+    what_if: bool
+    #: Records that carry no core decision of ours, by kind (``outbound``: the peer decided).
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: Malformed records and other remarks, in record order.
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def differing(self) -> list[Decision]:
+        """Decisions whose replay differs from live (mismatches, or what-if changes)."""
+        return [d for d in self.decisions if not d.same]
+
+
+class _ReplayNode(Federation):
+    """A node whose own *public* keys are the recorded ones (see the module doc)."""
+
+    own_public: ServerKeys | None = None
+
+    def lookup(self, server: str):
+        if server == self.server_name and self.own_public is not None:
+            return self.own_public
+        return super().lookup(server)
+
+
+class _BadRecord(Exception):
+    pass
+
+
+_MISSING = object()
+
+
+def _field(rec: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    """``rec[name]`` if it has type ``kind``; ``default`` if absent; else the record is malformed."""
+    if name not in rec and default is not _MISSING:
+        return default
+    value = rec.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _BadRecord(f"{rec.get('kind')} record without a valid {name!r}")
+    return value
+
+
+def _result_code(result: object) -> str:
+    """One entry of a transaction reply's ``results``: ``ok`` or the refusal code."""
+    if not isinstance(result, dict):
+        return "?"
+    if result.get("ok"):
+        return "ok"
+    error = result.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else "?"
+
+
+def _error_refusal(err: object) -> Refused:
+    """A recorded ``{"code", "message"}`` as a refusal (unknown codes: ``peer_unreachable``)."""
+    if isinstance(err, Mapping):
+        try:
+            return Refused(Code(err.get("code")), str(err.get("message", "")))
+        except ValueError:
+            pass
+    return Refused(Code.PEER_UNREACHABLE, str(err)[:200])
+
+
+def _live_reply(status: int, response: bytes) -> tuple[str | None, Any]:
+    """The refusal code of an error reply (``?`` if unreadable), or ``None`` and the decoded 200 body."""
+    value = decode(response, max_size=64 << 20) if isinstance(response, bytes) else None
+    if status == 200:
+        return None, value
+    if isinstance(value, dict) and isinstance(value.get("error"), dict):
+        code = value["error"].get("code")
+        return (code if isinstance(code, str) else "?"), None
+    return "?", None
+
+
+class Replayer:
+    """Replays ``records`` (dicts, the recording after its header) as ``server_name``.
+
+    ``policy`` replaces every recorded policy (what-if); ``clock_offset_ms`` is
+    added to every clock reading (what-if); ``seed`` is our substitute signing
+    seed. Call :meth:`run` once; it returns a :class:`ReplayResult`. Malformed
+    records become notes, never exceptions.
+    """
+
+    def __init__(self, server_name: str, records: Sequence[Mapping[str, Any]], *, policy: Policy | None = None,
+                 clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED) -> None:
+        self.records = records
+        self.policy_override = policy
+        self.offset = clock_offset_ms
+        self.seed = seed
+        self.node = _ReplayNode(server_name, policy=policy or Policy())
+        # Until an own_keys record says otherwise, assume the daemon had a key.
+        self.node.keyring = KeyRing(current=SigningKey.from_seed(seed, 0))
+        self.result = ReplayResult(server_name, [], what_if=policy is not None or clock_offset_ms != 0)
+        self._consumed: set[int] = set()
+        self._pending: dict[str, tuple[int, Mapping[str, Any]]] = {}
+        self._txns: dict[tuple[str, str], Outcome] = {}
+        self._txns_seen: set[tuple[str, str]] = set()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> ReplayResult:
+        """Replay every record in order. Returns the result (also kept as ``self.result``)."""
+        handlers = {
+            "policy": self._policy, "settings": self._settings, "own_keys": self._own_keys,
+            "nonces": self._nonces, "descriptor": self._descriptor, "inbound": self._inbound,
+            "handshake_start": self._handshake, "backfill_start": self._backfill,
+        }
+        skipped = self.result.skipped
+        for index, rec in enumerate(self.records):
+            if index in self._consumed:
+                continue
+            kind = rec.get("kind") if isinstance(rec, Mapping) else None
+            handler = handlers.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                if kind not in ("handshake_end", "backfill_end"):
+                    skipped[str(kind)] = skipped.get(str(kind), 0) + 1
+                continue
+            try:
+                decision = handler(index, rec)
+            except (_BadRecord, LocalProtocolError, KeyError, TypeError, ValueError) as exc:
+                self.result.notes.append(f"#{index} {kind}: skipped, malformed record ({str(exc)[:160]})")
+                continue
+            if decision is not None:
+                self.result.decisions.append(decision)
+        if self._pending:
+            skipped["descriptor"] = skipped.get("descriptor", 0) + len(self._pending)
+        return self.result
+
+    def _now(self, rec: Mapping[str, Any], name: str = "now") -> int:
+        return _field(rec, name, int) + self.offset
+
+    # -- state records ---------------------------------------------------------------
+
+    def _policy(self, index: int, rec: Mapping[str, Any]) -> None:
+        if self.policy_override is None:
+            self.node.policy = Policy.from_dict(_field(rec, "policy", Mapping))
+
+    def _settings(self, index: int, rec: Mapping[str, Any]) -> None:
+        self.node.keys.refetch_interval_ms = _field(rec, "refetch_interval_ms", int, self.node.keys.refetch_interval_ms)
+        self.node.requests.skew_ms = _field(rec, "skew_ms", int, self.node.requests.skew_ms)
+
+    def _own_keys(self, index: int, rec: Mapping[str, Any]) -> None:
+        public = _field(rec, "public", Mapping)
+        if not public.get("public_key"):
+            self.node.keyring, self.node.own_public = KeyRing(), None
+            return
+        parsed = parse_descriptor(json.dumps(dict(public)).encode(), self.node.server_name)
+        if isinstance(parsed, Refused):
+            raise _BadRecord(f"our recorded descriptor does not check: {parsed}")
+        created = max(0, int(public.get("valid_until", 0)) - ROTATION_PERIOD_MS)
+        self.node.keyring = KeyRing(current=SigningKey.from_seed(self.seed, created))
+        self.node.own_public = parsed[0]
+
+    def _nonces(self, index: int, rec: Mapping[str, Any]) -> None:
+        for nonce, expires in _field(rec, "nonces", list):
+            self.node.requests.replay.remember(bytes(nonce), int(expires))
+
+    def _descriptor(self, index: int, rec: Mapping[str, Any]) -> None:
+        server = _field(rec, "server", str)
+        if rec.get("cached"):
+            # Restored into the key cache at daemon start.
+            fetched_at = _field(rec, "fetched_at", int, rec.get("now")) + self.offset
+            self.node.learn_descriptor(server, _field(rec, "body", bytes), fetched_at)
+            return
+        older = self._pending.get(server)
+        if older is not None:
+            # Nothing asked for the older fetch (an admin refresh, a client-side
+            # check): it went into the key cache all the same.
+            data = self._descriptor_data(older[1])
+            now = self._now(older[1])
+            self.node.keys.fetch_attempted(server, now)
+            if isinstance(data, bytes):
+                self.node.learn_descriptor(server, data, now)
+        self._pending[server] = (index, rec)
+
+    @staticmethod
+    def _descriptor_data(rec: Mapping[str, Any]) -> bytes | Refused:
+        if "error" in rec:
+            return _error_refusal(rec["error"])
+        return _field(rec, "body", bytes)
+
+    # -- finding the recorded answers ------------------------------------------------
+
+    def _window(self, start: int, kinds: tuple[str, str], match: Mapping[str, Any]) -> tuple[int, int | None]:
+        """The records after ``start`` belonging to one handshake/backfill: up to
+        its end record (returned as the second value) or the next start of the same."""
+        begin_kind, end_kind = kinds
+        for j in range(start + 1, len(self.records)):
+            rec = self.records[j]
+            if all(rec.get(k) == v for k, v in match.items()):
+                if rec.get("kind") == end_kind:
+                    self._consumed.add(j)
+                    return j, j
+                if rec.get("kind") == begin_kind:
+                    return j, None
+        return len(self.records), None
+
+    def _lookahead(self, start: int, end: int, **match: Any) -> Mapping[str, Any] | None:
+        for j in range(start + 1, end):
+            rec = self.records[j]
+            if j not in self._consumed and all(rec.get(k) == v for k, v in match.items()):
+                self._consumed.add(j)
+                return rec
+        return None
+
+    def _learn(self, server: str, now: int, window: tuple[int, int] | None) -> tuple[Refused | None, int]:
+        """Mirror of ``Service.learn_descriptor`` (not forced): the refusal if any,
+        and the clock reading after the fetch."""
+        if not self.node.keys.may_fetch(server, now):
+            return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago"), now
+        self.node.keys.fetch_attempted(server, now)
+        if window is None:  # an inbound request: the fetch was recorded before it
+            pending = self._pending.pop(server, None)
+            rec = pending[1] if pending else None
+        else:
+            rec = self._lookahead(window[0], window[1], kind="descriptor", server=server)
+        if rec is None:
+            return Refused(Code.PEER_UNREACHABLE, f"the recording holds no fetch of {server}'s descriptor here"), now
+        data = self._descriptor_data(rec)
+        if isinstance(data, Refused):
+            return data, self._now(rec)
+        entry = self.node.learn_descriptor(server, data, now)
+        return (entry if isinstance(entry, Refused) else None), self._now(rec)
+
+    # -- inbound ---------------------------------------------------------------------
+
+    def _inbound(self, index: int, rec: Mapping[str, Any]) -> Decision:
+        method, target = _field(rec, "method", str), _field(rec, "target", str)
+        authorization = _field(rec, "authorization", (str, type(None)), None)
+        body = _field(rec, "body", bytes, b"")
+        context = _field(rec, "context", Mapping, {})
+        status = _field(rec, "status", int)
+        now = self._now(rec, "received_at" if "received_at" in rec else "now")
+        claimed = parse_authorization(authorization)
+        origin = "?" if isinstance(claimed, Refused) else claimed.origin
+        live = self._live_inbound(target, status, _field(rec, "response", bytes, b""))
+        replay = self._decide_inbound(method, target, authorization, body, context, now, live)
+        return Decision(index, "inbound", method, target, origin, replay, live)
+
+    @staticmethod
+    def _live_inbound(target: str, status: int, response: bytes) -> Outcome:
+        code, value = _live_reply(status, response)
+        if code is not None:
+            return Outcome("refused", code, status=status)
+        if isinstance(value, dict) and isinstance(value.get("results"), list):
+            events = tuple(_result_code(r) for r in value["results"])
+            return Outcome("accepted", detail=f"{events.count('ok')} ok", events=events, status=status)
+        page = decode_page(response) if "/backfill" in target else None
+        if page is not None and not isinstance(page, Refused):
+            return Outcome("accepted", detail=f"served {len(page.events)} events", status=status)
+        return Outcome("accepted", status=status)
+
+    def _authenticate(self, method: str, target: str, authorization: str | None, body: bytes,
+                      now: int) -> Authenticated | Refused:
+        """Mirror of ``api_federation._authenticate``."""
+        args = dict(method=method, target=target, authorization=authorization, body=body)
+        result = self.node.authenticate(**args, now=now)
+        if isinstance(result, NeedKeys):
+            fetched, after = self._learn(result.server, now, None)
+            if fetched is not None and fetched.code is not Code.UNKNOWN_KEY:
+                return fetched
+            result = self.node.authenticate(**args, now=after)
+            if isinstance(result, NeedKeys):
+                return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
+        return result
+
+    def _decide_inbound(self, method: str, target: str, authorization: str | None, body: bytes,
+                        context: Mapping[str, Any], now: int, live: Outcome) -> Outcome:
+        node = self.node
+        route = node.route(method, urlsplit(target).path)
+        if isinstance(route, Refused):
+            return _refused(route)
+        auth = self._authenticate(method, target, authorization, body, now)
+        if isinstance(auth, Refused):
+            return _refused(auth)
+        if route.endpoint == "handshake":
+            answer = node.on_handshake(auth, body)
+            if isinstance(answer, Refused):
+                return _refused(answer)
+            return Outcome("accepted", detail=f"peered, {answer[1].protocol_version}")
+        refusal = node.admit(auth, peered=bool(context.get("peered", False)))
+        if refusal is not None:
+            return _refused(refusal)
+        param = route.param or ""
+        if route.endpoint == "invite":
+            local = context.get("local_users") or []
+            decision = node.on_invite(auth, param, body, is_local_user=set(local).__contains__)
+            if isinstance(decision, NeedKeys):
+                decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
+            if isinstance(decision, Refused):
+                return _refused(decision)
+            return Outcome("accepted", detail=f"invite of {decision.invitee} would be stored")
+        if route.endpoint == "send":
+            return self._send(auth, param, body, context, now, live)
+        query = dict(parse_qsl(urlsplit(target).query, keep_blank_values=True))
+        answer = node.on_backfill(auth, param, query, room_type=context.get("room_type"),
+                                  tenant_federates=bool(context.get("tenant_federates", True)),
+                                  origin_is_member=bool(context.get("origin_is_member", False)))
+        if isinstance(answer, Refused):
+            return _refused(answer)
+        return Outcome("accepted", detail=f"would serve a page before={answer[0]} limit={answer[1]}")
+
+    def _send(self, auth: Authenticated, txn_id: str, body: bytes, context: Mapping[str, Any], now: int,
+              live: Outcome) -> Outcome:
+        """Mirror of ``api_federation._send``: verify, link chained events to the
+        recorded heads, check proposals against the recorded membership."""
+        key = (auth.origin, txn_id)
+        if key in self._txns:
+            previous = self._txns[key]
+            return Outcome("accepted", detail="repeated transaction: the stored reply", events=previous.events)
+        if context.get("replayed_txn") and key not in self._txns_seen:
+            return Outcome("accepted", detail="repeated transaction from before the recording", events=live.events)
+        self._txns_seen.add(key)
+        node = self.node
+        results = node.on_events(auth, body)
+        if isinstance(results, Refused):
+            return _refused(results)
+        rooms_ctx: Mapping[str, Any] = context.get("heads") or {}
+        proposals: Mapping[str, Any] = context.get("proposals") or {}
+        by_room: Mapping[str, Any] = context.get("rooms") or {}
+        heads: dict[str, Head | None] = {}
+        outcomes: list[str] = []
+        stored = 0
+        for result in results:
+            if isinstance(result, NeedKeys):
+                self._learn(result.server, now, None)
+                result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
+            if isinstance(result, Refused):
+                outcomes.append(result.code.value)
+                continue
+            room = rooms_ctx.get(result.room_id) or {}
+            if result.room_id not in heads:
+                recorded = room.get("head")
+                heads[result.room_id] = Head(recorded[0], bytes(recorded[1])) if recorded else None
+            head = heads[result.room_id]
+            if result.depth > 0:
+                verdict = link(result, head) if room.get("known") else Refused(Code.NOT_FOUND, "unknown room")
+                if verdict == LinkResult.APPEND:
+                    heads[result.room_id] = Head(result.depth, result.event_id)
+                    stored += 1
+                outcomes.append(verdict.code.value if isinstance(verdict, Refused) else "ok")
+                continue
+            state = proposals.get(result.id_text) or by_room.get(result.room_id)
+            if not room.get("known") or room.get("host") != node.server_name or state is None:
+                outcomes.append(Code.NOT_FOUND.value)
+                continue
+            refusal = check_proposal(result, origin=auth.origin, room_type=state["room_type"],
+                                     tenant_federates=bool(state["tenant_federates"]),
+                                     membership=state.get("membership"))
+            if refusal is not None:
+                outcomes.append(refusal.code.value)
+                continue
+            chained = chain_event(node.keyring.current, head=head, room_id=result.room_id,
+                                  room_type=state["room_type"], sender=result.sender, type=result.type,
+                                  ts=now, content=result.content, source=result.envelope)
+            heads[result.room_id] = Head(chained.depth, chained.event_id)
+            stored += 1
+            outcomes.append("ok")
+        outcome = Outcome("accepted", detail=f"{stored} event{'s' if stored != 1 else ''} would be stored",
+                          events=tuple(outcomes))
+        self._txns[key] = outcome
+        return outcome
+
+    # -- outbound: handshakes and backfills we started -------------------------------
+
+    def _handshake(self, index: int, rec: Mapping[str, Any]) -> Decision:
+        """Mirror of ``Service.handshake``."""
+        peer, nonce, now = _field(rec, "peer", str), _field(rec, "nonce", bytes), self._now(rec)
+        end, end_index = self._window(index, ("handshake_start", "handshake_end"), {"peer": peer})
+        live = Outcome(UNKNOWN)
+        if end_index is not None:
+            done = self.records[end_index]
+            live = (_refused(_error_refusal(done["error"])) if done.get("error")
+                    else Outcome("peered", detail=str(done.get("protocol_version", ""))))
+        node = self.node
+        machine = Initiator(server_name=node.server_name, peer=peer, keyring=node.keyring, policy=node.policy,
+                            keys=node.keys, versions=node.versions)
+        effects = machine.start(nonce)
+        replay = Outcome("diverged", detail="the handshake ended without an answer")
+        while effects:
+            effect = effects.pop(0)
+            if isinstance(effect, FetchDescriptor):
+                node.keys.fetch_attempted(effect.server, now)
+                found = self._lookahead(index, end, kind="descriptor", server=effect.server)
+                if found is None:
+                    replay = Outcome("diverged", detail=f"the recording holds no fetch of {peer}'s descriptor")
+                    break
+                data = self._descriptor_data(found)
+                effects += (machine.descriptor_failed(data) if isinstance(data, Refused)
+                            else machine.descriptor_received(data, now))
+            elif isinstance(effect, SendRequest):
+                answer = self._lookahead(index, end, kind="outbound", peer=peer, method="POST", target=HANDSHAKE_TARGET)
+                if answer is None:
+                    replay = Outcome("diverged", detail="the recording holds no answer to the hello")
+                    break
+                if "error" in answer:
+                    effects += machine.reply_failed(_error_refusal(answer["error"]))
+                else:
+                    effects += machine.reply_received(_field(answer, "status", int), _field(answer, "response", bytes))
+            elif isinstance(effect, PeerAgreed):
+                replay = Outcome("peered", detail=effect.protocol_version)
+                break
+            elif isinstance(effect, Failed):
+                replay = _refused(effect.refusal)
+                break
+        return Decision(index, "handshake", "POST", HANDSHAKE_TARGET, peer, replay, live)
+
+    def _backfill(self, index: int, rec: Mapping[str, Any]) -> Decision:
+        """Mirror of ``Service._backfill`` from the recorded resume cursor on."""
+        room_id, peer = _field(rec, "room_id", str), _field(rec, "peer", str)
+        cursor, now = _field(rec, "cursor", bytes), self._now(rec)
+        end, end_index = self._window(index, ("backfill_start", "backfill_end"), {"room_id": room_id, "peer": peer})
+        live = Outcome(UNKNOWN)
+        if end_index is not None:
+            done = self.records[end_index]
+            stored = done.get("stored") if isinstance(done.get("stored"), int) else None
+            live = (_refused(_error_refusal(done["error"]), count=stored) if done.get("error")
+                    else Outcome("done", count=stored, detail="reached the start" if done.get("reached_start") else ""))
+        target = f"/_scaiwave/federation/v1/rooms/{room_id}/backfill"
+        key = self.node.keyring.current
+        refusal = (Refused(Code.OWN_KEY_MISSING, "no federation key") if key is None
+                   else self.node.policy.admits(peer))
+        if refusal is not None:
+            return Decision(index, "backfill", "GET", target, peer, _refused(refusal), live)
+        puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys)
+        effects = puller.start(now)
+        replay = Outcome("diverged", detail="the pull ended without an answer")
+        while effects:
+            effect = effects.pop(0)
+            if isinstance(effect, SendRequest):
+                answer = self._lookahead(index, end, kind="outbound", peer=peer, method="GET", target=effect.target)
+                if answer is None:
+                    replay = Outcome("diverged", count=puller.stored,
+                                     detail=f"the recording holds no answer to GET {effect.target}")
+                    break
+                now = self._now(answer)
+                effects += (puller.fail(_error_refusal(answer["error"])) if "error" in answer else
+                            puller.page_received(_field(answer, "status", int), _field(answer, "response", bytes), now))
+            elif isinstance(effect, NeedKeys):
+                _refusal, now = self._learn(effect.server, now, (index, end))
+                effects += puller.keys_updated(now)
+            elif isinstance(effect, BackfillDone):
+                replay = (_refused(effect.refusal, count=effect.stored) if effect.refusal else
+                          Outcome("done", count=effect.stored, detail="reached the start" if effect.reached_start else ""))
+                break
+        return Decision(index, "backfill", "GET", target, peer, replay, live)
+
+
+def replay_records(server_name: str, records: Sequence[Mapping[str, Any]], *, policy: Policy | None = None,
+                   clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED) -> ReplayResult:
+    """Replay ``records`` as ``server_name`` (see :class:`Replayer`). Returns the :class:`ReplayResult`."""
+    return Replayer(server_name, records, policy=policy, clock_offset_ms=clock_offset_ms, seed=seed).run()

@@ -1,0 +1,227 @@
+"""``scaiwave replay`` and the replay API for researchers.
+
+The engine is pure and lives in the core (:mod:`scaiwave_federation.core.replay`);
+this module reads recording files and policy files, renders the decisions as
+text and runs the command::
+
+    from scaiwave_federation.shell.replay import open_recording, replay, render
+
+    recording = open_recording("rec.cbor")
+    for record in recording.records:          # plain dicts, see shell/recorder.py
+        print(record["kind"], record["now"])
+    result = replay(recording, policy={"default_mode": "closed"}, clock_offset="31d")
+    for decision in result.decisions:         # core.replay.Decision dataclasses
+        if not decision.same:
+            print(decision.index, decision.live.short(), "->", decision.replay.short())
+    print(render(result), end="")
+
+Output lines are stable: two replays of the same file with the same settings
+print the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import cbor2
+
+from scaiwave_federation.core import LocalProtocolError, Policy
+from scaiwave_federation.core.replay import SUBSTITUTE_SEED, Decision, Outcome, ReplayResult, replay_records
+
+from .config import ConfigError, parse_duration_ms
+from .recorder import FORMAT, VERSION, RecordingError
+
+__all__ = [
+    "Recording", "open_recording", "load_policy", "replay", "render", "replay_main",
+    "Decision", "Outcome", "ReplayResult", "RecordingError",
+]
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recording read into memory.
+
+    ``records`` are the dicts after the header, in file order (``#N`` in the
+    output is an index into this list). ``torn`` is True when the file ended
+    inside a record (a crash mid-write); everything before it is here.
+    """
+
+    path: Path | None
+    header: dict[str, Any]
+    records: list[dict[str, Any]]
+    torn: bool = False
+
+    @property
+    def server_name(self) -> str:
+        """The recording daemon's server name (from the header)."""
+        return str(self.header.get("server_name", ""))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """The records of one kind (``inbound``, ``outbound``, ``descriptor``...)."""
+        return [r for r in self.records if r.get("kind") == kind]
+
+
+def open_recording(path: Path | str) -> Recording:
+    """Read a recording file. Raises :class:`RecordingError` if it is not one
+    (or of a newer version) and ``OSError`` if it cannot be read."""
+    path = Path(path)
+    data = path.read_bytes()
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(stream)
+    try:
+        header = decoder.decode()
+    except (cbor2.CBORDecodeError, EOFError) as exc:
+        raise RecordingError(f"{path}: not a scaiwave recording ({exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise RecordingError(f"{path}: not a scaiwave recording")
+    if header.get("version") != VERSION:
+        raise RecordingError(f"{path}: recording version {header.get('version')} is not supported (this reads {VERSION})")
+    records: list[dict[str, Any]] = []
+    torn = False
+    while stream.tell() < len(data):
+        try:
+            item = decoder.decode()
+        except (cbor2.CBORDecodeError, EOFError):
+            torn = True  # cut mid-record: everything before it stands
+            break
+        if isinstance(item, dict) and "kind" in item:
+            records.append(item)
+    return Recording(path, header, records, torn)
+
+
+def load_policy(path: Path | str) -> Policy:
+    """A policy file: JSON or TOML ``{default_mode, allowed_peers, blocked_peers}``
+    (``.toml`` is TOML, anything else is tried as JSON, then TOML).
+    Raises ``ValueError`` naming the file when it cannot be used."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--policy {path}: cannot read it ({exc})") from exc
+    data: Any = None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError):
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--policy {path}: neither JSON nor TOML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--policy {path}: expected {{default_mode, allowed_peers, blocked_peers}}")
+    try:
+        return Policy.from_dict(data)
+    except LocalProtocolError as exc:
+        raise ValueError(f"--policy {path}: {exc}") from exc
+
+
+def replay(recording: Recording | Path | str, *, policy: Policy | Mapping[str, Any] | Path | None = None,
+           clock_offset: int | str = 0, seed: bytes = SUBSTITUTE_SEED) -> ReplayResult:
+    """Drive a fresh core with ``recording`` and collect its decisions.
+
+    ``policy``: a :class:`Policy`, its dict form or a policy file; replaces
+    the recorded policies (what-if). ``clock_offset``: milliseconds or a
+    duration like ``"31d"``/``"-2h"``, added to every clock reading (what-if).
+    Returns a :class:`ReplayResult`; raises ``RecordingError``/``OSError`` for
+    a file that cannot be read, ``ValueError``/``ConfigError`` for bad settings.
+    """
+    if not isinstance(recording, Recording):
+        recording = open_recording(recording)
+    if isinstance(policy, Path):
+        policy = load_policy(policy)
+    elif isinstance(policy, Mapping):
+        policy = Policy.from_dict(policy)
+    offset = parse_duration_ms(clock_offset, "--clock-offset", allow_negative=True)
+    result = replay_records(recording.server_name, recording.records, policy=policy, clock_offset_ms=offset,
+                            seed=seed)
+    if recording.torn:
+        result.notes.append(f"the file ends inside a record: replayed the {len(recording.records)} complete records")
+    return result
+
+
+# -- text output ------------------------------------------------------------------------
+
+
+def _line(d: Decision, what_if: bool) -> str:
+    direction = "from" if d.kind == "inbound" else "to"
+    text = f"#{d.index} {d.kind} {d.method} {d.target} {direction} {d.peer}: {d.replay.text()} | live {d.live.text()}"
+    if not d.same:
+        text += f" | {'CHANGED' if what_if else 'MISMATCH'} live={d.live.short()} replay={d.replay.short()}"
+    return text
+
+
+def _tally(outcomes: list[Outcome]) -> str:
+    verdicts = Counter(o.verdict for o in outcomes)
+    parts = []
+    for verdict in sorted(verdicts):
+        part = f"{verdict} {verdicts[verdict]}"
+        codes = Counter(o.code for o in outcomes if o.verdict == verdict and o.code)
+        if codes:
+            part += " (" + ", ".join(f"{c} {codes[c]}" for c in sorted(codes)) + ")"
+        parts.append(part)
+    return ", ".join(parts) or "none"
+
+
+_SKIPPED = {
+    "outbound": "outbound requests (the peer decided those)",
+    "descriptor": "descriptor fetches no replayed decision asked for",
+}
+
+
+def render(result: ReplayResult) -> str:
+    """The replay as text: one line per decision, the notes, then a summary."""
+    lines = [_line(d, result.what_if) for d in result.decisions]
+    lines += [f"note: {n}" for n in result.notes]
+    kinds = Counter(d.kind for d in result.decisions)
+    compared = [d for d in result.decisions if d.comparable]
+    differing = result.differing
+    lines.append(f"summary: {len(result.decisions)} decisions of {result.server_name}"
+                 + (" (" + ", ".join(f"{k} {kinds[k]}" for k in sorted(kinds)) + ")" if kinds else ""))
+    lines.append(f"  replay: {_tally([d.replay for d in result.decisions])}")
+    lines.append(f"  live:   {_tally([d.live for d in compared])}")
+    label = "changed by the what-if" if result.what_if else "mismatches"
+    lines.append(f"  same as live: {len(compared) - len(differing)}, {label}: {len(differing)}"
+                 + (f", not comparable: {len(result.decisions) - len(compared)}" if len(compared) < len(result.decisions) else ""))
+    if result.skipped:
+        lines.append("  not replayed: " + ", ".join(
+            f"{_SKIPPED.get(kind, kind + ' records')}: {n}" for kind, n in sorted(result.skipped.items())))
+    return "\n".join(lines) + "\n"
+
+
+def replay_main(recording: Path, *, policy_file: Path | None = None, clock_offset: str = "0") -> int:
+    """``scaiwave replay RECORDING [--policy FILE] [--clock-offset 31d]``.
+
+    Prints the decisions and a summary. Returns 0 (also when a what-if changes
+    decisions), 1 when a plain replay disagrees with the live decisions, 2 when
+    the file or a setting cannot be used.
+    """
+    try:
+        offset = parse_duration_ms(clock_offset, "--clock-offset", allow_negative=True)
+        policy = load_policy(policy_file) if policy_file is not None else None
+        rec = open_recording(recording)
+    except (ConfigError, ValueError, RecordingError, OSError) as exc:
+        print(f"scaiwave replay: {exc}", file=sys.stderr)
+        return 2
+    result = replay(rec, policy=policy, clock_offset=offset)
+    if result.what_if:
+        settings = []
+        if policy is not None:
+            settings.append("policy " + json.dumps(policy.as_dict(), sort_keys=True))
+        if offset:
+            settings.append(f"clock offset {offset:+d} ms")
+        sys.stdout.write(f"what-if: {'; '.join(settings)}\n")
+    sys.stdout.write(render(result))
+    sys.stdout.flush()
+    return 1 if result.differing and not result.what_if else 0
