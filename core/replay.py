@@ -1,41 +1,26 @@
 """Replay: drive a fresh core with recorded federation traffic and compare its decisions.
 
-A recording (see ``shell/recorder.py`` for the format) holds every federation
-exchange of one daemon, the stored state each inbound decision read, and the
-live outcome. :class:`Replayer` feeds it, record by record, to a *fresh*
-:class:`~.node.Federation` and returns one :class:`Decision` per core
-decision, each with the replayed and the live :class:`Outcome`:
+:class:`Replayer` feeds a recording (format: ``shell/recorder.py``) record by
+record to a *fresh* :class:`~.node.Federation` and returns one
+:class:`Decision` per core decision, with the replayed and the live
+:class:`Outcome`: ``inbound`` requests (route, authenticate, then the
+endpoint's decision, reading stored state from the record's ``context``),
+and the ``handshake`` / ``backfill`` machines we started, answered with the
+recorded descriptors, replies and pages. It mirrors the daemon's glue around
+each core call step by step (``shell/api_federation.py``,
+``Service.handshake``, ``Service._backfill``), so a drift between the two
+shows up as a mismatch. docs/replay.md explains the matching rules.
 
-- ``inbound``: route, authenticate, then the endpoint's decision
-  (``on_handshake``; ``admit`` then ``on_invite`` / ``on_events`` /
-  ``on_backfill``), using the record's ``context`` for stored state. When the
-  core asks for keys (:class:`~.events.NeedKeys`), it gets the descriptor
-  fetch the live daemon recorded just before this request was written (the
-  daemon writes an inbound record after answering it).
-- ``handshake``: an :class:`~.handshake.Initiator` started with the recorded
-  nonce, answered with the descriptor and hello reply recorded after
-  ``handshake_start``.
-- ``backfill``: a :class:`~.backfill.BackfillPuller` resumed from the recorded
-  cursor, answered with the recorded pages.
+What-if: a :class:`~.policy.Policy` replacing the recorded ones, or an offset
+added to every clock reading. Stored state stays as recorded.
 
-The replay mirrors the daemon's glue around each core call step by step
-(``shell/api_federation.py``, ``Service.handshake``, ``Service._backfill``):
-the order of checks, which refusals end a request, when a descriptor may be
-fetched. A drift between the two shows up as a mismatch.
+Our own key: a recording holds no private keys (by design), so the replay
+signs with :data:`SUBSTITUTE_SEED`, while our *public* keys (which verify our
+own signatures, e.g. a proposal of ours relayed back by a room's host) are
+the recorded ones. No decision depends on the private half; only the
+signature bytes of our own replies (handshake proof, chained events) differ.
 
-What-if: a different :class:`~.policy.Policy` (replacing the recorded ones) or
-a clock offset added to every clock reading. Stored state stays as recorded:
-a what-if changes the core's inputs, not what the database held.
-
-Our own key. A recording holds no private keys (by design). The replay signs
-with a fixed substitute seed (:data:`SUBSTITUTE_SEED`), while our *public*
-keys (what verifiers of our own signatures use, for example a proposal of
-ours relayed back by a room's host) are the recorded ones. No decision
-depends on the private half: only the signature bytes of our own replies
-(the handshake proof, chained events, request signatures) differ from live.
-
-Pure and deterministic: the same records and settings give the same
-decisions, byte for byte. Nothing here reads a file or a clock.
+Pure and deterministic: no file, no clock; same records, same decisions.
 """
 
 from __future__ import annotations
@@ -43,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
@@ -89,8 +75,9 @@ class Outcome:
     def short(self) -> str:
         """What is compared: ``refused peer_not_allowed``, ``accepted [ok, bad_signature]``, ``done 3 stored``."""
         text = self.verdict if self.code is None else f"{self.verdict} {self.code}"
-        if any(e != "ok" for e in self.events):
-            text += " [" + ", ".join(self.events) + "]"
+        if any(e != "ok" for e in self.events):  # run-length: [ok x99, bad_signature]
+            runs = [(r, len(list(group))) for r, group in groupby(self.events)]
+            text += " [" + ", ".join(r if n == 1 else f"{r} x{n}" for r, n in runs) + "]"
         return text if self.count is None else f"{text} {self.count} stored"
 
     def text(self) -> str:
@@ -155,9 +142,9 @@ class _ReplayNode(Federation):
     own_public: ServerKeys | None = None
 
     def lookup(self, server: str):
-        if server == self.server_name and self.own_public is not None:
-            return self.own_public
-        return super().lookup(server)
+        if server != self.server_name:
+            return self.keys.keys(server)
+        return self.own_public or self.keyring.public(server)
 
 
 class _BadRecord(Exception):
@@ -178,35 +165,28 @@ def _field(rec: Mapping[str, Any], name: str, kind: type | tuple[type, ...], def
 
 
 def _result_code(result: object) -> str:
-    """One entry of a transaction reply's ``results``: ``ok`` or the refusal code."""
-    if not isinstance(result, dict):
-        return "?"
-    if result.get("ok"):
-        return "ok"
-    error = result.get("error")
+    """One entry of a transaction reply's ``results``: ``ok`` or the refusal code (``?``: unreadable)."""
+    error = result.get("error") if isinstance(result, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) else "?"
+    return "ok" if isinstance(result, dict) and result.get("ok") else code if isinstance(code, str) else "?"
 
 
 def _error_refusal(err: object) -> Refused:
     """A recorded ``{"code", "message"}`` as a refusal (unknown codes: ``peer_unreachable``)."""
-    if isinstance(err, Mapping):
-        try:
-            return Refused(Code(err.get("code")), str(err.get("message", "")))
-        except ValueError:
-            pass
+    if isinstance(err, Mapping) and err.get("code") in Code._value2member_map_:
+        return Refused(Code(err["code"]), str(err.get("message", "")))
     return Refused(Code.PEER_UNREACHABLE, str(err)[:200])
 
 
-def _live_reply(status: int, response: bytes) -> tuple[str | None, Any]:
-    """The refusal code of an error reply (``?`` if unreadable), or ``None`` and the decoded 200 body."""
-    value = decode(response, max_size=64 << 20) if isinstance(response, bytes) else None
-    if status == 200:
-        return None, value
-    if isinstance(value, dict) and isinstance(value.get("error"), dict):
-        code = value["error"].get("code")
-        return (code if isinstance(code, str) else "?"), None
-    return "?", None
+def _live_end(rec: Mapping[str, Any] | None, ok: str) -> Outcome:
+    """The live outcome from a ``handshake_end`` / ``backfill_end`` record (``None``: not recorded)."""
+    if rec is None:
+        return Outcome(UNKNOWN)
+    count = rec.get("stored") if type(rec.get("stored")) is int else None
+    if rec.get("error"):
+        return _refused(_error_refusal(rec["error"]), count=count)
+    detail = str(rec.get("protocol_version", "reached the start" if rec.get("reached_start") else ""))
+    return Outcome(ok, count=count, detail=detail)
 
 
 class Replayer:
@@ -231,7 +211,6 @@ class Replayer:
         self._consumed: set[int] = set()
         self._pending: dict[str, tuple[int, Mapping[str, Any]]] = {}
         self._txns: dict[tuple[str, str], Outcome] = {}
-        self._txns_seen: set[tuple[str, str]] = set()
 
     # -- the loop ------------------------------------------------------------------
 
@@ -318,34 +297,35 @@ class Replayer:
 
     # -- finding the recorded answers ------------------------------------------------
 
-    def _window(self, start: int, kinds: tuple[str, str], match: Mapping[str, Any]) -> tuple[int, int | None]:
-        """The records after ``start`` belonging to one handshake/backfill: up to
-        its end record (returned as the second value) or the next start of the same."""
-        begin_kind, end_kind = kinds
+    def _window(self, start: int, kinds: tuple[str, str],
+                match: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None]:
+        """Where the records of one handshake/backfill end: at its end record
+        (returned too) or at the next start of the same one."""
         for j in range(start + 1, len(self.records)):
             rec = self.records[j]
-            if all(rec.get(k) == v for k, v in match.items()):
-                if rec.get("kind") == end_kind:
-                    self._consumed.add(j)
-                    return j, j
-                if rec.get("kind") == begin_kind:
+            if isinstance(rec, Mapping) and all(rec.get(k) == v for k, v in match.items()):
+                if rec.get("kind") == kinds[1]:
+                    return j, rec
+                if rec.get("kind") == kinds[0]:
                     return j, None
         return len(self.records), None
 
     def _lookahead(self, start: int, end: int, **match: Any) -> Mapping[str, Any] | None:
+        """The first record between ``start`` and ``end`` matching ``match`` (now used up)."""
         for j in range(start + 1, end):
             rec = self.records[j]
-            if j not in self._consumed and all(rec.get(k) == v for k, v in match.items()):
+            if j not in self._consumed and isinstance(rec, Mapping) and all(rec.get(k) == v for k, v in match.items()):
                 self._consumed.add(j)
                 return rec
         return None
 
-    def _learn(self, server: str, now: int, window: tuple[int, int] | None) -> tuple[Refused | None, int]:
+    def _learn(self, server: str, now: int, window: tuple[int, int] | None,
+               key_id: str | None = None) -> tuple[Refused | None, int]:
         """Mirror of ``Service.learn_descriptor`` (not forced): the refusal if any,
         and the clock reading after the fetch."""
-        if not self.node.keys.may_fetch(server, now):
+        if not self.node.keys.may_fetch(server, now, key_id):
             return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago"), now
-        self.node.keys.fetch_attempted(server, now)
+        self.node.keys.fetch_attempted(server, now, key_id)
         if window is None:  # an inbound request: the fetch was recorded before it
             pending = self._pending.pop(server, None)
             rec = pending[1] if pending else None
@@ -376,9 +356,11 @@ class Replayer:
 
     @staticmethod
     def _live_inbound(target: str, status: int, response: bytes) -> Outcome:
-        code, value = _live_reply(status, response)
-        if code is not None:
-            return Outcome("refused", code, status=status)
+        value = decode(response, max_size=64 << 20)
+        if status != 200:
+            error = value.get("error") if isinstance(value, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            return Outcome("refused", code if isinstance(code, str) else "?", status=status)
         if isinstance(value, dict) and isinstance(value.get("results"), list):
             events = tuple(_result_code(r) for r in value["results"])
             return Outcome("accepted", detail=f"{events.count('ok')} ok", events=events, status=status)
@@ -393,7 +375,7 @@ class Replayer:
         args = dict(method=method, target=target, authorization=authorization, body=body)
         result = self.node.authenticate(**args, now=now)
         if isinstance(result, NeedKeys):
-            fetched, after = self._learn(result.server, now, None)
+            fetched, after = self._learn(result.server, now, None, result.key_id)
             if fetched is not None and fetched.code is not Code.UNKNOWN_KEY:
                 return fetched
             result = self.node.authenticate(**args, now=after)
@@ -445,9 +427,10 @@ class Replayer:
         if key in self._txns:
             previous = self._txns[key]
             return Outcome("accepted", detail="repeated transaction: the stored reply", events=previous.events)
-        if context.get("replayed_txn") and key not in self._txns_seen:
-            return Outcome("accepted", detail="repeated transaction from before the recording", events=live.events)
-        self._txns_seen.add(key)
+        if context.get("replayed_txn"):
+            # Answered from storage live, and the replay never accepted the first one
+            # (it came before the recording started): the stored reply stands.
+            return Outcome("accepted", detail="repeated transaction: the live stored reply", events=live.events)
         node = self.node
         results = node.on_events(auth, body)
         if isinstance(results, Refused):
@@ -503,12 +486,8 @@ class Replayer:
     def _handshake(self, index: int, rec: Mapping[str, Any]) -> Decision:
         """Mirror of ``Service.handshake``."""
         peer, nonce, now = _field(rec, "peer", str), _field(rec, "nonce", bytes), self._now(rec)
-        end, end_index = self._window(index, ("handshake_start", "handshake_end"), {"peer": peer})
-        live = Outcome(UNKNOWN)
-        if end_index is not None:
-            done = self.records[end_index]
-            live = (_refused(_error_refusal(done["error"])) if done.get("error")
-                    else Outcome("peered", detail=str(done.get("protocol_version", ""))))
+        end, end_rec = self._window(index, ("handshake_start", "handshake_end"), {"peer": peer})
+        live = _live_end(end_rec, "peered")
         node = self.node
         machine = Initiator(server_name=node.server_name, peer=peer, keyring=node.keyring, policy=node.policy,
                             keys=node.keys, versions=node.versions)
@@ -546,13 +525,8 @@ class Replayer:
         """Mirror of ``Service._backfill`` from the recorded resume cursor on."""
         room_id, peer = _field(rec, "room_id", str), _field(rec, "peer", str)
         cursor, now = _field(rec, "cursor", bytes), self._now(rec)
-        end, end_index = self._window(index, ("backfill_start", "backfill_end"), {"room_id": room_id, "peer": peer})
-        live = Outcome(UNKNOWN)
-        if end_index is not None:
-            done = self.records[end_index]
-            stored = done.get("stored") if isinstance(done.get("stored"), int) else None
-            live = (_refused(_error_refusal(done["error"]), count=stored) if done.get("error")
-                    else Outcome("done", count=stored, detail="reached the start" if done.get("reached_start") else ""))
+        end, end_rec = self._window(index, ("backfill_start", "backfill_end"), {"room_id": room_id, "peer": peer})
+        live = _live_end(end_rec, "done")
         target = f"/_scaiwave/federation/v1/rooms/{room_id}/backfill"
         key = self.node.keyring.current
         refusal = (Refused(Code.OWN_KEY_MISSING, "no federation key") if key is None
@@ -574,7 +548,7 @@ class Replayer:
                 effects += (puller.fail(_error_refusal(answer["error"])) if "error" in answer else
                             puller.page_received(_field(answer, "status", int), _field(answer, "response", bytes), now))
             elif isinstance(effect, NeedKeys):
-                _refusal, now = self._learn(effect.server, now, (index, end))
+                _refusal, now = self._learn(effect.server, now, (index, end), effect.key_id)
                 effects += puller.keys_updated(now)
             elif isinstance(effect, BackfillDone):
                 replay = (_refused(effect.refusal, count=effect.stored) if effect.refusal else

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corehelpers import A, B, DAY, NOW, build_chain, head_of, make_node, seed, tamper_envelope
 from scaiwave_federation.core import (
@@ -105,6 +107,14 @@ def test_event_after_its_key_was_rotated_out_is_expired_key():
     results = verify_events([before.envelope, after.envelope], {B: ring.public(B)}.get)
     assert results[0] == before
     assert results[1].code is Code.EXPIRED_KEY
+
+
+def test_undecodable_envelopes_in_a_batch_are_refused_in_place():
+    _, b = _nodes()
+    chain = build_chain(b.keyring.current, ROOM, 2)
+    results = verify_events([chain[0].envelope, b"\xff", encode([1]), chain[1].envelope], _lookup(b))
+    assert results[0] == chain[0] and results[3] == chain[1]
+    assert results[1].code is Code.MALFORMED and results[2].code is Code.MALFORMED
 
 
 def test_batch_goes_to_the_verifier_in_one_call():
@@ -361,3 +371,67 @@ def test_events_body_round_trip():
 def test_bad_events_bodies(body):
     result = decode_events_body(body)
     assert isinstance(result, Refused) and result.code is Code.MALFORMED
+
+
+# -- the envelope fast path gives the generic decoder's verdicts ------------------------------
+
+
+def _sample_envelopes():
+    key = make_node(B, 2).keyring.current
+    small = _envelope(GOOD)
+    big = _envelope(dict(GOOD, content={"body": "x" * 400}))
+    long_key_id = _envelope(GOOD, key_id="ed25519:" + "k" * 40)
+    chained = build_chain(key, ROOM, 2)[1].envelope
+    return [small, big, long_key_id, chained]
+
+
+ENVELOPES = _sample_envelopes()
+
+
+def _verdict(result):
+    return ("event", result) if isinstance(result, Event) else ("refused", result.code)
+
+
+@given(
+    index=st.sampled_from(range(len(ENVELOPES))),
+    edits=st.lists(
+        st.tuples(st.sampled_from(["set", "insert", "delete", "truncate", "append"]),
+                  st.integers(0, 1 << 16), st.integers(0, 255)),
+        max_size=3,
+    ),
+)
+def test_fast_and_generic_envelope_paths_agree(index, edits):
+    data = bytearray(ENVELOPES[index])
+    for op, where, byte in edits:
+        at = where % (len(data) + 1)
+        if op == "set" and at < len(data):
+            data[at] = byte
+        elif op == "insert":
+            data.insert(at, byte)
+        elif op == "delete" and at < len(data):
+            del data[at]
+        elif op == "truncate":
+            del data[at:]
+        elif op == "append":
+            data.append(byte)
+    fast = decode_event(bytes(data))  # bytes: may take the fast path
+    generic = decode_event(bytearray(data))  # anything else: always the generic decoder
+    assert _verdict(fast) == _verdict(generic)
+
+
+@pytest.mark.parametrize(
+    "envelope, code",
+    [
+        # Shapes the fast path hands over to the generic decoder, with its verdicts.
+        (encode([encode(GOOD)[:20], "k", bytes(64)]), Code.MALFORMED),  # body under 24 bytes
+        (b"\x83\x58\x14" + encode(GOOD)[:20] + encode("k") + encode(bytes(64)), Code.NON_CANONICAL),
+        (b"\x83\x59\x00" + bytes([len(encode(GOOD))]) + encode(GOOD) + encode("k") + encode(bytes(64)),
+         Code.NON_CANONICAL),  # a two-byte length for a short body
+        (b"\x83" + encode(encode(GOOD)) + b"\x78\x05kkkkk" + encode(bytes(64)), Code.NON_CANONICAL),
+        (b"\x83" + encode(encode(GOOD)) + b"\x62\xc3\x28" + encode(bytes(64)), Code.MALFORMED),  # bad UTF-8
+        (b"\x83" + encode(encode(GOOD)) + encode("k") + b"\x58\x41" + bytes(65), Code.MALFORMED),
+    ],
+)
+def test_envelope_shapes_outside_the_fast_path(envelope, code):
+    result = decode_event(envelope)
+    assert isinstance(result, Refused) and result.code is code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -239,5 +239,5 @@ class KeyRingMachine(RuleBasedStateMachine):
             assert self.ring.rotation_due_at() == self.model[-1]["created_at"] + ROTATION_PERIOD_MS
 
 
-KeyRingMachine.TestCase.settings = settings(stateful_step_count=15)
+KeyRingMachine.TestCase.settings = settings(stateful_step_count=20)
 TestKeyRing = KeyRingMachine.TestCase

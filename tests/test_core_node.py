@@ -25,7 +25,6 @@ from corehelpers import (
 from scaiwave_federation.core import (
     Authenticated,
     Code,
-    Event,
     InviteDecision,
     KeyRing,
     NeedKeys,

@@ -6,6 +6,7 @@ exponential-time input (maps nested as map keys) is refused fast.
 
 from __future__ import annotations
 
+import struct
 import time
 
 import cbor2
@@ -130,7 +131,10 @@ def test_depth_limit():
     assert decode(nested(MAX_DEPTH + 1), max_size=1000).code is Code.MALFORMED
     assert decode(nested(3), max_size=1000, max_depth=2).code is Code.MALFORMED
     # Far deeper than Python's recursion limit: still a value, not an exception.
-    assert decode(b"\x81" * 100_000 + b"\x00", max_size=1 << 20).code is Code.MALFORMED
+    assert decode(b"\x81" * 100_000 + b"\x00", max_size=1 << 20).code in (Code.MALFORMED, Code.TOO_LARGE)
+    deep = b"\x81" * 20_000 + encode(b"x" * 700_000)  # inside the container budget
+    refused = decode(deep, max_size=1 << 20)
+    assert refused.code is Code.MALFORMED and "depth" in refused.detail
 
 
 def nested_value(depth):
@@ -162,36 +166,111 @@ def test_non_canonical_inputs(hex_data):
     assert refused.code is Code.NON_CANONICAL
 
 
-def _maps_as_keys(levels: int) -> bytes:
-    # {{{...{}:0}:0}:0}: each level is a one-entry map whose key is the level below.
+def _maps_as_keys(levels: int, pad: int = 0) -> bytes:
+    # {{{...{}:0}:0}:0}: each level is a one-entry map whose key is the level
+    # below; ``pad`` bytes of string value per level keep it inside the
+    # container budget, so that the map-key rule itself is what refuses it.
+    value = encode(b"x" * pad) if pad else b"\x00"
     data = b"\xa0"
     for _ in range(levels):
-        data = b"\xa1" + data + b"\x00"
+        data = b"\xa1" + data + value
     return data
+
+
+FAST = 0.050  # seconds; re-encoding the 45-byte input alone took 5 s before the fix
 
 
 @pytest.mark.parametrize("levels", [22, 1000])
 @pytest.mark.parametrize("max_depth", [MAX_DEPTH, 5000])
 def test_maps_nested_as_map_keys_are_refused_fast(levels, max_depth):
     """cbor2's canonical encoder is exponential on such input (45 bytes took 5 s):
-    it must be refused while decoding, never reach the re-encoder."""
+    it must be refused before it can reach the re-encoder."""
     data = _maps_as_keys(levels)
     assert len(data) in (45, 2001)
     started = time.perf_counter()
     refused = decode(data, max_size=1 << 20, max_depth=max_depth)
     elapsed = time.perf_counter() - started
     assert isinstance(refused, Refused)
-    assert refused.code is Code.MALFORMED
-    assert elapsed < 0.050, f"took {elapsed * 1000:.1f} ms"
+    assert refused.code in (Code.MALFORMED, Code.TOO_LARGE)
+    assert elapsed < FAST, f"took {elapsed * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize("levels, pad, max_depth", [(10, 40, MAX_DEPTH), (1000, 40, 5000)])
+def test_maps_as_map_keys_within_every_budget_are_malformed_fast(levels, pad, max_depth):
+    data = _maps_as_keys(levels, pad)
+    started = time.perf_counter()
+    refused = decode(data, max_size=1 << 20, max_depth=max_depth)
+    elapsed = time.perf_counter() - started
+    assert isinstance(refused, Refused) and refused.code is Code.MALFORMED
+    assert "map key" in refused.detail
+    assert elapsed < FAST, f"took {elapsed * 1000:.1f} ms"
 
 
 def test_arrays_as_map_keys_are_refused_fast():
     data = b"\x80"
     for _ in range(1000):
-        data = b"\xa1\x81" + data + b"\x00"
+        data = b"\xa1\x81" + data + encode(b"x" * 80)
     started = time.perf_counter()
-    assert decode(data, max_size=1 << 20, max_depth=5000).code is Code.MALFORMED
-    assert time.perf_counter() - started < 0.050
+    refused = decode(data, max_size=1 << 20, max_depth=5000)
+    assert refused.code is Code.MALFORMED
+    assert time.perf_counter() - started < FAST
+
+
+# -- the container budget --
+
+
+def test_many_containers_in_few_bytes_are_too_large():
+    data = encode([{}] * 1000)
+    assert len(data) == 1003
+    refused = decode(data, max_size=1 << 20)
+    assert refused.code is Code.TOO_LARGE
+    # The same count is fine when the bytes carry that much content.
+    padded = encode([{"k": "x" * 40}] * 1000)
+    assert decode(padded, max_size=1 << 20) == [{"k": "x" * 40}] * 1000
+
+
+def test_container_head_bytes_inside_strings_do_not_count():
+    # Bytes 0x80-0xbf inside strings look like container heads to the cheap
+    # bound; the walk that follows skips string contents.
+    value = [b"\xa0" * 5000, "\u00a0" * 700, {"k": b"\x80" * 300}]
+    data = encode(value)
+    assert decode(data, max_size=1 << 20) == value
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        # The walk leaves what it does not follow to cbor2, which refuses it.
+        (b"\xc1" + encode(b"\xa0" * 500), Code.MALFORMED),  # a tag
+        (b"\x9f" + b"\xa0" * 500 + b"\xff", Code.MALFORMED),  # indefinite length
+        (b"\x82" + encode(b"\xa0" * 500), Code.MALFORMED),  # truncated: one item of two
+        (b"\x1f" + b"\xa0" * 500, Code.MALFORMED),  # reserved additional information
+    ],
+)
+def test_budget_walk_hands_odd_input_to_the_decoder(data, code):
+    assert decode(data, max_size=1 << 20).code is code
+
+
+def test_unsorted_keys_anywhere_are_non_canonical():
+    good = encode({"a": 1, "bb": 2})
+    bad = bytes.fromhex("a2626262026161" + "01")  # {"bb": 2, "a": 1}
+    assert decode(good, max_size=100) == {"a": 1, "bb": 2}
+    for _ in range(2):  # the second time the key order comes from the cache
+        assert decode(bad, max_size=100).code is Code.NON_CANONICAL
+        assert decode(b"\x81" + bad, max_size=100).code is Code.NON_CANONICAL
+        assert decode(bytes.fromhex("a16178") + bad, max_size=100).code is Code.NON_CANONICAL
+        assert decode(good, max_size=100) == {"a": 1, "bb": 2}
+
+
+@pytest.mark.parametrize("value", [1.0, 0.1, 1e300, -2.5, 65504.0, 1.5e-5, float("inf")])
+def test_floats_must_be_shortest(value):
+    data = encode(value)
+    assert decode(data, max_size=100) == value
+    # The 8-byte form of a value that fits shorter is not canonical.
+    eight = b"\xfb" + struct.pack(">d", value)
+    if eight != data:
+        assert decode(eight, max_size=100).code is Code.NON_CANONICAL
+    assert decode(encode({"f": value, "n": [value]}), max_size=100) == {"f": value, "n": [value]}
 
 
 @given(st.binary(max_size=64))

@@ -1,0 +1,301 @@
+"""An embedding host on plain asyncio: the ScaiWave federation core without Trio or httpx.
+
+It uses only the standard library (asyncio, ssl, json) and the sans-IO core
+(``scaiwave_federation.core``): the core decides, this host does the I/O.
+Against a running ``scaiwave serve`` daemon it
+
+1. serves ``GET /.well-known/scaiwave`` over TLS (``asyncio.start_server``):
+   the daemon fetches this descriptor to check our signed requests;
+2. peers with the daemon: an :class:`Initiator` handshake, whose requests are
+   HTTP/1.1 written by hand over ``asyncio.open_connection(ssl=...)``;
+3. waits for the daemon to invite ``@carol`` (our one user) into the room:
+   the daemon serves a room's history only to servers with a member in it, so
+   the host also answers ``PUT invite/{room_id}`` (route, authenticate,
+   admit, ``on_invite``; every decision the core's) and nothing else;
+4. pulls the room's history with a :class:`BackfillPuller`: every event's
+   hash, signature and chain link checked by the core before it is kept.
+
+Run it (the daemon must allow this server in its policy and resolve its name)::
+
+    python examples/asyncio_host.py --server-name asyncio.test:9449 --port 9449 \\
+        --cert cert.pem --key key.pem --ca ca.pem --peer peer.test:8449 \\
+        --resolve 127.0.0.1 --room '!abc:peer.test:8449'
+
+``main(...)`` does the same from Python and returns the stored events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import sys
+import time
+
+from scaiwave_federation.core import (
+    BackfillDone, BackfillPuller, Code, Event, Failed, Federation, FetchDescriptor, Initiator, InviteDecision,
+    KeyRing, NeedKeys, PeerAgreed, Policy, Refused, SendRequest, StoreEvents,
+)
+from scaiwave_federation.core.handshake import refusal_body
+from scaiwave_federation.core.names import split_server_name
+from scaiwave_federation.core.wire import b64e, encode
+
+MAX_BODY = 8 * 1024 * 1024
+IO_TIMEOUT = 30.0
+#: Refusal codes -> HTTP statuses for our one inbound endpoint (the daemon has the full table).
+STATUS = {Code.NOT_FOUND: 404, Code.UNAUTHORIZED: 401, Code.BAD_SIGNATURE: 401, Code.UNKNOWN_KEY: 401,
+          Code.EXPIRED_KEY: 401, Code.CLOCK_SKEW: 401, Code.WRONG_DESTINATION: 421, Code.REPLAYED_REQUEST: 409,
+          Code.PEER_NOT_ALLOWED: 403, Code.PEER_BLOCKED: 403, Code.FEDERATION_CLOSED: 403, Code.NOT_PEERED: 403,
+          Code.FORBIDDEN: 403, Code.TOO_LARGE: 413}
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           409: "Conflict", 413: "Content Too Large", 421: "Misdirected Request"}
+
+
+def now_ms() -> int:
+    """The host's clock: the core never reads one."""
+    return time.time_ns() // 1_000_000
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return body
+            body += await reader.readexactly(size + 2)
+            body = body[:-2]
+            if len(body) > MAX_BODY:
+                raise ValueError("body too large")
+    length = int(headers.get("content-length", "0"))
+    if length > MAX_BODY:
+        raise ValueError("body too large")
+    return await reader.readexactly(length)
+
+
+class AsyncioHost:
+    """One federation server on asyncio: a core node plus the I/O it asks for."""
+
+    def __init__(self, server_name: str, *, peer: str, resolve_address: str, ca_path: str,
+                 local_users: set[str], seed: bytes | None = None) -> None:
+        ring = KeyRing().generate(seed or os.urandom(32), now_ms())
+        self.node = Federation(server_name, keyring=ring, policy=Policy("invite_only", frozenset({peer})))
+        self.peer, self.resolve_address = peer, resolve_address
+        self.client_ctx = ssl.create_default_context(cafile=ca_path)  # peers' chains and names verified
+        self.local_users = local_users
+        self.peered: dict[str, PeerAgreed] = {}
+        self.invites: list[InviteDecision] = []
+        self.invited = asyncio.Event()
+
+    # -- outbound HTTP/1.1 over TLS ------------------------------------------------------
+
+    async def http(self, server: str, method: str, target: str, headers: dict[str, str] | None = None,
+                   body: bytes = b"") -> tuple[int, bytes]:
+        """One request to ``server`` (by name: TLS checks the name, the address comes from --resolve)."""
+        host, port = split_server_name(server)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.resolve_address, port, ssl=self.client_ctx, server_hostname=host),
+            IO_TIMEOUT)
+        try:
+            lines = [f"{method} {target} HTTP/1.1", f"Host: {server}", f"Content-Length: {len(body)}",
+                     "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            await writer.drain()
+            status_line, response_headers = await asyncio.wait_for(_read_head(reader), IO_TIMEOUT)
+            data = await asyncio.wait_for(_read_body(reader, response_headers), IO_TIMEOUT)
+            return int(status_line.split(" ", 2)[1]), data
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ssl.SSLError, ConnectionError):
+                pass  # a peer that skips TLS close_notify after Connection: close
+
+    async def fetch_descriptor(self, server: str) -> bytes | Refused:
+        """Carry out :class:`FetchDescriptor`: the body bytes, or the failure as a refusal."""
+        try:
+            status, body = await self.http(server, "GET", "/.well-known/scaiwave")
+        except ssl.SSLError as exc:
+            return Refused(Code.TLS_FAILURE, str(exc)[:200])
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            return Refused(Code.PEER_UNREACHABLE, f"{server}: {exc!r}"[:200])
+        return body if status == 200 else Refused(Code.NO_DESCRIPTOR, f"{server} answered HTTP {status}")
+
+    async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused:
+        """Carry out :class:`SendRequest`: ``(status, body)``, or the transport failure."""
+        headers = {"Authorization": effect.authorization, "Content-Type": "application/cbor"}
+        try:
+            return await self.http(effect.destination, effect.method, effect.target, headers, effect.body)
+        except ssl.SSLError as exc:
+            return Refused(Code.TLS_FAILURE, str(exc)[:200])
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            return Refused(Code.PEER_UNREACHABLE, f"{effect.destination}: {exc!r}"[:200])
+
+    # -- the two machines ------------------------------------------------------------------
+
+    async def handshake(self, peer: str) -> PeerAgreed | Refused:
+        """Peer with ``peer``: drive an :class:`Initiator` until it agrees or fails."""
+        node = self.node
+        machine = Initiator(server_name=node.server_name, peer=peer, keyring=node.keyring, policy=node.policy,
+                            keys=node.keys, versions=node.versions)
+        effects = machine.start(os.urandom(16))
+        while effects:
+            effect = effects.pop(0)
+            if isinstance(effect, FetchDescriptor):
+                data = await self.fetch_descriptor(effect.server)
+                effects += (machine.descriptor_failed(data) if isinstance(data, Refused)
+                            else machine.descriptor_received(data, now_ms()))
+            elif isinstance(effect, SendRequest):
+                reply = await self.send(effect)
+                effects += machine.reply_failed(reply) if isinstance(reply, Refused) else machine.reply_received(*reply)
+            elif isinstance(effect, PeerAgreed):
+                self.peered[peer] = effect
+                return effect
+            elif isinstance(effect, Failed):
+                return effect.refusal
+        return Refused(Code.HANDSHAKE_FAILED, "the handshake ended without an answer")
+
+    async def backfill(self, room_id: str, peer: str, limit: int = 1000) -> tuple[list[Event], BackfillDone]:
+        """Pull ``room_id``'s history from ``peer``; returns the verified events (newest first) and the end."""
+        node = self.node
+        puller = BackfillPuller(server_name=node.server_name, room_id=room_id, peer=peer, key=node.keyring.current,
+                                keys=node.keys, limit=limit)
+        stored: list[Event] = []
+        effects = puller.start(now_ms())
+        while effects:
+            effect = effects.pop(0)
+            if isinstance(effect, SendRequest):
+                page = await self.send(effect)
+                effects += puller.fail(page) if isinstance(page, Refused) else puller.page_received(*page, now_ms())
+            elif isinstance(effect, StoreEvents):
+                stored.extend(effect.events)  # a real host writes them (and effect.cursor) durably here
+            elif isinstance(effect, NeedKeys):
+                data = await self.fetch_descriptor(effect.server)
+                node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
+                if isinstance(data, bytes):
+                    node.learn_descriptor(effect.server, data, now_ms())
+                effects += puller.keys_updated(now_ms())
+            elif isinstance(effect, BackfillDone):
+                return stored, effect
+        raise AssertionError("a pull always ends with BackfillDone")
+
+    # -- inbound: the descriptor, and invites --------------------------------------------------
+
+    async def serve(self, port: int, cert: str, key: str) -> asyncio.Server:
+        """Listen on 127.0.0.1:``port`` with TLS."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        return await asyncio.start_server(self._connection, "127.0.0.1", port, ssl=ctx)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line, headers = await asyncio.wait_for(_read_head(reader), IO_TIMEOUT)
+            body = await asyncio.wait_for(_read_body(reader, headers), IO_TIMEOUT)
+            method, target = request_line.split(" ")[:2]
+            status, content_type, payload = await self.answer(method, target, headers.get("authorization"), body)
+            head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode("latin-1") + payload)
+            await writer.drain()
+        except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a broken client connection: nothing to answer
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ssl.SSLError, ConnectionError):
+                pass
+
+    async def answer(self, method: str, target: str, authorization: str | None, body: bytes) -> tuple[int, str, bytes]:
+        """``(status, content type, body)`` for one inbound request."""
+        node = self.node
+        if method == "GET" and target == "/.well-known/scaiwave":
+            return 200, "application/json", json.dumps(node.descriptor(f"https://{node.server_name}/_scaiwave/federation/v1")).encode()
+        decision = await self._invite(method, target, authorization, body)
+        if isinstance(decision, Refused):
+            return STATUS.get(decision.code, 400), "application/cbor", refusal_body(decision)
+        self.invites.append(decision)
+        self.invited.set()
+        return 200, "application/cbor", encode({"ok": True})
+
+    async def _invite(self, method: str, target: str, authorization: str | None, body: bytes) -> InviteDecision | Refused:
+        node = self.node
+        route = node.route(method, target.split("?", 1)[0])
+        if isinstance(route, Refused):
+            return route
+        if route.endpoint != "invite":
+            return Refused(Code.NOT_FOUND, f"this host answers invites only, not {route.endpoint}")
+        args = dict(method=method, target=target, authorization=authorization, body=body)
+        auth = node.authenticate(**args, now=now_ms())
+        if isinstance(auth, NeedKeys):
+            node.keys.fetch_attempted(auth.server, now_ms(), auth.key_id)
+            data = await self.fetch_descriptor(auth.server)
+            learned = data if isinstance(data, Refused) else node.learn_descriptor(auth.server, data, now_ms())
+            if isinstance(learned, Refused):
+                return learned
+            auth = node.authenticate(**args, now=now_ms())
+            if isinstance(auth, NeedKeys):
+                return Refused(Code.UNKNOWN_KEY, f"{auth.server} does not publish key {auth.key_id}")
+        if isinstance(auth, Refused):
+            return auth
+        refusal = node.admit(auth, peered=auth.origin in self.peered)
+        if refusal is not None:
+            return refusal
+        decision = node.on_invite(auth, route.param or "", body, is_local_user=self.local_users.__contains__)
+        return Refused(Code.UNKNOWN_KEY, str(decision)) if isinstance(decision, NeedKeys) else decision
+
+
+async def run(server_name: str, port: int, cert: str, key: str, ca: str, peer: str, resolve_address: str,
+              room_id: str, *, local_user: str = "carol", limit: int = 1000, seed: bytes | None = None,
+              invite_timeout: float = 60.0) -> list[Event]:
+    """The whole flow on the running loop (see the module doc). Raises ``RuntimeError`` on a refusal."""
+    host = AsyncioHost(server_name, peer=peer, resolve_address=resolve_address, ca_path=ca,
+                       local_users={f"@{local_user}:{server_name}"}, seed=seed)
+    server = await host.serve(port, cert, key)
+    try:
+        agreed = await host.handshake(peer)
+        if isinstance(agreed, Refused):
+            raise RuntimeError(f"handshake with {peer} refused: {agreed}")
+        print(f"peered with {peer} ({agreed.protocol_version}); waiting for an invite to {room_id}", file=sys.stderr)
+        while not any(i.room_id == room_id for i in host.invites):
+            host.invited.clear()
+            await asyncio.wait_for(host.invited.wait(), invite_timeout)
+        events, done = await host.backfill(room_id, peer, limit)
+        if done.refusal is not None:
+            raise RuntimeError(f"backfill stopped after {done.stored} events: {done.refusal}")
+        return events
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def main(server_name: str, port: int, cert: str, key: str, ca: str, peer: str, resolve_address: str,
+         room_id: str, **options) -> list[Event]:
+    """Run the flow in a fresh event loop; returns the stored events (verified, newest first)."""
+    return asyncio.run(run(server_name, port, cert, key, ca, peer, resolve_address, room_id, **options))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for name in ("server-name", "cert", "key", "ca", "peer", "resolve", "room"):
+        parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default="carol", help="our local user the daemon invites")
+    a = parser.parse_args()
+    stored = main(a.server_name, a.port, a.cert, a.key, a.ca, a.peer, a.resolve, a.room, local_user=a.user)
+    print(json.dumps([{"event_id": e.id_text, "depth": e.depth, "type": e.type, "envelope": b64e(e.envelope)}
+                      for e in stored], indent=2))
