@@ -17,6 +17,7 @@ own bookkeeping make up the rest).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -46,8 +47,6 @@ def _node(name: str, seed_byte: int, peer: str) -> Federation:
 
 def build(path: Path, events: int) -> list[tuple[bytes, bytes, bytes]]:
     """Write the recording; returns every signature in it as ``(public_key, signed, signature)``."""
-    import json
-
     host, peer = _node(HOST, 1, PEER), _node(PEER, 2, HOST)
     key = peer.keyring.current
     room = f"!bench:{PEER}"

@@ -222,10 +222,13 @@ def answer_hello(
     key: SigningKey | None,
     policy: Policy,
     versions: tuple[str, ...] = PROTOCOL_VERSIONS,
+    origin_key_id: str = "",
 ) -> tuple[bytes, PeerAgreed] | Refused:
-    """The responder's side: ``origin`` is the authenticated request origin.
+    """The responder's side: ``origin`` is the authenticated request origin and
+    ``origin_key_id`` the key its request was signed with.
 
-    Returns the welcome body and the agreement to record, or a refusal.
+    Returns the welcome body and the agreement to record (the peer, the
+    version, the peer's key id), or a refusal.
     """
     if key is None:
         return Refused(Code.OWN_KEY_MISSING, f"{server_name} has no federation key yet")
@@ -250,4 +253,4 @@ def answer_hello(
         "nonce": hello.nonce,
         "proof": proof,
     }
-    return encode(reply), PeerAgreed(origin, version, key.key_id)
+    return encode(reply), PeerAgreed(origin, version, origin_key_id)

@@ -159,7 +159,8 @@ class Federation:
     def on_handshake(self, auth: Authenticated, body: bytes) -> tuple[bytes, PeerAgreed] | Refused:
         """The responder's side of the handshake."""
         return answer_hello(origin=auth.origin, body=body, server_name=self.server_name,
-                            key=self.keyring.current, policy=self.policy, versions=self.versions)
+                            key=self.keyring.current, policy=self.policy, versions=self.versions,
+                            origin_key_id=auth.key_id)
 
     def admit(self, auth: Authenticated, *, peered: bool) -> Refused | None:
         """May this authenticated origin use invite/send/backfill now?"""

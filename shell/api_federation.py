@@ -83,7 +83,7 @@ async def _handshake(service: Service, auth: Authenticated, request: Request) ->
     reply, agreed = result
     log.info("peered with %s at its request (%s)", auth.origin, agreed.protocol_version)
     await service.store.upsert_peer(auth.origin, state="active", protocol_version=agreed.protocol_version,
-                                    key_id=service.node.keys.get(auth.origin).keys.key_id)
+                                    key_id=agreed.key_id)
     return Response.cbor(200, reply)
 
 

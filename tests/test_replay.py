@@ -28,7 +28,7 @@ from scaiwave_federation.shell.recorder import Recorder
 from scaiwave_federation.shell.replay import load_policy, open_recording, render, replay, replay_main
 from scaiwave_federation.shell.testbed import Testbed
 
-from corehelpers import A, B, NOW, build_chain, descriptor_bytes, endpoint, events_body, make_node, tamper_envelope
+from corehelpers import A, B, NOW, build_chain, descriptor_bytes, endpoint, make_node, tamper_envelope
 
 
 def _wait(predicate, timeout: float = 20.0):
