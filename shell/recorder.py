@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import cbor2
 
@@ -80,8 +80,13 @@ class Recorder:
         self._fh.close()
 
 
-def read_recording(path: Path | str) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
-    """Open a recording: returns ``(header, records)``; a torn last record ends the iteration."""
+def read_recording(path: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """Read a recording: returns ``(header, records, torn)``.
+
+    A record cut off by a crash ends the list (``torn`` is then True):
+    everything before it stands. Raises :class:`RecordingError` if the file
+    is not a recording (or of a newer version), ``OSError`` if unreadable.
+    """
     data = Path(path).read_bytes()
     stream = io.BytesIO(data)
     decoder = cbor2.CBORDecoder(stream)
@@ -93,14 +98,12 @@ def read_recording(path: Path | str) -> tuple[dict[str, Any], Iterator[dict[str,
         raise RecordingError(f"{path}: not a scaiwave recording")
     if header.get("version") != VERSION:
         raise RecordingError(f"{path}: recording version {header.get('version')} is not supported (this reads {VERSION})")
-
-    def records() -> Iterator[dict[str, Any]]:
-        while stream.tell() < len(data):
-            try:
-                item = decoder.decode()
-            except (cbor2.CBORDecodeError, EOFError):
-                return  # a torn record from a crash: everything before it stands
-            if isinstance(item, dict) and "kind" in item:
-                yield item
-
-    return header, records()
+    records: list[dict[str, Any]] = []
+    while stream.tell() < len(data):
+        try:
+            item = decoder.decode()
+        except (cbor2.CBORDecodeError, EOFError):
+            return header, records, True
+        if isinstance(item, dict) and "kind" in item:
+            records.append(item)
+    return header, records, False

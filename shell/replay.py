@@ -21,7 +21,6 @@ print the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import tomllib
@@ -30,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import cbor2
 
 from scaiwave_federation.core import LocalProtocolError, Policy
 from scaiwave_federation.core.replay import SUBSTITUTE_SEED, Decision, Outcome, ReplayResult, replay_records
 
 from .config import ConfigError, parse_duration_ms
-from .recorder import FORMAT, VERSION, RecordingError
+from .recorder import RecordingError, read_recording
 
 __all__ = [
     "Recording", "open_recording", "load_policy", "replay", "render", "replay_main",
@@ -78,27 +76,7 @@ def open_recording(path: Path | str) -> Recording:
     """Read a recording file. Raises :class:`RecordingError` if it is not one
     (or of a newer version) and ``OSError`` if it cannot be read."""
     path = Path(path)
-    data = path.read_bytes()
-    stream = io.BytesIO(data)
-    decoder = cbor2.CBORDecoder(stream)
-    try:
-        header = decoder.decode()
-    except (cbor2.CBORDecodeError, EOFError) as exc:
-        raise RecordingError(f"{path}: not a scaiwave recording ({exc})") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise RecordingError(f"{path}: not a scaiwave recording")
-    if header.get("version") != VERSION:
-        raise RecordingError(f"{path}: recording version {header.get('version')} is not supported (this reads {VERSION})")
-    records: list[dict[str, Any]] = []
-    torn = False
-    while stream.tell() < len(data):
-        try:
-            item = decoder.decode()
-        except (cbor2.CBORDecodeError, EOFError):
-            torn = True  # cut mid-record: everything before it stands
-            break
-        if isinstance(item, dict) and "kind" in item:
-            records.append(item)
+    header, records, torn = read_recording(path)
     return Recording(path, header, records, torn)
 
 
