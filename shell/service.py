@@ -333,11 +333,23 @@ class Service:
         """Deliver queued transactions; failures back off per peer (visible in peers)."""
         while True:
             now = self.now()
-            for item in await self.store.due(now=now):
+            stalled: set[str] = set()
+            # Every queued item, in queue order (due or not): a peer's
+            # transactions go strictly in order. Once one is not yet due or
+            # fails, the rest wait, or the peer would see a later event before
+            # the one it links to.
+            for item in await self.store.due(now=1 << 62, limit=1000):
+                if item["peer"] in stalled:
+                    continue
+                if item["next_attempt_at"] > now:
+                    stalled.add(item["peer"])
+                    continue
                 result = await self.signed_request(item["peer"], "PUT", item["path"], item["body"])
                 if isinstance(result, tuple) and result[0] == 200:
                     await self.store.delivered(item["id"])
                     continue
+                if isinstance(result, Refused):
+                    stalled.add(item["peer"])
                 failures = (item.get("attempts") or 0) + 1
                 await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
                 if isinstance(result, tuple):

@@ -224,12 +224,17 @@ def test_step7_monitor(w):
     room = w.rooms["dm"]
     assert w.a.request("POST", f"/v1/rooms/{room}/messages", {"body": "are you there?"}, token=alice)[0] == 200
     failed = _wait(lambda: _peer(w.a, b)["last_error"])
+    # Queued while the peer is down, delivered later in order.
+    assert w.a.request("POST", f"/v1/rooms/{room}/messages", {"body": "hello?"}, token=alice)[0] == 200
     assert failed["code"] == "peer_unreachable" and failed["at"]
     w.b.start()
     w.a.cli_json("admin", "federation", "retry", b)
     _wait(lambda: _peer(w.a, b)["last_error"] is None)
     bob = w.users["bob"]["access_token"]
-    _wait(lambda: [m["body"] for m in w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]][-1:] == ["are you there?"])
+    _wait(lambda: [m["body"] for m in w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]][-2:]
+          == ["are you there?", "hello?"])
+    assert w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"] == \
+        w.a.get(f"/v1/rooms/{room}/messages", token=alice)["messages"]
     refreshed = w.a.cli_json("admin", "federation", "refresh", w.users["bob"]["user_id"])
     assert refreshed["server_name"] == b and refreshed["key_id"] == _peer(w.a, b)["key_id"]
 
