@@ -454,7 +454,9 @@ class Replayer:
                 heads[result.room_id] = Head(recorded[0], bytes(recorded[1])) if recorded else None
             head = heads[result.room_id]
             if result.depth > 0:
-                verdict = link(result, head) if room.get("known") else Refused(Code.NOT_FOUND, "unknown room")
+                held = (context.get("held") or {}).get(result.id_text)
+                verdict = (link(result, head, bytes.fromhex(held) if held else None) if room.get("known")
+                           else Refused(Code.NOT_FOUND, "unknown room"))
                 if verdict == LinkResult.APPEND:
                     heads[result.room_id] = Head(result.depth, result.event_id)
                     stored += 1

@@ -116,11 +116,12 @@ def _key(service: Service):
 
 async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict) -> Event:
     """Chain an event in a room we host, store it, queue it for member servers."""
-    head = await service.head_of(room["room_id"])
-    event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
-                        sender=sender, type=type, ts=service.now(), content=content)
-    await service.store.store_events(room["room_id"], [event.as_record()])
-    await service.push_events(room["room_id"], [event])
+    async with service.room_lock(room["room_id"]):
+        head = await service.head_of(room["room_id"])
+        event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
+                            sender=sender, type=type, ts=service.now(), content=content)
+        await service.store.store_events(room["room_id"], [event.as_record()])
+        await service.push_events(room["room_id"], [event])
     return event
 
 
@@ -229,16 +230,18 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
     if not events:
         bad = next((r for r in verified if isinstance(r, Refused)), Refused(Code.MALFORMED, "no chained event"))
         raise _Fail(bad)
-    head = await service.head_of(room["room_id"])
-    stored = []
-    for event in events:
-        verdict = LinkResult.APPEND if head is None else link(event, head)
-        if verdict == LinkResult.APPEND:
-            stored.append(event)
-            head = Head(event.depth, event.event_id)
-        elif isinstance(verdict, Refused):
-            raise _Fail(verdict)
-    await service.store.store_events(room["room_id"], [e.as_record() for e in stored])
+    async with service.room_lock(room["room_id"]):
+        head = await service.head_of(room["room_id"])
+        stored = []
+        for event in events:
+            # The host accepted the proposal; its chained copy is stored here
+            # if it links now. Otherwise (events still on their way to us, or
+            # already here) it arrives in order through the host's outbox.
+            verdict = LinkResult.APPEND if head is None else link(event, head)
+            if verdict == LinkResult.APPEND:
+                stored.append(event)
+                head = Head(event.depth, event.event_id)
+        await service.store.store_events(room["room_id"], [e.as_record() for e in stored])
     return events[-1]
 
 

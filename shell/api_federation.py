@@ -8,6 +8,7 @@ and records the exchange.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -129,6 +130,16 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
     results = service.node.on_events(auth, request.body)
     if isinstance(results, Refused):
         return cbor_error(results)
+    # One writer per room chain (see Service.room_lock), taken in a fixed order
+    # so that two transactions never wait on each other.
+    async with contextlib.AsyncExitStack() as locks:
+        for room_id in sorted({r.room_id for r in results if isinstance(r, Event)}):
+            await locks.enter_async_context(service.room_lock(room_id))
+        return await _apply(service, auth, txn_id, results, context)
+
+
+async def _apply(service: Service, auth: Authenticated, txn_id: str, results: list[Any],
+                 context: dict[str, Any]) -> Response:
     outcomes: list[dict[str, Any]] = []
     to_store: dict[str, list[Event]] = {}
     created: list[Event] = []
@@ -151,7 +162,15 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
         head = heads[result.room_id]
         if result.depth > 0:
             # A chained event from the room's host.
-            verdict = link(result, head) if room is not None else Refused(Code.NOT_FOUND, "unknown room")
+            # An event at or below our head may be one we already hold (the
+            # host sends a proposer its event twice: in the reply and in order
+            # through its outbox); the id held at that depth decides.
+            held = None
+            if room is not None and head is not None and result.depth <= head.depth:
+                row = await service.store.event_at(result.room_id, result.depth)
+                held = row["event_id"] if row else None
+                context.setdefault("held", {})[result.id_text] = held.hex() if held else None
+            verdict = link(result, head, held) if room is not None else Refused(Code.NOT_FOUND, "unknown room")
             if verdict == LinkResult.APPEND:
                 to_store.setdefault(result.room_id, []).append(result)
                 heads[result.room_id] = type(head)(result.depth, result.event_id) if head else _head(result)
@@ -196,7 +215,10 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
     for room_id, events in rooms:
         mine = [e for e in events if e in created]
         if mine:
-            await service.push_events(room_id, mine, exclude=auth.origin)
+            # Every member server, the proposer included, gets the room's
+            # events in order through one channel (the outbox); the copy in
+            # this reply is only a head start.
+            await service.push_events(room_id, mine)
     return Response.cbor(200, reply)
 
 

@@ -93,6 +93,7 @@ class Service:
         self.recorder = recorder
         self.jobs: dict[int, BackfillJob] = {}
         self._peer_locks: dict[str, trio.Lock] = {}
+        self._room_locks: dict[str, trio.Lock] = {}
         self._wake_outbox = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._timer_changed = trio.Event()
@@ -313,13 +314,18 @@ class Service:
         result = await self.handshake(peer)
         return result if isinstance(result, Refused) else None
 
+    def room_lock(self, room_id: str) -> trio.Lock:
+        """The lock of one room's chain: whoever reads its head, chains, stores and
+        queues the event holds it, so concurrent writers never chain at one depth."""
+        return self._room_locks.setdefault(room_id, trio.Lock())
+
     # -- pushing events to member servers -------------------------------------------------
 
     async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
         """Queue chained events for every other server with joined members (durably,
         then delivered by the outbox worker with per-peer backoff)."""
         members = await self.store.members(room_id)
-        servers = sorted({server_of(m["user_id"]) for m in members if m["membership"] in ("join", "invite")}
+        servers = sorted({server_of(m["user_id"]) for m in members if m["membership"] == "join"}
                          - {self.config.server_name, exclude, None})
         now = self.now()
         body = encode_events_body([e.envelope for e in events])

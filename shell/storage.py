@@ -448,6 +448,10 @@ class Store:
         with self._write():
             return self._store_events_in_tx(room_id, events, cursor)
 
+    def event_at(self, room_id: str, depth: int) -> Row | None:
+        """Return the room's event at ``depth``, or None."""
+        return self._one("SELECT * FROM events WHERE room_id = ? AND depth = ?", room_id, depth)
+
     def head(self, room_id: str) -> Row | None:
         """Return the room's highest-depth event, or None if it has none."""
         sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth DESC LIMIT 1"

@@ -92,6 +92,7 @@ class AsyncStore:
     members = _offload(Store.members)
     rooms_for_user = _offload(Store.rooms_for_user)
     store_events = _offload(Store.store_events)
+    event_at = _offload(Store.event_at)
     head = _offload(Store.head)
     events_before = _offload(Store.events_before)
     events_after = _offload(Store.events_after)

@@ -157,6 +157,20 @@ def test_step5_federated_dm(w):
     ha, hb = _wait(both)
     assert [m["body"] for m in ha] == ["hello bob", "hello alice", "how are you?"]
     assert ha == hb
+    # Both post at once, again and again: both copies converge on the host's order.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(server, token, text):
+        return server.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=token)[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        for i in range(5):
+            done = [pool.submit(post, w.a, alice, f"a{i}"), pool.submit(post, w.b, bob, f"b{i}")]
+            assert [f.result() for f in done] == [200, 200]
+    ha, hb = _wait(lambda: (lambda x, y: (x, y) if x == y and len(x) == 13 else None)(
+        w.a.get(f"/v1/rooms/{room}/messages", token=alice)["messages"],
+        w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]))
+    assert sorted(m["body"] for m in ha[3:]) == sorted([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)])
     # An invite to a server that refuses comes back with the refusing code.
     status, body = w.a.request("POST", "/v1/dms", {"to": f"@x:{w.o.server_name}"}, token=alice)
     assert body["error"]["code"] == "peer_not_allowed"
