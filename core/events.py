@@ -49,6 +49,10 @@ FEDERATED_EVENT_TYPES = frozenset({"m.create", "m.member", "m.message"})
 _REQUIRED = frozenset({"v", "room_id", "room_type", "depth", "prev", "origin", "sender", "type", "ts", "content"})
 _OPTIONAL = frozenset({"source"})
 _ALLOWED = _REQUIRED | _OPTIONAL
+# The two key sequences a decoded body can have: decoding guarantees canonical
+# order, so comparing the tuple of keys checks "required + optional, nothing else".
+_BODY_KEYS = tuple(sorted(_REQUIRED, key=lambda k: (len(k), k)))
+_BODY_KEYS_SOURCE = tuple(sorted(_ALLOWED, key=lambda k: (len(k), k)))
 _MAX_INT = 1 << 63
 
 
@@ -223,8 +227,8 @@ def decode_event(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES) -> Event |
         return body
     if type(body) is not dict:
         return Refused(Code.MALFORMED, "an event body is a map")
-    keys = body.keys()
-    if not (_REQUIRED <= keys and keys <= _ALLOWED):
+    keys = tuple(body)
+    if keys != _BODY_KEYS and keys != _BODY_KEYS_SOURCE:
         return Refused(Code.MALFORMED, "event body fields are missing or unknown")
     room_id, room_type, depth, prev = body["room_id"], body["room_type"], body["depth"], body["prev"]
     origin, sender, etype, ts = body["origin"], body["sender"], body["type"], body["ts"]
@@ -257,26 +261,13 @@ def decode_event(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES) -> Event |
     # sender's own server.
     if origin != (host if depth > 0 else sender_server):
         return Refused(Code.MALFORMED, f"event origin {origin[:80]} may not sign this event")
-    return Event(
-        event_id=hashlib.sha256(body_bytes).digest(),
-        envelope=envelope,
-        body=body_bytes,
-        key_id=key_id,
-        signature=signature,
-        room_id=room_id,
-        room_type=room_type,
-        depth=depth,
-        prev=prev,
-        origin=origin,
-        sender=sender,
-        type=etype,
-        ts=ts,
-        content=body["content"],
-        source=source,
-    )
+    # Positional: keyword passing of 15 fields costs ~0.7 us per event (in field order).
+    return Event(hashlib.sha256(body_bytes).digest(), envelope, body_bytes, key_id, signature, room_id, room_type,
+                 depth, prev, origin, sender, etype, ts, body["content"], source)
 
 
 KeyLookup = Callable[[str], ServerKeys | None]
+_EVENT_DOMAIN = Domain.EVENT
 
 
 def verify_events(
@@ -298,18 +289,26 @@ def verify_events(
     results: list[Event | Refused | NeedKeys] = []
     jobs: list[tuple[bytes, bytes, bytes]] = []
     owners: list[int] = []  # result index each signature job belongs to
+    known: dict[str, ServerKeys | None] = {}  # lookups, once per server per batch
     for envelope in envelopes:
         index = len(results)
         event = decode_event(envelope)
-        if isinstance(event, Refused):
+        if type(event) is not Event:
             results.append(event)
             continue
-        job = _signature_job(event, lookup)
-        if not isinstance(job, tuple):
-            results.append(job)
+        origin = event.origin
+        keys = known[origin] if origin in known else known.setdefault(origin, lookup(origin))
+        # The common case inline: signed by the current key (any ts).
+        if keys is not None and event.key_id == keys.key_id and keys.public_key is not None:
+            job: tuple[bytes, bytes, bytes] | Refused | NeedKeys = (keys.public_key, _EVENT_DOMAIN + event.body,
+                                                                    event.signature)
+        else:
+            job = _signature_job(event, lookup)
+        if type(job) is not tuple:
+            results.append(job)  # type: ignore[arg-type]
             continue
         results.append(event)
-        jobs.append(job)
+        jobs.append(job)  # type: ignore[arg-type]
         owners.append(index)
         if event.source is not None:
             proposal_job = _proposal_job(event, lookup)

@@ -10,9 +10,10 @@ for keys of one major type this is the same order as RFC 8949 section
 Decoding untrusted bytes is strict and bounded, in this order:
 
 1. size: more than ``max_size`` bytes is refused (``too_large``) before parsing;
-2. item budget: at most ``16 + size // 32`` arrays and maps (``too_large``).
-   Each container costs cbor2 about a microsecond to build and re-encode, so
-   without this bound 2 MB of empty maps took 1.7 s. A cheap upper bound
+2. item budget: an input of more than 512 bytes may hold at most
+   ``16 + size // 32`` arrays and maps (``too_large``). Each container costs
+   cbor2 up to a microsecond to build and re-encode, so without this bound
+   2 MB of empty maps took 1.7 s. A cheap upper bound
    (bytes that could be container heads) settles almost every input; only
    when it is inconclusive are the heads walked, skipping string contents
    (that walk also applies step 3's depth and map-key rules as it goes);
@@ -33,7 +34,8 @@ be in canonical key order (and, if it is not, replaced by a canonically
 ordered copy, so the comparison below fails). A plain re-encode then equals
 the canonical one unless the value holds floats, which a plain encode always
 writes as 8 bytes; so the canonical encoder only runs when the plain
-re-encode differs, or when the bytes contain ``0xfb`` (a possible 8-byte float).
+re-encode differs, or when the bytes contain ``0xfb`` (a possible 8-byte
+float) and the value does hold a float.
 
 Nothing here raises for bad remote bytes: :func:`decode` returns a
 :class:`~.codes.Refused` instead.
@@ -48,7 +50,7 @@ import cbor2
 
 from .codes import Code, LocalProtocolError, Refused
 
-__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER"]
+__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER", "PRESCAN_ABOVE"]
 
 #: Deepest nesting any protocol object needs (event content included).
 MAX_DEPTH = 16
@@ -57,6 +59,9 @@ MAX_DEPTH = 16
 #: body and content); a page or transaction two, whatever its size.
 CONTAINER_FLOOR = 16
 BYTES_PER_CONTAINER = 32
+#: Inputs this small skip the budget: at about half a microsecond per
+#: container (decode plus re-encode) they cost at most a quarter millisecond.
+PRESCAN_ABOVE = 512
 # Every array or map head is one of these bytes (major types 4 and 5).
 _CONTAINER_HEADS = bytes(range(0x80, 0xC0))
 
@@ -102,6 +107,8 @@ def _canonical_map(value: dict, _immutable: bool = False) -> dict:
     Returns ``value`` when its keys are in canonical order, else a copy in
     canonical order, which can then never re-encode to the received bytes.
     """
+    if len(value) < 2:
+        return value
     keys = tuple(value)
     if keys in _ORDERED_KEYS:
         return value
@@ -113,9 +120,26 @@ def _canonical_map(value: dict, _immutable: bool = False) -> dict:
     return {k: value[k] for k in ordered}
 
 
+def _has_float(value: Any) -> bool:
+    """True if a float is anywhere in ``value`` (a decoded, depth-bounded tree)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is float:
+            return True
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
+
+
 def _prescan(data: bytes, max_depth: int) -> Refused | None:
     """Step 2, the item budget; ``None`` when ``data`` is within it (or cbor2 must judge)."""
     size = len(data)
+    if size <= PRESCAN_ABOVE:
+        return None
     allowed = CONTAINER_FLOOR + size // BYTES_PER_CONTAINER
     # Upper bound: every container head is a byte in 0x80-0xbf (string
     # contents may count too). Settles nearly every legitimate input at C speed.
@@ -153,12 +177,13 @@ def _prescan(data: bytes, max_depth: int) -> Refused | None:
         if is_key and major != 2 and major != 3:
             return Refused(Code.MALFORMED, "not well-formed CBOR: map keys are text or byte strings")
         if major == 4 or major == 5:
-            if len(remaining) > max_depth:
-                return Refused(Code.MALFORMED, f"not well-formed CBOR: nesting deeper than {max_depth}")
             containers += 1
             if containers > allowed:
                 return Refused(Code.TOO_LARGE, f"more than {allowed} arrays and maps in {size} bytes")
             if arg:
+                # As in cbor2, depth is how many containers enclose an item.
+                if len(remaining) > max_depth:
+                    return Refused(Code.MALFORMED, f"not well-formed CBOR: nesting deeper than {max_depth}")
                 remaining.append(arg if major == 4 else 2 * arg)
                 is_map.append(major == 5)
         elif major == 2 or major == 3:
@@ -211,7 +236,7 @@ def decode(data: bytes, *, max_size: int, max_depth: int = MAX_DEPTH) -> Any | R
         # Maps are already in canonical order (see _canonical_map): a plain
         # encode is canonical unless floats are involved (see module doc).
         again = cbor2.dumps(value)
-        if again != data or b"\xfb" in data:
+        if again != data or (b"\xfb" in data and _has_float(value)):
             again = cbor2.dumps(value, canonical=True)
     except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
         return Refused(Code.MALFORMED, f"value cannot be re-encoded: {_short(exc)}")

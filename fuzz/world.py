@@ -201,6 +201,7 @@ def build_world() -> World:
     world.seeds["txn"] = [
         encode_events_body([e.envelope for e in events[-3:]]),
         encode_events_body([p.envelope for p in proposals]),
+        encode_events_body([dm[-1].envelope]),  # an invite: the one m.member invite event
         encode_events_body([e.envelope for e in dm]),
         encode_events_body([e.envelope for e in events]),
     ]
