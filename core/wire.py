@@ -135,6 +135,10 @@ def _has_float(value: Any) -> bool:
     return False
 
 
+#: Public names for fast paths in other core modules.
+has_float = _has_float
+
+
 def _prescan(data: bytes, max_depth: int) -> Refused | None:
     """Step 2, the item budget; ``None`` when ``data`` is within it (or cbor2 must judge)."""
     size = len(data)
@@ -190,6 +194,43 @@ def _prescan(data: bytes, max_depth: int) -> Refused | None:
             pos += arg
         elif major == 6:
             return None
+
+
+def loads_strict(data: bytes) -> Any:
+    """cbor2's strict decode without the key-order hook (raises on bad input).
+
+    For fast paths that check key order themselves (:func:`maps_in_order`)
+    and re-encode with :func:`plain_dumps`; callers fall back to
+    :func:`decode` for the verdict whenever this raises.
+    """
+    return cbor2.loads(data, semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag, max_depth=MAX_DEPTH,
+                       allow_indefinite=False, allow_duplicate_keys=False, strict_hashable_types=True,
+                       str_errors="strict")
+
+
+def plain_dumps(value: Any) -> bytes:
+    """cbor2's encoding in the value's own key order (canonical if the maps are in order, no floats)."""
+    return cbor2.dumps(value)
+
+
+def maps_in_order(value: Any) -> bool:
+    """True when every map in ``value`` (depth-bounded) has its keys in canonical order."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            if len(item) > 1 and _canonical_map(item) is not item:
+                return False
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return True
+
+
+def prescan(data: bytes, max_depth: int) -> Refused | None:
+    """The item budget of :func:`decode` (step 2) on its own, for fast paths."""
+    return _prescan(data, max_depth)
 
 
 def encode(value: Any) -> bytes:

@@ -435,3 +435,35 @@ def test_fast_and_generic_envelope_paths_agree(index, edits):
 def test_envelope_shapes_outside_the_fast_path(envelope, code):
     result = decode_event(envelope)
     assert isinstance(result, Refused) and result.code is code
+
+
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64) + 1, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    content=st.dictionaries(st.text(max_size=8), _json_like, max_size=4),
+    depth=st.integers(0, 2**63 - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+    reorder=st.booleans(),
+)
+def test_decode_event_fast_path_gives_the_generic_verdict(content, depth, flips, reorder):
+    """decode_event's fast path accepts exactly what the generic decoder accepts."""
+    from scaiwave_federation.core.events import _decode_event_generic
+    import cbor2
+
+    key = make_node(B, 2).keyring.current
+    fields = {"v": 1, "room_id": f"!r:{B}", "room_type": "group", "depth": depth,
+              "prev": None if depth <= 1 else b"\x07" * 32, "origin": B, "sender": f"@bob:{B}",
+              "type": "m.message", "ts": NOW, "content": content}
+    body = cbor2.dumps(dict(reversed(list(fields.items()))) if reorder else fields, canonical=not reorder)
+    body = bytearray(body)
+    for pos, value in flips:
+        body[pos % len(body)] = value
+    body = bytes(body)
+    envelope = cbor2.dumps([body, key.key_id, sign(key, Domain.EVENT, body)], canonical=True)
+    assert decode_event(envelope) == _decode_event_generic(envelope)
