@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
 from .recorder import Recorder
 from .storage import AsyncStore
+from .verify_pool import threaded_verifier
 
 log = logging.getLogger("scaiwave.service")
 
@@ -97,6 +99,7 @@ class Service:
         self._wake_outbox = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._timer_changed = trio.Event()
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- construction -------------------------------------------------------------
 
@@ -110,10 +113,14 @@ class Service:
             old=tuple(OldKey(o["key_id"], o["public_key"], o["expired_at"]) for o in old),
         )
         policy = Policy.from_dict(await store.get_policy())
+        # Signatures of a batch (a page, a transaction) are checked on a small
+        # thread pool: pynacl releases the GIL while it verifies.
+        pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="scaiwave-verify")
         node = Federation(config.server_name, keyring=keyring, policy=policy,
-                          refetch_interval_ms=config.key_refetch_interval_ms)
+                          refetch_interval_ms=config.key_refetch_interval_ms, verifier=threaded_verifier(pool))
         service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve),
                       Recorder.open(config.record_path, config.server_name) if config.record_path else None)
+        service._pool = pool
         now = service.now()
         for peer in await store.list_peers():
             if peer.get("descriptor"):
@@ -138,6 +145,8 @@ class Service:
         return service
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         await self.client.aclose()
         await self.store.close()
         if self.recorder:
@@ -400,7 +409,7 @@ class Service:
         saved = await self.store.get_cursor(job.room_id, job.peer)
         if saved is not None:
             puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
-                                           keys=self.node.keys)
+                                           keys=self.node.keys, verifier=self.node.batch_verifier)
             if puller.done is not None or puller.limit != job.limit:
                 saved = None
         if saved is None:
@@ -410,7 +419,8 @@ class Service:
                 event = self.node_event(lowest[0]["envelope"])
                 anchor = (event.depth, event.prev)
             puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
-                                    key=key, keys=self.node.keys, limit=job.limit, anchor=anchor)
+                                    key=key, keys=self.node.keys, limit=job.limit, anchor=anchor,
+                                    verifier=self.node.batch_verifier)
         self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
                     cursor=puller.cursor())
         base = puller.stored
