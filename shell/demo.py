@@ -317,7 +317,7 @@ class _Demo:
         _note("Now peer.test goes down, and alice writes in the DM: your-host queues the event and fails to "
               "deliver it.")
         peer.stop()
-        _say(f"  (stopped peer.test)")
+        _say("  (stopped peer.test)")
         self.call(you, "POST", f"/v1/rooms/{dm}/messages", {"body": "are you there?"}, user=alice)
         self.wait("your-host to record the failure", lambda: self.peer_row(you, peer)["last_error"] is not None)
         self.cli(you, "admin", "federation", "peers")
@@ -326,7 +326,7 @@ class _Demo:
         _note("Their server is down: wait. Once it is back, retry the queued traffic now instead of at the "
               "next backoff:")
         peer.start()
-        _say(f"  (started peer.test again)")
+        _say("  (started peer.test again)")
         self.cli(you, "admin", "federation", "retry", peer.server_name)
         self.wait("the queued message to reach peer.test", lambda: self.peer_row(you, peer)["last_error"] is None
                   and self.peer_row(you, peer)["pending"] == 0)
@@ -422,10 +422,6 @@ def run_demo(directory: Path) -> int:
     demo = None
     try:
         _prepare(directory)
-        try:
-            import trustme  # noqa: F401
-        except ImportError:
-            raise DemoError("the demo needs trustme for its throwaway CA: pip install 'scaiwave-federation[test]'")
         demo = _Demo(directory)
         demo.run()
     except DemoError as exc:

@@ -21,7 +21,19 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Testbed", "Server", "free_port"]
+__all__ = ["Testbed", "Server", "free_port", "wait_until"]
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
+    """Poll ``predicate()`` until it returns something truthy; returns it.
+    Raises AssertionError after ``timeout`` seconds (for tests and the demo)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def free_port() -> int:

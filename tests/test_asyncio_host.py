@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from scaiwave_federation.core import Event, decode_event, parse_descriptor, verify_events
 from scaiwave_federation.core.wire import b64d
-from scaiwave_federation.shell.testbed import Testbed, free_port
+from scaiwave_federation.shell.testbed import Testbed, wait_until, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -37,14 +36,6 @@ print(json.dumps({"envelopes": [b64e(e.envelope) for e in events],
 """
 
 
-def _wait(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
@@ -73,7 +64,7 @@ def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
              str(tmp_path / "key.pem"), str(tb.ca_path), d.server_name, "127.0.0.1", room_id],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # The host handshakes first; once the daemon lists it as active, bob invites its user.
-        _wait(lambda: any(p["server_name"] == name and p["state"] == "active"
+        wait_until(lambda: any(p["server_name"] == name and p["state"] == "active"
                           for p in d.admin("GET", "/v1/admin/federation/peers")[1]["peers"])
               or proc.poll() is not None)
         assert proc.poll() is None, proc.communicate()

@@ -24,7 +24,7 @@ import trustme
 
 from scaiwave_federation.core import Event, SigningKey, decode_event, parse_descriptor, sign_request, verify_events
 from scaiwave_federation.core.wire import encode
-from scaiwave_federation.shell.testbed import Testbed
+from scaiwave_federation.shell.testbed import Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -76,14 +76,6 @@ def _chain_intact(events: list[Event]) -> None:
         assert newer.prev == older.event_id
 
 
-def _wait(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def _peer(server, name: str) -> dict:
@@ -154,7 +146,7 @@ def test_step5_federated_dm(w):
         hb = w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]
         return (ha, hb) if len(hb) == 3 else None
 
-    ha, hb = _wait(both)
+    ha, hb = wait_until(both)
     assert [m["body"] for m in ha] == ["hello bob", "hello alice", "how are you?"]
     assert ha == hb
     # Both post at once, again and again: both copies converge on the host's order.
@@ -167,7 +159,7 @@ def test_step5_federated_dm(w):
         for i in range(5):
             done = [pool.submit(post, w.a, alice, f"a{i}"), pool.submit(post, w.b, bob, f"b{i}")]
             assert [f.result() for f in done] == [200, 200]
-    ha, hb = _wait(lambda: (lambda x, y: (x, y) if x == y and len(x) == 13 else None)(
+    ha, hb = wait_until(lambda: (lambda x, y: (x, y) if x == y and len(x) == 13 else None)(
         w.a.get(f"/v1/rooms/{room}/messages", token=alice)["messages"],
         w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]))
     assert sorted(m["body"] for m in ha[3:]) == sorted([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)])
@@ -237,15 +229,15 @@ def test_step7_monitor(w):
     w.b.stop()
     room = w.rooms["dm"]
     assert w.a.request("POST", f"/v1/rooms/{room}/messages", {"body": "are you there?"}, token=alice)[0] == 200
-    failed = _wait(lambda: _peer(w.a, b)["last_error"])
+    failed = wait_until(lambda: _peer(w.a, b)["last_error"])
     # Queued while the peer is down, delivered later in order.
     assert w.a.request("POST", f"/v1/rooms/{room}/messages", {"body": "hello?"}, token=alice)[0] == 200
     assert failed["code"] == "peer_unreachable" and failed["at"]
     w.b.start()
     w.a.cli_json("admin", "federation", "retry", b)
-    _wait(lambda: _peer(w.a, b)["last_error"] is None)
+    wait_until(lambda: _peer(w.a, b)["last_error"] is None)
     bob = w.users["bob"]["access_token"]
-    _wait(lambda: [m["body"] for m in w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]][-2:]
+    wait_until(lambda: [m["body"] for m in w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"]][-2:]
           == ["are you there?", "hello?"])
     assert w.b.get(f"/v1/rooms/{room}/messages", token=bob)["messages"] == \
         w.a.get(f"/v1/rooms/{room}/messages", token=alice)["messages"]

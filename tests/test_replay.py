@@ -15,7 +15,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cbor2
@@ -26,19 +25,11 @@ from scaiwave_federation.core.replay import replay_records
 from scaiwave_federation.core.wire import encode
 from scaiwave_federation.shell.recorder import Recorder
 from scaiwave_federation.shell.replay import load_policy, open_recording, render, replay, replay_main
-from scaiwave_federation.shell.testbed import Testbed
+from scaiwave_federation.shell.testbed import Testbed, wait_until
 
 from corehelpers import A, B, NOW, build_chain, descriptor_bytes, endpoint, make_node, tamper_envelope
 
 
-def _wait(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 class Live:
@@ -90,8 +81,8 @@ def live(tmp_path_factory) -> Live:
         assert b.request("POST", f"/v1/rooms/{gid}/invite", {"user": alice["user_id"]}, token=bt)[0] == 200
         assert a.request("POST", f"/v1/invites/{gid}/accept", token=at)[0] == 200
         assert b.request("POST", f"/v1/rooms/{gid}/messages", {"body": "welcome"}, token=bt)[0] == 200
-        _wait(lambda: any(m["body"] == "welcome" for m in a.request("GET", f"/v1/rooms/{gid}/messages", token=at)[1]["messages"]))
-        _wait(lambda: any(m["body"] == "hi bob" for m in b.request("GET", f"/v1/rooms/{dm_id}/messages", token=bt)[1]["messages"]))
+        wait_until(lambda: any(m["body"] == "welcome" for m in a.request("GET", f"/v1/rooms/{gid}/messages", token=at)[1]["messages"]))
+        wait_until(lambda: any(m["body"] == "hi bob" for m in b.request("GET", f"/v1/rooms/{dm_id}/messages", token=bt)[1]["messages"]))
         # Backfills both ways: we pull the group room's start, peer.test pulls the DM's.
         a.cli("admin", "federation", "backfill", gid, "--from", b.server_name, check=True)
         b.cli("admin", "federation", "backfill", dm_id, "--from", a.server_name, check=True)
