@@ -32,8 +32,9 @@ pytestmark = pytest.mark.e2e
 class World:
     def __init__(self, root: Path) -> None:
         self.tb = Testbed(root)
-        self.a = self.tb.add("your-host.test")
-        self.b = self.tb.add("peer.test")
+        # Both record every federation exchange: the last test replays them.
+        self.a = self.tb.add("your-host.test", extra={"SCAIWAVE_RECORD": str(root / "your-host.cbor")})
+        self.b = self.tb.add("peer.test", extra={"SCAIWAVE_RECORD": str(root / "peer.cbor")})
         self.o = self.tb.add("outsider.test")
         self.s = self.tb.add("stranger.test", ca=trustme.CA())
         self.users: dict[str, dict] = {}
@@ -310,3 +311,22 @@ def test_what_cannot_be_federated(w):
     w.a.cli_json("admin", "tenant", "create", "secretco", "--federation", "disabled")
     carol = w.a.cli_json("admin", "user", "create", "carol", "--tenant", "secretco")
     assert _code(w.a.request("POST", "/v1/dms", {"to": bob_id}, token=carol["access_token"])) == "tenant_federation_disabled"
+
+
+def test_replay_of_the_walkthrough_matches_the_live_decisions(w):
+    """scaiwave replay drives a fresh core with each recording: same decisions as live."""
+    from scaiwave_federation.shell.replay import open_recording, replay
+
+    for server, path in ((w.a, w.tb.root / "your-host.cbor"), (w.b, w.tb.root / "peer.cbor")):
+        recording = open_recording(path)
+        assert recording.server_name == server.server_name
+        result = replay(recording)
+        decisions = result.decisions
+        assert len([d for d in decisions if d.comparable]) > 20
+        assert result.differing == [], [(d.index, d.target, d.replay, d.live) for d in result.differing]
+        # The walkthrough's refusals are among them, with their codes.
+        codes = {d.replay.code for d in decisions if d.replay.code}
+        assert server is not w.a or {"peer_not_allowed", "federation_closed", "expired_key"} <= codes
+    # Two replays print identical bytes.
+    first = server.cli("replay", str(w.tb.root / "your-host.cbor")).stdout
+    assert first and first == server.cli("replay", str(w.tb.root / "your-host.cbor")).stdout
