@@ -207,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _start_failure(exc: BaseException, config: Config) -> str | None:
+    """One line for a failure an admin can fix (port taken, unusable database), else None."""
+    from .schema import StorageError
+
+    for leaf in _leaves(exc):
+        if isinstance(leaf, StorageError):
+            return f"SCAIWAVE_DATA_DIR: {leaf}"
+        if isinstance(leaf, ConfigError):
+            return str(leaf)
+        if isinstance(leaf, OSError) and leaf.errno is not None:
+            return (f"SCAIWAVE_LISTEN: cannot listen on {config.listen_host}:{config.listen_port}: "
+                    f"{leaf.strerror}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("SCAIWAVE_LOG_LEVEL", "INFO"),
@@ -231,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                 trio.run(serve, config)
             except KeyboardInterrupt:
                 pass
+            except BaseException as exc:  # expected start failures get one line, the rest a traceback
+                line = _start_failure(exc, config)
+                if line is None:
+                    raise
+                print(f"scaiwave: {line}", file=sys.stderr)
+                return 2
             return 0
         _admin(args, config)
         return 0
