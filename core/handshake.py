@@ -123,6 +123,11 @@ class Initiator:
         self.refusal = refusal
         return [Failed(self.peer, refusal)]
 
+    @property
+    def nonce(self) -> bytes:
+        """The nonce given to :meth:`start` (empty before): a recorder keeps it."""
+        return self._nonce
+
     def start(self, nonce: bytes) -> list[Effect]:
         """Begin. ``nonce`` is 16-64 fresh random bytes from the host."""
         self._expect("start")

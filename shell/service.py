@@ -279,7 +279,7 @@ class Service:
             machine = Initiator(server_name=self.config.server_name, peer=peer, keyring=self.node.keyring,
                                 policy=self.node.policy, keys=self.node.keys, versions=self.node.versions)
             effects = machine.start(os.urandom(16))
-            self.record("handshake_start", peer=peer, nonce=machine._nonce)
+            self.record("handshake_start", peer=peer, nonce=machine.nonce)
             while effects:
                 effect = effects.pop(0)
                 if isinstance(effect, FetchDescriptor):
