@@ -282,5 +282,7 @@ async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Res
         event = decode_event(row["envelope"])
         if isinstance(event, Event) and event.type == "m.message":
             messages.append({"event_id": event.id_text, "depth": event.depth, "sender": event.sender,
-                             "body": event.content.get("body"), "ts": event.ts})
+                             # A host may have chained any CBOR value here; show text only.
+                             "body": body if isinstance(body := event.content.get("body"), str) else None,
+                             "ts": event.ts})
     return Response.json(200, {"room_id": room_id, "messages": messages, "events": len(rows)})
