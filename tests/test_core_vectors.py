@@ -161,9 +161,13 @@ def test_domain_prefixes():
 def test_docs_list_the_same_vectors():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "vectors.md").read_text()
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    text = (docs / "vectors.md").read_text()
     flat = "".join(text.split())  # hex blocks are wrapped over lines
+    appendix = (docs / "protocol.md").read_text().split("## Appendix: known-answer vectors", 1)[1]
+    flat_protocol = "".join(appendix.split())
     for value in (KEY_ID_A, PUBLIC_KEY_A, KEY_ID_B, PUBLIC_KEY_B, EVENT_BODY, EVENT_SIGNATURE, EVENT_ID,
                   EVENT_ID_TEXT, EVENT_ENVELOPE, AUTHORIZATION.split(" ", 1)[1], DESCRIPTOR_SIGNATURE,
                   HANDSHAKE_TRANSCRIPT, HANDSHAKE_PROOF, REQUEST_TARGET, DESCRIPTOR_ENDPOINT, str(NOW)):
         assert "".join(value.split()) in flat, value
+        assert "".join(value.split()) in flat_protocol, value
