@@ -44,7 +44,7 @@ from scaiwave_federation.core import (
 from scaiwave_federation.core.backfill import build_page
 from scaiwave_federation.core.events import verify_events
 from scaiwave_federation.core.keys import Domain, verify_batch
-from scaiwave_federation.core.rooms import LinkResult, link
+from scaiwave_federation.core.rooms import link_run
 from scaiwave_federation.shell.verify_pool import threaded_verifier
 
 HOST = "peer.test"
@@ -140,11 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             verify_key.verify(Domain.EVENT + body, signature)
 
     def core() -> None:
-        head: Head | None = None
-        for result in verify_events(envelopes, local.lookup):
-            if not isinstance(result, Event) or link(result, head) != LinkResult.APPEND:
-                raise SystemExit(f"core refused a valid event: {result}")
-            head = Head(result.depth, result.event_id)
+        results = verify_events(envelopes, local.lookup)
+        linked, refusal = link_run(results, None)
+        if refusal is not None or linked != len(envelopes):
+            raise SystemExit(f"core refused a valid event: {refusal}")
 
     # Backfill: the host serves pages of 100, newest first; the puller checks
     # every hash, signature and link and emits what to store.

@@ -19,7 +19,7 @@ Federation payloads (canonical CBOR):
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from .codes import Code, Refused
 from .events import Event, make_event
@@ -32,6 +32,7 @@ __all__ = [
     "Head",
     "chain_event",
     "link",
+    "link_run",
     "LinkResult",
     "check_proposal",
     "decode_events_body",
@@ -98,6 +99,24 @@ def link(event: Event, head: Head | None, known_at_depth: bytes | None = None) -
     if event.depth == head.depth + 1 and event.prev == head.event_id:
         return LinkResult.APPEND
     return Refused(Code.CHAIN_BROKEN, f"event at depth {event.depth} does not follow our head at {head.depth}")
+
+
+def link_run(events: Sequence[object], head: Head | None) -> tuple[int, Refused | None]:
+    """Check a run of received chained events (oldest first) against ``head``.
+
+    The batch form of :func:`link` for the APPEND case: returns how many
+    leading events extend the chain one by one, and the refusal that stopped
+    it (``None`` when all of them do). Non-events (refusals from
+    verification) stop the run with their own refusal, or ``malformed``.
+    """
+    depth, prev = (0, None) if head is None else head
+    for index, event in enumerate(events):
+        if type(event) is not Event:
+            return index, event if isinstance(event, Refused) else Refused(Code.MALFORMED, "not a verified event")
+        if event.depth != depth + 1 or event.prev != prev:
+            return index, Refused(Code.CHAIN_BROKEN, f"event at depth {event.depth} does not follow depth {depth}")
+        depth, prev = event.depth, event.event_id
+    return len(events), None
 
 
 def check_proposal(proposal: Event, *, origin: str, room_type: str, tenant_federates: bool,

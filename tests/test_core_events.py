@@ -467,3 +467,16 @@ def test_decode_event_fast_path_gives_the_generic_verdict(content, depth, flips,
     body = bytes(body)
     envelope = cbor2.dumps([body, key.key_id, sign(key, Domain.EVENT, body)], canonical=True)
     assert decode_event(envelope) == _decode_event_generic(envelope)
+
+
+def test_link_run_checks_a_whole_run_against_the_head():
+    from scaiwave_federation.core.rooms import link_run
+
+    key = make_node(B, 2).keyring.current
+    chain = build_chain(key, f"!r:{B}", 5)
+    assert link_run(chain, None) == (5, None)
+    assert link_run(chain[2:], Head(chain[1].depth, chain[1].event_id)) == (3, None)
+    count, refusal = link_run(chain[:2] + chain[3:], None)
+    assert count == 2 and refusal.code is Code.CHAIN_BROKEN
+    count, refusal = link_run([chain[0], Refused(Code.BAD_SIGNATURE, "x")], None)
+    assert count == 1 and refusal.code is Code.BAD_SIGNATURE
