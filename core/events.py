@@ -205,43 +205,10 @@ def _split_envelope(envelope: bytes) -> tuple[bytes, str, bytes] | None:
     return body, key_id, envelope[pos + key_len + 2:]
 
 
-def _decode_body(body: bytes, max_size: int) -> Any:
-    """The body's strict decode, with a fast path for the usual case.
-
-    The fast path is the generic :func:`~.wire.decode` minus its per-map
-    Python hook: the top-level key order is checked against the two fixed
-    canonical orders, the content's maps with the same hook after the fact,
-    then one plain re-encode must give the received bytes back. Anything the
-    fast path does not settle goes to the generic decoder, so the verdicts
-    are the same (a test checks it); only the time differs.
-    """
-    if len(body) > max_size:
-        return decode(body, max_size=max_size)
-    if len(body) > wire.PRESCAN_ABOVE:
-        refused = wire.prescan(body, wire.MAX_DEPTH)
-        if refused is not None:
-            return refused
-    try:
-        value = wire.loads_strict(body)
-    except Exception:
-        return decode(body, max_size=max_size)
-    if (
-        type(value) is dict
-        and (tuple(value) == _BODY_KEYS or tuple(value) == _BODY_KEYS_SOURCE)
-        and type(value["content"]) is dict
-        and wire.maps_in_order(value["content"])
-        and wire.plain_dumps(value) == body
-        and not (b"\xfb" in body and wire.has_float(value))
-    ):
-        return value
-    return decode(body, max_size=max_size)
-
-
 _FIELDS = itemgetter("v", "room_id", "room_type", "depth", "origin", "sender", "type", "ts", "content", "prev")
 _FIELD_TYPES = (int, str, str, int, str, str, str, int, dict)
 _KEY_ORDERS = frozenset({_BODY_KEYS, _BODY_KEYS_SOURCE})
-_STRICT = dict(semantic_decoders=wire._NO_TAGS, tag_hook=wire._refuse_tag, max_depth=wire.MAX_DEPTH,
-               allow_indefinite=False, allow_duplicate_keys=False, strict_hashable_types=True)
+_STRICT = dict(wire.STRICT_OPTIONS, max_depth=wire.MAX_DEPTH)
 _loads, _dumps, _sha256 = cbor2.loads, cbor2.dumps, hashlib.sha256
 
 
@@ -307,7 +274,7 @@ def _decode_event_generic(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES,
             return Refused(Code.MALFORMED, "an event envelope is [body, key_id, signature]")
         split = outer[0], outer[1], outer[2]
     body_bytes, key_id, signature = split
-    body = _decode_body(body_bytes, max_size)
+    body = decode(body_bytes, max_size=max_size)
     if type(body) is not dict:
         return body if isinstance(body, Refused) else Refused(Code.MALFORMED, "an event body is a map")
     keys = tuple(body)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from .codes import Code, Refused
-from .events import Event, make_event
+from .events import Event, decode_event, make_event
 from .keys import SigningKey
 from .names import server_of
 from .policy import room_refusal
@@ -36,6 +36,7 @@ __all__ = [
     "LinkResult",
     "check_proposal",
     "decode_events_body",
+    "invitee_of",
     "encode_events_body",
     "MAX_TXN_EVENTS",
     "MAX_TXN_BYTES",
@@ -152,6 +153,18 @@ def check_proposal(proposal: Event, *, origin: str, room_type: str, tenant_feder
             return None
         return Refused(Code.FORBIDDEN, f"{proposal.sender[:100]} cannot {wanted!s:.20} (membership {membership})")
     return Refused(Code.MALFORMED, f"unknown event type {proposal.type[:40]!r}")
+
+
+def invitee_of(body: bytes) -> str | None:
+    """Whom an invite body claims to invite (unverified), so the host can look
+    the user up before :meth:`~.node.Federation.on_invite` decides; ``None``
+    when the body does not even say."""
+    decoded = decode_events_body(body)
+    if isinstance(decoded, Refused) or len(decoded[0]) != 1:
+        return None
+    event = decode_event(decoded[0][0])
+    user = event.content.get("user") if isinstance(event, Event) else None
+    return user if isinstance(user, str) else None
 
 
 def encode_events_body(envelopes: list[bytes], **extra: Any) -> bytes:

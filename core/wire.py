@@ -90,6 +90,17 @@ def _refuse_tag(*_args: object) -> Any:
 
 _NO_TAGS = _RefuseEveryTag()
 
+#: The cbor2 decoder options of step 2 (structure), shared by :func:`decode`
+#: and the fast paths in other core modules that check key order themselves.
+STRICT_OPTIONS: dict[str, Any] = dict(
+    semantic_decoders=_NO_TAGS,
+    tag_hook=_refuse_tag,
+    allow_indefinite=False,
+    allow_duplicate_keys=False,
+    strict_hashable_types=True,
+    str_errors="strict",
+)
+
 # Tuples of map keys already seen in canonical order (a cache: it changes
 # speed, never results). Only short key tuples are kept, and only so many.
 _ORDERED_KEYS: set[tuple] = set()
@@ -120,19 +131,22 @@ def _canonical_map(value: dict, _immutable: bool = False) -> dict:
     return {k: value[k] for k in ordered}
 
 
-def _has_float(value: Any) -> bool:
-    """True if a float is anywhere in ``value`` (a decoded, depth-bounded tree)."""
+def _nodes(value: Any) -> Any:
+    """Every node of ``value`` (a decoded, depth-bounded tree): maps, lists and scalars."""
     stack = [value]
     while stack:
         item = stack.pop()
+        yield item
         kind = type(item)
-        if kind is float:
-            return True
         if kind is dict:
             stack.extend(item.values())
         elif kind is list:
             stack.extend(item)
-    return False
+
+
+def _has_float(value: Any) -> bool:
+    """True if a float is anywhere in ``value``."""
+    return any(type(item) is float for item in _nodes(value))
 
 
 #: Public names for fast paths in other core modules.
@@ -196,36 +210,10 @@ def _prescan(data: bytes, max_depth: int) -> Refused | None:
             return None
 
 
-def loads_strict(data: bytes) -> Any:
-    """cbor2's strict decode without the key-order hook (raises on bad input).
-
-    For fast paths that check key order themselves (:func:`maps_in_order`)
-    and re-encode with :func:`plain_dumps`; callers fall back to
-    :func:`decode` for the verdict whenever this raises.
-    """
-    return cbor2.loads(data, semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag, max_depth=MAX_DEPTH,
-                       allow_indefinite=False, allow_duplicate_keys=False, strict_hashable_types=True,
-                       str_errors="strict")
-
-
-def plain_dumps(value: Any) -> bytes:
-    """cbor2's encoding in the value's own key order (canonical if the maps are in order, no floats)."""
-    return cbor2.dumps(value)
-
-
 def maps_in_order(value: Any) -> bool:
     """True when every map in ``value`` (depth-bounded) has its keys in canonical order."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is dict:
-            if len(item) > 1 and _canonical_map(item) is not item:
-                return False
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
-    return True
+    return all(type(item) is not dict or len(item) < 2 or _canonical_map(item) is item
+               for item in _nodes(value))
 
 
 def prescan(data: bytes, max_depth: int) -> Refused | None:
@@ -260,17 +248,7 @@ def decode(data: bytes, *, max_size: int, max_depth: int = MAX_DEPTH) -> Any | R
     if refused is not None:
         return refused
     try:
-        value = cbor2.loads(
-            data,
-            semantic_decoders=_NO_TAGS,
-            tag_hook=_refuse_tag,
-            object_hook=_canonical_map,
-            max_depth=max_depth,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            strict_hashable_types=True,
-            str_errors="strict",
-        )
+        value = cbor2.loads(data, object_hook=_canonical_map, max_depth=max_depth, **STRICT_OPTIONS)
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
         return Refused(Code.MALFORMED, f"not well-formed CBOR: {_short(exc)}")
     try:

@@ -15,7 +15,7 @@ from typing import Any
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
 from scaiwave_federation.core.backfill import build_page
 from scaiwave_federation.core.names import server_of
-from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, link
+from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, invitee_of, link
 from scaiwave_federation.core.wire import encode
 
 from .errors import cbor_error
@@ -90,21 +90,9 @@ async def _handshake(service: Service, auth: Authenticated, request: Request) ->
 
 async def _invite(service: Service, auth: Authenticated, room_id: str, request: Request,
                   context: dict[str, Any]) -> Response:
-    local_users = set()
-
-    # The decision needs to know which invitees exist here; read them first.
-    async def exists(user_id: str) -> bool:
-        return await service.store.get_user(user_id) is not None
-
-    from scaiwave_federation.core.rooms import decode_events_body
-    from scaiwave_federation.core import decode_event
-
-    decoded = decode_events_body(request.body)
-    if not isinstance(decoded, Refused) and decoded[0]:
-        event = decode_event(decoded[0][-1])
-        if isinstance(event, Event) and isinstance(event.content.get("user"), str):
-            if await exists(event.content["user"]):
-                local_users.add(event.content["user"])
+    # The decision needs to know whether the invitee exists here: look it up first.
+    invitee = invitee_of(request.body)
+    local_users = {invitee} if invitee and await service.store.get_user(invitee) is not None else set()
     context["local_users"] = sorted(local_users)
     decision = service.node.on_invite(auth, room_id, request.body, is_local_user=local_users.__contains__)
     if isinstance(decision, NeedKeys):

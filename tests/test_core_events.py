@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corehelpers import A, B, DAY, NOW, build_chain, head_of, make_node, seed, tamper_envelope
+from corehelpers import A, B, DAY, NOW, build_chain, head_of, invite_event, make_node, seed, tamper_envelope
 from scaiwave_federation.core import (
     Code,
     Event,
@@ -480,3 +480,14 @@ def test_link_run_checks_a_whole_run_against_the_head():
     assert count == 2 and refusal.code is Code.CHAIN_BROKEN
     count, refusal = link_run([chain[0], Refused(Code.BAD_SIGNATURE, "x")], None)
     assert count == 1 and refusal.code is Code.BAD_SIGNATURE
+
+
+def test_invitee_of_reads_the_claimed_invitee_only():
+    from scaiwave_federation.core.rooms import invitee_of
+
+    key = make_node(B, 2).keyring.current
+    chain = build_chain(key, f"!r:{B}", 2)
+    invite = invite_event(key, chain, f"@carol:{A}")
+    assert invitee_of(encode_events_body([invite.envelope])) == f"@carol:{A}"
+    assert invitee_of(encode_events_body([invite.envelope, invite.envelope])) is None
+    assert invitee_of(b"garbage") is None
