@@ -36,6 +36,7 @@ from .effects import Effect, Failed, SendRequest, StoreEvents
 from .events import Event, NeedKeys, verify_events
 from .keycache import KeyCache
 from .keys import BatchVerifier, SigningKey, verify_batch
+from .layouts import read_page
 from .requests import sign_request
 from .wire import decode, encode
 
@@ -98,6 +99,11 @@ def _opt_int(value: object) -> bool:
 
 def decode_page(body: bytes) -> Page | Refused:
     """Strictly decode a page body."""
+    if type(body) is bytes and len(body) <= MAX_PAGE_BYTES:
+        fields = read_page(body, PAGE_CAP)  # the common layout, read fast
+        if fields is not None:
+            room_id, before, envelopes, next_cursor = fields
+            return Page(room_id, before, tuple(envelopes), next_cursor)
     value = decode(body, max_size=MAX_PAGE_BYTES, max_depth=3)
     if isinstance(value, Refused):
         return value

@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from operator import itemgetter
-
-import cbor2
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .codes import Code, Refused
+from .layouts import read_event
 from .keys import BatchVerifier, Domain, ServerKeys, SigningKey, sign, verify_batch
 from .names import server_of
-from . import wire
 from .wire import b64e, decode, encode
 
 __all__ = [
@@ -163,53 +160,7 @@ def make_event(
     return event
 
 
-def _split_envelope(envelope: bytes) -> tuple[bytes, str, bytes] | None:
-    """Fast path: split the one canonical shape an envelope can have.
-
-    ``[body, key_id, signature]`` with a body of 24 to 65535 bytes, a key id
-    of 1 to 64 characters and a 64-byte signature, every head minimal and
-    nothing after. Returns ``None`` for anything else, which then goes
-    through the generic :func:`~.wire.decode` (same verdicts, just slower).
-    """
-    size = len(envelope)
-    if size < 70 or envelope[0] != 0x83:
-        return None
-    head = envelope[1]
-    if head == 0x58:
-        length, pos = envelope[2], 3
-        if length < 24:
-            return None
-    elif head == 0x59:
-        length, pos = (envelope[2] << 8) | envelope[3], 4
-        if length < 256:
-            return None
-    else:
-        return None
-    body = envelope[pos:pos + length]
-    pos += length
-    if pos + 68 > size:
-        return None
-    head = envelope[pos]
-    if 0x61 <= head <= 0x77:
-        key_len, pos = head - 0x60, pos + 1
-    elif head == 0x78 and 24 <= envelope[pos + 1] <= 64:
-        key_len, pos = envelope[pos + 1], pos + 2
-    else:
-        return None
-    if pos + key_len + 66 != size or envelope[pos + key_len:pos + key_len + 2] != b"\x58\x40":
-        return None
-    try:
-        key_id = envelope[pos:pos + key_len].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return body, key_id, envelope[pos + key_len + 2:]
-
-
-_FIELDS = itemgetter("v", "room_id", "room_type", "depth", "origin", "sender", "type", "ts", "content", "prev")
-_FIELD_TYPES = (int, str, str, int, str, str, str, int, dict)
-_KEY_ORDERS = frozenset({_BODY_KEYS, _BODY_KEYS_SOURCE})
-_STRICT = dict(wire.STRICT_OPTIONS, max_depth=wire.MAX_DEPTH)
-_loads, _dumps, _sha256 = cbor2.loads, cbor2.dumps, hashlib.sha256
+_new_event = tuple.__new__  # Event(*fields) without NamedTuple's Python-level __new__
 
 
 def decode_event(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES) -> Event | Refused:
@@ -217,63 +168,35 @@ def decode_event(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES) -> Event |
 
     Refuses with ``too_large``, ``malformed`` or ``non_canonical``.
 
-    The usual event (canonical envelope, small canonical body of the right
-    shape, a chained event of its host) takes a fast path that makes the
-    same checks with fewer Python steps; anything it does not accept goes
-    through :func:`_decode_event_generic`, which gives every verdict. A
-    property test checks that both accept exactly the same events.
+    An envelope in the one common layout (see :mod:`.layouts`) is read
+    without a CBOR decoder; anything else goes through
+    :func:`_decode_event_generic`, which gives every verdict. The shortcut
+    only ever accepts, and a property test and the fuzz harness check that
+    it accepts exactly what the generic decoder accepts, as the same event.
     """
-    split = _split_envelope(envelope) if type(envelope) is bytes and len(envelope) <= max_size else None
-    if split is not None:
-        body_bytes = split[0]
-        if len(body_bytes) <= wire.PRESCAN_ABOVE or wire.prescan(body_bytes, wire.MAX_DEPTH) is None:
-            try:
-                body = _loads(body_bytes, **_STRICT)
-            except Exception:
-                body = None
-            if type(body) is dict and tuple(body) in _KEY_ORDERS:
-                f = _FIELDS(body)
-                v, room_id, room_type, depth, origin, sender, etype, ts, content, prev = f
-                source = body.get("source")
-                if (
-                    tuple(map(type, f[:9])) == _FIELD_TYPES
-                    and v == 1
-                    and 1 < depth < _MAX_INT
-                    and 0 <= ts < _MAX_INT
-                    and type(prev) is bytes
-                    and len(prev) == 32
-                    and (source is None or type(source) is bytes)
-                    and origin == server_of(room_id)
-                    and origin is not None
-                    and server_of(sender) is not None
-                    and wire.maps_in_order(content)
-                    and _dumps(body) == body_bytes
-                    and not (b"\xfb" in body_bytes and wire.has_float(body))
-                ):
-                    return Event(_sha256(body_bytes).digest(), envelope, body_bytes, split[1], split[2], room_id,
-                                 room_type, depth, prev, origin, sender, etype, ts, content, source)
-    return _decode_event_generic(envelope, max_size=max_size, split=split)
+    if type(envelope) is bytes and len(envelope) <= max_size:
+        fields = read_event(envelope)
+        if fields is not None:
+            return _new_event(Event, fields)
+    return _decode_event_generic(envelope, max_size=max_size)
 
 
-def _decode_event_generic(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES,
-                          split: tuple[bytes, str, bytes] | None = None) -> Event | Refused:
+def _decode_event_generic(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES) -> Event | Refused:
     """:func:`decode_event` for any input: every check, every verdict."""
-    if split is None:
-        outer = decode(envelope, max_size=max_size, max_depth=2)
-        if isinstance(outer, Refused):
-            return outer
-        if not (
-            type(outer) is list
-            and len(outer) == 3
-            and type(outer[0]) is bytes
-            and type(outer[1]) is str
-            and type(outer[2]) is bytes
-            and len(outer[2]) == 64
-            and 0 < len(outer[1]) <= 64
-        ):
-            return Refused(Code.MALFORMED, "an event envelope is [body, key_id, signature]")
-        split = outer[0], outer[1], outer[2]
-    body_bytes, key_id, signature = split
+    outer = decode(envelope, max_size=max_size, max_depth=2)
+    if isinstance(outer, Refused):
+        return outer
+    if not (
+        type(outer) is list
+        and len(outer) == 3
+        and type(outer[0]) is bytes
+        and type(outer[1]) is str
+        and type(outer[2]) is bytes
+        and len(outer[2]) == 64
+        and 0 < len(outer[1]) <= 64
+    ):
+        return Refused(Code.MALFORMED, "an event envelope is [body, key_id, signature]")
+    body_bytes, key_id, signature = outer
     body = decode(body_bytes, max_size=max_size)
     if type(body) is not dict:
         return body if isinstance(body, Refused) else Refused(Code.MALFORMED, "an event body is a map")
@@ -318,6 +241,7 @@ def _decode_event_generic(envelope: bytes, *, max_size: int = MAX_EVENT_BYTES,
 
 KeyLookup = Callable[[str], ServerKeys | None]
 _EVENT_DOMAIN = Domain.EVENT
+_UNSEEN = object()
 
 
 def verify_events(
@@ -341,36 +265,46 @@ def verify_events(
     owners: list[int] = []  # result index each signature job belongs to
     known: dict[str, ServerKeys | None] = {}  # lookups, once per server per batch
     for envelope in envelopes:
-        index = len(results)
-        event = decode_event(envelope)
-        if type(event) is not Event:
-            results.append(event)
-            continue
+        # decode_event, inlined: this loop is the hot path of every ingest.
+        fields = read_event(envelope) if type(envelope) is bytes and len(envelope) <= MAX_EVENT_BYTES else None
+        if fields is not None:
+            event = _new_event(Event, fields)
+        else:
+            event = _decode_event_generic(envelope)
+            if type(event) is not Event:
+                results.append(event)
+                continue
         origin = event.origin
-        keys = known[origin] if origin in known else known.setdefault(origin, lookup(origin))
+        keys = known.get(origin, _UNSEEN)
+        if keys is _UNSEEN:
+            keys = known[origin] = lookup(origin)
         # The common case inline: signed by the current key (any ts).
         if keys is not None and event.key_id == keys.key_id and keys.public_key is not None:
             job: tuple[bytes, bytes, bytes] | Refused | NeedKeys = (keys.public_key, _EVENT_DOMAIN + event.body,
                                                                     event.signature)
         else:
             job = _signature_job(event, lookup)
-        if type(job) is not tuple:
-            results.append(job)  # type: ignore[arg-type]
-            continue
+            if type(job) is not tuple:
+                results.append(job)  # type: ignore[arg-type]
+                continue
+        index = len(results)
         results.append(event)
         jobs.append(job)  # type: ignore[arg-type]
         owners.append(index)
         if event.source is not None:
             proposal_job = _proposal_job(event, lookup)
-            if not isinstance(proposal_job, tuple):
-                results[index] = proposal_job
+            if type(proposal_job) is not tuple:
+                results[index] = proposal_job  # type: ignore[assignment]
                 continue
-            jobs.append(proposal_job)
+            jobs.append(proposal_job)  # type: ignore[arg-type]
             owners.append(index)
     if jobs:
-        for ok, index in zip(verifier(jobs), owners):
-            if not ok and not isinstance(results[index], Refused):
-                results[index] = Refused(Code.BAD_SIGNATURE, f"event {_describe(results[index])} signature does not verify")
+        verdicts = verifier(jobs)
+        if not all(verdicts):
+            for ok, index in zip(verdicts, owners):
+                if not ok and not isinstance(results[index], Refused):
+                    results[index] = Refused(Code.BAD_SIGNATURE,
+                                             f"event {_describe(results[index])} signature does not verify")
     return results
 
 

@@ -203,19 +203,31 @@ class Federation:
         if isinstance(decoded, Refused):
             return decoded
         results = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)
-        out: list[Event | Refused | NeedKeys] = []
-        for result in results:
-            if isinstance(result, Event):
+        origin = auth.origin
+        checked: dict[tuple[str, str], Refused | None] = {}  # (room, room type): one check per room
+        for index, result in enumerate(results):
+            if type(result) is not Event:
+                continue
+            if result.depth == 0:
+                # Proposals come from the sender's server (their origin, checked with the signature).
                 refusal = room_refusal(result.room_type)
-                # Chained events come from their host; proposals from the sender's server.
-                if refusal is None and result.depth > 0 and server_of(result.room_id) != auth.origin:
-                    refusal = Refused(Code.FORBIDDEN, f"{auth.origin} does not host {result.room_id[:100]}")
-                if refusal is None and result.depth == 0 and result.origin != auth.origin:
-                    refusal = Refused(Code.FORBIDDEN, f"{auth.origin} may not relay proposals of {result.origin[:100]}")
-                out.append(refusal or result)
+                if refusal is None and result.origin != origin:
+                    refusal = Refused(Code.FORBIDDEN, f"{origin} may not relay proposals of {result.origin[:100]}")
             else:
-                out.append(result)
-        return out
+                # Chained events come from their host.
+                room = (result.room_id, result.room_type)
+                refusal = checked[room] if room in checked else checked.setdefault(room, self._host_refusal(room, origin))
+            if refusal is not None:
+                results[index] = refusal
+        return results
+
+    @staticmethod
+    def _host_refusal(room: tuple[str, str], origin: str) -> Refused | None:
+        room_id, room_type = room
+        refusal = room_refusal(room_type)
+        if refusal is None and server_of(room_id) != origin:
+            refusal = Refused(Code.FORBIDDEN, f"{origin} does not host {room_id[:100]}")
+        return refusal
 
     def on_backfill(self, auth: Authenticated, room_id: str, query: Mapping[str, str], *,
                     room_type: str | None, tenant_federates: bool,

@@ -36,7 +36,7 @@ from .backfill import BackfillDone, BackfillPuller, decode_page
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
 from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest
-from .events import NeedKeys
+from .events import Event, NeedKeys
 from .handshake import HANDSHAKE_TARGET, Initiator
 from .keys import ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey
 from .node import Federation
@@ -438,29 +438,36 @@ class Replayer:
         rooms_ctx: Mapping[str, Any] = context.get("heads") or {}
         proposals: Mapping[str, Any] = context.get("proposals") or {}
         by_room: Mapping[str, Any] = context.get("rooms") or {}
+        held_ids: Mapping[str, str] = context.get("held") or {}
         heads: dict[str, Head | None] = {}
         outcomes: list[str] = []
         stored = 0
         for result in results:
-            if isinstance(result, NeedKeys):
-                self._learn(result.server, now, None)
-                result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
-            if isinstance(result, Refused):
+            if type(result) is not Event:
+                if isinstance(result, NeedKeys):
+                    self._learn(result.server, now, None)
+                    result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
                 outcomes.append(result.code.value)
                 continue
-            room = rooms_ctx.get(result.room_id) or {}
-            if result.room_id not in heads:
+            room_id = result.room_id
+            room = rooms_ctx.get(room_id) or {}
+            if room_id in heads:
+                head = heads[room_id]
+            else:
                 recorded = room.get("head")
-                heads[result.room_id] = Head(recorded[0], bytes(recorded[1])) if recorded else None
-            head = heads[result.room_id]
+                head = heads[room_id] = Head(recorded[0], bytes(recorded[1])) if recorded else None
             if result.depth > 0:
-                held = (context.get("held") or {}).get(result.id_text)
-                verdict = (link(result, head, bytes.fromhex(held) if held else None) if room.get("known")
-                           else Refused(Code.NOT_FOUND, "unknown room"))
-                if verdict == LinkResult.APPEND:
-                    heads[result.room_id] = Head(result.depth, result.event_id)
+                if not room.get("known"):
+                    outcomes.append(Code.NOT_FOUND.value)
+                    continue
+                held = held_ids.get(result.id_text) if held_ids else None
+                verdict = link(result, head, bytes.fromhex(held) if held else None)
+                if verdict is LinkResult.APPEND:
+                    heads[room_id] = Head(result.depth, result.event_id)
                     stored += 1
-                outcomes.append(verdict.code.value if isinstance(verdict, Refused) else "ok")
+                    outcomes.append("ok")
+                else:
+                    outcomes.append(verdict.code.value if isinstance(verdict, Refused) else "ok")
                 continue
             state = proposals.get(result.id_text) or by_room.get(result.room_id)
             if not room.get("known") or room.get("host") != node.server_name or state is None:

@@ -2,7 +2,8 @@
 
 ``HYPOTHESIS_PROFILE=ci`` (what CI sets) is derandomized, keeps no example
 database and runs 60 examples per property; ``dev`` (the default) runs 100
-random examples. Neither has a deadline: timing assertions are explicit where
+random examples; ``deep`` runs 5000 (for a long look at one
+property). None has a deadline: timing assertions are explicit where
 timing is the point (see test_core_wire.py).
 """
 
@@ -19,4 +20,5 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile("deep", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
