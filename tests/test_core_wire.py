@@ -180,6 +180,20 @@ def _maps_as_keys(levels: int, pad: int = 0) -> bytes:
 FAST = 0.050  # seconds; re-encoding the 45-byte input alone took 5 s before the fix
 
 
+def _timed_decode(data: bytes, max_depth: int) -> tuple[object, float]:
+    """``decode``'s result and its best time of three tries.
+
+    The best of three, so that one stall of a busy machine cannot fail the
+    test, while a super-linear decoder (seconds per try) still does.
+    """
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        result = decode(data, max_size=1 << 20, max_depth=max_depth)
+        best = min(best, time.perf_counter() - started)
+    return result, best
+
+
 @pytest.mark.parametrize("levels", [22, 1000])
 @pytest.mark.parametrize("max_depth", [MAX_DEPTH, 5000])
 def test_maps_nested_as_map_keys_are_refused_fast(levels, max_depth):
@@ -187,9 +201,7 @@ def test_maps_nested_as_map_keys_are_refused_fast(levels, max_depth):
     it must be refused before it can reach the re-encoder."""
     data = _maps_as_keys(levels)
     assert len(data) in (45, 2001)
-    started = time.perf_counter()
-    refused = decode(data, max_size=1 << 20, max_depth=max_depth)
-    elapsed = time.perf_counter() - started
+    refused, elapsed = _timed_decode(data, max_depth)
     assert isinstance(refused, Refused)
     assert refused.code in (Code.MALFORMED, Code.TOO_LARGE)
     assert elapsed < FAST, f"took {elapsed * 1000:.1f} ms"
@@ -198,9 +210,7 @@ def test_maps_nested_as_map_keys_are_refused_fast(levels, max_depth):
 @pytest.mark.parametrize("levels, pad, max_depth", [(10, 40, MAX_DEPTH), (1000, 40, 5000)])
 def test_maps_as_map_keys_within_every_budget_are_malformed_fast(levels, pad, max_depth):
     data = _maps_as_keys(levels, pad)
-    started = time.perf_counter()
-    refused = decode(data, max_size=1 << 20, max_depth=max_depth)
-    elapsed = time.perf_counter() - started
+    refused, elapsed = _timed_decode(data, max_depth)
     assert isinstance(refused, Refused) and refused.code is Code.MALFORMED
     assert "map key" in refused.detail
     assert elapsed < FAST, f"took {elapsed * 1000:.1f} ms"
@@ -210,10 +220,9 @@ def test_arrays_as_map_keys_are_refused_fast():
     data = b"\x80"
     for _ in range(1000):
         data = b"\xa1\x81" + data + encode(b"x" * 80)
-    started = time.perf_counter()
-    refused = decode(data, max_size=1 << 20, max_depth=5000)
+    refused, elapsed = _timed_decode(data, 5000)
     assert refused.code is Code.MALFORMED
-    assert time.perf_counter() - started < FAST
+    assert elapsed < FAST, f"took {elapsed * 1000:.1f} ms"
 
 
 # -- the container budget --

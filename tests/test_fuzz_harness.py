@@ -44,9 +44,14 @@ LOOSE = 10.0
 
 
 def _timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - started
+    """``fn``'s result and its best time of three calls: one stall of a busy
+    machine must not fail a test, a decoder that is slow every time must."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - started)
+    return result, best
 
 
 def _maps_as_keys(levels: int) -> bytes:
