@@ -19,7 +19,7 @@ from scaiwave_federation.core import Code, Event, Head, Refused, chain_event, de
 from scaiwave_federation.core.backfill import PAGE_CAP, Page, build_page, decode_page
 from scaiwave_federation.core.events import _decode_event_generic
 from scaiwave_federation.core.keys import Domain, sign
-from scaiwave_federation.core.layouts import read_event, read_events_body, read_page
+from scaiwave_federation.core.layouts import read_accepting_reply, read_event, read_events_body, read_page
 from scaiwave_federation.core.rooms import MAX_TXN_EVENTS, decode_events_body, encode_events_body
 from scaiwave_federation.core.wire import decode, encode
 
@@ -221,3 +221,48 @@ def test_pages_the_server_builds_read_fast():
     refused = decode_page(big)
     assert isinstance(refused, Refused) and refused.code is Code.MALFORMED
     assert decode(page, max_size=1 << 20)["events"] == [b"a" * 300, b"b" * 20]
+
+
+# -- transaction replies (read back by the replay) ------------------------------------------
+
+_results = st.lists(
+    st.one_of(
+        st.builds(lambda t: {"event_id": t, "ok": True}, st.text(max_size=50)),
+        st.builds(lambda t, c: {"event_id": t, "error": {"code": c, "message": "m"}}, st.text(max_size=5),
+                  st.sampled_from(["bad_signature", "chain_broken"])),
+        st.builds(lambda t: {"event_id": t, "ok": True, "chained": t}, st.text(max_size=5)),
+    ),
+    max_size=30,
+)
+
+
+@given(st.data())
+def test_accepting_replies_read_fast_only_when_every_event_was_accepted(data):
+    results = data.draw(_results)
+    reply = encode({"results": results, "events": data.draw(st.sampled_from([[], [b"x"]]))})
+    if data.draw(st.booleans()):
+        reply = _damaged(reply, data.draw)
+    fast = read_accepting_reply(reply)
+    generic = decode(reply, max_size=1 << 20)
+    # The reference: a reply that created no event and accepted every one as is.
+    accepting = (isinstance(generic, dict) and generic.keys() == {"results", "events"} and generic["events"] == []
+                 and isinstance(generic["results"], list) and len(generic["results"]) > 0
+                 and all(isinstance(r, dict) and r.keys() == {"ok", "event_id"} and r["ok"] is True
+                         and isinstance(r["event_id"], str) for r in generic["results"]))
+    assert (fast is not None) == accepting
+    if accepting:
+        assert fast == len(generic["results"])
+
+
+def test_the_replay_reads_a_recorded_reply_the_same_either_way():
+    from scaiwave_federation.core.replay import Replayer
+
+    accepting = encode({"results": [{"event_id": f"$e{i}", "ok": True} for i in range(30)], "events": []})
+    mixed = encode({"results": [{"event_id": "$a", "ok": True},
+                                {"event_id": "$b", "error": {"code": "chain_broken", "message": "gap"}}],
+                    "events": []})
+    assert read_accepting_reply(accepting) == 30 and read_accepting_reply(mixed) is None
+    fast = Replayer._live_inbound("/_scaiwave/federation/v1/send/t", 200, accepting)
+    slow = Replayer._live_inbound("/_scaiwave/federation/v1/send/t", 200, accepting + b"")  # same bytes
+    assert fast == slow and fast.events == ("ok",) * 30 and fast.detail == "30 ok"
+    assert Replayer._live_inbound("/_scaiwave/federation/v1/send/t", 200, mixed).events == ("ok", "chain_broken")
