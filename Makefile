@@ -29,8 +29,7 @@ fuzz-long: $(STAMP)
 	$(PY) -m fuzz.run --seconds 3600
 
 bench: $(STAMP)
-	$(PY) -m bench.ingest
-	$(PY) -m bench.replay
+	$(PY) -m bench.ingest; ingest=$$?; $(PY) -m bench.replay; replay=$$?; exit $$((ingest || replay))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache demo-run

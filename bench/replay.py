@@ -11,13 +11,15 @@ the same signatures (every event's and every request's) are verified with
 pynacl directly, one call each. The ratio is replay events/s over raw-verify
 events/s: 1.0 would mean the replay costs nothing beyond the signature checks
 it cannot skip (decoding, canonical checks, hashing, chain links, the replay's
-own bookkeeping make up the rest).
+own bookkeeping make up the rest). Prints PASS/FAIL against the target (0.85)
+and exits 1 if it is missed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,9 +122,9 @@ def main(argv: list[str] | None = None) -> float:
     print(f"replay: {replay_eps:,.0f} events/s ({best_replay * 1000:.1f} ms, best of {args.rounds})")
     print(f"  of which decoding the envelopes (core.events.decode_event, no verify): {best_decode * 1000:.1f} ms")
     print(f"raw pynacl verify of the same {len(signatures)} signatures: {raw_eps:,.0f} events/s ({best_raw * 1000:.1f} ms)")
-    print(f"replay ratio vs raw verify: {ratio:.2f} (target >= {TARGET})")
+    print(f"replay ratio vs raw verify: {ratio:.2f} (target >= {TARGET}) {'PASS' if ratio >= TARGET else 'FAIL'}")
     return ratio
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main() >= TARGET else 1)

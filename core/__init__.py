@@ -10,6 +10,7 @@ Modules, by what they own:
 
 - :mod:`.codes` -- the refusal code table, :class:`Refused`, :class:`LocalProtocolError`
 - :mod:`.wire` -- canonical CBOR, strict bounded decoding
+- :mod:`.layouts` -- the usual byte layouts, read without a decoder (only ever accepts)
 - :mod:`.names` -- server names, user and room ids
 - :mod:`.keys` -- ed25519 keys, key ring, rotation and validity rules
 - :mod:`.descriptor` -- ``/.well-known/scaiwave`` documents

@@ -50,10 +50,13 @@ import cbor2
 
 from .codes import Code, LocalProtocolError, Refused
 
-__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER", "PRESCAN_ABOVE"]
+__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "MAX_ENCODE_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER", "PRESCAN_ABOVE"]
 
 #: Deepest nesting any protocol object needs (event content included).
 MAX_DEPTH = 16
+#: Deepest nesting :func:`encode` takes: what we write may be a little deeper
+#: than what we read (a recording's records wrap protocol objects).
+MAX_ENCODE_DEPTH = 64
 #: The item budget: an object may hold ``CONTAINER_FLOOR + size // BYTES_PER_CONTAINER``
 #: arrays and maps. Protocol objects hold a handful (an event: its envelope,
 #: body and content); a page or transaction two, whatever its size.
@@ -221,12 +224,32 @@ def prescan(data: bytes, max_depth: int) -> Refused | None:
     return _prescan(data, max_depth)
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if arrays and maps in ``value`` nest more than ``limit`` deep (no recursion)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list, tuple)):
+                stack.append((child, depth + 1))
+    return False
+
+
 def encode(value: Any) -> bytes:
     """Encode ``value`` as canonical CBOR.
 
-    Takes dicts with text keys, lists, text, bytes, ints, bools and None.
-    Raises :class:`LocalProtocolError` for anything else (a caller bug).
+    Takes dicts with text keys, lists, text, bytes, ints, bools and None,
+    nested at most :data:`MAX_ENCODE_DEPTH` deep. Raises
+    :class:`LocalProtocolError` for anything else (a caller bug). The depth
+    bound is not only tidiness: cbor2's C encoder overflows the C stack on
+    values nested some ten thousand deep and kills the process.
     """
+    if _nested_deeper_than(value, MAX_ENCODE_DEPTH):
+        raise LocalProtocolError(f"cannot encode a value nested more than {MAX_ENCODE_DEPTH} deep")
     try:
         return cbor2.dumps(value, canonical=True)
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:

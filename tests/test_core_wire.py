@@ -43,6 +43,36 @@ def test_encode_refuses_what_the_protocol_cannot_carry():
         encode(object())
 
 
+def test_encode_refuses_values_nested_too_deep_instead_of_crashing():
+    """cbor2's C encoder kills the process on a value nested ~10k deep; encode
+    refuses it first. In a subprocess, so a regression fails this test, not the run."""
+    import subprocess
+    import sys
+
+    program = (
+        "from scaiwave_federation.core.wire import encode\n"
+        "from scaiwave_federation.core import LocalProtocolError\n"
+        "v = []\n"
+        "for _ in range(100_000): v = [v]\n"
+        "try:\n    encode({'deep': v})\nexcept LocalProtocolError as e:\n    print('refused:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused: cannot encode a value nested more than 64 deep" in done.stdout
+
+
+def test_encode_takes_values_up_to_the_encode_depth():
+    from scaiwave_federation.core.wire import MAX_ENCODE_DEPTH
+
+    value: list = []
+    for _ in range(MAX_ENCODE_DEPTH - 1):
+        value = [value]
+    assert encode(value).startswith(b"\x81" * (MAX_ENCODE_DEPTH - 1) + b"\x80")
+    with pytest.raises(LocalProtocolError):
+        encode([value])
+    assert encode(({"a": (1, [2])},)) == encode([{"a": [1, [2]]}])
+
+
 def test_decode_takes_only_bytes():
     with pytest.raises(LocalProtocolError):
         decode("text", max_size=10)
