@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS"]
+__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE"]
 
 
 class Code(str, enum.Enum):
@@ -102,6 +102,18 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.INTERNAL_ERROR: "an unexpected failure on this server (see its log); nothing was half-stored",
 }
 
+#: Refusals worth retrying later, unchanged (with backoff): they describe the
+#: moment, not the request. The receiver has not fetched the sender's new key
+#: yet, is restarting, has no key yet, is not peered yet (its admin has not
+#: reciprocated), a descriptor or TLS fetch failed, clocks disagree. Any other
+#: refusal is final: the same request gets the same answer, so a sender drops
+#: it (and reports it). Rendered into docs/protocol.md.
+RETRYABLE: frozenset[Code] = frozenset({
+    Code.NOT_PEERED, Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
+    Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
+    Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR,
+})
+
 
 @dataclass(frozen=True, slots=True)
 class Refused:
@@ -117,6 +129,11 @@ class Refused:
     def __post_init__(self) -> None:
         if not isinstance(self.code, Code):
             raise LocalProtocolError(f"Refused needs a Code, got {self.code!r}")
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later (see :data:`RETRYABLE`)."""
+        return self.code in RETRYABLE
 
     def as_dict(self) -> dict[str, str]:
         """The wire form: ``{"code": ..., "message": ...}``."""

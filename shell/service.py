@@ -363,14 +363,23 @@ class Service:
                 if isinstance(result, tuple) and result[0] == 200:
                     await self.store.delivered(item["id"])
                     continue
-                if isinstance(result, Refused):
+                refusal = result if isinstance(result, Refused) else decode_refusal(*result)
+                if refusal.retryable:
+                    # Transport failures, and refusals of the moment (the peer has
+                    # not fetched our new key yet, is restarting, is not peered
+                    # yet): keep it, and everything after it, and back off.
                     stalled.add(item["peer"])
-                failures = (item.get("attempts") or 0) + 1
-                await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
-                if isinstance(result, tuple):
-                    # The peer answered with a refusal: retrying will not change it.
-                    log.warning("transaction to %s refused: %s", item["peer"], decode_refusal(*result))
-                    await self.store.delivered(item["id"])
+                    if refusal.code is Code.NOT_PEERED:
+                        # The peer lost our peering (a restored backup, say): peer
+                        # again now, so that the retry can succeed.
+                        await self.handshake(item["peer"])
+                    failures = (item.get("attempts") or 0) + 1
+                    await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
+                    continue
+                # A final refusal: the same bytes would get the same answer. (send()
+                # has already put it in the peer's last_error.)
+                log.warning("transaction to %s refused, dropped: %s", item["peer"], refusal)
+                await self.store.delivered(item["id"])
             with trio.move_on_after(OUTBOX_POLL_S):
                 await self._wake_outbox.wait()
             self._wake_outbox = trio.Event()

@@ -1,7 +1,7 @@
 """docs/protocol.md cannot drift from the code.
 
 Three tables in the document are rendered from the code: the error codes
-(``core/codes.py`` ``DESCRIPTIONS`` with the shell's status table), the
+(``core/codes.py`` ``DESCRIPTIONS`` and ``RETRYABLE`` with the shell's status table), the
 handshake state table (``core/handshake.py`` ``TRANSITIONS``) and the limits
 (the modules' constants). Each test asserts the document contains the
 rendered table verbatim; on a mismatch the failure message is the table to
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from scaiwave_federation.core import backfill, descriptor, events, handshake, keycache, keys, requests, rooms, wire
-from scaiwave_federation.core.codes import DESCRIPTIONS, Code
+from scaiwave_federation.core.codes import DESCRIPTIONS, RETRYABLE, Code
 from scaiwave_federation.core.handshake import TRANSITIONS
 from scaiwave_federation.shell.errors import STATUS
 
@@ -22,10 +22,11 @@ PROTOCOL = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
 
 def render_code_table() -> str:
-    """Every code, in definition order: code, HTTP status, meaning."""
-    rows = ["| code | HTTP | meaning |", "|---|---|---|"]
+    """Every code, in definition order: code, HTTP status, whether a sender retries, meaning."""
+    rows = ["| code | HTTP | retry | meaning |", "|---|---|---|---|"]
     for code in Code:
-        rows.append(f"| `{code.value}` | {STATUS[code]} | {DESCRIPTIONS[code]} |")
+        retry = "yes" if code in RETRYABLE else "no"
+        rows.append(f"| `{code.value}` | {STATUS[code]} | {retry} | {DESCRIPTIONS[code]} |")
     return "\n".join(rows)
 
 

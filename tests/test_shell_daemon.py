@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -524,6 +525,100 @@ async def _walk_the_guide(a: Remote, b: Remote) -> None:
     assert peer_b["last_error"]["code"] == "federation_closed" and peer_b["last_seen"] >= seen
     # And bob has no new invite.
     assert (await b.request("GET", "/v1/notifications", token=bt))[1]["notifications"] == []
+
+
+async def test_a_refusal_of_the_moment_is_retried_not_dropped(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """The host rotates its key moments after the member server fetched its
+    descriptor: the member cannot fetch again for a second (the refetch floor)
+    and refuses the host's next transaction with ``unknown_key``. That refusal
+    describes the moment, not the transaction, so the host's outbox keeps it
+    and retries after its backoff, and the message arrives. (It used to be
+    dropped: bob would never have seen it.)"""
+    from scaiwave_federation.shell.recorder import read_recording
+
+    recording = tmp_path / "a" / "recording.cbor"
+    (tmp_path / "a").mkdir()
+    async with _two_daemons(tmp_path, ca, SCAIWAVE_RECORD=str(recording)) as (a, b):
+        room, at, bt = await _peered_dm(a, b)
+
+        async def bob_sees(count: int):
+            messages = (await b.request("GET", f"/v1/rooms/{room}/messages", token=bt))[1]["messages"]
+            return messages if len(messages) == count else None
+
+        assert (await a.request("POST", f"/v1/rooms/{room}/messages", {"body": "before"}, token=at))[0] == 200
+        await wait_for(lambda: bob_sees(1))
+        # The race: peer.test fetches your-host's descriptor, your-host rotates at once.
+        assert (await b.admin("POST", f"/v1/admin/federation/foreign/{a.server_name}/refresh"))[0] == 200
+        assert (await a.admin("POST", "/v1/admin/federation/key/rotate"))[0] == 200
+        assert (await a.request("POST", f"/v1/rooms/{room}/messages", {"body": "after"}, token=at))[0] == 200
+        seen = await wait_for(lambda: bob_sees(2))
+        assert [m["body"] for m in seen] == ["before", "after"]
+    _header, records, _torn = read_recording(recording)
+    sends = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"]]
+    attempts = [r.get("status") for r in sends if r["target"] == sends[-1]["target"]]
+    assert attempts == [401, 200], f"the second message's transaction: {attempts} (401 unknown_key, then 200)"
+    refused = cbor2.loads(next(r for r in sends if r.get("status") == 401)["response"])
+    assert refused["error"]["code"] == "unknown_key"
+
+
+async def test_a_peer_that_lost_the_peering_is_peered_again_and_gets_the_event(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """peer.test loses its record of the peering (say, restored from an old
+    backup) and refuses your-host's transaction with ``not_peered``. The outbox
+    runs the handshake again and retries: the message arrives, in order."""
+    import sqlite3
+
+    async with _two_daemons(tmp_path, ca) as (a, b):
+        room, at, bt = await _peered_dm(a, b)
+        db = sqlite3.connect(tmp_path / "b" / "data" / "scaiwave.db")
+        with db:
+            db.execute("UPDATE peers SET state = 'known' WHERE server_name = ?", (a.server_name,))
+        db.close()
+        assert (await b.peer(a.server_name))["state"] == "known"
+        for text in ("one", "two"):
+            assert (await a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at))[0] == 200
+
+        async def bob_sees_both():
+            messages = (await b.request("GET", f"/v1/rooms/{room}/messages", token=bt))[1]["messages"]
+            return [m["body"] for m in messages] if len(messages) == 2 else None
+
+        assert await wait_for(bob_sees_both) == ["one", "two"]
+        assert (await b.peer(a.server_name))["state"] == "active"
+
+
+@asynccontextmanager
+async def _two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], **env_a: str):
+    """your-host.test and peer.test serving over TLS in this process: ``(a, b)``.
+    Leaving the block stops both."""
+    authority, ca_path = ca
+    port_a, port_b = free_port(), free_port()
+    resolve = f"your-host.test:{port_a}:127.0.0.1,peer.test:{port_b}:127.0.0.1"
+    config_a = load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test", port_a, resolve, **env_a))
+    config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=trusting(authority),
+                                                                     trust_env=False, timeout=10) as http:
+            await nursery.start(serve, config_a)
+            await nursery.start(serve, config_b)
+            yield Remote(http, "your-host.test", port_a), Remote(http, "peer.test", port_b)
+            nursery.cancel_scope.cancel()
+
+
+async def _peered_dm(a: Remote, b: Remote) -> tuple[str, str, str]:
+    """Keys, allowing policies, a handshake and a DM from alice (on ``a``) that
+    bob (on ``b``) has joined: ``(room_id, alice's token, bob's token)``."""
+    for server, other in ((a, b), (b, a)):
+        assert (await server.admin("POST", "/v1/admin/federation/key/generate"))[0] == 200
+        policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
+        assert (await server.admin("PUT", "/v1/admin/federation/policy", policy))[0] == 200
+        assert (await server.admin("POST", "/v1/admin/tenants", {"name": "acme"}))[0] == 200
+    assert (await a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake"))[0] == 200
+    alice = (await a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"}))[1]
+    bob = (await b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"}))[1]
+    status, dm = await a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
+    assert status == 200, dm
+    assert (await b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"]))[0] == 200
+    return dm["room_id"], alice["access_token"], bob["access_token"]
 
 
 # -- 3. yearly rotation by the daemon's own timer --------------------------------------------
