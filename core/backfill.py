@@ -20,7 +20,13 @@ only verified events, each depth once, together with a resume cursor.
   wait in a bounded buffer until the chain reaches them, so the stored set is
   the same whatever the order.
 - It stops at ``limit`` (at most :data:`MAX_PULL`), at the room's first event,
-  or when the host has nothing older. A bad event is refused with its code;
+  or when the host has nothing older.
+- *Catching up* (``until``, our own head of the room): the pull walks down
+  from the host's newest event to our head and must link to it exactly.
+  Nothing is stored until it does; then the whole run is stored at once, so
+  a receiver that missed events fills the gap above its head without ever
+  holding a hole. A host whose chain does not contain our head, or a gap of
+  more than ``limit`` events, ends the pull with a refusal and nothing stored. A bad event is refused with its code;
   everything verified before it stays stored, and the pull stops there
   (storing past it would leave a hole in the chain). The saved cursor lets a
   later pull resume exactly there, storing nothing twice.
@@ -147,7 +153,7 @@ class BackfillPuller:
 
     def __init__(self, *, server_name: str, room_id: str, peer: str, key: SigningKey, keys: KeyCache,
                  limit: int = MAX_PULL, page_size: int = PAGE_CAP, anchor: tuple[int, bytes | None] | None = None,
-                 verifier: BatchVerifier = verify_batch) -> None:
+                 until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch) -> None:
         if not 0 < limit <= MAX_PULL:
             raise LocalProtocolError(f"a pull takes 1 to {MAX_PULL} events")
         if not 0 < page_size <= PAGE_CAP:
@@ -159,6 +165,11 @@ class BackfillPuller:
         else:
             depth, prev = anchor
             self._p = _Progress(depth - 1, prev)
+        if until is not None and (anchor is not None or until[0] < 1 or len(until[1]) != 32):
+            raise LocalProtocolError("until is our head (depth >= 1, 32-byte id), without an anchor")
+        self.until = None if until is None else (until[0], bytes(until[1]))
+        self._held: list[Event] = []  # catching up: linked events, stored once the chain reaches `until`
+        self._joined = False  # catching up: the chain reached `until`
         self._buffer: dict[int, Event] = {}
         self._pending: list[Page] = []
         self.done: BackfillDone | None = None
@@ -169,19 +180,26 @@ class BackfillPuller:
 
     def cursor(self) -> bytes:
         """Opaque resume state, saved with each stored page."""
-        return encode({"room_id": self.room_id, "peer": self.peer, "next_depth": self._p.next_depth,
-                       "expected_id": self._p.expected_id, "stored": self._p.stored, "limit": self.limit})
+        fields = {"room_id": self.room_id, "peer": self.peer, "next_depth": self._p.next_depth,
+                  "expected_id": self._p.expected_id, "stored": self._p.stored, "limit": self.limit}
+        if self.until is not None:
+            # Catching up stores all or nothing, so it resumes from the top.
+            fields.update(next_depth=None, expected_id=None, stored=0, until=list(self.until))
+        return encode(fields)
 
     @classmethod
     def resume(cls, cursor: bytes, *, server_name: str, key: SigningKey, keys: KeyCache,
                page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch) -> "BackfillPuller":
         """Continue a pull from a saved :meth:`cursor` (our own bytes, from storage)."""
         c = decode(cursor, max_size=4096)
-        if not isinstance(c, dict) or set(c) != {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}:
+        plain = {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}
+        if not isinstance(c, dict) or set(c) not in (plain, plain | {"until"}):
             raise LocalProtocolError("not a backfill cursor")
+        until = c.get("until")
         puller = cls(server_name=server_name, room_id=c["room_id"], peer=c["peer"], key=key, keys=keys,
-                     limit=c["limit"], page_size=page_size, verifier=verifier)
-        puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
+                     limit=c["limit"], page_size=page_size, until=tuple(until) if until else None, verifier=verifier)
+        if until is None:
+            puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
         if c["next_depth"] is not None and c["next_depth"] < 1 or c["stored"] >= c["limit"]:
             puller.done = BackfillDone(puller.room_id, puller.peer, c["stored"], c["next_depth"] == 0)
         return puller
@@ -241,6 +259,12 @@ class BackfillPuller:
     # -- internals ---------------------------------------------------------------------
 
     def _finish(self, refusal: Refused | None) -> list[Effect]:
+        if self.until is not None and not self._joined:
+            # Catching up ends here without reaching our head: nothing was stored.
+            if refusal is None:
+                refusal = Refused(Code.CHAIN_BROKEN, f"the host's history did not reach our head at depth "
+                                                     f"{self.until[0]} within {self.limit} events")
+            self._p.stored, self._held = 0, []
         self.done = BackfillDone(self.room_id, self.peer, self._p.stored, self._p.next_depth == 0, refusal)
         out: list[Effect] = []
         if refusal is not None:
@@ -294,7 +318,8 @@ class BackfillPuller:
     def _link(self, now: int, answered: bool) -> list[Effect]:
         linked: list[Event] = []
         p = self._p
-        while p.next_depth is not None and p.next_depth >= 1 and p.stored < self.limit:
+        floor = 1 if self.until is None else self.until[0] + 1  # the lowest depth this pull stores
+        while p.next_depth is not None and p.next_depth >= floor and p.stored < self.limit:
             event = self._buffer.pop(p.next_depth, None)
             if event is None:
                 break
@@ -314,6 +339,8 @@ class BackfillPuller:
         else:
             # Anything left above the chain is stale (duplicates, or below a gap we wait for).
             self._buffer = {d: e for d, e in self._buffer.items() if d <= p.next_depth}
+        if self.until is not None:
+            return self._caught_up(linked, now, answered)
         out: list[Effect] = []
         if linked:
             out.append(StoreEvents(self.room_id, tuple(linked), self.cursor()))
@@ -329,3 +356,22 @@ class BackfillPuller:
             return out + self._finish(None)
         out.append(self._request(now))
         return out
+
+    def _caught_up(self, linked: list[Event], now: int, answered: bool) -> list[Effect]:
+        """:meth:`_link`'s ending when catching up: store all or nothing."""
+        p, (depth, event_id) = self._p, self.until  # type: ignore[misc]
+        self._held += linked
+        if p.next_depth is not None and p.next_depth <= depth:
+            if p.next_depth == depth and p.expected_id == event_id:
+                held, self._held, self._joined = tuple(self._held), [], True
+                out: list[Effect] = [StoreEvents(self.room_id, held, self.cursor())] if held else []
+                return out + self._finish(None)
+            return self._finish(Refused(Code.CHAIN_BROKEN,
+                                        f"the host's chain does not hold our event at depth {depth}"))
+        if p.stored >= self.limit:
+            return self._finish(None)
+        if p.refusals and p.next_depth is not None and p.next_depth not in self._buffer:
+            return self._finish(p.refusals[-1][1])
+        if answered and not linked:
+            return self._finish(None)
+        return [self._request(now)]

@@ -481,9 +481,10 @@ def _page(w: World) -> Harness:
     assert local_key is not None
     anchor_event = w.room_events[7]  # depth 8
 
-    def pull(data: bytes, status: int, anchor: tuple[int, bytes | None] | None) -> str:
+    def pull(data: bytes, status: int, anchor: tuple[int, bytes | None] | None,
+             until: tuple[int, bytes] | None = None) -> str:
         puller = BackfillPuller(server_name=LOCAL, room_id=ROOM, peer=HOST, key=local_key, keys=w.local.keys,
-                                limit=20, page_size=5, anchor=anchor, verifier=w.counter)
+                                limit=20, page_size=5, anchor=anchor, until=until, verifier=w.counter)
         _effects(puller.start(NOW), SendRequest, BackfillDone)
         effects = puller.page_received(status, data, NOW)
         out = _effects(effects, *_PAGE_EFFECTS)
@@ -498,8 +499,9 @@ def _page(w: World) -> Harness:
         first = _verdict(decoded, Page)
         fresh = pull(data, 200, None)
         anchored = pull(data, 200, (anchor_event.depth, anchor_event.prev))
+        catching_up = pull(data, 200, None, (anchor_event.depth, anchor_event.event_id))
         failed = pull(data, 500, None)
-        return f"{first}|{fresh}|{anchored}|{failed}"
+        return f"{first}|{fresh}|{anchored}|{catching_up}|{failed}"
 
     def structured(rng: random.Random) -> bytes:
         try:

@@ -167,6 +167,10 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
                 outcomes.append({"event_id": result.id_text, "ok": True})
             else:
                 outcomes.append({"event_id": result.id_text, "error": verdict.as_dict()})
+                if (room is not None and room["host"] == auth.origin and head is not None
+                        and result.depth > head.depth + 1):
+                    # We missed events (dropped on the way, say): pull them from the host.
+                    service.request_catch_up(result.room_id, auth.origin, head)
             continue
         # A proposal for a room we host.
         if room is None or room["host"] != service.config.server_name:

@@ -60,6 +60,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 handler, host=config.listen_host, port=config.listen_port, ssl_context=ssl_context,
                 task_status=task_status))
             nursery.start_soon(service.outbox_worker)
+            nursery.start_soon(service.catch_up_worker)
             nursery.start_soon(service.timer_loop)
             nursery.start_soon(_signals, nursery.cancel_scope)
             if service.node.keyring.current is None:

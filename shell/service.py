@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from scaiwave_federation.core import (
+    MAX_PULL,
     BackfillDone,
     BackfillPuller,
     Code,
@@ -75,12 +76,14 @@ class BackfillJob:
     error: dict | None = None
     refused: list[dict] = field(default_factory=list)
     reached_start: bool = False
+    #: Catching up: our head of the room when the gap was seen (see BackfillPuller's ``until``).
+    until: tuple[int, bytes] | None = None
     done: trio.Event = field(default_factory=trio.Event, repr=False)
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
                 "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
-                "reached_start": self.reached_start}
+                "reached_start": self.reached_start, "catch_up": self.until is not None}
 
 
 class Service:
@@ -97,7 +100,8 @@ class Service:
         self._peer_locks: dict[str, trio.Lock] = {}
         self._room_locks: dict[str, trio.Lock] = {}
         self._wake_outbox = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
+        self._wake_catch_up = trio.Event()
         self._timer_changed = trio.Event()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -389,6 +393,31 @@ class Service:
         self._wake_outbox.set()
         return count
 
+    # -- catching up: a member server that missed events fills the gap -----------------
+
+    def request_catch_up(self, room_id: str, host: str, head: Head) -> None:
+        """A chained event arrived above a gap over our ``head``: pull the
+        missing events from the room's host (once per room at a time)."""
+        if room_id in self._catch_ups:
+            return
+        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=host, limit=MAX_PULL,
+                          until=(head.depth, head.event_id))
+        self.jobs[job.id] = job
+        self._catch_ups[room_id] = job
+        log.info("%s: events missing above depth %s; catching up from %s (job %s)", room_id, head.depth, host, job.id)
+        self._wake_catch_up.set()
+
+    async def catch_up_worker(self) -> None:
+        """Run requested catch-ups one at a time (the daemon starts this)."""
+        while True:
+            await self._wake_catch_up.wait()
+            self._wake_catch_up = trio.Event()
+            for job in [j for j in self._catch_ups.values() if j.state == "running" and not j.done.is_set()]:
+                try:
+                    await self._run_backfill(job)
+                finally:
+                    self._catch_ups.pop(job.room_id, None)
+
     # -- backfill ------------------------------------------------------------------
 
     def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
@@ -415,13 +444,17 @@ class Service:
         if refusal is not None:
             job.state, job.error = "failed", refusal.as_dict()
             return
-        saved = await self.store.get_cursor(job.room_id, job.peer)
-        if saved is not None:
+        saved = None if job.until is not None else await self.store.get_cursor(job.room_id, job.peer)
+        if job.until is not None:
+            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
+                                    key=key, keys=self.node.keys, limit=job.limit, until=job.until,
+                                    verifier=self.node.batch_verifier)
+        elif saved is not None:
             puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
                                            keys=self.node.keys, verifier=self.node.batch_verifier)
             if puller.done is not None or puller.limit != job.limit:
                 saved = None
-        if saved is None:
+        if saved is None and job.until is None:
             lowest = await self.store.events_after(job.room_id, None, 1)
             anchor = None
             if lowest:
@@ -439,6 +472,13 @@ class Service:
             if isinstance(effect, SendRequest):
                 result = await self.send(effect)
                 effects += puller.fail(result) if isinstance(result, Refused) else puller.page_received(*result, self.now())
+            elif isinstance(effect, StoreEvents) and job.until is not None:
+                # The whole gap at once, and only onto the head it was pulled for.
+                async with self.room_lock(job.room_id):
+                    head = await self.head_of(job.room_id)
+                    if head is not None and (head.depth, head.event_id) == job.until:
+                        await self.store.store_events(job.room_id, [e.as_record() for e in effect.events])
+                        job.stored = len(effect.events)
             elif isinstance(effect, StoreEvents):
                 await self.store.store_events(
                     job.room_id, [e.as_record() for e in effect.events],
@@ -462,7 +502,8 @@ class Service:
                     job.state, job.error = "failed", effect.refusal.as_dict()
                 else:
                     job.state = "done"
-                    await self.store.clear_cursor(job.room_id, job.peer)
+                    if job.until is None:
+                        await self.store.clear_cursor(job.room_id, job.peer)
                 return
 
     def node_event(self, envelope: bytes) -> Event:

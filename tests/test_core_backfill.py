@@ -269,7 +269,8 @@ def test_no_refetch_inside_the_rate_limit_is_unknown_key():
 
 
 @pytest.mark.parametrize("kwargs", [{"limit": 0}, {"limit": MAX_PULL + 1}, {"page_size": 0},
-                                    {"page_size": PAGE_CAP + 1}])
+                                    {"page_size": PAGE_CAP + 1}, {"until": (0, bytes(32))},
+                                    {"until": (3, b"short")}, {"until": (3, bytes(32)), "anchor": (5, bytes(32))}])
 def test_puller_arguments_are_checked(kwargs):
     a = make_node(A, 1)
     with pytest.raises(LocalProtocolError):
@@ -315,12 +316,9 @@ def _slices(history, cuts):
     return pages
 
 
-@given(data=st.data())
-def test_any_split_duplicated_and_shuffled_stores_the_newest_events_once(data):
-    b, full = _long_chain()
-    n = data.draw(st.integers(1, 300), label="n")
-    limit = data.draw(st.integers(1, 400), label="limit")
-    page_size = data.draw(st.integers(1, PAGE_CAP), label="page_size")
+def _shuffled_pages(data, full, n: int) -> list[bytes]:
+    """The newest ``n`` events of ``full`` as pages split anyhow (at most
+    PAGE_CAP events each), some sent twice, all in any order."""
     history = list(reversed(full[:n]))
     cuts = set(data.draw(st.sets(st.integers(1, max(1, n - 1)), max_size=12), label="cuts")) - {n}
     # A page holds at most PAGE_CAP events: cut any longer slice further.
@@ -330,20 +328,127 @@ def test_any_split_duplicated_and_shuffled_stores_the_newest_events_once(data):
     pages = _slices(history, cuts)
     extra = data.draw(st.lists(st.sampled_from(range(len(pages))), max_size=len(pages)), label="duplicates")
     order = data.draw(st.permutations(list(range(len(pages))) + extra), label="order")
+    return [pages[index] for index in order]
+
+
+@given(data=st.data())
+def test_any_split_duplicated_and_shuffled_stores_the_newest_events_once(data):
+    b, full = _long_chain()
+    n = data.draw(st.integers(1, 300), label="n")
+    limit = data.draw(st.integers(1, 400), label="limit")
+    page_size = data.draw(st.integers(1, PAGE_CAP), label="page_size")
+    pages = _shuffled_pages(data, full, n)
 
     a = make_node(A, 1)
     puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys_of_b(),
                             limit=limit, page_size=page_size)
     puller.start(NOW)
     stored = []
-    for index in order:
-        for effect in puller.page_received(200, pages[index], NOW):
+    for page in pages:
+        for effect in puller.page_received(200, page, NOW):
             if isinstance(effect, StoreEvents):
                 stored.extend(effect.events)
             assert not isinstance(effect, (Failed, NeedKeys))
     count = min(n, limit)
     assert_chain_run(stored, full[:n], count)
     assert puller.done == BackfillDone(ROOM, B, count, reached_start=n <= limit)
+
+
+# -- catching up: a receiver that missed events pulls down to its own head ----------------------
+
+
+def _catch_up(link, chain, held: int, **kwargs):
+    """A puller catching ``A`` up from holding ``chain[:held]``."""
+    a = link.server(A).node
+    head = chain[held - 1]
+    return BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=a.keys,
+                          until=(head.depth, head.event_id), **kwargs)
+
+
+@pytest.mark.parametrize("n, held, page_size", [(40, 10, 7), (40, 39, 100), (120, 1, 100), (30, 20, 1)])
+def test_catching_up_stores_the_gap_above_our_head_at_once(n, held, page_size):
+    link, chain, room_id = hosted_pair(n)
+    run = run_backfill(link, _catch_up(link, chain, held, page_size=page_size))
+    stores = [e for e in run.effects if isinstance(e, StoreEvents)]
+    assert len(stores) == 1, "all or nothing: one store, when the chain reached our head"
+    assert_chain_run(run.stored, chain, n - held)
+    assert run.stored[-1].prev == chain[held - 1].event_id
+    assert run.done == BackfillDone(room_id, B, n - held, reached_start=False)
+
+
+def test_catching_up_when_nothing_is_missing_stores_nothing():
+    link, chain, room_id = hosted_pair(12)
+    run = run_backfill(link, _catch_up(link, chain, 12))
+    assert run.stored == [] and run.done == BackfillDone(room_id, B, 0, reached_start=False)
+
+
+def test_catching_up_to_a_head_the_host_never_had_stores_nothing():
+    """Our head is not in the host's chain (a fork, or a host that lost history)."""
+    link, chain, room_id = hosted_pair(30)
+    a = link.server(A).node
+    forged = chain_event(a.keyring.current, head=Head(chain[8].depth, chain[8].event_id), room_id=ROOM,
+                         room_type="group", sender=f"@alice:{A}", type="m.message", ts=NOW, content={"body": "x"})
+    puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=a.keys,
+                            until=(forged.depth, forged.event_id))
+    run = run_backfill(link, puller)
+    assert run.stored == [] and run.done.stored == 0
+    assert run.done.refusal.code is Code.CHAIN_BROKEN and "depth 10" in run.done.refusal.detail
+
+
+def test_catching_up_more_than_the_limit_stores_nothing():
+    """Storing only the newest part would leave a hole above our head."""
+    link, chain, room_id = hosted_pair(60)
+    run = run_backfill(link, _catch_up(link, chain, 5, limit=30, page_size=10))
+    assert run.stored == [] and run.done.stored == 0
+    assert run.done.refusal.code is Code.CHAIN_BROKEN and "within 30 events" in run.done.refusal.detail
+
+
+def test_catching_up_stops_at_a_tampered_event_and_stores_nothing():
+    link, chain, room_id = hosted_pair(30)
+    link.server(B).rooms[room_id].substitutes[20] = tamper_envelope(chain[19])
+    run = run_backfill(link, _catch_up(link, chain, 10, page_size=5))
+    assert run.stored == [] and run.done.stored == 0
+    assert run.done.refusal.code is Code.BAD_SIGNATURE
+
+
+def test_a_catch_up_cursor_resumes_from_the_top():
+    link, chain, room_id = hosted_pair(50)
+    first = _catch_up(link, chain, 10, page_size=10)
+    cut = run_backfill(link, first, max_requests=2)
+    assert cut.done is None and cut.stored == []
+    a = link.server(A).node
+    resumed = BackfillPuller.resume(first.cursor(), server_name=A, key=a.keyring.current, keys=a.keys,
+                                    page_size=10)
+    assert resumed.until == (chain[9].depth, chain[9].event_id) and resumed.stored == 0
+    run = run_backfill(link, resumed, now=NOW + 1000)  # later: the same request again is not a replay
+    assert_chain_run(run.stored, chain, 40)
+
+
+@given(data=st.data())
+def test_catching_up_over_any_split_duplicated_and_shuffled_pages(data):
+    b, full = _long_chain()
+    n = data.draw(st.integers(2, 150), label="n")
+    held = data.draw(st.integers(1, n), label="held")
+    limit = data.draw(st.integers(1, 200), label="limit")
+    pages = _shuffled_pages(data, full, n)
+    a = make_node(A, 1)
+    head = full[held - 1]
+    puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys_of_b(),
+                            limit=limit, until=(head.depth, head.event_id))
+    puller.start(NOW)
+    stores = []
+    for page in pages:
+        if puller.done is not None:
+            break
+        stores += [e for e in puller.page_received(200, page, NOW) if isinstance(e, StoreEvents)]
+    gap = n - held
+    if puller.done is None:
+        assert stores == []  # the pages ran out before the chain reached our head: nothing stored
+    elif gap <= limit:
+        assert len(stores) <= 1 and puller.done.refusal is None
+        assert_chain_run(list(stores[0].events) if stores else [], full[:n], gap)
+    else:
+        assert stores == [] and puller.done.refusal.code is Code.CHAIN_BROKEN
 
 
 # -- pagination as a state machine: answers, stale pages, cut-offs and resumes ----------------

@@ -586,15 +586,66 @@ async def test_a_peer_that_lost_the_peering_is_peered_again_and_gets_the_event(
         assert (await b.peer(a.server_name))["state"] == "active"
 
 
+async def test_a_member_server_that_missed_events_catches_up_from_the_host(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """peer.test blocks your-host for a while: your-host's outbox drops the
+    transaction peer.test refuses for good (``peer_blocked``). After the
+    unblock, the next event arrives above a gap; peer.test pulls the missing
+    events from the host (a catch-up: stored all at once, linked to its head)
+    and bob sees the whole conversation, in order. A replay of peer.test's
+    recording makes the same decisions, the catch-up included."""
+    from scaiwave_federation.shell.replay import open_recording, replay
+
+    recording = tmp_path / "b" / "recording.cbor"
+    (tmp_path / "b").mkdir()
+    async with _two_daemons(tmp_path, ca, env_b={"SCAIWAVE_RECORD": str(recording)}) as (a, b):
+        room, at, bt = await _peered_dm(a, b)
+
+        async def bob_sees(count: int):
+            messages = (await b.request("GET", f"/v1/rooms/{room}/messages", token=bt))[1]["messages"]
+            return [m["body"] for m in messages] if len(messages) == count else None
+
+        async def post(text: str) -> None:
+            assert (await a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at))[0] == 200
+
+        await post("one")
+        await wait_for(lambda: bob_sees(1))
+        allowing = (await b.admin("GET", "/v1/admin/federation/policy"))[1]
+        blocking = {"default_mode": "invite_only", "allowed_peers": [], "blocked_peers": [a.server_name]}
+        assert (await b.admin("PUT", "/v1/admin/federation/policy", blocking))[0] == 200
+        await post("two")
+
+        async def dropped():
+            return (await a.peer(b.server_name))["last_error"] or None
+
+        assert (await wait_for(dropped))["code"] == "peer_blocked"
+        assert (await a.peer(b.server_name))["pending"] == 0  # a final refusal: dropped, not queued
+        assert (await b.admin("PUT", "/v1/admin/federation/policy", allowing))[0] == 200
+        await post("three")
+        assert await wait_for(lambda: bob_sees(3)) == ["one", "two", "three"]
+        assert (await b.request("GET", f"/v1/rooms/{room}/messages", token=bt))[1]["messages"] == \
+            (await a.request("GET", f"/v1/rooms/{room}/messages", token=at))[1]["messages"]
+        status, job = await b.admin("GET", "/v1/admin/federation/backfills/1")
+        assert status == 200 and job["catch_up"] and job["state"] == "done" and job["peer"] == a.server_name
+        assert job["stored"] == 2  # "two", "three"
+    result = replay(open_recording(recording))
+    catch_ups = [d for d in result.decisions if d.kind == "backfill"]
+    outcomes = [(d.live.verdict, d.live.count, d.replay.verdict, d.replay.count) for d in catch_ups]
+    assert outcomes == [("done", 2, "done", 2)]
+    assert result.differing == [], [str(d) for d in result.differing]
+
+
 @asynccontextmanager
-async def _two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], **env_a: str):
+async def _two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], env_b: dict[str, str] | None = None,
+                       **env_a: str):
     """your-host.test and peer.test serving over TLS in this process: ``(a, b)``.
     Leaving the block stops both."""
     authority, ca_path = ca
     port_a, port_b = free_port(), free_port()
     resolve = f"your-host.test:{port_a}:127.0.0.1,peer.test:{port_b}:127.0.0.1"
     config_a = load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test", port_a, resolve, **env_a))
-    config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve))
+    config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve,
+                                    **(env_b or {})))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=trusting(authority),
                                                                      trust_env=False, timeout=10) as http:
