@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
+
+import trio
 
 from scaiwave_federation.core import Code, Event, Head, Refused, decode_event, make_event
 from scaiwave_federation.core.handshake import decode_refusal
@@ -23,6 +26,12 @@ from scaiwave_federation.core import verify_events
 from .errors import json_error
 from .http import Request, Response
 from .service import Service
+
+log = logging.getLogger(__name__)
+#: How long a user's write to a remote room waits before its one retry after a
+#: refusal of the moment. A host refetches a key id it has not seen at most once
+#: a second (core.keycache.NEW_KEY_FLOOR_MS): a little more than that.
+RETRY_ONCE_S = 1.2
 
 __all__ = ["handle_client", "token_hash"]
 
@@ -211,8 +220,16 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
                           ts=service.now(), content=content)
     txn = f"{service.now()}-{os.urandom(6).hex()}"
     host = room["host"]
-    status, body = _need(await service.signed_request(host, "PUT", f"/_scaiwave/federation/v1/send/{txn}",
-                                                      encode_events_body([proposal.envelope])))
+    target, txn_body = f"/_scaiwave/federation/v1/send/{txn}", encode_events_body([proposal.envelope])
+    result = await service.signed_request(host, "PUT", target, txn_body)
+    refusal = result if isinstance(result, Refused) else None if result[0] == 200 else decode_refusal(*result)
+    if refusal is not None and refusal.retryable:
+        # A refusal of the moment (the host has not fetched our new key yet, is
+        # restarting): the user is waiting, so try once more, a little later.
+        log.info("proposal to %s refused for the moment (%s); retrying once", host, refusal.code.value)
+        await trio.sleep(RETRY_ONCE_S)
+        result = await service.signed_request(host, "PUT", target, txn_body)
+    status, body = _need(result)
     if status != 200:
         raise _Fail(decode_refusal(status, body))
     reply = decode(body, max_size=4 * 1024 * 1024)

@@ -561,6 +561,30 @@ async def test_a_refusal_of_the_moment_is_retried_not_dropped(tmp_path: Path, ca
     assert refused["error"]["code"] == "unknown_key"
 
 
+async def test_a_users_write_refused_for_the_moment_is_tried_once_more(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """The same race on the other path: bob (on peer.test) writes into a room
+    hosted on your-host right after peer.test rotated its key and your-host
+    fetched the old descriptor. The host refuses the proposal for the moment;
+    bob's server tries once more a little later, and bob's write succeeds."""
+    from scaiwave_federation.shell.recorder import read_recording
+
+    recording = tmp_path / "b" / "recording.cbor"
+    (tmp_path / "b").mkdir()
+    async with _two_daemons(tmp_path, ca, env_b={"SCAIWAVE_RECORD": str(recording)}) as (a, b):
+        room, at, bt = await _peered_dm(a, b)
+        assert (await a.admin("POST", f"/v1/admin/federation/foreign/{b.server_name}/refresh"))[0] == 200
+        assert (await b.admin("POST", "/v1/admin/federation/key/rotate"))[0] == 200
+        status, posted = await b.request("POST", f"/v1/rooms/{room}/messages", {"body": "new key"}, token=bt)
+        assert status == 200, posted
+        history = (await a.request("GET", f"/v1/rooms/{room}/messages", token=at))[1]["messages"]
+        assert [m["body"] for m in history] == ["new key"]
+    _header, records, _torn = read_recording(recording)
+    sends = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"]]
+    assert [r.get("status") for r in sends[-2:]] == [401, 200]
+    assert sends[-2]["target"] == sends[-1]["target"]  # the same transaction, tried again
+
+
 async def test_a_peer_that_lost_the_peering_is_peered_again_and_gets_the_event(
         tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     """peer.test loses its record of the peering (say, restored from an old
