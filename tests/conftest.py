@@ -1,4 +1,5 @@
-"""Shared test configuration: hypothesis profiles.
+"""Shared test configuration: hypothesis profiles, and the ``ca`` fixture
+(a throwaway trustme CA and its PEM file) of the shell tests.
 
 ``HYPOTHESIS_PROFILE=ci`` (what CI sets) is derandomized, keeps no example
 database and runs 60 examples per property; ``dev`` (the default) runs 100
@@ -8,7 +9,10 @@ timing is the point (see test_core_wire.py).
 """
 
 import os
+from pathlib import Path
 
+import pytest
+import trustme
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -22,3 +26,11 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("deep", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path

@@ -1,0 +1,135 @@
+"""Helpers for the shell tests: certificates from one trustme CA, a daemon's
+environment, and running daemons reached over real HTTPS by name."""
+
+from __future__ import annotations
+
+import ssl
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import trustme
+
+from scaiwave_federation.shell.config import load_config
+from scaiwave_federation.shell.daemon import serve
+from scaiwave_federation.shell.testbed import free_port
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+FED = "/_scaiwave/federation/v1"
+
+
+def write_cert(ca: trustme.CA, root: Path, host: str) -> tuple[Path, Path]:
+    """A certificate (chain) and key for ``host`` from ``ca``, as PEM files under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert(host)
+    cert_path, key_path = root / "cert.pem", root / "key.pem"
+    cert.private_key_pem.write_to_path(str(key_path))
+    cert_path.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    return cert_path, key_path
+
+
+def make_env(root: Path, ca_path: Path, ca: trustme.CA, host: str, port: int | None = None,
+             resolve: str = "", **extra: str) -> dict[str, str]:
+    """The environment of a daemon named ``host[:port]`` with its data under ``root``."""
+    cert, key = write_cert(ca, root, host)
+    env = {
+        "SCAIWAVE_SERVER_NAME": f"{host}:{port}" if port else host,
+        "SCAIWAVE_DATA_DIR": str(root / "data"),
+        "SCAIWAVE_LISTEN": f"127.0.0.1:{port or 0}",
+        "SCAIWAVE_TLS_CERT": str(cert),
+        "SCAIWAVE_TLS_KEY": str(key),
+        "SCAIWAVE_CA_BUNDLE": str(ca_path),
+        "SCAIWAVE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SCAIWAVE_KEY_REFETCH_INTERVAL": "1s",
+    }
+    if resolve:
+        env["SCAIWAVE_RESOLVE"] = resolve
+    env.update(extra)
+    return env
+
+
+class Remote:
+    """A running daemon reached over HTTPS by its name (resolved to loopback, name checked by TLS)."""
+
+    def __init__(self, client: httpx.AsyncClient, host: str, port: int) -> None:
+        self.client, self.host, self.port = client, host, port
+
+    @property
+    def server_name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def request(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        headers = {"host": self.server_name}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        resp = await self.client.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
+                                         extensions={"sni_hostname": self.host})
+        return resp.status_code, resp.json()
+
+    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return await self.request(method, path, body, token=ADMIN_TOKEN)
+
+    async def peer(self, name: str) -> dict[str, Any]:
+        status, body = await self.admin("GET", "/v1/admin/federation/peers")
+        assert status == 200
+        return next(p for p in body["peers"] if p["server_name"] == name)
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> Any:
+    with trio.fail_after(timeout):
+        while not (value := await predicate()):
+            await trio.sleep(0.05)
+    return value
+
+
+@asynccontextmanager
+async def two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], env_b: dict[str, str] | None = None,
+                       **env_a: str):
+    """your-host.test and peer.test serving over TLS in this process: ``(a, b)``.
+    Leaving the block stops both."""
+    authority, ca_path = ca
+    port_a, port_b = free_port(), free_port()
+    resolve = f"your-host.test:{port_a}:127.0.0.1,peer.test:{port_b}:127.0.0.1"
+    config_a = load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test", port_a, resolve, **env_a))
+    config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve,
+                                    **(env_b or {})))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=trusting(authority),
+                                                                     trust_env=False, timeout=10) as http:
+            await nursery.start(serve, config_a)
+            await nursery.start(serve, config_b)
+            yield Remote(http, "your-host.test", port_a), Remote(http, "peer.test", port_b)
+            nursery.cancel_scope.cancel()
+
+
+async def peered_dm(a: Remote, b: Remote) -> tuple[str, str, str]:
+    """Keys, allowing policies, a handshake and a DM from alice (on ``a``) that
+    bob (on ``b``) has joined: ``(room_id, alice's token, bob's token)``."""
+    for server, other in ((a, b), (b, a)):
+        assert (await server.admin("POST", "/v1/admin/federation/key/generate"))[0] == 200
+        policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
+        assert (await server.admin("PUT", "/v1/admin/federation/policy", policy))[0] == 200
+        assert (await server.admin("POST", "/v1/admin/tenants", {"name": "acme"}))[0] == 200
+    assert (await a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake"))[0] == 200
+    alice = (await a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"}))[1]
+    bob = (await b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"}))[1]
+    status, dm = await a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
+    assert status == 200, dm
+    assert (await b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"]))[0] == 200
+    return dm["room_id"], alice["access_token"], bob["access_token"]
+
+
+def error_code(status_body: tuple[int, Any]) -> str:
+    status, body = status_body
+    assert status >= 400, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"]
+    return body["error"]["code"]
