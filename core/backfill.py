@@ -20,16 +20,17 @@ only verified events, each depth once, together with a resume cursor.
   wait in a bounded buffer until the chain reaches them, so the stored set is
   the same whatever the order.
 - It stops at ``limit`` (at most :data:`MAX_PULL`), at the room's first event,
-  or when the host has nothing older.
+  or when the host has nothing older. A bad event is refused with its code;
+  everything verified before it stays stored, and the pull stops there
+  (storing past it would leave a hole in the chain). The saved cursor lets a
+  later pull resume exactly there, storing nothing twice.
 - *Catching up* (``until``, our own head of the room): the pull walks down
   from the host's newest event to our head and must link to it exactly.
   Nothing is stored until it does; then the whole run is stored at once, so
   a receiver that missed events fills the gap above its head without ever
-  holding a hole. A host whose chain does not contain our head, or a gap of
-  more than ``limit`` events, ends the pull with a refusal and nothing stored. A bad event is refused with its code;
-  everything verified before it stays stored, and the pull stops there
-  (storing past it would leave a hole in the chain). The saved cursor lets a
-  later pull resume exactly there, storing nothing twice.
+  holding a hole. A host whose chain does not contain our head, a gap of
+  more than ``limit`` events or a bad event ends the pull with a refusal and
+  nothing stored; its cursor restarts it from the top.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def verify_events(
             jobs.append(proposal_job)  # type: ignore[arg-type]
             owners.append(index)
     if jobs:
-        verdicts = verifier(jobs)
+        verdicts = list(verifier(jobs))  # a list: read twice below
         if not all(verdicts):
             for ok, index in zip(verdicts, owners):
                 if not ok and not isinstance(results[index], Refused):
