@@ -20,11 +20,13 @@ Modules, by what they own:
 - :mod:`.handshake` -- the peering state machine
 - :mod:`.events` -- signed, hash-chained events
 - :mod:`.rooms` -- chaining, proposals, invites and transactions
+- :mod:`.authz` -- room authorization: who may enter, speak in and read a room
 - :mod:`.backfill` -- paged history pulls and serving
 - :mod:`.effects` -- what the core asks its host to do
 - :mod:`.node` -- :class:`Federation`, the per-server facade
 """
 
+from .authz import Party, RoomFacts
 from .backfill import MAX_PULL, PAGE_CAP, BackfillDone, BackfillPuller, build_page, decode_page
 from .codes import DESCRIPTIONS, Code, LocalProtocolError, Refused
 from .descriptor import PROTOCOL_VERSIONS, build_descriptor, parse_descriptor
@@ -48,5 +50,5 @@ __all__ = [
     "GRACE_MS", "ROTATION_PERIOD_MS", "KeyRing", "ServerKeys", "SigningKey", "verify_batch",
     "Federation", "InviteDecision", "Route", "Policy", "room_refusal",
     "Authenticated", "RequestVerifier", "sign_request",
-    "Head", "chain_event", "check_proposal", "link",
+    "Head", "chain_event", "check_proposal", "link", "Party", "RoomFacts",
 ]

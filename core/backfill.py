@@ -36,13 +36,13 @@ only verified events, each depth once, together with a resume cursor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .codes import Code, LocalProtocolError, Refused
 from .effects import Effect, Failed, SendRequest, StoreEvents
 from .events import Event, NeedKeys, verify_events
 from .keycache import KeyCache
-from .keys import BatchVerifier, SigningKey, verify_batch
+from .keys import BatchVerifier, ServerKeys, SigningKey, verify_batch
 from .layouts import read_page
 from .requests import sign_request
 from .wire import decode, encode
@@ -154,13 +154,17 @@ class BackfillPuller:
 
     def __init__(self, *, server_name: str, room_id: str, peer: str, key: SigningKey, keys: KeyCache,
                  limit: int = MAX_PULL, page_size: int = PAGE_CAP, anchor: tuple[int, bytes | None] | None = None,
-                 until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch) -> None:
+                 until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch,
+                 lookup: Callable[[str], ServerKeys | None] | None = None) -> None:
         if not 0 < limit <= MAX_PULL:
             raise LocalProtocolError(f"a pull takes 1 to {MAX_PULL} events")
         if not 0 < page_size <= PAGE_CAP:
             raise LocalProtocolError(f"page_size is 1 to {PAGE_CAP}")
         self.server_name, self.room_id, self.peer = server_name, room_id, peer
         self.key, self.keys, self.limit, self.page_size, self.verifier = key, keys, limit, page_size, verifier
+        # Whose keys verify events: the host's (``keys``), and ours too when the
+        # room holds our users' proposals (``lookup``: ``Federation.lookup``).
+        self.lookup = lookup or keys.keys
         if anchor is None:
             self._p = _Progress(None, None)
         else:
@@ -190,7 +194,8 @@ class BackfillPuller:
 
     @classmethod
     def resume(cls, cursor: bytes, *, server_name: str, key: SigningKey, keys: KeyCache,
-               page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch) -> "BackfillPuller":
+               page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch,
+               lookup: Callable[[str], ServerKeys | None] | None = None) -> "BackfillPuller":
         """Continue a pull from a saved :meth:`cursor` (our own bytes, from storage)."""
         c = decode(cursor, max_size=4096)
         plain = {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}
@@ -198,7 +203,8 @@ class BackfillPuller:
             raise LocalProtocolError("not a backfill cursor")
         until = c.get("until")
         puller = cls(server_name=server_name, room_id=c["room_id"], peer=c["peer"], key=key, keys=keys,
-                     limit=c["limit"], page_size=page_size, until=tuple(until) if until else None, verifier=verifier)
+                     limit=c["limit"], page_size=page_size, until=tuple(until) if until else None, verifier=verifier,
+                     lookup=lookup)
         if until is None:
             puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
         if c["next_depth"] is not None and c["next_depth"] < 1 or c["stored"] >= c["limit"]:
@@ -281,7 +287,7 @@ class BackfillPuller:
         current = self._current_before()
         answered = False
         for page in pages:
-            results = verify_events(page.events, self.keys.keys, verifier=self.verifier)
+            results = verify_events(page.events, self.lookup, verifier=self.verifier)
             need = next((r for r in results if isinstance(r, NeedKeys)), None)
             if need is not None:
                 if retry or not self.keys.may_fetch(need.server, now, need.key_id):

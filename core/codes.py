@@ -61,6 +61,10 @@ class Code(str, enum.Enum):
     BAD_REQUEST = "bad_request"
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
+    # Trust boundaries (room authorization, sender authenticity, where we connect).
+    NOT_MEMBER = "not_member"
+    FORGED_SENDER = "forged_sender"
+    ADDRESS_BLOCKED = "address_blocked"
 
 
 #: One line per code: what it means for an admin. Rendered into docs/protocol.md.
@@ -100,6 +104,10 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.BAD_REQUEST: "the request's fields are missing or wrong",
     Code.TIMEOUT: "the request was not read or answered in time",
     Code.INTERNAL_ERROR: "an unexpected failure on this server (see its log); nothing was half-stored",
+    Code.NOT_MEMBER: "the user (or, for a server, every one of its users) is not a joined member of the room",
+    Code.FORGED_SENDER: "a server spoke for a user of another server without that server's signed proposal",
+    Code.ADDRESS_BLOCKED: "the peer's name leads to a loopback, private or link-local address, which federation "
+                          "does not connect to unless pinned with SCAIWAVE_RESOLVE or allowed by SCAIWAVE_OUTBOUND_ALLOW",
 }
 
 #: Refusals worth retrying later, unchanged (with backoff): they describe the
@@ -111,7 +119,7 @@ DESCRIPTIONS: dict[Code, str] = {
 RETRYABLE: frozenset[Code] = frozenset({
     Code.NOT_PEERED, Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
     Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
-    Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR,
+    Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED,
 })
 
 

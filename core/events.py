@@ -287,6 +287,15 @@ def verify_events(
             if type(job) is not tuple:
                 results.append(job)  # type: ignore[arg-type]
                 continue
+        if event.source is None and event.depth > 0:
+            # Sender authenticity: a host speaks for its own users only. A
+            # chained event whose sender is on another server (a third server,
+            # or the receiver itself) must carry that server's signed proposal.
+            sender_server = server_of(event.sender)
+            if sender_server != event.origin:
+                results.append(Refused(Code.FORGED_SENDER, f"{event.origin[:100]} may not speak for "
+                                                           f"{event.sender[:100]} without its proposal (source)"))
+                continue
         index = len(results)
         results.append(event)
         jobs.append(job)  # type: ignore[arg-type]
@@ -333,10 +342,13 @@ def _proposal_job(event: Event, lookup: KeyLookup) -> tuple[bytes, bytes, bytes]
     if not (
         proposal.depth == 0
         and proposal.room_id == event.room_id
+        and proposal.room_type == event.room_type
         and proposal.sender == event.sender
         and proposal.type == event.type
-        and proposal.content == event.content
         and proposal.origin == server_of(event.sender)
+        # Field for field: content compared as canonical bytes (1, 1.0 and
+        # True are equal Python values, not equal words).
+        and encode(proposal.content) == encode(event.content)
     ):
         return Refused(Code.MALFORMED, f"event {event.id_text} does not match its source proposal")
     return _signature_job(proposal, lookup)

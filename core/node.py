@@ -29,6 +29,7 @@ from .events import Event, NeedKeys, verify_events
 from .handshake import answer_hello
 from .keycache import DEFAULT_REFETCH_INTERVAL_MS, KeyCache, PeerDescriptor
 from .keys import BatchVerifier, KeyRing, verify_batch
+from .authz import Party, RoomFacts, may_receive_invite, server_may_read_history
 from .policy import Policy, room_refusal
 from .requests import DEFAULT_SKEW_MS, Authenticated, RequestVerifier, sign_request
 from . import backfill
@@ -150,11 +151,28 @@ class Federation:
 
     def authenticate(self, *, method: str, target: str, authorization: str | None, body: bytes,
                      now: int) -> Authenticated | Refused | NeedKeys:
-        """Check the request signature (see :mod:`.requests`) and our own state."""
+        """Check the request signature (see :mod:`.requests`) and our own state.
+
+        The *claimed* origin must be admitted by our policy before anything
+        else is done for it: a stranger gets its refusal, and no descriptor
+        fetch (:class:`NeedKeys`), replay-window entry or other trace.
+        """
         if self.keyring.current is None:
             # Without a key we cannot prove anything to anyone: refuse first.
             return Refused(Code.OWN_KEY_MISSING, f"{self.server_name} has no federation key yet")
-        return self.requests.verify(authorization, method=method, target=target, body=body, now=now)
+        return self.requests.verify(authorization, method=method, target=target, body=body, now=now,
+                                    admit=self.policy.admits)
+
+    def may_fetch_keys(self, server: str, now: int, key_id: str | None = None) -> Refused | None:
+        """May the host fetch ``server``'s descriptor now, for traffic (not an
+        admin's explicit request)? Only servers our policy admits, and no more
+        often than the key cache's rate limit allows."""
+        refusal = self.policy.admits(server)
+        if refusal is not None:
+            return refusal
+        if not self.keys.may_fetch(server, now, key_id):
+            return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago")
+        return None
 
     def on_handshake(self, auth: Authenticated, body: bytes) -> tuple[bytes, PeerAgreed] | Refused:
         """The responder's side of the handshake."""
@@ -172,8 +190,14 @@ class Federation:
         return None
 
     def on_invite(self, auth: Authenticated, room_id: str, body: bytes, *,
-                  is_local_user: Callable[[str], bool]) -> InviteDecision | Refused | NeedKeys:
-        """An invite of one of our users into ``room_id`` hosted by the origin."""
+                  local_user: Callable[[str], Party | None],
+                  members: Mapping[str, str] | None = None) -> InviteDecision | Refused | NeedKeys:
+        """An invite of one of our users into ``room_id`` hosted by the origin.
+
+        ``local_user(user_id)`` answers what we know of a user of ours (``None``:
+        no such user); ``members`` is the room's memberships as we store them
+        (see :func:`~.rooms.invitee_of` to learn whom to look up first).
+        """
         if server_of(room_id) != auth.origin:
             return Refused(Code.FORBIDDEN, f"{auth.origin} does not host {room_id[:100]}")
         decoded = decode_events_body(body)
@@ -186,14 +210,15 @@ class Federation:
             return invite
         if invite.room_id != room_id or invite.depth < 1:
             return Refused(Code.WRONG_ROOM, f"the invite event is not a chained event of {room_id[:100]}")
-        refusal = room_refusal(invite.room_type)
-        if refusal is not None:
-            return refusal
         invitee = invite.content.get("user")
         if invite.type != "m.member" or invite.content.get("membership") != "invite" or not isinstance(invitee, str):
             return Refused(Code.MALFORMED, "the last event of an invite is an m.member invite")
-        if server_of(invitee) != self.server_name or not is_local_user(invitee):
-            return Refused(Code.NOT_FOUND, f"no user {invitee[:100]} on {self.server_name}")
+        refusal = may_receive_invite(server_name=self.server_name, origin=auth.origin, room_id=room_id,
+                                     room_type=invite.room_type, inviter=invite.sender,
+                                     invitee=local_user(invitee) if server_of(invitee) == self.server_name else None,
+                                     invitee_id=invitee, membership=(members or {}).get(invitee))
+        if refusal is not None:
+            return refusal
         return InviteDecision(room_id, invite.room_type, invitee, invite.sender, invite)
 
     def on_events(self, auth: Authenticated, body: bytes) -> list[Event | Refused | NeedKeys] | Refused:
@@ -231,14 +256,17 @@ class Federation:
 
     def on_backfill(self, auth: Authenticated, room_id: str, query: Mapping[str, str], *,
                     room_type: str | None, tenant_federates: bool,
-                    origin_is_member: bool) -> tuple[int | None, int] | Refused:
+                    members: Mapping[str, str]) -> tuple[int | None, int] | Refused:
         """May ``auth.origin`` read ``room_id``'s history? Returns ``(before, limit)``
-        for storage, then :func:`~.backfill.build_page` encodes the page."""
+        for storage, then :func:`~.backfill.build_page` encodes the page.
+
+        ``room_type`` is ``None`` when we host no such room; ``members`` are
+        its memberships (user id -> membership) as stored here.
+        """
         if room_type is None or server_of(room_id) != self.server_name:
             return Refused(Code.NOT_FOUND, f"{self.server_name} hosts no room {room_id[:100]}")
-        refusal = room_refusal(room_type, tenant_federates=tenant_federates)
+        refusal = server_may_read_history(
+            RoomFacts(room_id, room_type, tenant_federates=tenant_federates, members=members), auth.origin)
         if refusal is not None:
             return refusal
-        if not origin_is_member:
-            return Refused(Code.FORBIDDEN, f"no user of {auth.origin} is in {room_id[:100]}")
         return backfill.parse_query(query)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .codes import Code, LocalProtocolError, Refused
-from .names import valid_server_name
+from .names import canonical_server_name, server_name_problem
 
 __all__ = ["MODES", "Policy", "room_refusal", "mutual_refusal", "ROOM_TYPES", "FEDERABLE_ROOM_TYPES"]
 
@@ -50,24 +50,34 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.default_mode not in MODES:
-            raise LocalProtocolError(f"default_mode must be one of {', '.join(MODES)}, not {self.default_mode!r}")
-        for name in (*self.allowed_peers, *self.blocked_peers):
-            if not valid_server_name(name):
-                raise LocalProtocolError(f"not a server name: {name!r}")
-        object.__setattr__(self, "allowed_peers", frozenset(self.allowed_peers))
-        object.__setattr__(self, "blocked_peers", frozenset(self.blocked_peers))
+            raise LocalProtocolError(f"default_mode must be one of {', '.join(MODES)}, not {str(self.default_mode)[:40]!r}")
+        # Entries are kept in their canonical spelling, so `admits` compares
+        # like with like: blocking "Evil.Test:443" blocks "evil.test".
+        object.__setattr__(self, "allowed_peers", _canonical_set(self.allowed_peers, "allowed_peers"))
+        object.__setattr__(self, "blocked_peers", _canonical_set(self.blocked_peers, "blocked_peers"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        """Build from the API/TOML form ``{default_mode, allowed_peers, blocked_peers}``."""
+        """Build from the API/TOML form ``{default_mode, allowed_peers, blocked_peers}``.
+
+        Every field is required to have its type: ``default_mode`` a string,
+        the lists lists of server names (any spelling; kept canonical).
+        """
+        if not isinstance(data, Mapping):
+            raise LocalProtocolError("a policy is an object {default_mode, allowed_peers, blocked_peers}")
         unknown = set(data) - {"default_mode", "allowed_peers", "blocked_peers"}
         if unknown:
-            raise LocalProtocolError(f"unknown policy fields: {', '.join(sorted(unknown))}")
-        allowed = data.get("allowed_peers", [])
-        blocked = data.get("blocked_peers", [])
-        if not isinstance(allowed, (list, tuple)) or not isinstance(blocked, (list, tuple)):
-            raise LocalProtocolError("allowed_peers and blocked_peers are lists of server names")
-        return cls(str(data.get("default_mode", "invite_only")), frozenset(allowed), frozenset(blocked))
+            raise LocalProtocolError(f"unknown policy fields: {', '.join(sorted(map(str, unknown)))[:200]}")
+        mode = data.get("default_mode", "invite_only")
+        if not isinstance(mode, str):
+            raise LocalProtocolError("default_mode is a string: open, invite_only or closed")
+        lists = []
+        for name in ("allowed_peers", "blocked_peers"):
+            value = data.get(name, [])
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise LocalProtocolError(f"{name} is a list of server names")
+            lists.append(value)
+        return cls(mode, frozenset(lists[0]), frozenset(lists[1]))
 
     def as_dict(self) -> dict[str, Any]:
         """The API form, with sorted lists (stable output)."""
@@ -78,18 +88,37 @@ class Policy:
         }
 
     def admits(self, peer: str) -> Refused | None:
-        """Does this policy let ``peer`` federate with us? ``None`` means yes."""
+        """Does this policy let ``peer`` federate with us? ``None`` means yes.
+
+        ``peer`` is compared in its canonical spelling; a string that is no
+        server name at all is refused (``malformed``).
+        """
+        name = canonical_server_name(peer)
+        if name is None:
+            return Refused(Code.MALFORMED, f"not a server name: {str(peer)[:100]!r}")
         # Rule 1: a block wins over every mode and over allowed_peers.
-        if peer in self.blocked_peers:
-            return Refused(Code.PEER_BLOCKED, f"{peer} is in blocked_peers")
+        if name in self.blocked_peers:
+            return Refused(Code.PEER_BLOCKED, f"{name} is in blocked_peers")
         # Rule 2.
         if self.default_mode == "closed":
             return Refused(Code.FEDERATION_CLOSED, "federation policy is closed")
         # Rule 3.
-        if self.default_mode == "invite_only" and peer not in self.allowed_peers:
-            return Refused(Code.PEER_NOT_ALLOWED, f"{peer} is not in allowed_peers (mode invite_only)")
+        if self.default_mode == "invite_only" and name not in self.allowed_peers:
+            return Refused(Code.PEER_NOT_ALLOWED, f"{name} is not in allowed_peers (mode invite_only)")
         # Rule 4.
         return None
+
+
+def _canonical_set(names: Any, what: str) -> frozenset[str]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, (set, frozenset, list, tuple)):
+        raise LocalProtocolError(f"{what} is a list of server names")
+    out = set()
+    for name in names:
+        canonical = canonical_server_name(name)
+        if canonical is None:
+            raise LocalProtocolError(f"{what}: not a server name: {str(name)[:100]!r} ({server_name_problem(name)})")
+        out.add(canonical)
+    return frozenset(out)
 
 
 def mutual_refusal(a_name: str, a: Policy, b_name: str, b: Policy) -> Refused | None:

@@ -29,9 +29,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
+from .authz import Party
 from .backfill import BackfillDone, BackfillPuller, decode_page
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
@@ -164,6 +165,28 @@ def _field(rec: Mapping[str, Any], name: str, kind: type | tuple[type, ...], def
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _BadRecord(f"{rec.get('kind')} record without a valid {name!r}")
     return value
+
+
+def _mapping(value: object) -> dict[str, str]:
+    """A recorded ``{str: str}`` map (anything else reads as empty)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _local_users(context: Mapping[str, Any]) -> Callable[[str], Party | None]:
+    """The recorded ``local_users``: ``{user: {"tenant_federates": bool}}`` (or,
+    in older recordings, a list of user ids whose tenants federate)."""
+    recorded = context.get("local_users") or {}
+    facts = {u: (f if isinstance(f, Mapping) else {}) for u, f in
+             (recorded.items() if isinstance(recorded, Mapping) else ((u, {}) for u in recorded))}
+
+    def local_user(user_id: str) -> Party | None:
+        if user_id not in facts:
+            return None
+        return Party(user_id, tenant_federates=bool(facts[user_id].get("tenant_federates", True)))
+
+    return local_user
 
 
 def _result_code(result: object) -> str:
@@ -408,8 +431,8 @@ class Replayer:
             return _refused(refusal)
         param = route.param or ""
         if route.endpoint == "invite":
-            local = context.get("local_users") or []
-            decision = node.on_invite(auth, param, body, is_local_user=set(local).__contains__)
+            decision = node.on_invite(auth, param, body, local_user=_local_users(context),
+                                      members=_mapping(context.get("members")))
             if isinstance(decision, NeedKeys):
                 decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
             if isinstance(decision, Refused):
@@ -418,9 +441,11 @@ class Replayer:
         if route.endpoint == "send":
             return self._send(auth, param, body, context, now, live)
         query = dict(parse_qsl(urlsplit(target).query, keep_blank_values=True))
+        members = _mapping(context.get("members"))
+        if "members" not in context and context.get("origin_is_member"):
+            members = {f"@member:{auth.origin}": "join"}  # recordings made before "members"
         answer = node.on_backfill(auth, param, query, room_type=context.get("room_type"),
-                                  tenant_federates=bool(context.get("tenant_federates", True)),
-                                  origin_is_member=bool(context.get("origin_is_member", False)))
+                                  tenant_federates=bool(context.get("tenant_federates", True)), members=members)
         if isinstance(answer, Refused):
             return _refused(answer)
         return Outcome("accepted", detail=f"would serve a page before={answer[0]} limit={answer[1]}")
@@ -548,7 +573,8 @@ class Replayer:
                    else self.node.policy.admits(peer))
         if refusal is not None:
             return Decision(index, "backfill", "GET", target, peer, _refused(refusal), live)
-        puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys)
+        puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys,
+                                       lookup=self.node.lookup)
         effects = puller.start(now)
         replay = Outcome("diverged", detail="the pull ended without an answer")
         while effects:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 from .codes import Code, Refused
 from .events import NeedKeys
@@ -181,13 +182,24 @@ class RequestVerifier:
         self.replay = ReplayGuard()
 
     def verify(
-        self, authorization: str | None, *, method: str, target: str, body: bytes, now: int
+        self, authorization: str | None, *, method: str, target: str, body: bytes, now: int,
+        admit: Callable[[str], Refused | None] | None = None,
     ) -> Authenticated | Refused | NeedKeys:
         """Check one request. On :class:`NeedKeys`, fetch the descriptor, feed
-        it to ``keys.learn`` and call again with the same arguments."""
+        it to ``keys.learn`` and call again with the same arguments.
+
+        ``admit(origin)`` (the policy) is asked about the *claimed* origin as
+        soon as the header parses, before any key lookup or fetch and before
+        the replay window remembers anything: a refused stranger costs us one
+        header decode.
+        """
         req = parse_authorization(authorization)
         if isinstance(req, Refused):
             return req
+        if admit is not None:
+            refusal = admit(req.origin)
+            if refusal is not None:
+                return refusal
         if req.destination != self.server_name:
             return Refused(Code.WRONG_DESTINATION, f"signed for {req.destination[:100]}, this is {self.server_name}")
         if req.method != method.upper() or req.target != target:

@@ -26,7 +26,7 @@ from .events import Event, decode_event, make_event
 from .keys import SigningKey
 from .layouts import read_events_body
 from .names import server_of
-from .policy import room_refusal
+from .authz import RoomFacts, may_propose
 from .wire import decode, encode
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
 
 MAX_TXN_EVENTS = 100
 MAX_TXN_BYTES = 2 * 1024 * 1024
-MEMBERSHIPS = ("invite", "join", "decline", "leave")
 
 
 class Head(NamedTuple):
@@ -126,34 +125,16 @@ def check_proposal(proposal: Event, *, origin: str, room_type: str, tenant_feder
     """May the host chain ``proposal``, received from authenticated ``origin``?
 
     ``membership`` is the sender's current membership of the room (``None``:
-    none). Joined members may post messages; invited users may join or
-    decline. Returns ``None`` when it may.
+    none). The rules are :func:`~.authz.may_propose`'s (A9): joined members
+    post messages; invited users join or decline; joined members leave.
+    Returns ``None`` when it may.
     """
     if proposal.depth != 0:
         return Refused(Code.MALFORMED, "members send proposals (depth 0), not chained events")
-    if proposal.origin != origin or server_of(proposal.sender) != origin:
-        return Refused(Code.FORBIDDEN, f"{origin} may not speak for {proposal.sender[:100]}")
-    refusal = room_refusal(room_type, tenant_federates=tenant_federates)
-    if refusal is not None:
-        return refusal
-    if proposal.room_type != room_type:
-        return Refused(Code.MALFORMED, "proposal names another room type")
-    if proposal.type == "m.message":
-        if membership != "join":
-            return Refused(Code.FORBIDDEN, f"{proposal.sender[:100]} is not a member of the room")
-        if not isinstance(proposal.content.get("body"), str):
-            return Refused(Code.MALFORMED, "a message has a text body")
-        return None
-    if proposal.type == "m.member":
-        wanted = proposal.content.get("membership")
-        if proposal.content.get("user") != proposal.sender:
-            return Refused(Code.FORBIDDEN, "a member event from a member's server concerns its sender only")
-        if wanted in ("join", "decline") and membership in ("invite", "join" if wanted == "join" else "invite"):
-            return None
-        if wanted == "leave" and membership == "join":
-            return None
-        return Refused(Code.FORBIDDEN, f"{proposal.sender[:100]} cannot {wanted!s:.20} (membership {membership})")
-    return Refused(Code.MALFORMED, f"unknown event type {proposal.type[:40]!r}")
+    room = RoomFacts(proposal.room_id, room_type, tenant_federates=tenant_federates,
+                     members={proposal.sender: membership} if membership else {})
+    return may_propose(room, origin=origin, sender=proposal.sender, proposal_origin=proposal.origin,
+                       room_type=proposal.room_type, type=proposal.type, content=proposal.content)
 
 
 def invitee_of(body: bytes) -> str | None:

@@ -9,10 +9,12 @@ Against a running ``scaiwave serve`` daemon it
 2. peers with the daemon: an :class:`Initiator` handshake, whose requests are
    HTTP/1.1 written by hand over ``asyncio.open_connection(ssl=...)``;
 3. waits for the daemon to invite ``@carol`` (our one user) into the room:
-   the daemon serves a room's history only to servers with a member in it, so
-   the host also answers ``PUT invite/{room_id}`` (route, authenticate,
-   admit, ``on_invite``; every decision the core's) and nothing else;
-4. pulls the room's history with a :class:`BackfillPuller`: every event's
+   the daemon serves a room's history only to servers with a *joined* member
+   in it, so the host also answers ``PUT invite/{room_id}`` (route,
+   authenticate, admit, ``on_invite``; every decision the core's) and
+   nothing else;
+4. accepts: sends the host carol's signed ``join`` proposal (``PUT send``);
+5. pulls the room's history with a :class:`BackfillPuller`: every event's
    hash, signature and chain link checked by the core before it is kept.
 
 Run it (the daemon must allow this server in its policy and resolve its name)::
@@ -36,11 +38,12 @@ import time
 
 from scaiwave_federation.core import (
     BackfillDone, BackfillPuller, Code, Event, Failed, Federation, FetchDescriptor, Initiator, InviteDecision,
-    KeyRing, NeedKeys, PeerAgreed, Policy, Refused, SendRequest, StoreEvents,
+    KeyRing, NeedKeys, Party, PeerAgreed, Policy, Refused, SendRequest, StoreEvents, make_event,
 )
-from scaiwave_federation.core.handshake import refusal_body
+from scaiwave_federation.core.handshake import decode_refusal, refusal_body
+from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.names import split_server_name
-from scaiwave_federation.core.wire import b64e, encode
+from scaiwave_federation.core.wire import b64e, decode, encode
 
 MAX_BODY = 8 * 1024 * 1024
 IO_TIMEOUT = 30.0
@@ -169,10 +172,34 @@ class AsyncioHost:
                 return effect.refusal
         return Refused(Code.HANDSHAKE_FAILED, "the handshake ended without an answer")
 
+    async def join(self, invite: InviteDecision, peer: str) -> Refused | None:
+        """Accept ``invite``: send the host our user's ``join`` proposal (depth 0,
+        signed by us); the host chains it and answers with the chained event."""
+        node = self.node
+        proposal = make_event(node.keyring.current, room_id=invite.room_id, room_type=invite.room_type, depth=0,
+                              prev=None, origin=node.server_name, sender=invite.invitee, type="m.member",
+                              ts=now_ms(), content={"membership": "join", "user": invite.invitee})
+        body = encode_events_body([proposal.envelope])
+        target = f"/_scaiwave/federation/v1/send/join-{os.urandom(6).hex()}"
+        auth = node.sign(destination=peer, method="PUT", target=target, body=body, now=now_ms())
+        if isinstance(auth, Refused):
+            return auth
+        reply = await self.send(SendRequest(peer, "PUT", target, body, auth))
+        if isinstance(reply, Refused):
+            return reply
+        if reply[0] != 200:
+            return decode_refusal(*reply)
+        results = decode(reply[1], max_size=1 << 20)
+        first = results.get("results", [{}])[0] if isinstance(results, dict) else {}
+        if not (isinstance(first, dict) and first.get("ok") is True):
+            return Refused(Code.FORBIDDEN, f"{peer} refused the join: {first!r}"[:200])
+        return None
+
     async def backfill(self, room_id: str, peer: str, limit: int = 1000) -> tuple[list[Event], BackfillDone]:
         """Pull ``room_id``'s history from ``peer``; returns the verified events (newest first) and the end."""
         node = self.node
         puller = BackfillPuller(server_name=node.server_name, room_id=room_id, peer=peer, key=node.keyring.current,
+                                lookup=node.lookup,
                                 keys=node.keys, limit=limit)
         stored: list[Event] = []
         effects = puller.start(now_ms())
@@ -255,7 +282,8 @@ class AsyncioHost:
         refusal = node.admit(auth, peered=auth.origin in self.peered)
         if refusal is not None:
             return refusal
-        decision = node.on_invite(auth, route.param or "", body, is_local_user=self.local_users.__contains__)
+        decision = node.on_invite(auth, route.param or "", body,
+                                  local_user=lambda u: Party(u) if u in self.local_users else None)
         return Refused(Code.UNKNOWN_KEY, str(decision)) if isinstance(decision, NeedKeys) else decision
 
 
@@ -274,6 +302,10 @@ async def run(server_name: str, port: int, cert: str, key: str, ca: str, peer: s
         while not any(i.room_id == room_id for i in host.invites):
             host.invited.clear()
             await asyncio.wait_for(host.invited.wait(), invite_timeout)
+        invite = next(i for i in host.invites if i.room_id == room_id)
+        refused = await host.join(invite, peer)
+        if refused is not None:
+            raise RuntimeError(f"joining {room_id} refused: {refused}")
         events, done = await host.backfill(room_id, peer, limit)
         if done.refusal is not None:
             raise RuntimeError(f"backfill stopped after {done.stored} events: {done.refusal}")

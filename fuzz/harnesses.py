@@ -64,6 +64,7 @@ from scaiwave_federation.core.events import _decode_event_generic
 from scaiwave_federation.core.handshake import answer_hello
 from scaiwave_federation.core.keys import Domain, ServerKeys, sign
 from scaiwave_federation.core.node import InviteDecision
+from scaiwave_federation.core.authz import Party
 from scaiwave_federation.core.requests import SCHEME, Authenticated, ReplayGuard, SignedRequest, parse_authorization
 from scaiwave_federation.core.rooms import decode_events_body
 from scaiwave_federation.core.wire import b64d, b64e
@@ -562,7 +563,7 @@ def _txn(w: World) -> Harness:
                 for r in results:
                     _expect(r, Event, Refused, NeedKeys)
                 parts.append(",".join(_refusal(r) if isinstance(r, Refused) else type(r).__name__ for r in results))
-        invite = node.on_invite(w.auth_host, DM_ROOM, data, is_local_user=lambda user: user == ALICE)
+        invite = node.on_invite(w.auth_host, DM_ROOM, data, local_user=lambda user: Party(user) if user == ALICE else None)
         _expect(invite, InviteDecision, Refused, NeedKeys)
         parts.append(_refusal(invite) if isinstance(invite, Refused) else type(invite).__name__)
         return "|".join(parts)

@@ -17,8 +17,10 @@ import trio
 
 from scaiwave_federation.core import Code, Event, Head, Refused, decode_event, make_event
 from scaiwave_federation.core.handshake import decode_refusal
-from scaiwave_federation.core.names import server_of
-from scaiwave_federation.core.policy import ROOM_TYPES, room_refusal
+from scaiwave_federation.core import Party, RoomFacts
+from scaiwave_federation.core.authz import may_answer, may_invite, may_leave, may_post, may_read
+from scaiwave_federation.core.names import canonical_room_id, canonical_user_id, server_of
+from scaiwave_federation.core.policy import ROOM_TYPES
 from scaiwave_federation.core.rooms import chain_event, encode_events_body, link, LinkResult
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
@@ -99,7 +101,9 @@ async def _dispatch(service: Service, request: Request, user: dict[str, Any]) ->
         return await _answer_invite(service, user, parts[1], parts[2])
     if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "invite" and m == "POST":
         body = _body(request)
-        return await _invite(service, user, parts[1], str(body.get("user", "")))
+        return await _invite(service, user, parts[1], body.get("user"))
+    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "leave" and m == "POST":
+        return await _leave(service, user, parts[1])
     if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "messages":
         if m == "POST":
             text = _body(request).get("body")
@@ -109,11 +113,6 @@ async def _dispatch(service: Service, request: Request, user: dict[str, Any]) ->
         if m == "GET":
             return await _messages(service, user, parts[1])
     raise _Fail(Refused(Code.NOT_FOUND, f"no endpoint {m} {request.path[:100]}"))
-
-
-async def _tenant_federates(service: Service, tenant: str | None) -> bool:
-    row = await service.store.get_tenant(tenant) if tenant else None
-    return bool(row["federation_enabled"]) if row else True
 
 
 def _key(service: Service):
@@ -154,30 +153,55 @@ async def _create_room(service: Service, user: dict[str, Any], body: dict[str, A
     return Response.json(200, {"room_id": room["room_id"], "room_type": room_type})
 
 
+async def _me(service: Service, user: dict[str, Any]) -> Party:
+    party = await service.local_party(user["user_id"])
+    if party is None:  # the user row went away under us
+        raise _Fail(Refused(Code.UNAUTHORIZED, "unknown user"))
+    return party
+
+
+def _user_id(value: object, field: str) -> str:
+    """A user id from a client, in its canonical spelling (``@Bob:Peer.Test:443`` is ``@bob:peer.test``)."""
+    uid = canonical_user_id(value)
+    if uid is None:
+        raise _Fail(Refused(Code.BAD_REQUEST, f"{field} is a user id like @bob:peer.acme.com"))
+    return uid
+
+
+async def _room(service: Service, room_id: str) -> dict[str, Any]:
+    """The stored room a client names (any spelling of its id), or ``not_found``."""
+    room = await service.store.get_room(canonical_room_id(room_id) or room_id)
+    if room is None:
+        raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
+    return room
+
+
+async def _invitee(service: Service, to: str) -> Party | None:
+    if server_of(to) == service.config.server_name:
+        return await service.local_party(to)
+    return Party(to)
+
+
 async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
-    to = body.get("to")
-    if not isinstance(to, str) or server_of(to) is None:
-        raise _Fail(Refused(Code.BAD_REQUEST, "to is a user id like @bob:peer.acme.com"))
-    _need(await _check_remote_invite(service, user, "dm", to))
+    to = _user_id(body.get("to"), "to")
+    me = await _me(service, user)
+    if to == me.user_id:
+        raise _Fail(Refused(Code.BAD_REQUEST, "a DM is with someone else"))
+    # The rules of the room as it will be: the creator joined, nobody else yet.
+    facts = RoomFacts(f"!new:{service.config.server_name}", "dm", me.tenant, me.tenant_federates,
+                      {me.user_id: "join"})
+    _need(may_invite(facts, server_name=service.config.server_name, inviter=me,
+                     invitee=await _invitee(service, to), invitee_id=to))
+    _key(service)
+    if server_of(to) != service.config.server_name:
+        _need(await service.ensure_peered(server_of(to) or ""))
     room = await _new_room(service, user, "dm")
     await _invite_user(service, user, room, to)
     return Response.json(200, {"room_id": room["room_id"], "to": to, "invite": "delivered"})
 
 
-async def _check_remote_invite(service: Service, user: dict[str, Any], room_type: str, to: str) -> Refused | None:
-    server = server_of(to)
-    if server == service.config.server_name:
-        if await service.store.get_user(to) is None:
-            return Refused(Code.NOT_FOUND, f"no user {to}")
-        return None
-    refusal = room_refusal(room_type, tenant_federates=await _tenant_federates(service, user["tenant"]))
-    if refusal is not None:
-        return refusal
-    _key(service)
-    return await service.ensure_peered(server)
-
-
 async def _invite_user(service: Service, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
+    """Carry out an invite the rules allowed: chain it, then deliver it."""
     server = server_of(to)
     event = await _append(service, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
     await service.store.set_membership(room["room_id"], to, "invite")
@@ -194,22 +218,16 @@ async def _invite_user(service: Service, user: dict[str, Any], room: dict[str, A
     return event
 
 
-async def _invite(service: Service, user: dict[str, Any], room_id: str, to: str) -> Response:
-    room = await service.store.get_room(room_id)
-    if room is None or room["host"] != service.config.server_name:
-        raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id} hosted here"))
-    if server_of(to) is None:
-        raise _Fail(Refused(Code.BAD_REQUEST, "user is a user id like @bob:peer.acme.com"))
-    _need(await _check_remote_invite(service, user, room["room_type"], to))
+async def _invite(service: Service, user: dict[str, Any], room_id: str, to_value: object) -> Response:
+    room = await _room(service, room_id)
+    to = _user_id(to_value, "user")
+    _need(may_invite(await service.room_facts(room), server_name=service.config.server_name,
+                     inviter=await _me(service, user), invitee=await _invitee(service, to), invitee_id=to))
+    if server_of(to) != service.config.server_name:
+        _key(service)
+        _need(await service.ensure_peered(server_of(to) or ""))
     await _invite_user(service, user, room, to)
-    return Response.json(200, {"room_id": room_id, "user": to, "invite": "delivered"})
-
-
-async def _membership(service: Service, room_id: str, user_id: str) -> str | None:
-    for m in await service.store.members(room_id):
-        if m["user_id"] == user_id:
-            return m["membership"]
-    return None
+    return Response.json(200, {"room_id": room["room_id"], "user": to, "invite": "delivered"})
 
 
 async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, Any], type: str,
@@ -263,12 +281,15 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
 
 
 async def _answer_invite(service: Service, user: dict[str, Any], room_id: str, answer: str) -> Response:
+    room = await _room(service, room_id)
+    room_id = room["room_id"]
     invite = await service.store.get_invite(room_id, user["user_id"])
+    membership = "join" if answer == "accept" else "decline"
+    facts = await service.room_facts(room)
     if invite is None or invite["state"] != "pending":
         raise _Fail(Refused(Code.NOT_FOUND, f"no pending invite to {room_id}"))
-    membership = "join" if answer == "accept" else "decline"
+    _need(may_answer(facts, user=await _me(service, user), answer=membership, server_name=service.config.server_name))
     content = {"membership": membership, "user": user["user_id"]}
-    room = await service.store.get_room(room_id)
     if room["host"] == service.config.server_name:
         await service.store.set_membership(room_id, user["user_id"], membership)
         event = await _append(service, room, user["user_id"], "m.member", content)
@@ -279,10 +300,25 @@ async def _answer_invite(service: Service, user: dict[str, Any], room_id: str, a
     return Response.json(200, {"room_id": room_id, "membership": membership, "event_id": event.id_text})
 
 
+async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Response:
+    room = await _room(service, room_id)
+    _need(may_leave(await service.room_facts(room), user=await _me(service, user),
+                    server_name=service.config.server_name))
+    content = {"membership": "leave", "user": user["user_id"]}
+    if room["host"] == service.config.server_name:
+        # Chain first, while still a member: the leave reaches every member server.
+        event = await _append(service, room, user["user_id"], "m.member", content)
+        await service.store.set_membership(room["room_id"], user["user_id"], "leave")
+    else:
+        event = await _write_remote(service, room, user, "m.member", content)
+        await service.store.set_membership(room["room_id"], user["user_id"], "leave")
+    return Response.json(200, {"room_id": room["room_id"], "membership": "leave", "event_id": event.id_text})
+
+
 async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str) -> Response:
-    room = await service.store.get_room(room_id)
-    if room is None or await _membership(service, room_id, user["user_id"]) != "join":
-        raise _Fail(Refused(Code.FORBIDDEN, f"{user['user_id']} is not in {room_id}"))
+    room = await _room(service, room_id)
+    _need(may_post(await service.room_facts(room), user=await _me(service, user),
+                   server_name=service.config.server_name))
     if room["host"] == service.config.server_name:
         event = await _append(service, room, user["user_id"], "m.message", {"body": text})
     else:
@@ -291,8 +327,9 @@ async def _post_message(service: Service, user: dict[str, Any], room_id: str, te
 
 
 async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Response:
-    if await _membership(service, room_id, user["user_id"]) != "join":
-        raise _Fail(Refused(Code.FORBIDDEN, f"{user['user_id']} is not in {room_id}"))
+    room = await _room(service, room_id)
+    _need(may_read(await service.room_facts(room), user=await _me(service, user)))
+    room_id = room["room_id"]
     rows = await service.store.events_after(room_id, None, 100_000)
     messages = []
     for row in rows:

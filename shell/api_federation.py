@@ -14,7 +14,6 @@ from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
 from scaiwave_federation.core.backfill import build_page
-from scaiwave_federation.core.names import server_of
 from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, invitee_of, link
 from scaiwave_federation.core.wire import encode
 
@@ -43,8 +42,11 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
     route = node.route(request.method, request.path)
     if isinstance(route, Refused):
         return cbor_error(route)
+    # The core admits the *claimed* origin by policy before any descriptor
+    # fetch: a stranger's request leaves no trace but its refusal.
     auth = await _authenticate(service, request)
     if isinstance(auth, Refused):
+        log.info("refused %s %s: %s", request.method, request.path[:120], auth)
         return cbor_error(auth)
     await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
     await service.peer_seen(auth.origin)
@@ -90,11 +92,14 @@ async def _handshake(service: Service, auth: Authenticated, request: Request) ->
 
 async def _invite(service: Service, auth: Authenticated, room_id: str, request: Request,
                   context: dict[str, Any]) -> Response:
-    # The decision needs to know whether the invitee exists here: look it up first.
+    # The decision needs what we know of the claimed invitee: look it up first.
     invitee = invitee_of(request.body)
-    local_users = {invitee} if invitee and await service.store.get_user(invitee) is not None else set()
-    context["local_users"] = sorted(local_users)
-    decision = service.node.on_invite(auth, room_id, request.body, is_local_user=local_users.__contains__)
+    party = await service.local_party(invitee) if invitee else None
+    local_users = {party.user_id: {"tenant_federates": party.tenant_federates}} if party else {}
+    members = await service.memberships(room_id)
+    context["local_users"], context["members"] = local_users, members
+    decision = service.node.on_invite(auth, room_id, request.body, members=members,
+                                      local_user=lambda user: party if party and user == party.user_id else None)
     if isinstance(decision, NeedKeys):
         decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
     if isinstance(decision, Refused):
@@ -176,9 +181,8 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
         if room is None or room["host"] != service.config.server_name:
             outcomes.append({"event_id": result.id_text, "error": Refused(Code.NOT_FOUND, "no such room here").as_dict()})
             continue
-        tenant = await service.store.get_tenant(room["tenant"]) if room["tenant"] else None
-        members = {m["user_id"]: m["membership"] for m in await service.store.members(result.room_id)}
-        ctx = {"room_type": room["room_type"], "tenant_federates": bool(tenant["federation_enabled"]) if tenant else True,
+        members = await service.memberships(result.room_id)
+        ctx = {"room_type": room["room_type"], "tenant_federates": await service.tenant_federates(room["tenant"]),
                "membership": members.get(result.sender)}
         context["rooms"][result.room_id] = ctx
         context.setdefault("proposals", {})[result.id_text] = ctx
@@ -223,13 +227,10 @@ def _head(event: Event):
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
                     context: dict[str, Any]) -> Response:
     room = await service.store.get_room(room_id)
-    tenant = await service.store.get_tenant(room["tenant"]) if room and room["tenant"] else None
-    members = await service.store.members(room_id) if room else []
     ctx = {
         "room_type": room["room_type"] if room and room["host"] == service.config.server_name else None,
-        "tenant_federates": bool(tenant["federation_enabled"]) if tenant else True,
-        "origin_is_member": any(server_of(m["user_id"]) == auth.origin and m["membership"] in ("join", "invite")
-                                for m in members),
+        "tenant_federates": await service.tenant_federates(room["tenant"] if room else None),
+        "members": await service.memberships(room_id) if room else {},
     }
     context.update(ctx)
     decision = service.node.on_backfill(auth, room_id, request.query, **ctx)

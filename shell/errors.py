@@ -50,6 +50,9 @@ STATUS: dict[Code, int] = {
     Code.BAD_REQUEST: 400,
     Code.TIMEOUT: 408,
     Code.INTERNAL_ERROR: 500,
+    Code.NOT_MEMBER: 403,
+    Code.FORGED_SENDER: 403,
+    Code.ADDRESS_BLOCKED: 502,
 }
 
 INTERNAL = Response.json(500, {"error": {"code": "internal_error", "message": "internal error (see the server log)"}})

@@ -31,16 +31,18 @@ from scaiwave_federation.core import (
     Initiator,
     KeyRing,
     NeedKeys,
+    Party,
     PeerAgreed,
     Policy,
     Refused,
+    RoomFacts,
     SendRequest,
     SigningKey,
     StoreEvents,
 )
+from scaiwave_federation.core.authz import push_targets
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
-from scaiwave_federation.core.names import server_of
 from scaiwave_federation.core.rooms import encode_events_body
 
 from .client import PeerClient, TransportError, backoff_ms
@@ -216,8 +218,12 @@ class Service:
     async def learn_descriptor(self, server: str, *, force: bool = False, key_id: str | None = None) -> Refused | None:
         """Fetch and cache ``server``'s keys (respecting the core's rate limit unless forced)."""
         now = self.now()
-        if not force and not self.node.keys.may_fetch(server, now, key_id):
-            return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago")
+        if not force:
+            # Traffic never makes us fetch from a server our policy does not
+            # admit (the core decides), nor more often than its rate limit.
+            refusal = self.node.may_fetch_keys(server, now, key_id)
+            if refusal is not None:
+                return refusal
         self.node.keys.fetch_attempted(server, now, key_id)
         log.info("fetching the descriptor of %s%s", server, f" (unknown key {key_id})" if key_id else "")
         data = await self.fetch_descriptor(server)
@@ -233,6 +239,29 @@ class Service:
         return None
 
     # -- peer bookkeeping ----------------------------------------------------------------
+
+    # -- facts the core's rules read ------------------------------------------------
+
+    async def tenant_federates(self, tenant: str | None) -> bool:
+        """The tenant's federation switch (``True`` for no tenant: rooms hosted elsewhere)."""
+        row = await self.store.get_tenant(tenant) if tenant else None
+        return bool(row["federation_enabled"]) if row else True
+
+    async def memberships(self, room_id: str) -> dict[str, str]:
+        """The room's memberships as stored here: user id -> membership."""
+        return {m["user_id"]: m["membership"] for m in await self.store.members(room_id)}
+
+    async def local_party(self, user_id: str) -> Party | None:
+        """What the rules know of one of our users, or ``None`` if there is no such user."""
+        user = await self.store.get_user(user_id)
+        if user is None:
+            return None
+        return Party(user["user_id"], user["tenant"], await self.tenant_federates(user["tenant"]))
+
+    async def room_facts(self, room: dict[str, Any]) -> RoomFacts:
+        """The facts of a stored room (see ``core.authz``)."""
+        return RoomFacts(room["room_id"], room["room_type"], room["tenant"],
+                         await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
 
     async def peer_seen(self, server: str) -> None:
         await self.store.mark_seen(server, self.now())
@@ -337,9 +366,8 @@ class Service:
     async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
         """Queue chained events for every other server with joined members (durably,
         then delivered by the outbox worker with per-peer backoff)."""
-        members = await self.store.members(room_id)
-        servers = sorted({server_of(m["user_id"]) for m in members if m["membership"] == "join"}
-                         - {self.config.server_name, exclude, None})
+        facts = RoomFacts(room_id, "", members=await self.memberships(room_id))
+        servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
         now = self.now()
         body = encode_events_body([e.envelope for e in events])
         for server in servers:
@@ -448,10 +476,10 @@ class Service:
         if job.until is not None:
             puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
                                     key=key, keys=self.node.keys, limit=job.limit, until=job.until,
-                                    verifier=self.node.batch_verifier)
+                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
         elif saved is not None:
             puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
-                                           keys=self.node.keys, verifier=self.node.batch_verifier)
+                                           keys=self.node.keys, verifier=self.node.batch_verifier, lookup=self.node.lookup)
             if puller.done is not None or puller.limit != job.limit:
                 saved = None
         if saved is None and job.until is None:
@@ -462,7 +490,7 @@ class Service:
                 anchor = (event.depth, event.prev)
             puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
                                     key=key, keys=self.node.keys, limit=job.limit, anchor=anchor,
-                                    verifier=self.node.batch_verifier)
+                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
         self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
                     cursor=puller.cursor())
         base = puller.stored

@@ -26,6 +26,7 @@ from scaiwave_federation.core import (
     Initiator,
     KeyRing,
     NeedKeys,
+    Party,
     PeerAgreed,
     Policy,
     Refused,
@@ -253,7 +254,8 @@ class FakeLink:
         if refusal is not None:
             return error_reply(refusal)
         if route.endpoint == "invite":
-            decision = node.on_invite(auth, route.param, req.body, is_local_user=srv.users.__contains__)
+            decision = node.on_invite(auth, route.param, req.body,
+                                      local_user=lambda u: Party(u) if u in srv.users else None)
             if isinstance(decision, NeedKeys):
                 decision = Refused(Code.UNKNOWN_KEY, str(decision))
             if isinstance(decision, Refused):
@@ -279,7 +281,7 @@ class FakeLink:
             auth, route.param, dict(parse_qsl(query)),
             room_type=room.room_type if room else None,
             tenant_federates=room.tenant_federates if room else True,
-            origin_is_member=room is not None and auth.origin in room.member_servers,
+            members={f"@member:{s}": "join" for s in room.member_servers} if room else {},
         )
         if isinstance(answer, Refused):
             return error_reply(answer)

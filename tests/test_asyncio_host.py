@@ -3,7 +3,7 @@
 The daemon (peer.test, started with the testbed) hosts a group room with a few
 messages and allows asyncio.test in its policy. The example runs in its own
 Python process (so nothing Trio-shaped can help it): it serves its descriptor,
-handshakes, accepts the daemon's invite and pulls the room's history. The
+handshakes, receives the daemon's invite, joins and pulls the room's history. The
 test then checks every pulled event against the daemon's published key and
 the hash chain, and that the process never imported trio, httpx or h11.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scaiwave_federation.core import Event, decode_event, parse_descriptor, verify_events
+from scaiwave_federation.core import Event, KeyRing, decode_event, parse_descriptor, verify_events
 from scaiwave_federation.core.wire import b64d
 from scaiwave_federation.shell.testbed import Testbed, wait_until, free_port
 
@@ -29,7 +29,7 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("asyncio_host", sys.argv[1])
 host = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(host)
-events = host.main(sys.argv[2], int(sys.argv[3]), *sys.argv[4:10])
+events = host.main(sys.argv[2], int(sys.argv[3]), *sys.argv[4:10], seed=bytes([9]) * 32)
 from scaiwave_federation.core.wire import b64e
 print(json.dumps({"envelopes": [b64e(e.envelope) for e in events],
                   "imported": sorted(m for m in ("trio", "httpx", "h11", "anyio") if m in sys.modules)}))
@@ -86,7 +86,10 @@ def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
     # Verify again here, independently, under the key the daemon publishes.
     parsed = parse_descriptor(descriptor, d.server_name)
     assert isinstance(parsed, tuple), parsed
-    checked = verify_events([e.envelope for e in events], lambda s: parsed[0] if s == d.server_name else None)
+    # carol's join carries the asyncio host's proposal (its seed is fixed): check that too.
+    ours = KeyRing().generate(bytes([9]) * 32, 0).public(name)
+    checked = verify_events([e.envelope for e in events],
+                            lambda s: parsed[0] if s == d.server_name else ours if s == name else None)
     assert all(isinstance(c, Event) for c in checked), checked
     chain = sorted(events, key=lambda e: e.depth)
     assert [e.depth for e in chain] == list(range(1, len(chain) + 1))
@@ -95,4 +98,6 @@ def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
         assert newer.prev == older.event_id
     bodies = [e.content.get("body") for e in chain if e.type == "m.message"]
     assert bodies == [f"m{i}" for i in range(5)]
-    assert chain[-1].type == "m.member" and chain[-1].content == {"membership": "invite", "user": f"@carol:{name}"}
+    assert chain[-2].type == "m.member" and chain[-2].content == {"membership": "invite", "user": f"@carol:{name}"}
+    assert chain[-1].type == "m.member" and chain[-1].content == {"membership": "join", "user": f"@carol:{name}"}
+    assert chain[-1].source is not None and chain[-1].sender == f"@carol:{name}"

@@ -174,7 +174,7 @@ def test_error_reply_ends_the_pull_with_its_code():
     link, chain, room_id = hosted_pair(10)
     link.server(B).rooms[room_id].member_servers.clear()
     run = run_backfill(link, _puller(link))
-    assert run.stored == [] and run.done.refusal.code is Code.FORBIDDEN
+    assert run.stored == [] and run.done.refusal.code is Code.NOT_MEMBER
 
 
 def test_pull_of_a_room_the_host_does_not_have_is_not_found():

@@ -311,10 +311,12 @@ def _member_proposal(a, membership, user=ALICE):
     "kind, membership, code",
     [
         ("message", "join", None),
-        ("message", "invite", Code.FORBIDDEN),
-        ("message", None, Code.FORBIDDEN),
+        ("message", "invite", Code.NOT_MEMBER),
+        ("message", None, Code.NOT_MEMBER),
+        ("message", "leave", Code.NOT_MEMBER),
         ("join", "invite", None),
-        ("join", "join", None),
+        ("join", "join", Code.FORBIDDEN),
+        ("join", "decline", Code.FORBIDDEN),
         ("join", None, Code.FORBIDDEN),
         ("join", "leave", Code.FORBIDDEN),
         ("decline", "invite", None),
@@ -336,7 +338,7 @@ def test_check_proposal_other_rules():
     ok = dict(origin=A, room_type="group", tenant_federates=True, membership="join")
     chained = build_chain(b.keyring.current, ROOM, 1)[0]
     assert check_proposal(chained, **ok).code is Code.MALFORMED
-    assert check_proposal(_proposal(a), **dict(ok, origin=B)).code is Code.FORBIDDEN
+    assert check_proposal(_proposal(a), **dict(ok, origin=B)).code is Code.FORGED_SENDER
     assert check_proposal(_member_proposal(a, "leave", user=f"@carol:{A}"), **ok).code is Code.FORBIDDEN
     assert check_proposal(_proposal(a), **dict(ok, room_type="incognito")).code is Code.ROOM_INCOGNITO
     assert check_proposal(_proposal(a), **dict(ok, room_type="bridge")).code is Code.ROOM_BRIDGE

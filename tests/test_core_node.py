@@ -16,6 +16,7 @@ from corehelpers import (
     build_chain,
     descriptor_bytes,
     events_body,
+    head_of,
     invite_event,
     make_node,
     pair,
@@ -28,9 +29,11 @@ from scaiwave_federation.core import (
     InviteDecision,
     KeyRing,
     NeedKeys,
+    Party,
     Refused,
     Route,
     SendRequest,
+    chain_event,
     make_event,
 )
 from scaiwave_federation.core.backfill import PAGE_CAP
@@ -158,8 +161,9 @@ def test_invite_into_a_room_that_never_leaves_is_refused(room_type, code):
     assert link.server(A).invites == []
 
 
-def _decide(a, room_id, body, origin=B):
-    return a.on_invite(_auth(origin), room_id, body, is_local_user={BOB_A}.__contains__)
+def _decide(a, room_id, body, origin=B, federates=True, members=None):
+    return a.on_invite(_auth(origin), room_id, body, local_user=lambda u: Party(u, tenant_federates=federates)
+                       if u == BOB_A else None, members=members)
 
 
 def test_invite_refusals():
@@ -182,6 +186,16 @@ def test_invite_refusals():
         (_decide(a, room_id, events_body([chain[1]])), Code.MALFORMED),  # not an m.member invite
         (_decide(a, room_id, events_body([invite_event(key, chain, f"@carol:{A}")])), Code.NOT_FOUND),
         (_decide(a, room_id, events_body([invite_event(key, chain, f"@bob:{C}")])), Code.NOT_FOUND),
+        # A8: a tenant without federation receives no invite from another server.
+        (_decide(a, room_id, events_body([good]), federates=False), Code.TENANT_FEDERATION_DISABLED),
+        # A1: no second invite of a user who is invited or joined already.
+        (_decide(a, room_id, events_body([good]), members={BOB_A: "join"}), Code.CONFLICT),
+        (_decide(a, room_id, events_body([good]), members={BOB_A: "invite"}), Code.CONFLICT),
+        # The inviter is the host's user: an invite "from" a third server's user is forged.
+        (_decide(a, room_id, events_body([chain_event(key, head=head_of(chain), room_id=room_id, room_type="group",
+                                                      sender=f"@mallory:{C}", type="m.member", ts=NOW,
+                                                      content={"membership": "invite", "user": BOB_A})])),
+         Code.FORGED_SENDER),
     ]
     for result, code in cases:
         assert isinstance(result, Refused) and result.code is code, (result, code)
@@ -261,7 +275,7 @@ def test_on_events_reports_bad_events_one_by_one():
 def test_on_backfill_decisions():
     _, b = pair()
     room = f"!r:{B}"
-    ok = dict(room_type="group", tenant_federates=True, origin_is_member=True)
+    ok = dict(room_type="group", tenant_federates=True, members={f"@carol:{A}": "join", f"@dave:{B}": "join"})
 
     def ask(query, room_id=room, **kw):
         return b.on_backfill(_auth(A), room_id, query, **{**ok, **kw})
@@ -278,7 +292,11 @@ def test_on_backfill_decisions():
     assert ask({}, room_type="bridge").code is Code.ROOM_BRIDGE
     assert ask({}, room_type="sidekick").code is Code.ROOM_SIDEKICK
     assert ask({}, tenant_federates=False).code is Code.TENANT_FEDERATION_DISABLED
-    assert ask({}, origin_is_member=False).code is Code.FORBIDDEN
+    # A7: only a server with a *joined* member reads history; an invite reads nothing.
+    assert ask({}, members={}).code is Code.NOT_MEMBER
+    assert ask({}, members={f"@carol:{A}": "invite"}).code is Code.NOT_MEMBER
+    assert ask({}, members={f"@carol:{A}": "leave", f"@eve:{A}": "decline"}).code is Code.NOT_MEMBER
+    assert ask({}, members={f"@carol:{C}": "join"}).code is Code.NOT_MEMBER
 
 
 def test_backfill_over_the_link_refuses_a_room_of_a_tenant_without_federation():

@@ -241,9 +241,9 @@ async def test_user_endpoints(daemon: InMemory) -> None:
     depths = [m["depth"] for m in history["messages"]]
     assert depths == sorted(depths) and len(set(depths)) == 3
     # Bob is not in the room: he can neither read nor write it.
-    assert error_code(await daemon.request("GET", f"/v1/rooms/{room_id}/messages", token=bob)) == "forbidden"
+    assert error_code(await daemon.request("GET", f"/v1/rooms/{room_id}/messages", token=bob)) == "not_member"
     assert error_code(await daemon.request("POST", f"/v1/rooms/{room_id}/messages", {"body": "hi"}, token=bob)) \
-        == "forbidden"
+        == "not_member"
     # A local invite lands in bob's notifications; accepting lets him in.
     status, _ = await daemon.request("POST", f"/v1/rooms/{room_id}/invite", {"user": "@bob:your-host.test"},
                                      token=alice)
