@@ -12,7 +12,14 @@ import trio
 from scaiwave_federation.core import Code, LocalProtocolError, Policy, Refused
 from scaiwave_federation.core.backfill import MAX_PULL
 from scaiwave_federation.core.descriptor import parse_descriptor
-from scaiwave_federation.core.names import server_of, user_id, valid_server_name
+from scaiwave_federation.core.names import (
+    canonical_room_id,
+    canonical_server_name,
+    canonical_user_id,
+    server_name_problem,
+    server_of,
+    user_id,
+)
 
 from .api_client import token_hash
 from .errors import json_error
@@ -35,6 +42,14 @@ def _body(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Fail(Code.BAD_REQUEST, "body is a JSON object")
     return value
+
+
+def _server(value: object, field: str) -> str:
+    """A server name from an admin, in its canonical spelling (``Peer.Test:443`` is ``peer.test``)."""
+    name = canonical_server_name(value)
+    if name is None:
+        raise _Fail(Code.BAD_REQUEST, f"{field}: not a server name: {str(value)[:100]!r} ({server_name_problem(value)})")
+    return name
 
 
 def _authorized(service: Service, request: Request) -> bool:
@@ -75,7 +90,7 @@ async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -
     if fed == ["peers"] and m == "GET":
         return Response.json(200, {"peers": await peer_views(service)})
     if fed and len(fed) == 3 and fed[0] == "peers" and m == "POST":
-        peer = fed[1]
+        peer = _server(fed[1], "peer")
         if fed[2] == "handshake":
             result = await service.handshake(peer)
             if isinstance(result, Refused):
@@ -88,6 +103,7 @@ async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -
         server = request.query.get("server")
         if not server:
             return Response.json(200, service.node.descriptor(service.federation_endpoint))
+        server = _server(server, "server")
         data = await service.fetch_descriptor(server)
         if isinstance(data, Refused):
             return json_error(data)
@@ -103,7 +119,8 @@ async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -
             await service.set_policy(policy)
             return Response.json(200, policy.as_dict())
     if fed and len(fed) == 3 and fed[0] == "foreign" and fed[2] == "refresh" and m == "POST":
-        server = server_of(fed[1]) or (fed[1] if valid_server_name(fed[1]) else None)
+        participant = canonical_user_id(fed[1])
+        server = server_of(participant) if participant else canonical_server_name(fed[1])
         if server is None:
             raise _Fail(Code.BAD_REQUEST, "participant_id is @user:server (or a server name)")
         refusal = await service.learn_descriptor(server, force=True)
@@ -125,11 +142,13 @@ async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -
             return Response.json(200, describe_keyring(await service.rotate_key()))
     if fed and len(fed) == 3 and fed[0] == "rooms" and fed[2] == "backfill" and m == "POST":
         body = _body(request)
-        room_id = fed[1]
-        peer = body.get("peer") or server_of(room_id)
+        room_id = canonical_room_id(fed[1])
+        if room_id is None:
+            raise _Fail(Code.BAD_REQUEST, f"room_id: not a room id like !abc:peer.acme.com: {fed[1][:100]!r}")
+        peer = _server(body.get("peer") or server_of(room_id), "peer")
         limit = body.get("limit", MAX_PULL)
-        if not isinstance(limit, int) or not 0 < limit <= MAX_PULL or not isinstance(peer, str) or not valid_server_name(peer):
-            raise _Fail(Code.BAD_REQUEST, f"peer is a server name; limit is 1 to {MAX_PULL}")
+        if type(limit) is not int or not 0 < limit <= MAX_PULL:
+            raise _Fail(Code.BAD_REQUEST, f"limit is 1 to {MAX_PULL}")
         job = service.start_backfill(nursery, room_id, peer, limit)
         if body.get("wait"):
             await job.done.wait()

@@ -15,6 +15,11 @@ the name's host, which httpcore passes to the TLS layer as ``server_hostname``;
 so SNI is sent for the real name and ``check_hostname`` checks the certificate
 against it (tests/test_shell_client.py proves a wrong-name certificate fails).
 
+Names not pinned that way are resolved by the client itself and connected to
+only at an address ``core.netguard`` allows: no loopback, private or
+link-local address unless ``SCAIWAVE_OUTBOUND_ALLOW`` names its range
+(``address_blocked`` otherwise).
+
 :func:`backoff_ms` is the pure retry schedule for the outbox worker.
 """
 
@@ -22,13 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import re
 import socket
 import ssl
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
+import httpcore
 import httpx
+import trio
+
+from scaiwave_federation.core.names import split_server_name as _core_split_server_name
+from scaiwave_federation.core.netguard import Network, address_refusal
 
 __all__ = [
     "DESCRIPTOR_PATH",
@@ -39,17 +49,18 @@ __all__ = [
     "split_server_name",
 ]
 
+# One parser of server names, the core's (canonical spelling only).
+split_server_name = _core_split_server_name
+
 DESCRIPTOR_PATH = "/.well-known/scaiwave"
-# DNS names and IPv4 literals; anything else would be percent-encoded by the
-# URL layer into a name nobody serves, so it is refused up front.
-_HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class TransportError(Exception):
     """A peer could not be talked to.
 
     ``code`` is one of the stable refusal codes ``"tls_failure"``,
-    ``"peer_unreachable"``, ``"no_descriptor"``, ``"too_large"`` (the same
+    ``"peer_unreachable"``, ``"no_descriptor"``, ``"too_large"``,
+    ``"address_blocked"`` (the same
     strings as ``scaiwave_federation.core.codes.Code``); ``message`` is one
     line naming the real cause.
     """
@@ -69,39 +80,55 @@ class PeerResponse:
     body: bytes
 
 
-def split_server_name(name: str) -> tuple[str, int]:
-    """Split ``host[:port]`` (IPv6 literals in brackets) into ``(host, port)``.
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, with ``core.netguard`` between the name and
+    the socket: a name is resolved here, and only to an address the core
+    allows is a connection opened. The URL (and so the pool key, SNI and the
+    certificate check) keeps the name; checking and connecting use the same
+    resolved address, so a DNS answer cannot change between the two.
+    Hosts that are IP literals come from ``SCAIWAVE_RESOLVE`` (server names
+    never are IP literals): the admin pinned them, they pass."""
 
-    The port defaults to 443; IPv6 hosts are returned without brackets.
-    Raises ValueError for an empty or malformed host, a bad or out-of-range
-    port, or an unbracketed IPv6 literal.
-    """
-    if name.startswith("["):
-        end = name.find("]")
-        if end < 0:
-            raise ValueError(f"invalid server name {name!r}: unclosed '['")
-        host, rest = name[1:end], name[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"invalid server name {name!r}")
-        port_text = rest[1:] if rest else None
-    elif name.count(":") > 1:
-        raise ValueError(f"invalid server name {name!r}: IPv6 literals need brackets")
-    else:
-        host, sep, port_text = name.partition(":")
-        port_text = port_text if sep else None
-    if not host:
-        raise ValueError(f"invalid server name {name!r}: empty host")
-    try:
-        ok = ipaddress.IPv6Address(host) if name.startswith("[") else _HOST_RE.fullmatch(host)
-    except ValueError:
-        ok = None
-    if not ok:
-        raise ValueError(f"invalid server name {name!r}: bad host")
-    if port_text is None:
-        return host, 443
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid server name {name!r}: bad port {port_text!r}")
-    return host, int(port_text)
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, allowed: Sequence[Network]) -> None:
+        self._inner = inner
+        self._allowed = tuple(allowed)
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            ipaddress.ip_address(host)
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        except ValueError:
+            pass
+        try:
+            with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except trio.TooSlowError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except OSError as exc:  # socket.gaierror: the name does not resolve
+            raise httpcore.ConnectError(str(exc)) from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [a for a in addresses if address_refusal(a, allowed=self._allowed) is None]
+        if not allowed:
+            refusal = address_refusal(addresses[0], allowed=self._allowed) if addresses else None
+            raise _AddressBlocked(f"{host} resolves to {', '.join(addresses[:4])}: "
+                                  f"{refusal.detail if refusal else 'no address'}")
+        error: Exception | None = None
+        for address in allowed:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _AddressBlocked(httpcore.ConnectError):
+    """A name that leads only to addresses outbound federation may not reach."""
 
 
 def backoff_ms(
@@ -167,6 +194,7 @@ class PeerClient:
         resolve: dict[tuple[str, int], str] | None = None,
         timeout: float = 10.0,
         max_response_bytes: int = 8 * 1024 * 1024,
+        outbound_allow: Sequence[Network] = (),
     ) -> None:
         self._resolve = {(h.lower(), p): a for (h, p), a in (resolve or {}).items()}
         self._timeout = timeout
@@ -181,7 +209,14 @@ class PeerClient:
         # environment must not silently change whom we talk to or trust.
         # Accept-Encoding identity: bodies are returned (and size-capped)
         # exactly as they crossed the wire, so no decompression bombs.
+        transport = httpx.AsyncHTTPTransport(verify=ssl_context)
+        # httpx has no public hook for the network backend: its transport's
+        # pool (httpcore) takes one. Pinned httpx/httpcore versions; the
+        # address_blocked tests fail loudly if this ever stops applying.
+        pool = transport._pool
+        pool._network_backend = _GuardedBackend(pool._network_backend, outbound_allow)
         self._http = httpx.AsyncClient(
+            transport=transport,
             verify=ssl_context,
             trust_env=False,
             timeout=httpx.Timeout(timeout),
@@ -307,6 +342,9 @@ class PeerClient:
         caused it sits further down the __cause__/__context__ chain.
         """
         chain = _chain(exc)
+        for e in chain:
+            if isinstance(e, _AddressBlocked):
+                return TransportError("address_blocked", f"not connecting to {where}: {e}")
         for e in chain:
             if isinstance(e, ssl.SSLCertVerificationError):
                 reason = e.verify_message or e.reason or str(e)

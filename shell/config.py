@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaiwave_federation.core.names import canonical_server_name, server_name_problem, split_server_name
+from scaiwave_federation.core.netguard import Network, parse_networks
+
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",
 ]
@@ -69,16 +72,17 @@ class Config:
     key_refetch_interval_ms: int = DEFAULT_KEY_REFETCH_INTERVAL_MS
     insecure_skip_tls_verify: bool = False
     test_tamper_backfill: str | None = None
+    outbound_allow: tuple[Network, ...] = ()
 
     @property
     def server_host(self) -> str:
-        """The host part of :attr:`server_name`, IPv6 without brackets."""
-        return _split_host_port(self.server_name, default_port=443)[0]
+        """The host part of :attr:`server_name`."""
+        return split_server_name(self.server_name)[0]
 
     @property
     def server_port(self) -> int:
         """The port part of :attr:`server_name` (443 when absent)."""
-        return _split_host_port(self.server_name, default_port=443)[1]
+        return split_server_name(self.server_name)[1]
 
     @property
     def public_base_url(self) -> str:
@@ -101,6 +105,11 @@ class Config:
             lines.append(
                 f"SCAIWAVE_CLOCK_OFFSET is set: this daemon's clock is shifted by "
                 f"{self.clock_offset_ms} ms (a test setting)"
+            )
+        if self.outbound_allow:
+            lines.append(
+                "SCAIWAVE_OUTBOUND_ALLOW is set: federation may connect to these non-public ranges: "
+                + ", ".join(str(n) for n in self.outbound_allow)
             )
         for (name, port), address in sorted(self.resolve.items()):
             lines.append(f"SCAIWAVE_RESOLVE: {name}:{port} is sent to {address} instead of DNS")
@@ -188,17 +197,28 @@ def _expect_str(value: object, setting: str) -> str:
 
 
 def _parse_server_name(value: object, setting: str) -> str:
-    # One canonical spelling per server: host lower-cased, ":443" dropped
-    # (443 is implied), so "@bob:Peer.Test:443" and "@bob:peer.test" agree.
+    # One canonical spelling per server, the core's (core.names): lower case,
+    # no trailing dot, ":443" dropped, no IP literals.
     text = _expect_str(value, setting)
+    name = canonical_server_name(text)
+    if name is None:
+        raise ConfigError(f"{setting}: expected host or host:port (like peer.test:8449), got {text!r}: "
+                          f"{server_name_problem(text)}", setting)
+    return name
+
+
+def _parse_networks(value: object, setting: str) -> tuple[Network, ...]:
+    """``SCAIWAVE_OUTBOUND_ALLOW``: address ranges, a list or a comma separated string."""
+    if isinstance(value, str):
+        entries = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, list) and all(isinstance(part, str) for part in value):
+        entries = value
+    else:
+        raise ConfigError(f"{setting}: expected a list of address ranges like 10.0.0.0/8, got {value!r}", setting)
     try:
-        host, port = _split_host_port(text.strip().lower(), default_port=443)
-        if port == 0 or not _valid_host(host):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{setting}: expected host or host:port (like peer.test:8449), got {text!r}")
-    shown = f"[{host}]" if ":" in host else host
-    return shown if port == 443 else f"{shown}:{port}"
+        return parse_networks(entries)
+    except ValueError as exc:
+        raise ConfigError(f"{setting}: {exc}", setting)
 
 
 def _parse_listen(value: object, setting: str) -> tuple[str, int]:
@@ -235,7 +255,10 @@ def _parse_resolve(value: object, setting: str) -> dict[tuple[str, int], str]:
                 f"{setting}: expected name:port:address (like peer.test:8449:127.0.0.1), got {entry!r}",
                 setting,
             )
-        table[(name.lower(), port)] = address
+        canonical = canonical_server_name(name)
+        if canonical is None:
+            raise ConfigError(f"{setting}: {name!r} is not a server name: {server_name_problem(name)}", setting)
+        table[(canonical.partition(":")[0], port)] = address
     return table
 
 
@@ -299,6 +322,9 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "tls_key": (_path_of("file"), _REQUIRED),
     "ca_bundle": (_path_of("file"), None),
     "resolve": (_plain(_parse_resolve), {}),
+    # Address ranges outbound federation may reach although they are not
+    # public (core.netguard); empty: public addresses only. Logged loudly.
+    "outbound_allow": (_plain(_parse_networks), ()),
     "admin_token": (_plain(_parse_token), _REQUIRED),
     "record": (_path_of("new file"), None),
     "clock_offset": (lambda v, s, b: parse_duration_ms(v, s, allow_negative=True), 0),

@@ -124,7 +124,8 @@ class Service:
         pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="scaiwave-verify")
         node = Federation(config.server_name, keyring=keyring, policy=policy,
                           refetch_interval_ms=config.key_refetch_interval_ms, verifier=threaded_verifier(pool))
-        service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve),
+        service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve,
+                                                      outbound_allow=config.outbound_allow),
                       Recorder.open(config.record_path, config.server_name) if config.record_path else None)
         service._pool = pool
         now = service.now()

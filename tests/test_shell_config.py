@@ -116,17 +116,17 @@ def test_all_settings_from_env(env: dict[str, str], tmp_path: Path) -> None:
         ("Your-Host.TEST", "your-host.test", "your-host.test", 443),
         ("your-host.test:443", "your-host.test", "your-host.test", 443),  # 443 is implied
         ("peer.test:8449", "peer.test:8449", "peer.test", 8449),
-        ("127.0.0.1:8448", "127.0.0.1:8448", "127.0.0.1", 8448),
-        ("[::1]:8448", "[::1]:8448", "::1", 8448),
-        ("[::1]", "[::1]", "::1", 443),
+        ("Peer.Test.:8449", "peer.test:8449", "peer.test", 8449),  # a trailing dot is dropped
     ],
 )
 def test_server_names(env: dict[str, str], given: str, name: str, host: str, port: int) -> None:
+    """One canonical spelling (core.names); IP literals are refused (below)."""
     config = load_config({**env, "SCAIWAVE_SERVER_NAME": given})
     assert (config.server_name, config.server_host, config.server_port) == (name, host, port)
 
 
-@pytest.mark.parametrize("bad", ["https://peer.test", "peer.test:0", "peer.test:99999", "::1", "a_b.test", "x/y"])
+@pytest.mark.parametrize("bad", ["https://peer.test", "peer.test:0", "peer.test:99999", "::1", "a_b.test", "x/y",
+                                 "127.0.0.1:8448", "[::1]:8448", "[::1]", "bücher.example"])
 def test_bad_server_names(env: dict[str, str], bad: str) -> None:
     assert config_error({**env, "SCAIWAVE_SERVER_NAME": bad}).startswith("SCAIWAVE_SERVER_NAME: expected host")
 
@@ -310,15 +310,14 @@ def test_certificate_for_another_name(env: dict[str, str], files: dict[str, Path
     assert tls_error(dataclasses.replace(config, insecure_skip_tls_verify=True)) == message
 
 
-def test_certificate_with_port_in_server_name_and_ip(
+def test_certificate_with_port_in_server_name(
     env: dict[str, str], files: dict[str, Path], ca: trustme.CA
 ) -> None:
     cert, key = write_cert(files["dir"], ca, "your-host.test", "127.0.0.1", stem="multi")
     base = {**env, "SCAIWAVE_TLS_CERT": str(cert), "SCAIWAVE_TLS_KEY": str(key)}
     server_ssl_context(load_config({**base, "SCAIWAVE_SERVER_NAME": "your-host.test:8449"}))
-    server_ssl_context(load_config({**base, "SCAIWAVE_SERVER_NAME": "127.0.0.1:8449"}))
-    message = tls_error(load_config({**base, "SCAIWAVE_SERVER_NAME": "127.0.0.2"}))
-    assert "does not cover server name '127.0.0.2'" in message
+    message = tls_error(load_config({**base, "SCAIWAVE_SERVER_NAME": "other.test"}))
+    assert "does not cover server name 'other.test'" in message
 
 
 def test_untrusted_ca(env: dict[str, str]) -> None:
