@@ -92,12 +92,13 @@ async def wait_for(predicate, timeout: float = 10.0) -> Any:
 
 @asynccontextmanager
 async def two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], env_b: dict[str, str] | None = None,
-                       **env_a: str):
+                       extra_resolve: str = "", **env_a: str):
     """your-host.test and peer.test serving over TLS in this process: ``(a, b)``.
-    Leaving the block stops both."""
+    ``extra_resolve`` adds SCAIWAVE_RESOLVE entries to both. Leaving the block stops both."""
     authority, ca_path = ca
     port_a, port_b = free_port(), free_port()
-    resolve = f"your-host.test:{port_a}:127.0.0.1,peer.test:{port_b}:127.0.0.1"
+    resolve = f"your-host.test:{port_a}:127.0.0.1,peer.test:{port_b}:127.0.0.1" + (
+        f",{extra_resolve}" if extra_resolve else "")
     config_a = load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test", port_a, resolve, **env_a))
     config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve,
                                     **(env_b or {})))
