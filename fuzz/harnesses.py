@@ -21,6 +21,8 @@ request       ``parse_authorization(data.decode("latin-1"))`` and ``Federation.a
 handshake     the responder's ``answer_hello`` and the initiator's ``reply_received``
 page          ``decode_page`` and ``BackfillPuller.page_received`` (fresh and anchored)
 txn           ``rooms.decode_events_body``, ``Federation.on_events`` and ``on_invite``
+names         ``core.names``: the lenient and strict parsers agree, canonical forms are
+              idempotent, and a policy judges every spelling of a name alike
 ============  ==========================================================================
 
 Each harness also carries two input makers for the fuzzer: ``wrap`` puts a
@@ -51,6 +53,7 @@ from scaiwave_federation.core import (
     Failed,
     NeedKeys,
     PeerAgreed,
+    Policy,
     Refused,
     SendRequest,
     StoreEvents,
@@ -63,6 +66,14 @@ from scaiwave_federation.core.backfill import Page
 from scaiwave_federation.core.events import _decode_event_generic
 from scaiwave_federation.core.handshake import answer_hello
 from scaiwave_federation.core.keys import Domain, ServerKeys, sign
+from scaiwave_federation.core.names import (
+    canonical_room_id,
+    canonical_server_name,
+    canonical_user_id,
+    server_name_problem,
+    server_of,
+    valid_server_name,
+)
 from scaiwave_federation.core.node import InviteDecision
 from scaiwave_federation.core.authz import Party
 from scaiwave_federation.core.requests import SCHEME, Authenticated, ReplayGuard, SignedRequest, parse_authorization
@@ -238,6 +249,7 @@ def make_harnesses(world: World | None = None) -> tuple[World, dict[str, Harness
         _handshake(w),
         _page(w),
         _txn(w),
+        _names(w),
     ]
     return w, {h.name: h for h in harnesses}
 
@@ -598,3 +610,59 @@ def _txn(w: World) -> Harness:
         return item
 
     return Harness("txn", run, tuple(w.seeds["txn"]), wrap, structured)
+
+
+# -- names ------------------------------------------------------------------------------------------
+
+_NAME_SEEDS = ("peer.test", "peer.test:8449", "Peer.Test:443", "peer.test.", "@bob:peer.test:8449",
+               "!grp:your-host.test", "xn--bcher-kva.example", "[::1]:8448", "10.0.0.1", "a" * 70 + ".test")
+
+
+def _check(condition: bool, what: str) -> None:
+    if not condition:
+        raise AssertionError(what)
+
+
+def _names(w: World) -> Harness:
+    policy = Policy("invite_only", allowed_peers=frozenset({"peer.test:8449"}), blocked_peers=frozenset({"evil.test"}))
+
+    def run(data: bytes) -> str:
+        text = data.decode("utf-8", "replace")
+        canonical = canonical_server_name(text)
+        strict = valid_server_name(text)
+        _check(not strict or canonical == text, "a strictly valid name is its own canonical form")
+        _check((server_name_problem(text) is None) == (canonical is not None), "a problem iff no name")
+        if canonical is not None:
+            _check(valid_server_name(canonical) and canonical_server_name(canonical) == canonical,
+                   "canonical forms are valid and idempotent")
+            _check(canonical == canonical.lower() and canonical.isascii() and not canonical.endswith(".")
+                   and not canonical.endswith(":443") and len(canonical) <= 255, "the canonical spelling's shape")
+            _check(policy.admits(text) == policy.admits(canonical), "a policy judges every spelling alike")
+        for sigil, lenient in (("@", canonical_user_id), ("!", canonical_room_id)):
+            ident = lenient(text)
+            if ident is not None:
+                _check(ident.startswith(sigil) and server_of(ident) is not None and lenient(ident) == ident,
+                       "canonical ids are valid and idempotent")
+        server = server_of(text)
+        _check(server is None or valid_server_name(server), "an id's server is canonical")
+        return ("ok" if canonical is not None else "refused") + ("|strict" if strict else "")
+
+    def structured(rng: random.Random) -> bytes:
+        text = rng.choice(_NAME_SEEDS)
+        for _ in range(rng.randrange(1, 4)):
+            roll = rng.random()
+            if roll < 0.3:
+                text = "".join(c.upper() if rng.random() < 0.5 else c for c in text)
+            elif roll < 0.45:
+                text += rng.choice((".", ":443", ":0443", ":", ":65536", "..", " "))
+            elif roll < 0.6:
+                i = rng.randrange(len(text) + 1)
+                text = text[:i] + rng.choice(("\u00fc", "_", "-", "[", "]", "%2e", "\x00", "\u0130", "@", ":")) + text[i:]
+            else:
+                text = gen.mutate_bytes(text.encode(), rng).decode("utf-8", "replace")
+        return text.encode("utf-8", "replace")
+
+    def wrap(item: bytes, rng: random.Random) -> bytes:
+        return item if rng.random() < 0.5 else rng.choice((b"@", b"!", b"")) + item + rng.choice((b"", b":443", b"."))
+
+    return Harness("names", run, tuple(s.encode() for s in _NAME_SEEDS), wrap, structured, text=True)
