@@ -122,3 +122,14 @@ def test_the_doc_links_the_vectors_and_its_links_resolve():
 
 if __name__ == "__main__":
     print(render_code_table(), render_transitions(), render_limits(), sep="\n\n")
+
+
+def test_every_test_the_protocol_doc_names_exists():
+    """The authorization rules in docs/protocol.md each name the test that proves it."""
+    text = PROTOCOL.read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", text))
+    assert named, "the protocol doc names no tests"
+    defined = set()
+    for path in PROTOCOL.parents[1].joinpath("tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M))
+    assert named <= defined, sorted(named - defined)
