@@ -109,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.more:
         raise _Unusable(f"one recording at a time (did you mean `scaiwave replay diff {args.recording} ...`?)")
     settings = _settings(args.policy, args.clock_offset, args.key_clock_offset)
+    if args.plot is not None and not args.plot.absolute().parent.is_dir():
+        raise _Unusable(f"--plot {args.plot}: no such directory {args.plot.absolute().parent}")
     rec = _open(Path(args.recording))
     where = _filter(args, rec)
     started = time.perf_counter()
