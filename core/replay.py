@@ -98,12 +98,16 @@ class Outcome:
         return text if self.status is None else f"{self.status} {text}"
 
     def counts(self) -> dict[str, int | None]:
-        """``{"stored", "echoed", "refused"}`` (see the class doc); ``None`` where unknown."""
+        """``{"stored", "echoed", "refused"}`` (see the class doc); ``None`` where unknown,
+        and all ``None`` for a decision without events decided one by one (a
+        handshake, an invite, a request refused as a whole: see ``code``)."""
         stored = self.stored if self.stored is not None else self.count
+        if not self.events and stored is None and self.refused is None:
+            return {"stored": None, "echoed": None, "refused": None}  # no events decided one by one
         refused = self.refused if self.refused is not None else sum(1 for e in self.events if e != "ok")
         echoed = self.echoed
-        if echoed is None and stored is not None and self.events:
-            echoed = len(self.events) - refused - stored
+        if echoed is None and stored is not None:
+            echoed = len(self.events) - refused - stored if self.events else 0
         return {"stored": stored, "echoed": echoed, "refused": refused}
 
     def matches(self, other: "Outcome") -> bool:

@@ -182,3 +182,10 @@ def run(args: argparse.Namespace) -> int:
     except _Unusable as exc:
         print(f"scaiwave replay: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours. Point stdout
+        # at devnull so the interpreter's final flush does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

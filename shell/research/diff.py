@@ -88,13 +88,14 @@ def render_diff(left: ReplayResult, right: ReplayResult, left_label: str, right_
     pairs = pair_decisions(ld, rd)
     differing = [p for p in pairs if p.differs]
     width = max([len(_side(p.left)) for p in differing] + [len("left")])
+    right_width = max([len(_side(p.right)) for p in differing] + [len("right")])
     lines = [f"left:  {left_label}", f"right: {right_label}"]
     if differing:
-        lines.append(f"{'left':<{width}} | right | decision")
+        lines.append(f"{'left':<{width}} | {'right':<{right_width}} | decision")
     for p in differing:
         ref = p.left or p.right
         assert ref is not None
-        lines.append(f"{_side(p.left):<{width}} | {_side(p.right)} | {_what(ref)}")
+        lines.append(f"{_side(p.left):<{width}} | {_side(p.right):<{right_width}} | {_what(ref)}")
     lc, rc = _codes(ld), _codes(rd)
     lines.append(f"summary: {len(pairs)} decisions paired, {len(pairs) - len(differing)} the same, "
                  f"{len(differing)} differ ({sum(1 for p in pairs if p.left is None or p.right is None)} on one side only)")

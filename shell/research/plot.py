@@ -1,4 +1,7 @@
-"""``scaiwave replay --plot FILE.png``: a timeline of the decisions, one row per peer.
+"""``scaiwave replay --plot FILE.png``: a timeline of the decisions, two rows per peer.
+
+One row for what the peer asked us (``inbound``), one for what we started
+(``ours``: handshakes and backfills).
 
 - accepted or peered decisions: grey dots (a transaction's dot grows with
   its events);
@@ -29,6 +32,11 @@ class PlotUnavailable(Exception):
     """matplotlib is not installed."""
 
 
+def _row(d: Decision) -> str:
+    """One row per peer and direction: what it asked us, what we asked it."""
+    return f"{peer_key(d.peer) or '?'} {'inbound' if d.kind == 'inbound' else 'ours'}"
+
+
 def plot(decisions: Sequence[Decision], path: Path | str, *, title: str, start: int | None = None) -> Path:
     """Draw ``decisions`` to the PNG ``path``; returns it. Raises :class:`PlotUnavailable`
     without matplotlib, ``OSError`` if the file cannot be written."""
@@ -42,13 +50,13 @@ def plot(decisions: Sequence[Decision], path: Path | str, *, title: str, start: 
         raise PlotUnavailable("--plot needs matplotlib: pip install 'scaiwave-federation[research]'") from exc
     timed = [d for d in decisions if d.now is not None]
     origin = start if start is not None else min((d.now for d in timed), default=0)
-    peers = sorted({peer_key(d.peer) or "?" for d in timed})
+    peers = sorted({_row(d) for d in timed})
     row = {p: i for i, p in enumerate(peers)}
     codes = sorted({d.replay.code for d in timed if d.replay.code})
     colour = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(codes)}
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.7 * max(1, len(peers))), dpi=110)
     for d in timed:
-        x, y = (d.now - origin) / 1000, row[peer_key(d.peer) or "?"]
+        x, y = (d.now - origin) / 1000, row[_row(d)]
         if d.kind == "backfill":
             pages = [p for p in d.timings if type(p.get("now")) is int]
             end = max([p["now"] for p in pages], default=d.now)
