@@ -401,7 +401,7 @@ class Replayer:
         claimed = parse_authorization(authorization)
         origin = "?" if isinstance(claimed, Refused) else claimed.origin
         live = self._live_inbound(target, status, _field(rec, "response", bytes, b""))
-        if live.events and type(rec.get("stored")) is int:
+        if live.events and type(rec.get("stored")) is int and 0 <= rec["stored"] <= len(live.events):
             live = replace(live, stored=rec["stored"])
         replay = self._decide_inbound(method, target, authorization, body, context, now, live)
         timings = rec.get("timings")
@@ -606,7 +606,8 @@ class Replayer:
         pages = tuple(r for r in self.records[index + 1:end] if isinstance(r, Mapping)
                       and r.get("kind") == "backfill_page" and r.get("room_id") == room_id and r.get("peer") == peer)
         if pages and live.verdict != UNKNOWN:
-            live = replace(live, refused=sum(p.get("refused", 0) for p in pages if type(p.get("refused")) is int))
+            live = replace(live, refused=sum(p["refused"] for p in pages if type(p.get("refused")) is int
+                                             and p["refused"] >= 0))
         decision = Decision(index, "backfill", "GET", target, peer, Outcome(UNKNOWN), live, now=now, room=room_id,
                             timings=pages)
         if refusal is not None:

@@ -268,3 +268,41 @@ def test_plot_draws_a_real_picture(demo, tmp_path):
     assert width >= 800 and height >= 200
     colours = {tuple(p) for p in pixels.reshape(-1, pixels.shape[2])[::7].round(2).tolist()}
     assert len(colours) > 20  # axes, labels, dots of several colours: not a blank canvas
+
+
+# -- hostile and old recordings ---------------------------------------------------------------
+
+
+def test_hostile_and_old_recordings_never_crash_the_tools(demo, tmp_path):
+    """Lying fields (wrong types, negative or huge numbers), foreign items and a
+    recording made before the live timings: rows, stats, diff and the plot
+    still come out, and say what is not recorded."""
+    from scaiwave_federation.core.replay import replay_records
+    from scaiwave_federation.shell.research.diff import render_diff
+    from scaiwave_federation.shell.research.plot import plot
+    from scaiwave_federation.shell.research.stats import render_stats
+
+    rec = open_recording(demo["your-host.test"])
+    lies = [dict(r) for r in rec.records]
+    for r in lies:
+        if r.get("kind") == "inbound":
+            r["timings"] = {"decode_us": "fast", "verify_us": -5, "store_us": 2**70}
+            r["stored"] = -3
+            r["authorization"] = 12
+        if r.get("kind") == "backfill_page":
+            r.update(stored="many", refused=-1, decode_us=None, now="later")
+    lies += [["not", "a", "map"], {"kind": 7}, {"kind": "backfill_page", "now": 1}]
+    lied = replay_records(rec.server_name, lies)
+    assert len(decision_rows(lied)) == len(lied.decisions) and record_rows(lies)
+    json.dumps(record_rows(lies))
+    assert "stats:" in render_stats(lied, lied.decisions, 0.01)
+    assert "summary:" in render_diff(lied, replay(rec), "lies", "truth")[0]
+    plot(lied.decisions, tmp_path / "lies.png", title="lies")
+    # A recording from before the timings and counts: told as not recorded.
+    old = [{k: v for k, v in r.items() if k not in ("timings", "stored")} for r in rec.records
+           if r.get("kind") != "backfill_page"]
+    result = replay_records(rec.server_name, old)
+    assert "holds no live processing times" in render_stats(result, result.decisions, 0.01)
+    from scaiwave_federation.shell.replay import render
+
+    assert re.search(r"live: stored \d+, echoed \d+, refused 0, not told \d+", render(result))

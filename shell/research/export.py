@@ -37,7 +37,7 @@ from scaiwave_federation.core.codes import Refused
 
 __all__ = [
     "DECISION_COLUMNS", "RECORD_COLUMNS", "Filter", "decision_rows", "record_rows", "plain",
-    "write_jsonl", "write_csv", "TIMING_KEYS", "peer_key", "parse_time", "endpoint_of",
+    "write_jsonl", "write_csv", "TIMING_KEYS", "peer_key", "parse_time", "endpoint_of", "count_of",
 ]
 
 TIMING_KEYS = ("decode_us", "verify_us", "store_us", "total_us")
@@ -147,12 +147,17 @@ def endpoint_of(target: str) -> str:
     return parts[-1] if parts else ""
 
 
+def count_of(value: Any) -> int:
+    """A recorded count or duration if it is a non-negative int, else 0 (a recording is not trusted)."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 def _timing_sums(timings: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for key in TIMING_KEYS:
-        values = [t[key] for t in timings if type(t.get(key)) is int]
+        values = [count_of(t[key]) for t in timings if type(t.get(key)) is int]
         if key == "total_us" and not values:  # a backfill page: its parts are its total
-            values = [sum(t.get(k) or 0 for k in TIMING_KEYS[:3]) for t in timings] if timings else []
+            values = [sum(count_of(t.get(k)) for k in TIMING_KEYS[:3]) for t in timings] if timings else []
         out[key] = sum(values) if values else None
     return out
 
@@ -218,8 +223,9 @@ def _record_row(index: int, rec: Mapping[str, Any]) -> dict[str, Any]:
     target = rec.get("target") if isinstance(rec.get("target"), str) else None
     peer = rec.get("peer") if isinstance(rec.get("peer"), str) else rec.get("server")
     if kind == "inbound":
-        claimed = parse_authorization(rec.get("authorization"))
-        peer = None if isinstance(claimed, Refused) else claimed.origin
+        header = rec.get("authorization")
+        claimed = parse_authorization(header) if isinstance(header, str) else None
+        peer = None if claimed is None or isinstance(claimed, Refused) else claimed.origin
     room = rec.get("room_id") if isinstance(rec.get("room_id"), str) else None
     if room is None and target:
         parts = urlsplit(target).path.split("/")

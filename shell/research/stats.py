@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from scaiwave_federation.core.replay import Decision, ReplayResult
 
-from .export import TIMING_KEYS, peer_key
+from .export import TIMING_KEYS, count_of, peer_key
 
 __all__ = ["percentile", "timing_samples", "render_stats", "live_core_us", "events_of"]
 
@@ -29,8 +29,8 @@ def percentile(values: Sequence[int], p: float) -> int:
 
 def _total(t: Mapping[str, Any]) -> int:
     if type(t.get("total_us")) is int:
-        return t["total_us"]
-    return sum(t.get(k) or 0 for k in TIMING_KEYS[:3] if type(t.get(k)) is int)
+        return count_of(t["total_us"])
+    return sum(count_of(t.get(k)) for k in TIMING_KEYS[:3])
 
 
 def timing_samples(decisions: Sequence[Decision]) -> dict[str, dict[str, list[int]]]:
@@ -50,7 +50,7 @@ def timing_samples(decisions: Sequence[Decision]) -> dict[str, dict[str, list[in
         for t in samples:
             for key in TIMING_KEYS[:3]:
                 if type(t.get(key)) is int:
-                    group.setdefault(key, []).append(t[key])
+                    group.setdefault(key, []).append(count_of(t[key]))
             group.setdefault("total_us", []).append(_total(t))
     return out
 
@@ -60,7 +60,7 @@ def events_of(d: Decision) -> int:
     if d.kind == "inbound":
         return len(d.live.events)
     if d.kind == "backfill":
-        return sum((t.get("stored") or 0) + (t.get("refused") or 0) for t in d.timings)
+        return sum(count_of(t.get("stored")) + count_of(t.get("refused")) for t in d.timings)
     return 0
 
 
@@ -73,7 +73,7 @@ def live_core_us(decisions: Sequence[Decision]) -> tuple[int, int]:
         if not timed or d.kind not in ("inbound", "backfill"):
             continue
         events += events_of(d)
-        us += sum((t.get("decode_us") or 0) + (t.get("verify_us") or 0) for t in timed)
+        us += sum(count_of(t.get("decode_us")) + count_of(t.get("verify_us")) for t in timed)
     return events, us
 
 
