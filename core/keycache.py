@@ -42,8 +42,11 @@ class PeerDescriptor:
 class KeyCache:
     """Peers' keys by server name, with the refetch rate limit."""
 
-    def __init__(self, *, refetch_interval_ms: int = DEFAULT_REFETCH_INTERVAL_MS) -> None:
+    def __init__(self, *, refetch_interval_ms: int = DEFAULT_REFETCH_INTERVAL_MS, key_time_offset_ms: int = 0) -> None:
         self.refetch_interval_ms = refetch_interval_ms
+        #: What-if only (``scaiwave replay --key-clock-offset``): key validity
+        #: is judged this far ahead of the clock readings (:meth:`ServerKeys.shifted`).
+        self.key_time_offset_ms = key_time_offset_ms
         self._peers: dict[str, PeerDescriptor] = {}
         self._attempted: dict[str, int] = {}
         self._asked: dict[str, set[str]] = {}  # key ids fetched for since the last fetch
@@ -55,7 +58,9 @@ class KeyCache:
     def keys(self, server: str) -> ServerKeys | None:
         """The cached keys of ``server`` (a :data:`~.events.KeyLookup`)."""
         entry = self._peers.get(server)
-        return entry.keys if entry else None
+        if entry is None:
+            return None
+        return entry.keys.shifted(self.key_time_offset_ms) if self.key_time_offset_ms else entry.keys
 
     def may_fetch(self, server: str, now: int, key_id: str | None = None) -> bool:
         """True if a descriptor fetch for ``server`` (because of ``key_id``) is allowed at ``now``."""

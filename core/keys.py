@@ -188,6 +188,19 @@ class ServerKeys:
     public_key: bytes | None
     old: tuple[OldKey, ...] = ()
 
+    def shifted(self, offset_ms: int) -> "ServerKeys":
+        """These keys as seen from a key clock ``offset_ms`` ahead (a what-if).
+
+        Judging key validity at ``now + offset`` (the grace window) and event
+        times at ``ts + offset`` (the event-time rule) is the same as moving
+        every rotated-out key's ``expired_at`` back by ``offset``: that is what
+        the copy holds. Request freshness and everything else still use the
+        real clock reading. ``shifted(0)`` is ``self``.
+        """
+        if not offset_ms:
+            return self
+        return replace(self, old=tuple(replace(o, expired_at=o.expired_at - offset_ms) for o in self.old))
+
     def knows(self, key_id: str) -> bool:
         """True when ``key_id`` is the current key or a listed old key."""
         return key_id == self.key_id or any(o.key_id == key_id for o in self.old)

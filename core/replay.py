@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -65,6 +65,14 @@ class Outcome:
     ``events`` the per-event results of a transaction (``ok`` or a code);
     ``count`` the events a backfill stored. ``detail`` and ``status`` (the
     live HTTP status) are for people and are not compared.
+
+    The event counts, one meaning each (:meth:`counts`): ``stored`` events
+    newly written to storage, ``echoed`` events accepted without storing
+    because they were already held (a host's echo of our own proposal, a
+    repeated delivery), ``refused`` events refused with a code; a
+    transaction's ``ok`` results are ``stored + echoed``. ``None``: the
+    recording does not tell (a live transaction of a recording made before
+    inbound records carried ``stored``).
     """
 
     verdict: str
@@ -73,6 +81,9 @@ class Outcome:
     events: tuple[str, ...] = ()
     count: int | None = None
     status: int | None = None
+    stored: int | None = None
+    echoed: int | None = None
+    refused: int | None = None
 
     def short(self) -> str:
         """What is compared: ``refused peer_not_allowed``, ``accepted [ok, bad_signature]``, ``done 3 stored``."""
@@ -86,6 +97,19 @@ class Outcome:
         """:meth:`short` with the live status in front and the detail after."""
         text = self.short() + (f" ({self.detail})" if self.detail else "")
         return text if self.status is None else f"{self.status} {text}"
+
+    def counts(self) -> dict[str, int | None]:
+        """``{"stored", "echoed", "refused"}`` (see the class doc); ``None`` where unknown,
+        and all ``None`` for a decision without events decided one by one (a
+        handshake, an invite, a request refused as a whole: see ``code``)."""
+        stored = self.stored if self.stored is not None else self.count
+        if not self.events and stored is None and self.refused is None:
+            return {"stored": None, "echoed": None, "refused": None}  # no events decided one by one
+        refused = self.refused if self.refused is not None else sum(1 for e in self.events if e != "ok")
+        echoed = self.echoed
+        if echoed is None and stored is not None:
+            echoed = len(self.events) - refused - stored if self.events else 0
+        return {"stored": stored, "echoed": echoed, "refused": refused}
 
     def matches(self, other: "Outcome") -> bool:
         """Same verdict, code, per-event results and (when both know it) count."""
@@ -108,6 +132,15 @@ class Decision:
     peer: str  # the request's origin (inbound) or the peer we asked (handshake, backfill)
     replay: Outcome
     live: Outcome
+    #: The recorded clock reading the decision was made at (ms): ``received_at``
+    #: of an inbound request, ``now`` of a handshake's or backfill's start.
+    now: int | None = None
+    #: The room it concerns (``None``: none, or a handshake); a transaction
+    #: touching several rooms names them space-separated, sorted.
+    room: str | None = None
+    #: The live processing times the recording holds for it (µs maps, see
+    #: docs/replay.md): one for an inbound request, one per backfill page.
+    timings: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def comparable(self) -> bool:
@@ -146,7 +179,7 @@ class _ReplayNode(Federation):
     def lookup(self, server: str):
         if server != self.server_name:
             return self.keys.keys(server)
-        return self.own_public or self.keyring.public(server)
+        return (self.own_public or self.keyring.public(server)).shifted(self.keys.key_time_offset_ms)
 
 
 class _BadRecord(Exception):
@@ -154,6 +187,8 @@ class _BadRecord(Exception):
 
 
 _MISSING = object()
+#: Kinds read together with the decision they belong to, never on their own.
+_READ_WITH_THEIR_DECISION = frozenset({"handshake_end", "backfill_end", "backfill_page"})
 _MAX_REPLY = 64 << 20
 
 
@@ -203,6 +238,17 @@ def _error_refusal(err: object) -> Refused:
     return Refused(Code.PEER_UNREACHABLE, str(err)[:200])
 
 
+def _room_of(target: str, context: Mapping[str, Any]) -> str | None:
+    """The room(s) an inbound request concerns: in its path, or the rooms of a transaction's events."""
+    parts = urlsplit(target).path.split("/")
+    if len(parts) > 5 and parts[4] in ("invite", "rooms"):
+        return parts[5]
+    rooms = context.get("heads") if isinstance(context, Mapping) else None
+    if isinstance(rooms, Mapping) and rooms:
+        return " ".join(sorted(str(r) for r in rooms))
+    return None
+
+
 def _live_end(rec: Mapping[str, Any] | None, ok: str) -> Outcome:
     """The live outcome from a ``handshake_end`` / ``backfill_end`` record (``None``: not recorded)."""
     if rec is None:
@@ -224,15 +270,17 @@ class Replayer:
     """
 
     def __init__(self, server_name: str, records: Sequence[Mapping[str, Any]], *, policy: Policy | None = None,
-                 clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED) -> None:
+                 clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED, key_offset_ms: int = 0) -> None:
         self.records = records
         self.policy_override = policy
         self.offset = clock_offset_ms
         self.seed = seed
         self.node = _ReplayNode(server_name, policy=policy or Policy())
+        self.node.keys.key_time_offset_ms = key_offset_ms
         # Until an own_keys record says otherwise, assume the daemon had a key.
         self.node.keyring = KeyRing(current=SigningKey.from_seed(seed, 0))
-        self.result = ReplayResult(server_name, [], what_if=policy is not None or clock_offset_ms != 0)
+        self.result = ReplayResult(server_name, [], what_if=policy is not None or clock_offset_ms != 0
+                                   or key_offset_ms != 0)
         self._consumed: set[int] = set()
         self._pending: dict[str, tuple[int, Mapping[str, Any]]] = {}
         self._txns: dict[tuple[str, str], Outcome] = {}
@@ -253,7 +301,7 @@ class Replayer:
             kind = rec.get("kind") if isinstance(rec, Mapping) else None
             handler = handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
-                if kind not in ("handshake_end", "backfill_end"):
+                if kind not in _READ_WITH_THEIR_DECISION:
                     skipped[str(kind)] = skipped.get(str(kind), 0) + 1
                 continue
             try:
@@ -376,8 +424,12 @@ class Replayer:
         claimed = parse_authorization(authorization)
         origin = "?" if isinstance(claimed, Refused) else claimed.origin
         live = self._live_inbound(target, status, _field(rec, "response", bytes, b""))
+        if live.events and type(rec.get("stored")) is int and 0 <= rec["stored"] <= len(live.events):
+            live = replace(live, stored=rec["stored"])
         replay = self._decide_inbound(method, target, authorization, body, context, now, live)
-        return Decision(index, "inbound", method, target, origin, replay, live)
+        timings = rec.get("timings")
+        return Decision(index, "inbound", method, target, origin, replay, live, now=now,
+                        room=_room_of(target, context), timings=(timings,) if isinstance(timings, Mapping) else ())
 
     @staticmethod
     def _live_inbound(target: str, status: int, response: bytes) -> Outcome:
@@ -457,11 +509,13 @@ class Replayer:
         key = (auth.origin, txn_id)
         if key in self._txns:
             previous = self._txns[key]
-            return Outcome("accepted", detail="repeated transaction: the stored reply", events=previous.events)
+            return Outcome("accepted", detail="repeated transaction: the stored reply", events=previous.events,
+                           stored=0, echoed=previous.events.count("ok"))
         if context.get("replayed_txn"):
             # Answered from storage live, and the replay never accepted the first one
             # (it came before the recording started): the stored reply stands.
-            return Outcome("accepted", detail="repeated transaction: the live stored reply", events=live.events)
+            return Outcome("accepted", detail="repeated transaction: the live stored reply", events=live.events,
+                           stored=0, echoed=live.events.count("ok"))
         node = self.node
         results = node.on_events(auth, body)
         if isinstance(results, Refused):
@@ -472,7 +526,7 @@ class Replayer:
         held_ids: Mapping[str, str] = context.get("held") or {}
         heads: dict[str, Head | None] = {}
         outcomes: list[str] = []
-        stored = 0
+        stored = echoed = 0
         for result in results:
             if type(result) is not Event:
                 if isinstance(result, NeedKeys):
@@ -497,8 +551,11 @@ class Replayer:
                     heads[room_id] = Head(result.depth, result.event_id)
                     stored += 1
                     outcomes.append("ok")
-                else:
-                    outcomes.append(verdict.code.value if isinstance(verdict, Refused) else "ok")
+                elif isinstance(verdict, Refused):
+                    outcomes.append(verdict.code.value)
+                else:  # a duplicate: an event we already hold
+                    echoed += 1
+                    outcomes.append("ok")
                 continue
             state = proposals.get(result.id_text) or by_room.get(result.room_id)
             if not room.get("known") or room.get("host") != node.server_name or state is None:
@@ -517,7 +574,7 @@ class Replayer:
             stored += 1
             outcomes.append("ok")
         outcome = Outcome("accepted", detail=f"{stored} event{'s' if stored != 1 else ''} would be stored",
-                          events=tuple(outcomes))
+                          events=tuple(outcomes), stored=stored, echoed=echoed)
         self._txns[key] = outcome
         return outcome
 
@@ -559,7 +616,7 @@ class Replayer:
             elif isinstance(effect, Failed):
                 replay = _refused(effect.refusal)
                 break
-        return Decision(index, "handshake", "POST", HANDSHAKE_TARGET, peer, replay, live)
+        return Decision(index, "handshake", "POST", HANDSHAKE_TARGET, peer, replay, live, now=now)
 
     def _backfill(self, index: int, rec: Mapping[str, Any]) -> Decision:
         """Mirror of ``Service._backfill`` from the recorded resume cursor on."""
@@ -571,8 +628,15 @@ class Replayer:
         key = self.node.keyring.current
         refusal = (Refused(Code.OWN_KEY_MISSING, "no federation key") if key is None
                    else self.node.policy.admits(peer))
+        pages = tuple(r for r in self.records[index + 1:end] if isinstance(r, Mapping)
+                      and r.get("kind") == "backfill_page" and r.get("room_id") == room_id and r.get("peer") == peer)
+        if pages and live.verdict != UNKNOWN:
+            live = replace(live, refused=sum(p["refused"] for p in pages if type(p.get("refused")) is int
+                                             and p["refused"] >= 0))
+        decision = Decision(index, "backfill", "GET", target, peer, Outcome(UNKNOWN), live, now=now, room=room_id,
+                            timings=pages)
         if refusal is not None:
-            return Decision(index, "backfill", "GET", target, peer, _refused(refusal), live)
+            return replace(decision, replay=_refused(refusal))
         puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys,
                                        lookup=self.node.lookup)
         effects = puller.start(now)
@@ -592,13 +656,16 @@ class Replayer:
                 _refusal, now = self._learn(effect.server, now, (index, end), effect.key_id)
                 effects += puller.keys_updated(now)
             elif isinstance(effect, BackfillDone):
-                replay = (_refused(effect.refusal, count=effect.stored) if effect.refusal else
-                          Outcome("done", count=effect.stored, detail="reached the start" if effect.reached_start else ""))
+                refused = len(puller.refusals)
+                replay = (_refused(effect.refusal, count=effect.stored, refused=refused) if effect.refusal else
+                          Outcome("done", count=effect.stored, refused=refused,
+                                  detail="reached the start" if effect.reached_start else ""))
                 break
-        return Decision(index, "backfill", "GET", target, peer, replay, live)
+        return replace(decision, replay=replay)
 
 
 def replay_records(server_name: str, records: Sequence[Mapping[str, Any]], *, policy: Policy | None = None,
-                   clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED) -> ReplayResult:
+                   clock_offset_ms: int = 0, seed: bytes = SUBSTITUTE_SEED, key_offset_ms: int = 0) -> ReplayResult:
     """Replay ``records`` as ``server_name`` (see :class:`Replayer`). Returns the :class:`ReplayResult`."""
-    return Replayer(server_name, records, policy=policy, clock_offset_ms=clock_offset_ms, seed=seed).run()
+    return Replayer(server_name, records, policy=policy, clock_offset_ms=clock_offset_ms, seed=seed,
+                    key_offset_ms=key_offset_ms).run()

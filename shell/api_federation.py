@@ -17,6 +17,7 @@ from scaiwave_federation.core.backfill import build_page
 from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, invitee_of, link
 from scaiwave_federation.core.wire import encode
 
+from . import timings
 from .errors import cbor_error
 from .http import Request, Response
 from .service import Service
@@ -30,10 +31,14 @@ async def handle_federation(service: Service, request: Request) -> Response:
     """Serve one federation request and record it."""
     context: dict[str, Any] = {}
     received_at = service.now()
+    work = timings.begin()
+    started = work.store_started()
     response = await _handle(service, request, context)
     service.record("inbound", method=request.method, target=request.target,
                    authorization=request.header("authorization"), body=request.body, context=context,
-                   status=response.status, response=response.body, received_at=received_at)
+                   status=response.status, response=response.body, received_at=received_at,
+                   timings={**work.fields(), "total_us": (work.store_started() - started) // 1000},
+                   **({} if work.stored is None else {"stored": work.stored}))
     return response
 
 
@@ -120,7 +125,7 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
     if stored is not None:
         context["replayed_txn"] = True
         return Response.cbor(200, stored)
-    results = service.node.on_events(auth, request.body)
+    results = timings.current().core(service.verify_clock, service.node.on_events, auth, request.body)
     if isinstance(results, Refused):
         return cbor_error(results)
     # One writer per room chain (see Service.room_lock), taken in a fixed order
@@ -204,9 +209,11 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
     # Store every room's events and the response atomically; nothing is
     # acknowledged before it is durable.
     rooms = list(to_store.items())
+    work, started = timings.current(), timings.Work.store_started()
     outcome = await service.store.store_txn(
         auth.origin, txn_id, response, service.now(), None,
         [{**e.as_record(), "room_id": rid} for rid, evs in rooms for e in evs])
+    work.store_done(started, outcome.new_events)
     reply = outcome.response
     for room_id, events in rooms:
         mine = [e for e in events if e in created]

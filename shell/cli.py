@@ -168,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the federation daemon")
     demo = sub.add_parser("demo", help="two servers on loopback with real TLS, walking the admin guide")
     demo.add_argument("--dir", type=Path, default=Path("demo-run"), help="where logs and data directories go")
-    rp = sub.add_parser("replay", help="drive a fresh core with a recording and print its decisions")
-    rp.add_argument("recording", type=Path)
-    rp.add_argument("--policy", type=Path, help="JSON/TOML policy file: replay under this policy (what-if)")
-    rp.add_argument("--clock-offset", default="0", help="shift every clock reading (e.g. 31d): what-if")
+    rp = sub.add_parser("replay", help="drive a fresh core with a recording and print its decisions",
+                        usage="scaiwave replay RECORDING [options] | scaiwave replay diff LEFT [RIGHT] [options]")
+    from .research.command import add_replay_options
+
+    add_replay_options(rp)
     admin = sub.add_parser("admin", help="administer the running daemon").add_subparsers(dest="area", required=True)
     admin_tenant = admin.add_parser("tenant", help="tenants").add_subparsers(dest="cmd", required=True)
     t = admin_tenant.add_parser("create", help="create a tenant")
@@ -241,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.dir)
         if args.top == "replay":
-            from .replay import replay_main
+            from .research.command import run as replay_command
 
-            return replay_main(args.recording, policy_file=args.policy, clock_offset=args.clock_offset)
+            return replay_command(args)
         config = load_config(os.environ, args.config)
         if args.top == "serve":
             import trio

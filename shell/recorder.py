@@ -13,15 +13,19 @@ item is a header ``{"format": "scaiwave-recording", "version": 1,
 - ``settings`` ``{refetch_interval_ms, skew_ms}``: the core's tunables, at daemon start;
 - ``nonces`` ``{nonces: [[nonce, expires_at], ...]}``: the replay window restored at start;
 - ``inbound`` ``{method, target, authorization, body, context, status, response,
-  received_at}``: a federation request that reached the core, the stored state
-  its decision read (``context``: ``peered``, ``local_users``, ``heads``,
-  ``proposals``, the room fields of a backfill...), and our reply;
+  received_at, timings, stored?}``: a federation request that reached the core,
+  the stored state its decision read (``context``: ``peered``, ``local_users``,
+  ``heads``, ``held``, ``rooms``, ``proposals``, the room fields of a
+  backfill...), our reply, and the live processing times (``shell/timings.py``);
 - ``outbound`` ``{peer, method, target, body, status, response | error}``;
 - ``handshake_start`` ``{peer, nonce}`` ... ``handshake_end`` ``{peer, protocol_version | error}``;
-- ``backfill_start`` ``{room_id, peer, limit, cursor}`` ... ``backfill_end``
-  ``{room_id, peer, stored, reached_start, error}``.
+- ``backfill_start`` ``{room_id, peer, limit, cursor}``, a ``backfill_page``
+  ``{room_id, peer, stored, refused, decode_us, verify_us, store_us}`` per page
+  received, ... ``backfill_end`` ``{room_id, peer, stored, reached_start, error}``.
 
-``scaiwave replay`` (:mod:`.replay`) reads this format; docs/replay.md describes it.
+``scaiwave replay`` (:mod:`.replay`) reads this format; docs/replay.md
+specifies it in CDDL, with the version rule: new kinds, optional fields and
+``context`` keys keep version 1 (readers skip what they do not know).
 
 Only federation traffic is recorded: admin and user bearer tokens never reach
 the file (client and admin requests are not recorded at all). Each record is

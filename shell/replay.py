@@ -106,12 +106,16 @@ def load_policy(path: Path | str) -> Policy:
 
 
 def replay(recording: Recording | Path | str, *, policy: Policy | Mapping[str, Any] | Path | None = None,
-           clock_offset: int | str = 0, seed: bytes = SUBSTITUTE_SEED) -> ReplayResult:
+           clock_offset: int | str = 0, seed: bytes = SUBSTITUTE_SEED,
+           key_clock_offset: int | str = 0) -> ReplayResult:
     """Drive a fresh core with ``recording`` and collect its decisions.
 
     ``policy``: a :class:`Policy`, its dict form or a policy file; replaces
     the recorded policies (what-if). ``clock_offset``: milliseconds or a
     duration like ``"31d"``/``"-2h"``, added to every clock reading (what-if).
+    ``key_clock_offset``: the same forms; key validity (the 30-day grace of a
+    rotated-out key, the event-time rule) is judged that far ahead while
+    request freshness stays at the recorded clock (what-if, docs/replay.md).
     Returns a :class:`ReplayResult`; raises ``RecordingError``/``OSError`` for
     a file that cannot be read, ``ValueError``/``ConfigError`` for bad settings.
     """
@@ -122,8 +126,9 @@ def replay(recording: Recording | Path | str, *, policy: Policy | Mapping[str, A
     elif isinstance(policy, Mapping):
         policy = Policy.from_dict(policy)
     offset = parse_duration_ms(clock_offset, "--clock-offset", allow_negative=True)
+    key_offset = parse_duration_ms(key_clock_offset, "--key-clock-offset", allow_negative=True)
     result = replay_records(recording.server_name, recording.records, policy=policy, clock_offset_ms=offset,
-                            seed=seed)
+                            seed=seed, key_offset_ms=key_offset)
     if recording.torn:
         result.notes.append(f"the file ends inside a record: replayed the {len(recording.records)} complete records")
     return result
@@ -158,20 +163,45 @@ _SKIPPED = {
 }
 
 
-def render(result: ReplayResult) -> str:
-    """The replay as text: one line per decision, the notes, then a summary."""
-    lines = [_line(d, result.what_if) for d in result.decisions]
+def _events(outcomes: list[Outcome]) -> str | None:
+    """Event counts, one meaning each (``Outcome.counts``); ``None`` when there are none."""
+    totals = {"stored": 0, "echoed": 0, "refused": 0, "not told": 0}
+    known = False
+    for outcome in outcomes:
+        counts = outcome.counts()
+        if outcome.events and counts["stored"] is None:  # accepted, stored or echoed: not recorded
+            counts["not told"] = len(outcome.events) - counts["refused"]
+        for key, value in counts.items():
+            if value is not None and (value or outcome.events or outcome.count is not None):
+                totals[key] += value
+                known = True
+    if not known:
+        return None
+    return ", ".join(f"{k} {v}" for k, v in totals.items() if v or k != "not told")
+
+
+def render(result: ReplayResult, decisions: list[Decision] | None = None) -> str:
+    """The replay as text: one line per decision, the notes, then a summary.
+
+    ``decisions``: a subset of ``result.decisions`` to show and count (a filter).
+    """
+    shown = result.decisions if decisions is None else decisions
+    lines = [_line(d, result.what_if) for d in shown]
     lines += [f"note: {n}" for n in result.notes]
-    kinds = Counter(d.kind for d in result.decisions)
-    compared = [d for d in result.decisions if d.comparable]
-    differing = result.differing
-    lines.append(f"summary: {len(result.decisions)} decisions of {result.server_name}"
+    kinds = Counter(d.kind for d in shown)
+    compared = [d for d in shown if d.comparable]
+    differing = [d for d in shown if not d.same]
+    lines.append(f"summary: {len(shown)} decisions of {result.server_name}"
                  + (" (" + ", ".join(f"{k} {kinds[k]}" for k in sorted(kinds)) + ")" if kinds else ""))
-    lines.append(f"  replay: {_tally([d.replay for d in result.decisions])}")
+    lines.append(f"  replay: {_tally([d.replay for d in shown])}")
     lines.append(f"  live:   {_tally([d.live for d in compared])}")
+    replayed, live = _events([d.replay for d in shown]), _events([d.live for d in compared])
+    if replayed or live:
+        lines.append(f"  events, replay: {replayed or 'none'}; live: {live or 'none'}")
+        lines.append("    (stored: newly written; echoed: accepted, already held; refused: refused with a code)")
     label = "changed by the what-if" if result.what_if else "mismatches"
     lines.append(f"  same as live: {len(compared) - len(differing)}, {label}: {len(differing)}"
-                 + (f", not comparable: {len(result.decisions) - len(compared)}" if len(compared) < len(result.decisions) else ""))
+                 + (f", not comparable: {len(shown) - len(compared)}" if len(compared) < len(shown) else ""))
     if result.skipped:
         lines.append("  not replayed: " + ", ".join(
             f"{_SKIPPED.get(kind, kind + ' records')}: {n}" for kind, n in sorted(result.skipped.items())))

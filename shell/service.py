@@ -49,6 +49,7 @@ from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
 from .recorder import Recorder
 from .storage import AsyncStore
+from .timings import PageTimer, VerifyClock, Work
 from .verify_pool import threaded_verifier
 
 log = logging.getLogger("scaiwave.service")
@@ -123,7 +124,8 @@ class Service:
         # thread pool: pynacl releases the GIL while it verifies.
         pool = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="scaiwave-verify")
         node = Federation(config.server_name, keyring=keyring, policy=policy,
-                          refetch_interval_ms=config.key_refetch_interval_ms, verifier=threaded_verifier(pool))
+                          refetch_interval_ms=config.key_refetch_interval_ms,
+                          verifier=VerifyClock(threaded_verifier(pool)))
         service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve,
                                                       outbound_allow=config.outbound_allow),
                       Recorder.open(config.record_path, config.server_name) if config.record_path else None)
@@ -162,6 +164,12 @@ class Service:
     def now(self) -> int:
         """The daemon's clock in ms (shifted by the SCAIWAVE_CLOCK_OFFSET test setting)."""
         return time.time_ns() // 1_000_000 + self.config.clock_offset_ms
+
+    @property
+    def verify_clock(self) -> VerifyClock | None:
+        """The node's verifier when it is timed (the recording's decode/verify split)."""
+        verifier = self.node.batch_verifier
+        return verifier if isinstance(verifier, VerifyClock) else None
 
     def record(self, kind: str, **fields: Any) -> None:
         if self.recorder:
@@ -496,30 +504,38 @@ class Service:
                     cursor=puller.cursor())
         base = puller.stored
         effects = puller.start(self.now())
+        pages = PageTimer(self.verify_clock, self.record, puller)
         while effects:
             effect = effects.pop(0)
             if isinstance(effect, SendRequest):
+                pages.flush()
                 result = await self.send(effect)
-                effects += puller.fail(result) if isinstance(result, Refused) else puller.page_received(*result, self.now())
+                effects += (puller.fail(result) if isinstance(result, Refused)
+                            else pages.received(puller.page_received, *result, self.now()))
             elif isinstance(effect, StoreEvents) and job.until is not None:
                 # The whole gap at once, and only onto the head it was pulled for.
                 async with self.room_lock(job.room_id):
                     head = await self.head_of(job.room_id)
                     if head is not None and (head.depth, head.event_id) == job.until:
+                        started = Work.store_started()
                         await self.store.store_events(job.room_id, [e.as_record() for e in effect.events])
+                        pages.stored(started, len(effect.events))
                         job.stored = len(effect.events)
             elif isinstance(effect, StoreEvents):
+                started = Work.store_started()
                 await self.store.store_events(
                     job.room_id, [e.as_record() for e in effect.events],
                     cursor={"peer": job.peer, "cursor": effect.cursor, "stored": puller.stored,
                             "updated_at": self.now()})
+                pages.stored(started, len(effect.events))
                 job.stored = puller.stored - base
             elif isinstance(effect, NeedKeys):
                 await self.learn_descriptor(effect.server, key_id=effect.key_id)
-                effects += puller.keys_updated(self.now())
+                effects += pages.more(puller.keys_updated, self.now())
             elif isinstance(effect, Failed):
                 await self.peer_error(effect.server, effect.refusal)
             elif isinstance(effect, BackfillDone):
+                pages.flush()
                 log.info("backfill of %s from %s: %s events stored%s", job.room_id, job.peer, puller.stored - base,
                          f", stopped: {effect.refusal}" if effect.refusal else "")
                 self.record("backfill_end", room_id=job.room_id, peer=job.peer, stored=effect.stored,
