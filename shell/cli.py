@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from urllib.parse import quote
 import httpx
 
 from .config import Config, ConfigError, client_ssl_context, load_config
+from .logs import parse_format, parse_level, setup_logging
 
 __all__ = ["main", "AdminClient"]
 
@@ -232,10 +232,9 @@ def _start_failure(exc: BaseException, config: Config) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SCAIWAVE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        level = parse_level(os.environ.get("SCAIWAVE_LOG_LEVEL"))
+        setup_logging(level, parse_format(os.environ.get("SCAIWAVE_LOG_FORMAT") or "text"))
         if args.top == "demo":
             from .demo import run_demo
 
@@ -245,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return replay_main(args.recording, policy_file=args.policy, clock_offset=args.clock_offset)
         config = load_config(os.environ, args.config)
+        setup_logging(level, config.log_format)  # the TOML file may set log_format
         if args.top == "serve":
             import trio
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logs import parse_format
+
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",
 ]
@@ -69,6 +71,7 @@ class Config:
     key_refetch_interval_ms: int = DEFAULT_KEY_REFETCH_INTERVAL_MS
     insecure_skip_tls_verify: bool = False
     test_tamper_backfill: str | None = None
+    log_format: str = "text"
 
     @property
     def server_host(self) -> str:
@@ -307,6 +310,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
     # puller's refusal against a deliberately broken peer). Logged loudly.
     "test_tamper_backfill": (_plain(_expect_str), None),
+    "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
 }
 
 

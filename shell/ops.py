@@ -1,0 +1,68 @@
+"""The operator's endpoints: ``/metrics``, ``/healthz``, ``/readyz``, and the
+admin API's ``federation/check`` and ``db/backup``.
+
+:class:`Ops` holds the daemon's :class:`~.metrics.Metrics` and
+:class:`~.health.Health`; the daemon asks :meth:`Ops.handle` first, and it
+answers the paths it owns (None for every other path).
+
+``/metrics`` needs the admin token (``Authorization: Bearer``), on the same
+HTTPS listener as everything else. A separate plain-HTTP address would be one
+more port to firewall, and metrics name our peers, queue depths and key age:
+that is for our operators, not for anyone who can reach the federation port.
+Prometheus sends the token with ``authorization: {credentials_file: ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scaiwave_federation.core import Code, Refused
+
+from .errors import json_error
+from .health import Health
+from .http import Request, Response
+from .metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from .service import Service
+
+__all__ = ["Ops"]
+
+_UNAUTHORIZED = Refused(Code.UNAUTHORIZED, "this endpoint needs Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN")
+
+
+class Ops:
+    """The operator endpoints of one daemon."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.metrics = Metrics(service)
+        self.health = Health(service)
+
+    def admin_changed(self) -> None:
+        """An admin change went through: labels and readiness may differ now."""
+        self.metrics.refresh_labels()
+        self.health.forget()
+
+    async def handle(self, request: Request) -> Response | None:
+        """Answer ``request`` if it is one of ours, else None."""
+        from .api_admin import _authorized
+
+        path, method = request.path, request.method
+        if path not in _PATHS:
+            return None
+        want = _PATHS[path]
+        if method != want and not (want == "GET" and method == "HEAD"):
+            return json_error(Refused(Code.NOT_FOUND, f"{path} takes {want}"))
+        if path == "/healthz":
+            return Response.json(200, {"alive": True})
+        if path == "/readyz":
+            return Response.json(*await self.health.ready())
+        if not _authorized(self.service, request):
+            return json_error(_UNAUTHORIZED)
+        if path == "/metrics":
+            return Response(200, await self.metrics.render(), CONTENT_TYPE)
+        return None
+
+
+_PATHS = {"/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
