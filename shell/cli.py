@@ -27,6 +27,7 @@ import httpx
 
 from .config import Config, ConfigError, client_ssl_context, load_config
 from .logs import parse_format, parse_level, setup_logging
+from .selfcheck import check_report
 
 __all__ = ["main", "AdminClient"]
 
@@ -153,6 +154,12 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")
     elif cmd == "backfill":
         _backfill(args, c)
+    elif cmd == "check":
+        data = c.call("POST", "/v1/admin/federation/check", {"peer": args.peer} if args.peer else {})
+        _print(args, data, check_report(data))
+        if not data["ok"]:
+            failed = next(s for s in data["steps"] if s["ok"] is False)
+            raise CliError(failed["code"], f"the {failed['step']} step failed (see above)")
     elif cmd == "tenant":
         data = c.call("POST", "/v1/admin/tenants", {"name": args.name, "federation": args.federation != "disabled"})
         _print(args, data, f"tenant {data['name']} (federation {'enabled' if data['federation_enabled'] else 'disabled'})")
@@ -202,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("room_id")
     bf.add_argument("--from", dest="peer", help="the peer (default: the room's host)")
     bf.add_argument("--limit", type=int, default=1000)
-    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf):
+    ck = fed.add_parser("check", help="test this server the way a peer would (name, TLS, descriptor; "
+                        "clock and handshake against PEER)")
+    ck.add_argument("peer", nargs="?", help="a peer to compare clocks and handshake with")
+    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 

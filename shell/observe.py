@@ -35,6 +35,7 @@ from scaiwave_federation.core.names import valid_server_name
 from scaiwave_federation.core.requests import parse_authorization
 
 from .http import Request, Response
+from .ops import json_object
 
 if TYPE_CHECKING:
     from .ops import Ops
@@ -151,7 +152,7 @@ class _Audit:
         parts = request.path.split("/")
         params = {t[1:-1]: p for t, p in zip(route.split("/"), parts) if t.startswith("{")}
         fields: dict[str, Any] = {k: v[:255] for k, v in params.items()}
-        body = _json_object(request.body)
+        body = json_object(request.body) or {}
         # Only these body fields are copied, and only as short strings, booleans or ints.
         for key in ("name", "tenant", "federation", "peer", "limit", "path"):
             value = body.get(key)
@@ -180,12 +181,6 @@ class _Audit:
                                          "remote": self.request.peer, **fields}})
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _key_ids(service: Service) -> dict[str, Any]:

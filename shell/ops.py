@@ -14,19 +14,22 @@ Prometheus sends the token with ``authorization: {credentials_file: ...}``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 from scaiwave_federation.core import Code, Refused
+from scaiwave_federation.core.names import valid_server_name
 
 from .errors import json_error
 from .health import Health
 from .http import Request, Response
 from .metrics import CONTENT_TYPE, Metrics
+from .selfcheck import run_check
 
 if TYPE_CHECKING:
     from .service import Service
 
-__all__ = ["Ops"]
+__all__ = ["Ops", "json_object"]
 
 _UNAUTHORIZED = Refused(Code.UNAUTHORIZED, "this endpoint needs Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN")
 
@@ -62,7 +65,33 @@ class Ops:
             return json_error(_UNAUTHORIZED)
         if path == "/metrics":
             return Response(200, await self.metrics.render(), CONTENT_TYPE)
+        body = json_object(request.body)
+        if body is None:
+            return json_error(Refused(Code.BAD_REQUEST, "the body is a JSON object"))
+        if path == "/v1/admin/federation/check":
+            return await self._check(body)
         return None
 
+    async def _check(self, body: dict[str, Any]) -> Response:
+        peer = body.get("peer")
+        if peer is not None:
+            if not isinstance(peer, str) or not valid_server_name(peer.lower()):
+                return json_error(Refused(Code.BAD_REQUEST, "peer is a server name (host or host:port)"))
+            peer = peer.lower()
+            if peer == self.service.config.server_name:
+                return json_error(Refused(Code.BAD_REQUEST, "peer is this server: name another server"))
+        steps = await run_check(self.service, peer)
+        return Response.json(200, {"server_name": self.service.config.server_name, "peer": peer,
+                                   "ok": all(s.ok is not False for s in steps), "steps": [s.view() for s in steps]})
 
-_PATHS = {"/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
+
+_PATHS = {"/healthz": "GET", "/readyz": "GET", "/metrics": "GET", "/v1/admin/federation/check": "POST"}
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A JSON object body (empty means ``{}``), else None."""
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
