@@ -117,7 +117,7 @@ def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
 
 def _admin(args: argparse.Namespace, config: Config) -> None:
     c = AdminClient(config)
-    cmd = args.cmd if args.area == "federation" else args.area
+    cmd = args.cmd if args.area in ("federation", "db") else args.area
     if cmd == "key":
         path = {"show": ("GET", "/v1/admin/federation/key"), "generate": ("POST", "/v1/admin/federation/key/generate"),
                 "rotate": ("POST", "/v1/admin/federation/key/rotate")}[args.action]
@@ -154,6 +154,10 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")
     elif cmd == "backfill":
         _backfill(args, c)
+    elif cmd == "backup":
+        data = c.call("POST", "/v1/admin/db/backup", {"path": str(Path(args.file).absolute())} if args.file else {})
+        _print(args, data, f"backup written: {data['path']} ({data['bytes']} bytes, schema version "
+                           f"{data['schema_version']}, integrity {data['integrity']})")
     elif cmd == "check":
         data = c.call("POST", "/v1/admin/federation/check", {"peer": args.peer} if args.peer else {})
         _print(args, data, check_report(data))
@@ -212,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck = fed.add_parser("check", help="test this server the way a peer would (name, TLS, descriptor; "
                         "clock and handshake against PEER)")
     ck.add_argument("peer", nargs="?", help="a peer to compare clocks and handshake with")
-    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck):
+    admin_db = admin.add_parser("db", help="the daemon's database").add_subparsers(dest="cmd", required=True)
+    bk = admin_db.add_parser("backup", help="an online backup (SQLite backup API) while the daemon runs")
+    bk.add_argument("file", nargs="?", help="a new file to write (default: DATA_DIR/backups/scaiwave-TIME.db)")
+    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck, bk):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 

@@ -15,21 +15,29 @@ Prometheus sends the token with ``authorization: {credentials_file: ...}``.
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from scaiwave_federation.core import Code, Refused
 from scaiwave_federation.core.names import valid_server_name
 
+from .backup import BackupError, backup_database, default_backup_path
 from .errors import json_error
 from .health import Health
 from .http import Request, Response
 from .metrics import CONTENT_TYPE, Metrics
 from .selfcheck import run_check
+from .storage import DB_FILENAME
 
 if TYPE_CHECKING:
     from .service import Service
 
 __all__ = ["Ops", "json_object"]
+
+log = logging.getLogger("scaiwave.ops")
 
 _UNAUTHORIZED = Refused(Code.UNAUTHORIZED, "this endpoint needs Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN")
 
@@ -70,7 +78,22 @@ class Ops:
             return json_error(Refused(Code.BAD_REQUEST, "the body is a JSON object"))
         if path == "/v1/admin/federation/check":
             return await self._check(body)
-        return None
+        return await self._backup(body)
+
+    async def _backup(self, body: dict[str, Any]) -> Response:
+        config, target = self.service.config, body.get("path")
+        if target is not None and (not isinstance(target, str) or not target or "\x00" in target):
+            return json_error(Refused(Code.BAD_REQUEST, "path is an absolute file name"))
+        source = config.data_dir / DB_FILENAME
+        try:
+            dest = Path(target) if target else default_backup_path(config.data_dir, self.service.now())
+            result = await trio.to_thread.run_sync(backup_database, source, dest)
+        except BackupError as exc:
+            return json_error(Refused(Code(exc.code), str(exc)))
+        except OSError as exc:  # the default backups directory
+            return json_error(Refused(Code.BAD_REQUEST, f"cannot create the backups directory: {exc.strerror}"))
+        log.info("database backed up to %s (%s bytes)", result["path"], result["bytes"])
+        return Response.json(200, result)
 
     async def _check(self, body: dict[str, Any]) -> Response:
         peer = body.get("peer")
@@ -85,7 +108,8 @@ class Ops:
                                    "ok": all(s.ok is not False for s in steps), "steps": [s.view() for s in steps]})
 
 
-_PATHS = {"/healthz": "GET", "/readyz": "GET", "/metrics": "GET", "/v1/admin/federation/check": "POST"}
+_PATHS = {"/healthz": "GET", "/readyz": "GET", "/metrics": "GET", "/v1/admin/federation/check": "POST",
+          "/v1/admin/db/backup": "POST"}
 
 
 def json_object(body: bytes) -> dict[str, Any] | None:
