@@ -38,7 +38,7 @@ from scaiwave_federation.core.codes import DESCRIPTIONS
 from scaiwave_federation.core.descriptor import parse_descriptor
 from scaiwave_federation.core.requests import DEFAULT_SKEW_MS
 
-from .client import DESCRIPTOR_PATH, TransportError
+from .client import DESCRIPTOR_PATH, TransportError, _chain
 from .config import client_ssl_context
 
 if TYPE_CHECKING:
@@ -211,7 +211,9 @@ async def _tls(service: Service, address: tuple[str, int], steps: list[Step]) ->
         steps.append(_failed("tls", refusal, f"check that {where} is this daemon's listener"))
         return False
     except OSError as exc:
-        refusal = Refused(Code.PEER_UNREACHABLE, f"cannot connect to {where}: {exc.strerror or exc}")
+        # trio reports "all attempts to connect failed"; the reason is behind it.
+        reason = next((e.strerror for e in _chain(exc) if isinstance(e, OSError) and e.strerror), str(exc))
+        refusal = Refused(Code.PEER_UNREACHABLE, f"cannot connect to {where}: {reason}")
         steps.append(_failed("tls", refusal, f"check that the daemon listens there (SCAIWAVE_LISTEN is "
                                              f"{config.listen_host}:{config.listen_port}), or that the port forward "
                                              f"or proxy in front of it works"))

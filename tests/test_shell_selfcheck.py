@@ -161,3 +161,80 @@ async def test_check_names_an_untrusted_chain(tmp_path: Path, ca: tuple[trustme.
     assert tls["ok"] is False and tls["code"] == "tls_failure"
     assert tls["detail"].endswith("certificate verify failed: unable to get local issuer certificate")
     assert tls["fix"].startswith("serve the whole chain (leaf first, then intermediates) from a CA peers trust")
+
+
+async def _forward(listen_port: int, target_port: int, *, task_status) -> None:
+    """A TCP pass-through proxy: bytes both ways, TLS untouched."""
+
+    async def pipe(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(dst)
+
+    async def relay(client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", target_port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, client, upstream)
+            nursery.start_soon(pipe, upstream, client)
+
+    await trio.serve_tcp(relay, listen_port, host="127.0.0.1", task_status=task_status)
+
+
+class _Behind(Remote):
+    """A daemon reached directly on its listener, known to peers by another port."""
+
+    def __init__(self, client: httpx.AsyncClient, host: str, port: int, name: str) -> None:
+        super().__init__(client, host, port)
+        self.name = name
+
+    @property
+    def server_name(self) -> str:
+        return self.name
+
+
+async def test_behind_a_tls_pass_through_proxy(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """Peers reach your-host.test:PROXY, which forwards TCP to SCAIWAVE_LISTEN: federation and the
+    check work through it; with the proxy down, the check says where the connection failed."""
+    authority, ca_path = ca
+    proxy_port, listen_port, port_b = free_port(), free_port(), free_port()
+    name_a, name_b = f"your-host.test:{proxy_port}", f"peer.test:{port_b}"
+    resolve = f"your-host.test:{proxy_port}:127.0.0.1,peer.test:{port_b}:127.0.0.1"
+    env_a = make_env(tmp_path / "a", ca_path, authority, "your-host.test", proxy_port, resolve)
+    env_a["SCAIWAVE_LISTEN"] = f"127.0.0.1:{listen_port}"
+    config_a = load_config(env_a)
+    config_b = load_config(make_env(tmp_path / "b", ca_path, authority, "peer.test", port_b, resolve))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=trusting(authority), trust_env=False,
+                                                                     timeout=30) as http:
+            proxy = trio.CancelScope()
+
+            async def run_proxy(task_status) -> None:
+                with proxy:
+                    await _forward(proxy_port, listen_port, task_status=task_status)
+            await nursery.start(run_proxy)
+            await nursery.start(serve, config_a)
+            await nursery.start(serve, config_b)
+            a, b = _Behind(http, "your-host.test", listen_port, name_a), Remote(http, "peer.test", port_b)
+            for server, other in ((a, name_b), (b, name_a)):
+                assert (await server.admin("POST", "/v1/admin/federation/key/generate"))[0] == 200
+                policy = {"default_mode": "invite_only", "allowed_peers": [other], "blocked_peers": []}
+                assert (await server.admin("PUT", "/v1/admin/federation/policy", policy))[0] == 200
+            # B peers with A through the proxy (it fetches A's descriptor there).
+            status, body = await b.admin("POST", f"/v1/admin/federation/peers/{name_a}/handshake")
+            assert status == 200, body
+            status, body = await a.admin("POST", "/v1/admin/federation/check", {"peer": name_b})
+            assert status == 200 and body["ok"] is True, body
+            assert body["steps"][1]["detail"].startswith(f"chain and name verified for your-host.test at "
+                                                        f"127.0.0.1:{proxy_port}")
+            proxy.cancel()
+            status, body = await a.admin("POST", "/v1/admin/federation/check", {})
+            tls = body["steps"][1]
+            assert tls["ok"] is False and tls["code"] == "peer_unreachable"
+            assert tls["detail"] == f"cannot connect to 127.0.0.1:{proxy_port}: Connection refused"
+            assert tls["fix"] == (f"check that the daemon listens there (SCAIWAVE_LISTEN is 127.0.0.1:{listen_port}), "
+                                  f"or that the port forward or proxy in front of it works")
+            nursery.cancel_scope.cancel()
