@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import os
 import socket
 import ssl
 import time
@@ -212,7 +213,7 @@ async def _tls(service: Service, address: tuple[str, int], steps: list[Step]) ->
         return False
     except OSError as exc:
         # trio reports "all attempts to connect failed"; the reason is behind it.
-        reason = next((e.strerror for e in _chain(exc) if isinstance(e, OSError) and e.strerror), str(exc))
+        reason = next((os.strerror(e.errno) for e in _chain(exc) if isinstance(e, OSError) and e.errno), str(exc))
         refusal = Refused(Code.PEER_UNREACHABLE, f"cannot connect to {where}: {reason}")
         steps.append(_failed("tls", refusal, f"check that the daemon listens there (SCAIWAVE_LISTEN is "
                                              f"{config.listen_host}:{config.listen_port}), or that the port forward "
