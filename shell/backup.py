@@ -9,19 +9,24 @@ the daemon's writer go on meanwhile). The copy is then checked
 The file is created mode 0600 and never overwritten: it holds the federation
 key's seed, like the database itself. A failed backup (a full disk, say)
 removes what it wrote. The daemon writes it, not the CLI, so that it works
-when the daemon runs as a user the admin is not (systemd's ``DynamicUser``):
-the default place is ``<data_dir>/backups/``, which a hardened unit can write.
+when the daemon runs as a user the admin is not (systemd's ``DynamicUser``).
+
+Backups go into ``<data_dir>/backups/`` only, under a plain file name: the
+request names the file, never a path. A token holder who could name any path
+could have the daemon create files anywhere it may write, filled with text
+that remote users chose (their messages are in the database).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BackupError", "backup_database", "default_backup_path"]
+__all__ = ["BackupError", "backup_database", "backup_path", "BACKUP_NAME"]
 
 
 class BackupError(Exception):
@@ -32,24 +37,37 @@ class BackupError(Exception):
         self.code = code
 
 
-def default_backup_path(data_dir: Path, now_ms: int) -> Path:
-    """``<data_dir>/backups/scaiwave-YYYYMMDDTHHMMSSZ.db`` (the directory is created, mode 0700)."""
+#: A backup's file name: no directory part, no leading dot.
+BACKUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def backup_path(data_dir: Path, name: str | None, now_ms: int) -> Path:
+    """``<data_dir>/backups/NAME``, by default ``scaiwave-YYYYMMDDTHHMMSSZ.db``.
+
+    Creates the directory (mode 0700). Raises :class:`BackupError`
+    ``bad_request`` for a name that is not a plain file name.
+    """
+    if name is None:
+        name = f"scaiwave-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now_ms / 1000))}.db"
+    if not isinstance(name, str) or not BACKUP_NAME.fullmatch(name):
+        raise BackupError("bad_request", f"name is a file name (letters, digits, '.', '_', '-'; no '/'), written "
+                          f"into {data_dir / 'backups'}/; got {str(name)[:120]!r}")
     folder = data_dir / "backups"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_ms / 1000))
-    return folder / f"scaiwave-{stamp}.db"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise BackupError("bad_request", f"cannot create {folder}: {exc.strerror}") from None
+    return folder / name
 
 
 def backup_database(source: Path, dest: Path) -> dict[str, Any]:
     """Copy the database at ``source`` to the new file ``dest``; blocking (run it on a thread).
 
     Returns ``{"path", "bytes", "schema_version", "integrity"}``. Raises
-    :class:`BackupError`: ``bad_request`` for a relative path or one that
-    cannot be created, ``conflict`` when ``dest`` exists, ``internal_error``
-    when SQLite fails (nothing is left behind then).
+    :class:`BackupError`: ``bad_request`` when ``dest`` cannot be created,
+    ``conflict`` when it exists (a symlink included), ``internal_error`` when
+    SQLite fails (nothing is left behind then).
     """
-    if not dest.is_absolute():
-        raise BackupError("bad_request", f"the backup path must be absolute, got {str(dest)[:200]!r}")
     try:
         os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:

@@ -155,7 +155,7 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
     elif cmd == "backfill":
         _backfill(args, c)
     elif cmd == "backup":
-        data = c.call("POST", "/v1/admin/db/backup", {"path": str(Path(args.file).absolute())} if args.file else {})
+        data = c.call("POST", "/v1/admin/db/backup", {"name": args.name} if args.name else {})
         _print(args, data, f"backup written: {data['path']} ({data['bytes']} bytes, schema version "
                            f"{data['schema_version']}, integrity {data['integrity']})")
     elif cmd == "check":
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("peer", nargs="?", help="a peer to compare clocks and handshake with")
     admin_db = admin.add_parser("db", help="the daemon's database").add_subparsers(dest="cmd", required=True)
     bk = admin_db.add_parser("backup", help="an online backup (SQLite backup API) while the daemon runs")
-    bk.add_argument("file", nargs="?", help="a new file to write (default: DATA_DIR/backups/scaiwave-TIME.db)")
+    bk.add_argument("name", nargs="?", help="the new file's name in DATA_DIR/backups/ (default: scaiwave-TIME.db)")
     for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck, bk):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p

@@ -61,6 +61,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     service = await Service.open(config)
     ops = Ops(service)
     ops.metrics.instrument(service, route_template, outcome_code)
+    ops.metrics.refresh_labels(await service.store.list_peers())
     try:
         async with trio.open_nursery() as nursery:
             handler = make_handler(service, nursery, ops)

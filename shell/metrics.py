@@ -110,9 +110,11 @@ class Metrics:
     # -- feeding ------------------------------------------------------------------
 
     def refresh_labels(self, peers: Sequence[dict[str, Any]] | None = None) -> None:
-        """Recompute which peers are labelled (after a policy change, at each scrape)."""
-        self.labelled = labelled_peers(self.service.node.policy, peers if peers is not None else
-                                       self._snapshot["peers"])
+        """Recompute which peers are labelled: at start, at each scrape (with the
+        peers rows just read) and after an admin change (with the last ones read)."""
+        if peers is not None:
+            self._snapshot = {**self._snapshot, "peers": list(peers)}
+        self.labelled = labelled_peers(self.service.node.policy, self._snapshot["peers"])
 
     def peer(self, name: str | None) -> str:
         return peer_label(name, self.labelled)
@@ -147,9 +149,9 @@ class Metrics:
         node.batch_verifier = counted_verifier
         authenticate = node.authenticate
 
-        def counted_authenticate(**kwargs):
+        def counted_authenticate(*args, **kwargs):
             start = time.perf_counter()
-            result = authenticate(**kwargs)
+            result = authenticate(*args, **kwargs)
             self.authentication_seconds.observe(time.perf_counter() - start)
             if isinstance(result, NeedKeys):  # asked again once the keys are fetched: counted then
                 return result
@@ -162,12 +164,12 @@ class Metrics:
         client = service.client
         request = client.request
 
-        async def counted_request(server_name: str, method: str, target: str, **kwargs):
+        async def counted_request(server_name: str, method: str, target: str, *args, **kwargs):
             from .client import TransportError
 
             route, start = route_of(target.split("?", 1)[0]), time.perf_counter()
             try:
-                resp = await request(server_name, method, target, **kwargs)
+                resp = await request(server_name, method, target, *args, **kwargs)
             except TransportError as exc:
                 self.count_sent(server_name, method, route, exc.code, time.perf_counter() - start)
                 raise
@@ -187,7 +189,7 @@ class Metrics:
         peers = await store.list_peers()
         outbox = await store.run(_outbox_by_peer)
         self._snapshot = {"peers": peers, "outbox": outbox}
-        self.refresh_labels(peers)
+        self.refresh_labels()
         return generate_latest(self.registry)
 
 

@@ -154,7 +154,7 @@ class _Audit:
         fields: dict[str, Any] = {k: v[:255] for k, v in params.items()}
         body = json_object(request.body) or {}
         # Only these body fields are copied, and only as short strings, booleans or ints.
-        for key in ("name", "tenant", "federation", "peer", "limit", "path"):
+        for key in ("name", "tenant", "federation", "peer", "limit"):
             value = body.get(key)
             if isinstance(value, (bool, int)) or (isinstance(value, str) and len(value) <= 255):
                 fields[key] = value

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,7 +23,7 @@ import trio
 from scaiwave_federation.core import Code, Refused
 from scaiwave_federation.core.names import valid_server_name
 
-from .backup import BackupError, backup_database, default_backup_path
+from .backup import BackupError, backup_database, backup_path
 from .errors import json_error
 from .health import Health
 from .http import Request, Response
@@ -81,17 +80,12 @@ class Ops:
         return await self._backup(body)
 
     async def _backup(self, body: dict[str, Any]) -> Response:
-        config, target = self.service.config, body.get("path")
-        if target is not None and (not isinstance(target, str) or not target or "\x00" in target):
-            return json_error(Refused(Code.BAD_REQUEST, "path is an absolute file name"))
-        source = config.data_dir / DB_FILENAME
+        config = self.service.config
         try:
-            dest = Path(target) if target else default_backup_path(config.data_dir, self.service.now())
-            result = await trio.to_thread.run_sync(backup_database, source, dest)
+            dest = backup_path(config.data_dir, body.get("name"), self.service.now())
+            result = await trio.to_thread.run_sync(backup_database, config.data_dir / DB_FILENAME, dest)
         except BackupError as exc:
             return json_error(Refused(Code(exc.code), str(exc)))
-        except OSError as exc:  # the default backups directory
-            return json_error(Refused(Code.BAD_REQUEST, f"cannot create the backups directory: {exc.strerror}"))
         log.info("database backed up to %s (%s bytes)", result["path"], result["bytes"])
         return Response.json(200, result)
 
@@ -100,7 +94,7 @@ class Ops:
         if peer is not None:
             if not isinstance(peer, str) or not valid_server_name(peer.lower()):
                 return json_error(Refused(Code.BAD_REQUEST, "peer is a server name (host or host:port)"))
-            peer = peer.lower()
+            peer = peer.lower().removesuffix(":443")  # one spelling per server, as in policies
             if peer == self.service.config.server_name:
                 return json_error(Refused(Code.BAD_REQUEST, "peer is this server: name another server"))
         steps = await run_check(self.service, peer)

@@ -33,8 +33,6 @@ def _bodies(server, room: str, token: str) -> list[str]:
 def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
     bed = Testbed(tmp_path / "bed")
     a, b = bed.add("your-host.test"), bed.add("peer.test")
-    backup = tmp_path / "saved" / "scaiwave-backup.db"
-    backup.parent.mkdir()
     try:
         a.start()
         b.start()
@@ -58,27 +56,40 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
         thread.start()
         try:
             wait_until(lambda: len(posted) >= 5)
-            proc = a.cli("admin", "db", "backup", str(backup))
+            proc = a.cli("admin", "db", "backup", "before-restore.db")
         finally:
             stop.set()
             thread.join()
         assert proc.returncode == 0, proc.stderr
+        backup = a.root / "data" / "backups" / "before-restore.db"
         assert proc.stdout.startswith(f"backup written: {backup} (")
         assert proc.stdout.rstrip().endswith("bytes, schema version 1, integrity ok)")
         assert stat.S_IMODE(backup.stat().st_mode) == 0o600
-        # Never overwritten; a relative path is taken from the CLI's directory.
-        again = a.cli("admin", "db", "backup", str(backup))
+        assert stat.S_IMODE(backup.parent.stat().st_mode) == 0o700
+        # Never overwritten; a default name with the time.
+        again = a.cli("admin", "db", "backup", "before-restore.db")
         assert again.returncode == 1
         assert again.stderr == f"error: conflict: {backup} exists: a backup never overwrites a file\n"
-        assert a.admin("POST", "/v1/admin/db/backup", {"path": "relative.db"})[1]["error"]["code"] == "bad_request"
         default = a.cli_json("admin", "db", "backup")
-        assert Path(default["path"]).parent == a.root / "data" / "backups"
+        assert Path(default["path"]).parent == backup.parent
+        assert Path(default["path"]).name.startswith("scaiwave-20")
+        # A name, never a path: the daemon creates files in its backups directory only.
+        outside = tmp_path / "outside.db"
+        for name in (str(outside), "../outside.db", ".hidden", "a/b", "", "x" * 101, 7):
+            status, body = a.admin("POST", "/v1/admin/db/backup", {"name": name})
+            assert status == 400 and body["error"]["code"] == "bad_request", (name, body)
+        assert not outside.exists() and not (a.root / "data" / "outside.db").exists()
+        (backup.parent / "link.db").symlink_to(outside)
+        status, body = a.admin("POST", "/v1/admin/db/backup", {"name": "link.db"})
+        assert status == 409 and not outside.exists()
+        saved = tmp_path / "saved.db"
+        shutil.copyfile(backup, saved)
         # Restore: stop, put the backup in place of the database, start.
         a.stop()
         data = a.root / "data"
         shutil.move(data, tmp_path / "old-data")
         data.mkdir(mode=0o700)
-        shutil.copyfile(backup, data / "scaiwave.db")
+        shutil.copyfile(saved, data / "scaiwave.db")
         (data / "scaiwave.db").chmod(0o600)
         a.start()
         assert a.get("/.well-known/scaiwave")["key_id"] == key_id  # the same signing key
