@@ -17,10 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from shellhelpers import ADMIN_TOKEN, FED, Remote, error_code, peered_dm, two_daemons, wait_for
+from shellhelpers import ADMIN_TOKEN, FED, Remote, error_code, make_env, peered_dm, two_daemons, wait_for
 from scaiwave_federation.core import KeyRing, Policy
 from scaiwave_federation.core.requests import sign_request
+from scaiwave_federation.shell.config import load_config
 from scaiwave_federation.shell.metrics import MAX_OPEN_PEER_LABELS, OTHER, labelled_peers, peer_label
+from scaiwave_federation.shell.observe import ROUTES, route_template
+from scaiwave_federation.shell.ops import Ops
+from scaiwave_federation.shell.service import Service
 
 
 async def scrape(server: Remote, token: str | None = ADMIN_TOKEN) -> httpx.Response:
@@ -96,6 +100,13 @@ async def test_metrics_count_federation_by_peer_route_and_code(tmp_path: Path, c
         assert 0 <= value(on_a, "scaiwave_federation_key_age_seconds") < 60
         assert 364 * 86400 < value(on_a, "scaiwave_federation_key_rotation_due_seconds") <= 365 * 86400
         assert value(on_a, "scaiwave_peer_failures", peer=B) == 0
+        # A backfill job and the events it stored.
+        status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill", {"peer": A, "wait": True})
+        assert status == 200 and job["state"] == "done", job
+        on_b = await samples(b)
+        assert value(on_b, "scaiwave_backfill_jobs", kind="admin", state="done") == 1
+        assert value(on_b, "scaiwave_backfill_jobs", kind="admin", state="failed") == 0
+        assert value(on_b, "scaiwave_backfill_events_stored_total", kind="admin") == job["stored"]
         # A refused request is counted under its code.
         status, _ = await a.request("GET", "/v1/rooms", token="swu_not-a-token")
         assert status == 401
@@ -199,3 +210,39 @@ async def test_healthz_and_readyz_give_the_reason(tmp_path: Path, ca: tuple[trus
         await wait_for(ready)
         # Probes take GET only.
         assert error_code(await a.request("POST", "/readyz")) == "not_found"
+
+
+async def test_readiness_names_a_listener_not_up_and_a_closed_database(tmp_path: Path,
+                                                                       ca: tuple[trustme.CA, Path]) -> None:
+    authority, ca_path = ca
+    service = await Service.open(load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test")))
+    ops = Ops(service)  # as the daemon builds it, before the listener is up
+    await service.generate_key()
+    status, body = await ops.health.ready()
+    assert status == 503 and body["checks"] == {
+        "storage": "ok", "key": "ok", "listener": "the HTTPS listener is not up (starting or shutting down)"}
+    ops.health.listening = True
+    ops.health.forget()
+    assert (await ops.health.ready())[0] == 200
+    await service.aclose()
+    ops.health.forget()
+    status, body = await ops.health.ready()
+    assert status == 503 and body["checks"]["storage"].startswith("not writable: ")
+    assert body["reason"].startswith("storage: not writable: ")
+
+
+_segment = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#"), min_size=1,
+                   max_size=30)
+
+
+@given(template=st.sampled_from(ROUTES), values=st.lists(_segment, min_size=3, max_size=3))
+def test_a_filled_route_template_is_found_again(template: str, values: list[str]) -> None:
+    parts = template.split("/")
+    filled = iter(values)
+    path = "/".join(next(filled) if p.startswith("{") else p for p in parts)
+    assert route_template(path) == template
+
+
+@given(path=st.text(max_size=200))
+def test_any_path_gets_a_bounded_label(path: str) -> None:
+    assert route_template(path) in (*ROUTES, "other")
