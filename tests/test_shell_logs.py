@@ -128,3 +128,19 @@ def test_json_formatter_keeps_a_traceback_and_hostile_text_on_one_line() -> None
     assert "\n" not in line
     data = json.loads(line)
     assert data["msg"] == "peer said a\nb" and data["route"] == "/x" and "ValueError: bad" in data["exc"]
+
+
+def test_log_format_from_the_toml_file(tmp_path: Path) -> None:
+    bed = Testbed(tmp_path)
+    server = bed.add("your-host.test")
+    toml = tmp_path / "scaiwave.toml"
+    toml.write_text('log_format = "json"\n')
+    server.env["SCAIWAVE_CONFIG"] = str(toml)
+    server.env["SCAIWAVE_LOG_LEVEL"] = "Debug"
+    try:
+        server.start()
+        assert server.request("GET", "/healthz") == (200, {"alive": True})
+    finally:
+        bed.stop()
+    lines = _lines(server.log_path)  # every line JSON; "Debug" was accepted as a level
+    assert any(x.get("event") == "access" and x["route"] == "/healthz" for x in lines)
