@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ from urllib.parse import quote
 import httpx
 
 from .config import Config, ConfigError, client_ssl_context, load_config
+from .logs import parse_format, parse_level, setup_logging
+from .selfcheck import check_report
 
 __all__ = ["main", "AdminClient"]
 
@@ -116,7 +117,7 @@ def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
 
 def _admin(args: argparse.Namespace, config: Config) -> None:
     c = AdminClient(config)
-    cmd = args.cmd if args.area == "federation" else args.area
+    cmd = args.cmd if args.area in ("federation", "db") else args.area
     if cmd == "key":
         path = {"show": ("GET", "/v1/admin/federation/key"), "generate": ("POST", "/v1/admin/federation/key/generate"),
                 "rotate": ("POST", "/v1/admin/federation/key/rotate")}[args.action]
@@ -153,6 +154,16 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")
     elif cmd == "backfill":
         _backfill(args, c)
+    elif cmd == "backup":
+        data = c.call("POST", "/v1/admin/db/backup", {"name": args.name} if args.name else {})
+        _print(args, data, f"backup written: {data['path']} ({data['bytes']} bytes, schema version "
+                           f"{data['schema_version']}, integrity {data['integrity']})")
+    elif cmd == "check":
+        data = c.call("POST", "/v1/admin/federation/check", {"peer": args.peer} if args.peer else {})
+        _print(args, data, check_report(data))
+        if not data["ok"]:
+            failed = next(s for s in data["steps"] if s["ok"] is False)
+            raise CliError(failed["code"], f"the {failed['step']} step failed (see above)")
     elif cmd == "tenant":
         data = c.call("POST", "/v1/admin/tenants", {"name": args.name, "federation": args.federation != "disabled"})
         _print(args, data, f"tenant {data['name']} (federation {'enabled' if data['federation_enabled'] else 'disabled'})")
@@ -203,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("room_id")
     bf.add_argument("--from", dest="peer", help="the peer (default: the room's host)")
     bf.add_argument("--limit", type=int, default=1000)
-    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf):
+    ck = fed.add_parser("check", help="test this server the way a peer would (name, TLS, descriptor; "
+                        "clock and handshake against PEER)")
+    ck.add_argument("peer", nargs="?", help="a peer to compare clocks and handshake with")
+    admin_db = admin.add_parser("db", help="the daemon's database").add_subparsers(dest="cmd", required=True)
+    bk = admin_db.add_parser("backup", help="an online backup (SQLite backup API) while the daemon runs")
+    bk.add_argument("name", nargs="?", help="the new file's name in DATA_DIR/backups/ (default: scaiwave-TIME.db)")
+    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck, bk):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -233,10 +250,9 @@ def _start_failure(exc: BaseException, config: Config) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SCAIWAVE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        level = parse_level(os.environ.get("SCAIWAVE_LOG_LEVEL"))
+        setup_logging(level, parse_format(os.environ.get("SCAIWAVE_LOG_FORMAT") or "text"))
         if args.top == "demo":
             from .demo import run_demo
 
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return replay_command(args)
         config = load_config(os.environ, args.config)
+        setup_logging(level, config.log_format)  # the TOML file may set log_format
         if args.top == "serve":
             import trio
 

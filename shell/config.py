@@ -29,6 +29,8 @@ from typing import Any
 from scaiwave_federation.core.names import canonical_server_name, server_name_problem, split_server_name
 from scaiwave_federation.core.netguard import Network, parse_networks
 
+from .logs import parse_format
+
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",
 ]
@@ -73,6 +75,7 @@ class Config:
     insecure_skip_tls_verify: bool = False
     test_tamper_backfill: str | None = None
     outbound_allow: tuple[Network, ...] = ()
+    log_format: str = "text"
 
     @property
     def server_host(self) -> str:
@@ -333,6 +336,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
     # puller's refusal against a deliberately broken peer). Logged loudly.
     "test_tamper_backfill": (_plain(_expect_str), None),
+    "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
 }
 
 

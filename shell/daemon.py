@@ -18,6 +18,8 @@ from .api_federation import handle_federation
 from .config import Config, server_ssl_context
 from .errors import INTERNAL
 from .http import Request, Response, serve_http
+from .observe import observed, outcome_code, route_template
+from .ops import Ops
 from .service import Service, descriptor_json
 
 log = logging.getLogger("scaiwave.daemon")
@@ -25,12 +27,16 @@ log = logging.getLogger("scaiwave.daemon")
 __all__ = ["serve", "make_handler"]
 
 
-def make_handler(service: Service, nursery: trio.Nursery):
-    """The HTTP handler: one table from path prefix to the module that owns it."""
+def make_handler(service: Service, nursery: trio.Nursery, ops: Ops | None = None):
+    """The HTTP handler: one table from path prefix to the module that owns it,
+    observed (access and audit lines, metrics: see observe.py)."""
+    ops = ops or Ops(service)
 
     async def handler(request: Request) -> Response:
         path = request.path
         try:
+            if (answer := await ops.handle(request)) is not None:
+                return answer
             if path == "/.well-known/scaiwave" and request.method == "GET":
                 return Response(200, descriptor_json(service), "application/json")
             if path.startswith("/_scaiwave/federation/"):
@@ -44,7 +50,7 @@ def make_handler(service: Service, nursery: trio.Nursery):
             log.exception("handler failed for %s %s", request.method, path[:200])
             return INTERNAL
 
-    return handler
+    return observed(service, ops, handler)
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -53,12 +59,16 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     for line in config.warnings():
         log.warning("%s", line)
     service = await Service.open(config)
+    ops = Ops(service)
+    ops.metrics.instrument(service, route_template, outcome_code)
+    ops.metrics.refresh_labels(await service.store.list_peers())
     try:
         async with trio.open_nursery() as nursery:
-            handler = make_handler(service, nursery)
+            handler = make_handler(service, nursery, ops)
             port = await nursery.start(lambda task_status: serve_http(
                 handler, host=config.listen_host, port=config.listen_port, ssl_context=ssl_context,
                 task_status=task_status))
+            ops.health.listening = True
             nursery.start_soon(service.outbox_worker)
             nursery.start_soon(service.catch_up_worker)
             nursery.start_soon(service.timer_loop)
@@ -68,6 +78,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             log.info("scaiwave serving %s on %s:%s", config.server_name, config.listen_host, port)
             task_status.started(port)
     finally:
+        ops.health.listening = False
         with trio.CancelScope(shield=True):
             await service.aclose()
 

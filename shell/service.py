@@ -167,8 +167,11 @@ class Service:
 
     @property
     def verify_clock(self) -> VerifyClock | None:
-        """The node's verifier when it is timed (the recording's decode/verify split)."""
+        """The timed verifier under the node's (the recording's decode/verify
+        split), found through any wrappers (metrics count around it)."""
         verifier = self.node.batch_verifier
+        while not isinstance(verifier, VerifyClock) and hasattr(verifier, "__wrapped__"):
+            verifier = verifier.__wrapped__
         return verifier if isinstance(verifier, VerifyClock) else None
 
     def record(self, kind: str, **fields: Any) -> None:

@@ -1,0 +1,84 @@
+"""Logging: plain text or JSON lines, and the level and format settings.
+
+``SCAIWAVE_LOG_FORMAT`` (TOML ``log_format``) is ``text`` (the default) or
+``json``; ``SCAIWAVE_LOG_LEVEL`` is a level name in any case (``debug``,
+``Info``, ``WARNING``...). In JSON, every record is one line
+``{"ts", "level", "logger", "msg", ...}``; structured lines (the access line,
+the audit line: see :mod:`.observe`) add their fields at the top level, so a
+log pipeline can filter on ``route`` or ``action`` without parsing ``msg``. A
+traceback goes into ``exc`` as one JSON string, never onto lines of its own.
+
+Fields are passed as ``log.info(msg, extra={"fields": {...}})``. In text, a
+structured line is its message; the message of an access or audit line is
+built from values that were checked or bounded first (a route template, a
+server name that parsed), so a hostile peer cannot forge a log line with a
+newline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "parse_level", "parse_format", "setup_logging"]
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+# The keys a record's own data uses: fields may not overwrite them.
+_RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
+
+
+def parse_level(value: str | None, setting: str = "SCAIWAVE_LOG_LEVEL") -> int:
+    """A level name in any case (``info``, ``Warning``); empty or None means INFO.
+
+    Raises :class:`~.config.ConfigError` naming ``setting`` for anything else.
+    """
+    from .config import ConfigError
+
+    text = (value or "").strip().upper() or "INFO"
+    if text not in _LEVELS:
+        raise ConfigError(f"{setting}: expected one of debug, info, warning, error, critical, got {value!r}",
+                          setting)
+    return _LEVELS[text]
+
+
+def parse_format(value: object, setting: str = "SCAIWAVE_LOG_FORMAT") -> str:
+    """``text`` or ``json`` in any case; raises ConfigError naming ``setting`` otherwise."""
+    from .config import ConfigError
+
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"{setting}: expected text or json, got {value!r}", setting)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (UTF-8, no ASCII escaping)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update((k, v) for k, v in fields.items() if k not in _RESERVED)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def setup_logging(level: int, fmt: str) -> None:
+    """(Re)configure the root logger: ``level``, text or JSON lines, on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # httpx logs every request at INFO: the access line and the metrics say it better.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))

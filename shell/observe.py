@@ -1,0 +1,201 @@
+"""What each request did: the access line, the audit line, the metrics, the Date header.
+
+:func:`observed` wraps the daemon's HTTP handler. For every request it
+answers it writes one **access line** (logger ``scaiwave.access``: method,
+route template, status, outcome code, peer, remote address, duration), counts
+the request in :class:`~.metrics.Metrics`, and adds a ``Date`` header from the
+daemon's clock (peers and ``federation check`` read clock offsets from it).
+
+Every admin *change* (a non-GET under ``/v1/admin/``) also writes an **audit
+line** (logger ``scaiwave.audit``): the action, its outcome, and what changed
+(a policy diff, key ids before and after, the tenant or user named, the peer
+acted on). Audit fields are picked from a fixed list per action: request
+headers and response bodies are never copied, so a bearer token, a user's new
+access token or a key seed cannot reach the log.
+
+Routes are logged as templates (``/v1/invites/{room_id}/accept``), never as
+raw paths, and the peer is the server name a federation request claims in its
+signature, only when it is a valid server name: hostile bytes never reach a
+log line unescaped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from scaiwave_federation.core import Code, Refused
+from scaiwave_federation.core.handshake import decode_refusal
+from scaiwave_federation.core.names import valid_server_name
+from scaiwave_federation.core.requests import parse_authorization
+
+from .http import Request, Response
+from .ops import json_object
+
+if TYPE_CHECKING:
+    from .ops import Ops
+    from .service import Service
+
+__all__ = ["observed", "route_template", "outcome_code", "ROUTES"]
+
+access_log = logging.getLogger("scaiwave.access")
+audit_log = logging.getLogger("scaiwave.audit")
+
+_FED = "/_scaiwave/federation/v1"
+_ADMIN = "/v1/admin"
+#: Every path the daemon serves, as a template; anything else is "other".
+ROUTES: tuple[str, ...] = (
+    "/.well-known/scaiwave", "/metrics", "/healthz", "/readyz",
+    f"{_FED}/handshake", f"{_FED}/invite/{{room_id}}", f"{_FED}/send/{{txn_id}}", f"{_FED}/rooms/{{room_id}}/backfill",
+    "/v1/dms", "/v1/rooms", "/v1/rooms/{room_id}/invite", "/v1/rooms/{room_id}/messages", "/v1/notifications",
+    "/v1/invites/{room_id}/accept", "/v1/invites/{room_id}/decline",
+    f"{_ADMIN}/federation/peers", f"{_ADMIN}/federation/peers/{{peer}}/handshake",
+    f"{_ADMIN}/federation/peers/{{peer}}/retry", f"{_ADMIN}/federation/policy", f"{_ADMIN}/federation/descriptor",
+    f"{_ADMIN}/federation/foreign/{{participant_id}}/refresh", f"{_ADMIN}/federation/key",
+    f"{_ADMIN}/federation/key/generate", f"{_ADMIN}/federation/key/rotate",
+    f"{_ADMIN}/federation/rooms/{{room_id}}/backfill", f"{_ADMIN}/federation/backfills/{{id}}",
+    f"{_ADMIN}/federation/check", f"{_ADMIN}/tenants", f"{_ADMIN}/tenants/{{name}}", f"{_ADMIN}/users",
+    f"{_ADMIN}/db/backup",
+)
+_SPLIT = [tuple(t.split("/")) for t in ROUTES]
+
+
+def route_template(path: str) -> str:
+    """The template of ``path`` (without query) from :data:`ROUTES`, else ``"other"``.
+
+    A ``{name}`` segment matches any one non-empty segment; literal segments
+    must match exactly, and literals win over parameters.
+    """
+    parts = path.split("/")
+    best: tuple[str, ...] | None = None
+    for template in _SPLIT:
+        if len(template) != len(parts):
+            continue
+        if all(t == p or (t.startswith("{") and p) for t, p in zip(template, parts)):
+            if best is None or sum(t.startswith("{") for t in template) < sum(t.startswith("{") for t in best):
+                best = template
+    return "/".join(best) if best is not None else "other"
+
+
+def outcome_code(status: int, body: bytes, content_type: str) -> str:
+    """``"ok"`` for a success, else the error code in the body (JSON or CBOR)."""
+    if status < 400:
+        return "ok"
+    code: Any = None
+    if content_type.startswith("application/json"):
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = None
+    elif content_type.startswith("application/cbor"):
+        code = decode_refusal(status, body).code.value
+    try:
+        return Code(code).value
+    except ValueError:
+        return "other"
+
+
+def claimed_peer(request: Request) -> str | None:
+    """The origin a federation request's signature names (checked or not), if it is a server name."""
+    if not request.path.startswith(_FED):
+        return None
+    signed = parse_authorization(request.header("authorization"))
+    if isinstance(signed, Refused) or not valid_server_name(signed.origin):
+        return None
+    return signed.origin
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
+    """``handler`` with the access line, the audit line, the metrics and a Date header."""
+    metrics = ops.metrics
+
+    async def observe(request: Request) -> Response:
+        start = time.perf_counter()
+        route = route_template(request.path)
+        audit = _Audit.begin(service, request, route)
+        response = await handler(request)
+        seconds = time.perf_counter() - start
+        code = outcome_code(response.status, response.body, response.content_type)
+        peer = claimed_peer(request)
+        metrics.count_received(request.method, route, peer, code, seconds)
+        access_log.info("%s %s %s %s peer=%s remote=%s %.1f ms", request.method[:16], route, response.status, code, peer or "-", request.peer or "-", seconds * 1000,
+                        extra={"fields": {"event": "access", "method": request.method[:16], "route": route,
+                                          "status": response.status, "code": code, "peer": peer,
+                                          "remote": request.peer, "duration_ms": round(seconds * 1000, 3)}})
+        if audit is not None:
+            audit.end(service, response, code)
+            ops.admin_changed()
+        date = email.utils.formatdate(service.now() / 1000, usegmt=True)
+        return dataclasses.replace(response, headers=(*response.headers, ("date", date)))
+
+    return observe
+
+
+class _Audit:
+    """One admin change: what it was before, then what it did."""
+
+    def __init__(self, request: Request, route: str, fields: dict[str, Any], before: Any) -> None:
+        self.request, self.route, self.fields, self.before = request, route, fields, before
+
+    @classmethod
+    def begin(cls, service: Service, request: Request, route: str) -> _Audit | None:
+        if not route.startswith(_ADMIN) or request.method in ("GET", "HEAD"):
+            return None
+        parts = request.path.split("/")
+        params = {t[1:-1]: p for t, p in zip(route.split("/"), parts) if t.startswith("{")}
+        fields: dict[str, Any] = {k: v[:255] for k, v in params.items()}
+        body = json_object(request.body) or {}
+        # Only these body fields are copied, and only as short strings, booleans or ints.
+        for key in ("name", "tenant", "federation", "peer", "limit"):
+            value = body.get(key)
+            if isinstance(value, (bool, int)) or (isinstance(value, str) and len(value) <= 255):
+                fields[key] = value
+        before: Any = None
+        if route.endswith("/federation/policy"):
+            before = service.node.policy.as_dict()
+        elif "/federation/key/" in route:
+            before = _key_ids(service)
+        return cls(request, route, fields, before)
+
+    def end(self, service: Service, response: Response, code: str) -> None:
+        fields = dict(self.fields)
+        if self.route.endswith("/federation/policy"):
+            fields["changes"] = _diff(self.before, service.node.policy.as_dict())
+        elif "/federation/key/" in self.route:
+            fields["key_before"], fields["key_after"] = self.before, _key_ids(service)
+        action = self.route[len(_ADMIN) + 1:] if self.route != "other" else "other"
+        outcome = "ok" if response.status < 400 else code
+        detail = " ".join(f"{k}={json.dumps(v, ensure_ascii=True, separators=(',', ':'))}"
+                          for k, v in sorted(fields.items()))
+        audit_log.info("admin %s %s: %s %s", self.request.method, action, outcome, detail,
+                       extra={"fields": {"event": "audit", "method": self.request.method, "action": action,
+                                         "outcome": outcome, "status": response.status,
+                                         "remote": self.request.peer, **fields}})
+
+
+
+
+def _key_ids(service: Service) -> dict[str, Any]:
+    ring = service.node.keyring
+    return {"current": ring.current.key_id if ring.current else None, "old": [o.key_id for o in ring.old]}
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a policy change changed: the mode, and names added to or removed from each list."""
+    out: dict[str, Any] = {}
+    if before["default_mode"] != after["default_mode"]:
+        out["default_mode"] = [before["default_mode"], after["default_mode"]]
+    for key in ("allowed_peers", "blocked_peers"):
+        added = sorted(set(after[key]) - set(before[key]))
+        removed = sorted(set(before[key]) - set(after[key]))
+        if added or removed:
+            out[key] = {"added": added, "removed": removed}
+    return out

@@ -1,0 +1,146 @@
+"""Logs of real ``scaiwave serve`` processes: JSON lines, one access line per
+request with the route template, an audit line per admin change, and never a
+token or a key seed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from scaiwave_federation.shell.config import ConfigError, load_config
+from scaiwave_federation.shell.logs import JsonFormatter, parse_level
+from scaiwave_federation.shell.testbed import Testbed
+
+
+def _lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        out.append(json.loads(line))  # every line is one JSON object
+    return out
+
+
+def _secrets_spellings(secret: bytes) -> list[str]:
+    return [secret.hex(), base64.b64encode(secret).decode(), base64.urlsafe_b64encode(secret).decode().rstrip("=")]
+
+
+def test_json_logs_access_and_audit_without_secrets(tmp_path: Path) -> None:
+    bed = Testbed(tmp_path)
+    a = bed.add("your-host.test", extra={"SCAIWAVE_LOG_FORMAT": "JSON", "SCAIWAVE_LOG_LEVEL": "info"})
+    b = bed.add("peer.test")
+    try:
+        a.start()
+        b.start()
+        a.cli("admin", "federation", "key", "generate", check=True)
+        b.cli("admin", "federation", "key", "generate", check=True)
+        a.cli("admin", "federation", "policy", "set", "--allow", b.server_name, "evil.test", check=True)
+        a.cli("admin", "federation", "policy", "set", "--allow", b.server_name, check=True)
+        b.cli("admin", "federation", "policy", "set", "--allow", a.server_name, check=True)
+        a.cli("admin", "federation", "handshake", b.server_name, check=True)
+        a.cli("admin", "federation", "retry", b.server_name, check=True)
+        a.cli("admin", "federation", "refresh", f"@bob:{b.server_name}", check=True)
+        a.cli("admin", "tenant", "create", "acme", check=True)
+        assert a.admin("PUT", "/v1/admin/tenants/acme", {"federation": False})[0] == 200
+        alice = a.cli_json("admin", "user", "create", "alice", "--tenant", "acme")
+        a.cli("admin", "federation", "key", "rotate", check=True)
+        room = a.request("POST", "/v1/rooms", {"room_type": "group"}, token=alice["access_token"])[1]["room_id"]
+        assert a.request("GET", f"/v1/rooms/{room}/messages", token=alice["access_token"])[0] == 200
+        assert a.request("GET", "/v1/rooms", token="swu_wrong-token-000")[0] == 401
+    finally:
+        bed.stop()
+    lines = _lines(a.log_path)
+    text = a.log_path.read_text()
+    # Never a token or a seed, in any spelling.
+    with sqlite3.connect(a.root / "data" / "scaiwave.db") as db:
+        seeds = [row[0] for row in db.execute("SELECT seed FROM keys WHERE seed IS NOT NULL")]
+    assert seeds
+    for secret in [a.admin_token, alice["access_token"], "swu_wrong-token-000"]:
+        assert secret not in text
+    for seed in seeds:
+        for spelling in _secrets_spellings(seed):
+            assert spelling not in text
+    # Access lines: route templates, never raw ids.
+    access = [line for line in lines if line.get("event") == "access"]
+    assert {"ts", "level", "logger", "msg", "method", "route", "status", "code", "peer", "remote",
+            "duration_ms"} <= set(access[0])
+    routes = {(x["method"], x["route"], x["status"], x["code"]) for x in access}
+    assert ("GET", "/v1/rooms/{room_id}/messages", 200, "ok") in routes
+    assert ("GET", "/v1/rooms", 401, "unauthorized") in routes
+    assert ("POST", "/v1/admin/federation/peers/{peer}/handshake", 200, "ok") in routes
+    assert not any(room in x["msg"] or room in x["route"] for x in access)
+    # Audit lines: one per change, with what changed.
+    audit = {x["action"]: x for x in lines if x.get("event") == "audit" and x["outcome"] == "ok"}
+    policies = [x for x in lines if x.get("event") == "audit" and x["action"] == "federation/policy"]
+    assert [p["changes"] for p in policies] == [
+        {"allowed_peers": {"added": sorted([b.server_name, "evil.test"]), "removed": []}},
+        {"allowed_peers": {"added": [], "removed": ["evil.test"]}},
+    ]
+    generated, rotated = audit["federation/key/generate"], audit["federation/key/rotate"]
+    assert generated["key_before"]["current"] is None and generated["key_after"]["current"]
+    assert rotated["key_after"]["old"] == [generated["key_after"]["current"]]
+    assert audit["federation/peers/{peer}/handshake"]["peer"] == b.server_name
+    assert audit["federation/peers/{peer}/retry"]["peer"] == b.server_name
+    assert audit["federation/foreign/{participant_id}/refresh"]["participant_id"].endswith(b.server_name)
+    assert audit["tenants"]["name"] == "acme"
+    assert audit["tenants/{name}"]["name"] == "acme" and audit["tenants/{name}"]["federation"] is False
+    assert audit["users"]["name"] == "alice" and audit["users"]["tenant"] == "acme"
+    # The peer's side: its access lines name the origin its requests claimed.
+    served = [x for x in _lines_text(b.log_path) if "POST /_scaiwave/federation/v1/handshake 200 ok" in x]
+    assert served and f"peer={a.server_name}" in served[0]
+
+
+def _lines_text(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_log_level_and_format_settings(tmp_path: Path) -> None:
+    assert parse_level("debug") == parse_level("DEBUG") == logging.DEBUG
+    assert parse_level("Warning") == parse_level("warn") == logging.WARNING
+    assert parse_level(None) == parse_level("") == logging.INFO
+    with pytest.raises(ConfigError, match=r"^SCAIWAVE_LOG_LEVEL: expected one of debug, info, warning, error, "
+                                          r"critical, got 'loud'$"):
+        parse_level("loud")
+    base = {"SCAIWAVE_SERVER_NAME": "x.test", "SCAIWAVE_TLS_CERT": __file__, "SCAIWAVE_TLS_KEY": __file__,
+            "SCAIWAVE_ADMIN_TOKEN": "t" * 20}
+    assert load_config(base).log_format == "text"
+    assert load_config({**base, "SCAIWAVE_LOG_FORMAT": "Json"}).log_format == "json"
+    toml = tmp_path / "scaiwave.toml"
+    toml.write_text('log_format = "json"\n')
+    assert load_config(base, toml).log_format == "json"
+    toml.write_text('log_format = "yaml"\n')
+    with pytest.raises(ConfigError, match="^SCAIWAVE_LOG_FORMAT: expected text or json, got 'yaml' \\(from"):
+        load_config(base, toml)
+
+
+def test_json_formatter_keeps_a_traceback_and_hostile_text_on_one_line() -> None:
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("scaiwave.x", logging.ERROR, __file__, 1, "peer said %s", ("a\nb",), sys.exc_info())
+    record.fields = {"route": "/x", "msg": "not overwritten"}
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["msg"] == "peer said a\nb" and data["route"] == "/x" and "ValueError: bad" in data["exc"]
+
+
+def test_log_format_from_the_toml_file(tmp_path: Path) -> None:
+    bed = Testbed(tmp_path)
+    server = bed.add("your-host.test")
+    toml = tmp_path / "scaiwave.toml"
+    toml.write_text('log_format = "json"\n')
+    server.env["SCAIWAVE_CONFIG"] = str(toml)
+    server.env["SCAIWAVE_LOG_LEVEL"] = "Debug"
+    try:
+        server.start()
+        assert server.request("GET", "/healthz") == (200, {"alive": True})
+    finally:
+        bed.stop()
+    lines = _lines(server.log_path)  # every line JSON; "Debug" was accepted as a level
+    assert any(x.get("event") == "access" and x["route"] == "/healthz" for x in lines)
