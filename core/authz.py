@@ -265,6 +265,10 @@ def may_propose(room: RoomFacts, *, origin: str, sender: str, proposal_origin: s
 
 def push_targets(room: RoomFacts, server_name: str) -> list[str]:
     """The servers the host sends a room's new events to: every server with a
-    joined member, but itself (sorted, for a stable order)."""
+    joined member, but itself (sorted, for a stable order). None for a sealed
+    room (A4): a room sealed after foreign members joined (its tenant turned
+    federation off) stops flowing out at once."""
+    if room.sealed() is not None:
+        return []
     servers = {server_of(u) for u, m in room.members.items() if m == "join"}
     return sorted(s for s in servers if s is not None and s != server_name)

@@ -163,6 +163,14 @@ class Federation:
         return self.requests.verify(authorization, method=method, target=target, body=body, now=now,
                                     admit=self.policy.admits)
 
+    def unverifiable(self, need: NeedKeys) -> Refused:
+        """What an event whose keys we could not get is refused with: the
+        policy's refusal when we may not fetch from its server, else ``unknown_key``."""
+        refusal = self.policy.admits(need.server)
+        if refusal is not None:
+            return refusal
+        return Refused(Code.UNKNOWN_KEY, f"{need.server[:100]} key {str(need.key_id)[:64]} is unknown")
+
     def may_fetch_keys(self, server: str, now: int, key_id: str | None = None) -> Refused | None:
         """May the host fetch ``server``'s descriptor now, for traffic (not an
         admin's explicit request)? Only servers our policy admits, and no more

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .codes import Code, LocalProtocolError, Refused
-from .names import canonical_server_name, server_name_problem
+from .names import canonical_server_name, server_name_problem, valid_server_name
 
 __all__ = ["MODES", "Policy", "room_refusal", "mutual_refusal", "ROOM_TYPES", "FEDERABLE_ROOM_TYPES"]
 
@@ -93,7 +93,7 @@ class Policy:
         ``peer`` is compared in its canonical spelling; a string that is no
         server name at all is refused (``malformed``).
         """
-        name = canonical_server_name(peer)
+        name = peer if valid_server_name(peer) else canonical_server_name(peer)  # the first is cached
         if name is None:
             return Refused(Code.MALFORMED, f"not a server name: {str(peer)[:100]!r}")
         # Rule 1: a block wins over every mode and over allowed_peers.

@@ -531,7 +531,7 @@ class Replayer:
             if type(result) is not Event:
                 if isinstance(result, NeedKeys):
                     self._learn(result.server, now, None)
-                    result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
+                    result = node.unverifiable(result)
                 outcomes.append(result.code.value)
                 continue
             room_id = result.room_id

@@ -146,7 +146,7 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
     for result in results:
         if isinstance(result, NeedKeys):
             await service.learn_descriptor(result.server)
-            result = Refused(Code.UNKNOWN_KEY, f"{result.server} key {result.key_id} is unknown")
+            result = service.node.unverifiable(result)
         if isinstance(result, Refused):
             outcomes.append({"error": result.as_dict()})
             continue

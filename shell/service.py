@@ -378,8 +378,10 @@ class Service:
     async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
         """Queue chained events for every other server with joined members (durably,
         then delivered by the outbox worker with per-peer backoff)."""
-        facts = RoomFacts(room_id, "", members=await self.memberships(room_id))
-        servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
+        room = await self.store.get_room(room_id)
+        if room is None:
+            return
+        servers = [s for s in push_targets(await self.room_facts(room), self.config.server_name) if s != exclude]
         now = self.now()
         body = encode_events_body([e.envelope for e in events])
         for server in servers:

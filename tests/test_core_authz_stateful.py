@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from scaiwave_federation.core import Code, Event, KeyRing, NeedKeys, Party, Policy, RoomFacts, chain_event, make_event
 from scaiwave_federation.core.authz import (
@@ -29,6 +29,7 @@ from scaiwave_federation.core.authz import (
     may_leave,
     may_post,
     may_read,
+    push_targets,
     server_may_read_history,
 )
 from scaiwave_federation.core.events import verify_events
@@ -69,8 +70,23 @@ class Rooms(RuleBasedStateMachine):
         room = self.rooms[room_id]
         return RoomFacts(room_id, room["type"], room["tenant"], self.federates[room["tenant"]], dict(room["members"]))
 
-    def pick_room(self, data) -> str | None:
-        return data.draw(st.sampled_from(sorted(self.rooms))) if self.rooms else None
+    def pick_room(self, data, among: list[str] | None = None, memberships: tuple[str, ...] = ()) -> str | None:
+        """Any room, but most often one holding someone of ``among`` with one of ``memberships``."""
+        if not self.rooms:
+            return None
+        likely = sorted(r for r, room in self.rooms.items()
+                        if any(u in (among or ()) and m in memberships for u, m in room["members"].items()))
+        if likely and data.draw(st.integers(0, 3)) > 0:
+            return data.draw(st.sampled_from(likely))
+        return data.draw(st.sampled_from(sorted(self.rooms)))
+
+    def pick_user(self, data, room_id: str, among: list[str], memberships: tuple[str, ...]) -> str:
+        """Anyone of ``among``, but most often someone the room holds with one of
+        ``memberships``, so that runs reach deep states (joins, leaves, toggles)."""
+        likely = [u for u, m in self.rooms[room_id]["members"].items() if m in memberships and u in among]
+        if likely and data.draw(st.integers(0, 3)) > 0:
+            return data.draw(st.sampled_from(sorted(likely)))
+        return data.draw(st.sampled_from(among))
 
     def proposal(self, signer: str, sender: str, room_id: str, type: str, content: dict) -> Event:
         """A proposal claiming to come from the sender's server, signed by ``signer``'s key."""
@@ -82,53 +98,64 @@ class Rooms(RuleBasedStateMachine):
 
     # -- local users ---------------------------------------------------------------------------
 
+    @rule(tenant=st.sampled_from(["acme", "globex"]))
+    def toggle_federation(self, tenant: str) -> None:
+        """An admin turns a tenant's federation off (or on) with rooms already federated."""
+        self.federates[tenant] = not self.federates[tenant]
+
     @rule(creator=st.sampled_from(LOCAL), room_type=st.sampled_from(ROOM_TYPES))
     def create(self, creator: str, room_type: str) -> None:
         self.count += 1
         room_id = f"!r{self.count}:{HOST}"
         self.rooms[room_id] = {"type": room_type, "tenant": TENANT[creator], "members": {creator: "join"}}
 
-    @rule(data=st.data(), inviter=st.sampled_from(LOCAL), invitee=st.sampled_from(EVERYONE))
-    def invite(self, data, inviter: str, invitee: str) -> None:
-        room_id = self.pick_room(data)
+    @rule(data=st.data(), invitee=st.sampled_from(EVERYONE))
+    def invite(self, data, invitee: str) -> None:
+        room_id = self.pick_room(data, LOCAL, ("join",))
         if room_id is None:
             return
+        inviter = self.pick_user(data, room_id, LOCAL, ("join",))
         facts = self.facts(room_id)
         refusal = may_invite(facts, server_name=HOST, inviter=self.party(inviter), invitee=self.party(invitee),
                              invitee_id=invitee)
         if refusal is None:
             assert facts.membership(inviter) == "join"
+            # A sealed room gains no member from another server or tenant.
+            assert facts.sealed() is None or (server_of(invitee) == HOST and TENANT[invitee] == facts.tenant)
             self.set(room_id, invitee, "invite")
         else:
             assert refusal.code in (Code.NOT_MEMBER, Code.CONFLICT, Code.FORBIDDEN, Code.NOT_FOUND,
                                     Code.TENANT_FEDERATION_DISABLED, Code.ROOM_INCOGNITO, Code.ROOM_BRIDGE,
                                     Code.ROOM_SIDEKICK), refusal
 
-    @rule(data=st.data(), user=st.sampled_from(LOCAL), answer=st.sampled_from(["join", "decline"]))
-    def answer(self, data, user: str, answer: str) -> None:
-        room_id = self.pick_room(data)
+    @rule(data=st.data(), answer=st.sampled_from(["join", "decline"]))
+    def answer(self, data, answer: str) -> None:
+        room_id = self.pick_room(data, LOCAL, ("invite",))
         if room_id is None:
             return
+        user = self.pick_user(data, room_id, LOCAL, ("invite",))
         facts = self.facts(room_id)
         if may_answer(facts, user=self.party(user), answer=answer, server_name=HOST) is None:
             assert facts.membership(user) == "invite"
             self.set(room_id, user, answer)
 
-    @rule(data=st.data(), user=st.sampled_from(LOCAL))
-    def leave(self, data, user: str) -> None:
+    @rule(data=st.data())
+    def leave(self, data) -> None:
         room_id = self.pick_room(data)
         if room_id is None:
             return
+        user = self.pick_user(data, room_id, LOCAL, ("join",))
         facts = self.facts(room_id)
         if may_leave(facts, user=self.party(user), server_name=HOST) is None:
             assert facts.membership(user) == "join"
             self.set(room_id, user, "leave")
 
-    @rule(data=st.data(), user=st.sampled_from(LOCAL), write=st.booleans())
-    def post_or_read(self, data, user: str, write: bool) -> None:
+    @rule(data=st.data(), write=st.booleans())
+    def post_or_read(self, data, write: bool) -> None:
         room_id = self.pick_room(data)
         if room_id is None:
             return
+        user = self.pick_user(data, room_id, LOCAL, ("join", "invite"))
         facts = self.facts(room_id)
         ask = may_post(facts, user=self.party(user), server_name=HOST) if write else may_read(facts, user=self.party(user))
         if ask is None:
@@ -138,13 +165,29 @@ class Rooms(RuleBasedStateMachine):
 
     # -- remote users, through signed proposals ------------------------------------------------------
 
-    @rule(data=st.data(), user=st.sampled_from(REMOTE + HOSTILE),
-          signer=st.sampled_from([PEER, EVIL]), origin=st.sampled_from([PEER, EVIL]),
-          what=st.sampled_from(["join", "decline", "leave", "message"]))
-    def remote_proposal(self, data, user: str, signer: str, origin: str, what: str) -> None:
-        room_id = self.pick_room(data)
+    def _remote_in(self, membership: str) -> list[tuple[str, str]]:
+        return sorted((r, u) for r, room in getattr(self, "rooms", {}).items() for u, m in room["members"].items()
+                      if m == membership and server_of(u) != HOST)
+
+    @precondition(lambda self: self._remote_in("invite") or self._remote_in("join"))
+    @rule(data=st.data(), what=st.sampled_from(["join", "join", "decline", "message", "leave"]))
+    def remote_member_acts(self, data, what: str) -> None:
+        """A remote user of the room acts through its own server, honestly."""
+        room_id, user = data.draw(st.sampled_from(self._remote_in("invite") + self._remote_in("join")))
+        self._propose(room_id, user, server_of(user) or PEER, server_of(user) or PEER, what)
+
+    @rule(data=st.data(), honest=st.booleans(), signer=st.sampled_from([PEER, EVIL]),
+          origin=st.sampled_from([PEER, EVIL]), what=st.sampled_from(["join", "decline", "leave", "message"]))
+    def remote_proposal(self, data, honest: bool, signer: str, origin: str, what: str) -> None:
+        room_id = self.pick_room(data, REMOTE + HOSTILE, ("invite", "join"))
         if room_id is None:
             return
+        user = self.pick_user(data, room_id, REMOTE + HOSTILE, ("invite", "join"))
+        if honest:  # the user's own server, speaking for its user (half the time)
+            signer = origin = server_of(user) or PEER
+        self._propose(room_id, user, signer, origin, what)
+
+    def _propose(self, room_id: str, user: str, signer: str, origin: str, what: str) -> None:
         facts = self.facts(room_id)
         if what == "message":
             proposal = self.proposal(signer, user, room_id, "m.message", {"body": "hi"})
@@ -172,7 +215,7 @@ class Rooms(RuleBasedStateMachine):
 
     @rule(data=st.data(), server=st.sampled_from([PEER, EVIL]))
     def backfill(self, data, server: str) -> None:
-        room_id = self.pick_room(data)
+        room_id = self.pick_room(data, REMOTE + HOSTILE, ("invite", "join"))
         if room_id is None:
             return
         facts = self.facts(room_id)
@@ -207,12 +250,18 @@ class Rooms(RuleBasedStateMachine):
     # -- invariants ----------------------------------------------------------------------------
 
     @invariant()
-    def sealed_rooms_have_no_foreign_member(self) -> None:
+    def sealed_rooms_flow_nowhere(self) -> None:
+        """A sealed room's events go to no other server and its history to no one,
+        even when it was sealed after foreign members joined."""
         for room_id in getattr(self, "rooms", {}):
             facts = self.facts(room_id)
             if facts.sealed() is not None:
-                for user in facts.members:
-                    assert server_of(user) == HOST and TENANT[user] == facts.tenant, (room_id, facts)
+                assert push_targets(facts, HOST) == []
+                for server in (PEER, EVIL):
+                    assert server_may_read_history(facts, server) is not None
+            else:
+                assert set(push_targets(facts, HOST)) == {
+                    server_of(u) for u, m in facts.members.items() if m == "join"} - {HOST}
 
     @invariant()
     def dms_have_two_parties(self) -> None:
@@ -231,4 +280,6 @@ class Rooms(RuleBasedStateMachine):
 
 
 TestRooms = Rooms.TestCase
-TestRooms.settings = settings(settings.default, stateful_step_count=40)
+# Cheap steps (no network): more runs and longer ones than the profile's default.
+TestRooms.settings = settings(settings.default, max_examples=max(settings.default.max_examples, 200),
+                              stateful_step_count=50)
