@@ -31,7 +31,12 @@ async def handle_federation(service: Service, request: Request) -> Response:
     """Serve one federation request and record it."""
     context: dict[str, Any] = {}
     received_at = service.now()
-    response = await _handle(service, request, context)
+    with service.limits.inbound(request.header("authorization")) as limited:
+        if limited is not None:
+            # Refused before anything else (no key fetch, no storage): not recorded,
+            # since it reached no decision a replay could make again.
+            return cbor_error(limited)
+        response = await _handle(service, request, context)
     service.record("inbound", method=request.method, target=request.target,
                    authorization=request.header("authorization"), body=request.body, context=context,
                    status=response.status, response=response.body, received_at=received_at)

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trustme
 
+from roguehost import read_request
 from scaiwave_federation.shell.client import PeerClient, TransportError
 
 
@@ -29,12 +30,8 @@ class Rogue:
         self.held += 1
         self.most = max(self.most, self.held)
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
+            if await read_request(conn, stream) is None:
+                return
             await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
                 ("content-length", str(len(self.body))), ("connection", "close")])))
             for i in range(len(self.body)):

@@ -1,0 +1,96 @@
+"""A real daemon with rogue TLS hosts in the loop (tests/roguehost.py): what
+a hostile or broken peer can no longer do (issue 16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trustme
+
+from roguehost import RogueHost, daemon, join_rogue_room, messages, set_up
+from shellhelpers import wait_for
+from scaiwave_federation.core.backfill import build_page
+
+
+async def test_a_host_answering_moved_cursors_gets_a_bounded_backfill(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """Every page after the first comes back with a moved cursor and no
+    events. The admin's backfill used to ask again until the host said 404
+    (151 requests); now it ends at the first such page with ``no_progress``,
+    and what it stored stays."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", rogue) as b:
+            token = await set_up(b, rogue.server_name)
+            room = await join_rogue_room(b, rogue, token, history=30)
+            pages = []
+
+            async def moved(room_id, before, limit):
+                pages.append(before)
+                if len(pages) == 1:
+                    return 200, rogue.page(room_id, before, 1)  # an honest first page, of one event
+                if len(pages) > 200:
+                    return 404, b""  # (what ended the loop before the fix)
+                return 200, build_page(room_id, (before or 1000) + 7, [], [])
+
+            rogue.backfill = moved
+            status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
+                                        {"limit": 20, "wait": True, "peer": rogue.server_name})
+            assert status == 200, job
+            assert len(pages) <= 3, f"{len(pages)} page requests"
+            assert job["state"] == "failed" and job["error"]["code"] == "no_progress", job
+            assert job["stored"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_host_holds_up_only_its_own_catch_up(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """Two rooms on two hosts, both with a gap above bob's copy. The slow host
+    trickles its page a byte at a time (each read on time, so httpx's per-read
+    timeout never fires): its catch-up ends at the request's total deadline,
+    and the other host's catch-up is not queued behind it."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        slow = await RogueHost(authority, "slow.test").start(nursery)
+        fast = await RogueHost(authority, "fast.test", seed=b"\x67" * 32).start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", slow, fast, SCAIWAVE_OUTBOUND_DEADLINE="4s") as b:
+            token = await set_up(b, slow.server_name, fast.server_name)
+            slow_room = await join_rogue_room(b, slow, token, "slowroom")
+            fast_room = await join_rogue_room(b, fast, token, "fastroom")
+            asked = trio.Event()
+
+            async def trickled(room_id, before, limit):
+                slow.trickle = 0.05  # ~20 bytes a second: every read on time, the page never done
+                asked.set()
+                return None
+
+            slow.backfill = trickled
+            for rogue, room in ((slow, slow_room), (fast, fast_room)):
+                missed = rogue.chain(room, rogue.user("mallory"), "m.message", {"body": "missed"})
+                above = rogue.chain(room, rogue.user("mallory"), "m.message", {"body": "above the gap"})
+                del missed
+                status, reply = await rogue.send(b, [above.envelope])
+                assert status == 200 and reply["results"][0]["error"]["code"] == "chain_broken", reply
+                if rogue is slow:
+                    with trio.fail_after(5):
+                        await asked.wait()
+            start = trio.current_time()
+
+            async def fast_caught_up():
+                return await messages(b, fast_room, token) == ["missed", "above the gap"]
+
+            await wait_for(fast_caught_up, timeout=3)
+            assert trio.current_time() - start < 3
+            assert await messages(b, slow_room, token) == []  # still being trickled
+
+            async def slow_job_ended():
+                for job_id in (1, 2):
+                    status, job = await b.admin("GET", f"/v1/admin/federation/backfills/{job_id}")
+                    if job["peer"] == slow.server_name and job["state"] != "running":
+                        return job
+                return None
+
+            job = await wait_for(slow_job_ended, timeout=8)
+            assert job["error"]["code"] == "peer_unreachable" and "within 4s" in job["error"]["message"], job
+        nursery.cancel_scope.cancel()
