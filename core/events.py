@@ -99,8 +99,9 @@ class Event(NamedTuple):
         return event_id_text(self.event_id)
 
     def as_record(self) -> dict[str, Any]:
-        """The fields storage keeps for this event."""
-        return {
+        """The fields storage keeps for this event (with ``proposal_id``, the
+        id of the proposal it chains, when it carries a ``source``)."""
+        record = {
             "event_id": self.event_id,
             "depth": self.depth,
             "sender": self.sender,
@@ -109,6 +110,11 @@ class Event(NamedTuple):
             "ts": self.ts,
             "envelope": self.envelope,
         }
+        if self.source is not None:
+            proposal = decode_event(self.source)
+            if isinstance(proposal, Event):
+                record["proposal_id"] = proposal.event_id
+        return record
 
 
 def event_id_text(event_id: bytes) -> str:

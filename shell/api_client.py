@@ -19,6 +19,7 @@ from scaiwave_federation.core import Code, Event, Head, Refused, decode_event, m
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.names import server_of
 from scaiwave_federation.core.policy import ROOM_TYPES, room_refusal
+from scaiwave_federation.core.proposals import chained_once, proposal_id
 from scaiwave_federation.core.rooms import chain_event, encode_events_body, link, LinkResult
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
@@ -255,6 +256,12 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
             # if it links now. Otherwise (events still on their way to us, or
             # already here) it arrives in order through the host's outbox.
             verdict = LinkResult.APPEND if head is None else link(event, head)
+            pid = proposal_id(event)
+            if pid is not None and verdict == LinkResult.APPEND:
+                # A host that chained our proposal twice gets it shown once (core/proposals.py).
+                held = next((e.event_id for e in stored if proposal_id(e) == pid), None)
+                held = held or await service.store.proposal_chained(room["room_id"], pid)
+                verdict = chained_once(event, held) or verdict
             if verdict == LinkResult.APPEND:
                 stored.append(event)
                 head = Head(event.depth, event.event_id)

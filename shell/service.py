@@ -47,7 +47,7 @@ from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
 from .limits import Gate, fetch_cause, limits_of
 from .recorder import Recorder
-from .storage import AsyncStore
+from .storage import AsyncStore, StorageError
 from .verify_pool import threaded_verifier
 
 log = logging.getLogger("scaiwave.service")
@@ -457,6 +457,12 @@ class Service:
     async def _run_backfill(self, job: BackfillJob) -> None:
         try:
             await self._backfill(job)
+        except StorageError as exc:
+            # A page the store refuses (say a host that chained one proposal twice:
+            # core/proposals.py): the pull stops there; what was stored stays.
+            log.warning("backfill %s stopped: %s", job.id, exc)
+            code = Code.CONFLICT if exc.code == "conflict" else Code.INTERNAL_ERROR
+            job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
         except Exception as exc:  # an unexpected failure must not kill the daemon
             log.exception("backfill %s failed", job.id)
             job.state, job.error = "failed", {"code": "internal_error", "message": str(exc)[:200]}

@@ -94,3 +94,52 @@ async def test_a_slow_host_holds_up_only_its_own_catch_up(tmp_path: Path, ca: tu
             job = await wait_for(slow_job_ended, timeout=8)
             assert job["error"]["code"] == "peer_unreachable" and "within 4s" in job["error"]["message"], job
         nursery.cancel_scope.cancel()
+
+
+async def test_a_host_that_chains_a_proposal_twice_shows_it_once(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """bob's single "I agree" comes back from the host chained twice, in the
+    reply and again in order through a transaction. bob's server stores the
+    first and refuses the second (``conflict``): bob sees it once."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", rogue) as b:
+            token = await set_up(b, rogue.server_name)
+            room = await join_rogue_room(b, rogue, token)
+            rogue.chain_twice = True
+            status, posted = await b.request("POST", f"/v1/rooms/{room}/messages", {"body": "I agree"}, token=token)
+            assert status == 200, posted
+            assert await messages(b, room, token) == ["I agree"]
+            first, second = rogue.rooms[room][-2:]
+            status, reply = await rogue.send(b, [first.envelope, second.envelope])
+            assert status == 200
+            assert reply["results"][0] == {"event_id": first.id_text, "ok": True}
+            assert reply["results"][1]["error"]["code"] == "conflict", reply
+            assert await messages(b, room, token) == ["I agree"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_host_chains_each_proposal_once(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """A member server sends the same proposal again in a new transaction: the
+    host refuses it (``conflict``) instead of chaining it a second time."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "your-host.test", rogue) as a:
+            token = await set_up(a, rogue.server_name)
+            status, room = await a.request("POST", "/v1/rooms", {"room_type": "group"}, token=token)
+            room_id = room["room_id"]
+            status, body = await a.request("POST", f"/v1/rooms/{room_id}/invite", {"user": rogue.user("mallory")},
+                                           token=token)
+            assert status == 200, body
+            join = rogue.propose(room_id, "mallory", "m.member", {"membership": "join", "user": rogue.user("mallory")})
+            status, reply = await rogue.send(a, [join.envelope])
+            assert status == 200 and reply["results"][0]["ok"], reply
+            agree = rogue.propose(room_id, "mallory", "m.message", {"body": "I agree"})
+            status, reply = await rogue.send(a, [agree.envelope, agree.envelope])
+            assert reply["results"][0]["ok"] and reply["results"][1]["error"]["code"] == "conflict", reply
+            status, reply = await rogue.send(a, [agree.envelope])
+            assert status == 200 and reply["results"][0]["error"]["code"] == "conflict", reply
+            assert reply["events"] == []
+            assert await messages(a, room_id, token) == ["I agree"]
+        nursery.cancel_scope.cancel()
