@@ -345,4 +345,13 @@ def _proposal_job(event: Event, lookup: KeyLookup) -> tuple[bytes, bytes, bytes]
         and proposal.origin == server_of(event.sender)
     ):
         return Refused(Code.MALFORMED, f"event {event.id_text} does not match its source proposal")
-    return _signature_job(proposal, lookup)
+    # The host's signature over the chained event vouches that the proposal was
+    # live when chained: its key must be listed and its signature verify, but a
+    # later expired_at of that key cannot cut history short (docs/protocol.md,
+    # "Keys' past"). Its signer picks its ts anyway, so checking ts against
+    # expired_at here would protect nothing.
+    keys = lookup(proposal.origin)
+    public_key = keys.listed(proposal.key_id) if keys is not None else None
+    if public_key is None:
+        return NeedKeys(proposal.origin, proposal.key_id)
+    return (public_key, Domain.EVENT + proposal.body, proposal.signature)

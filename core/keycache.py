@@ -81,6 +81,10 @@ class KeyCache:
         if isinstance(parsed, Refused):
             return parsed
         keys, versions, fields = parsed
+        previous = self._peers.get(server)
+        if previous is not None:
+            # Never trust less of a key's past than we did (keys.ServerKeys.keeping_past).
+            keys = keys.keeping_past(previous.keys, previous.fetched_at)
         entry = PeerDescriptor(keys, versions, fields, now)
         self._peers[server] = entry
         return entry

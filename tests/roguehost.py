@@ -128,6 +128,18 @@ class RogueHost:
             with trio.move_on_after(0.5):
                 await stream.aclose()
 
+    def rewrite_past(self, new_seed: bytes, expired_at: int) -> None:
+        """Rotate to a new key, and publish the old one as rotated out at ``expired_at``
+        (in 1970, say), signed by the new key: a lie about the key's past."""
+        from scaiwave_federation.core import SigningKey, build_descriptor
+        from scaiwave_federation.core.keys import OldKey
+
+        old = self.node.keyring.current
+        ring = KeyRing(current=SigningKey.from_seed(new_seed, now_ms()),
+                       old=(OldKey(old.key_id, old.public_key, expired_at),))
+        self.descriptor_override = json.dumps(build_descriptor(
+            self.server_name, ring, federation_endpoint=f"https://{self.server_name}{FED.rstrip('/')}")).encode()
+
     def descriptor(self) -> bytes:
         if self.descriptor_override is not None:
             return self.descriptor_override
@@ -241,10 +253,10 @@ def resolve_entries(*hosts: RogueHost) -> str:
 
 @asynccontextmanager
 async def daemon(tmp_path: Path, ca: tuple[trustme.CA, Path], host: str, *rogues: RogueHost,
-                 resolve: str = "", **env: str):
+                 resolve: str = "", port: int | None = None, **env: str):
     """One ``scaiwave serve`` named ``host:port`` that reaches the rogues by name: a :class:`Remote`."""
     authority, ca_path = ca
-    port = free_port()
+    port = port or free_port()
     entries = ",".join(x for x in (f"{host}:{port}:127.0.0.1", resolve_entries(*rogues), resolve) if x)
     config = load_config(make_env(tmp_path / host, ca_path, authority, host, port, entries, **env))
     async with trio.open_nursery() as nursery, httpx.AsyncClient(verify=trusting(authority), trust_env=False,

@@ -143,3 +143,41 @@ async def test_a_host_chains_each_proposal_once(tmp_path: Path, ca: tuple[trustm
             assert reply["events"] == []
             assert await messages(a, room_id, token) == ["I agree"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_member_cannot_cut_the_hosts_history_short(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """A member server (the rogue) wrote into a room hosted by your-host, then
+    rotated its key and re-published the old one as rotated out in 1970. A
+    newcomer's backfill from the host used to stop at ``expired_key`` on the
+    first event whose ``source`` the member signed; the host's signature
+    vouches for those proposals, so the whole history now arrives."""
+    from scaiwave_federation.shell.testbed import free_port
+
+    authority, _ = ca
+    port_a, port_b = free_port(), free_port()
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "your-host.test", rogue, port=port_a,
+                          resolve=f"peer.test:{port_b}:127.0.0.1") as a, \
+                daemon(tmp_path, ca, "peer.test", rogue, port=port_b,
+                       resolve=f"your-host.test:{port_a}:127.0.0.1") as b:
+            alice = await set_up(a, rogue.server_name, b.server_name)
+            bob = await set_up(b, a.server_name)
+            room = (await a.request("POST", "/v1/rooms", {"room_type": "group"}, token=alice))[1]["room_id"]
+            assert (await a.request("POST", f"/v1/rooms/{room}/invite", {"user": rogue.user("mallory")},
+                                    token=alice))[0] == 200
+            join = rogue.propose(room, "mallory", "m.member", {"membership": "join", "user": rogue.user("mallory")})
+            assert (await rogue.send(a, [join.envelope]))[1]["results"][0]["ok"]
+            for i in range(3):
+                said = rogue.propose(room, "mallory", "m.message", {"body": f"mallory {i}"})
+                assert (await rogue.send(a, [said.envelope]))[1]["results"][0]["ok"]
+            rogue.rewrite_past(b"\x77" * 32, expired_at=0)
+            status, body = await a.request("POST", f"/v1/rooms/{room}/invite", {"user": f"@bob:{b.server_name}"},
+                                           token=alice)
+            assert status == 200, body
+            assert (await b.request("POST", f"/v1/invites/{room}/accept", token=bob))[0] == 200
+            status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
+                                        {"wait": True, "peer": a.server_name})
+            assert status == 200 and job["state"] == "done" and job["reached_start"], job
+            assert await messages(b, room, bob) == ["mallory 0", "mallory 1", "mallory 2"]
+        nursery.cancel_scope.cancel()
