@@ -9,7 +9,7 @@ import trio
 import trustme
 
 from roguehost import RogueHost, daemon, join_rogue_room, messages, set_up
-from shellhelpers import wait_for
+from shellhelpers import trusting, wait_for
 from scaiwave_federation.core.backfill import build_page
 
 
@@ -180,4 +180,92 @@ async def test_a_member_cannot_cut_the_hosts_history_short(tmp_path: Path, ca: t
                                         {"wait": True, "peer": a.server_name})
             assert status == 200 and job["state"] == "done" and job["reached_start"], job
             assert await messages(b, room, bob) == ["mallory 0", "mallory 1", "mallory 2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_origin_over_its_rate_is_refused_first_and_shown_to_the_admin(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """A peer sends requests as fast as it can: past its burst it is refused
+    ``rate_limited`` (429, which a sender retries) before anything else
+    happens, and the admin sees who is being limited. Sequential requests
+    each release their slot (a concurrency of 2 never refuses them)."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", rogue, SCAIWAVE_FEDERATION_RATE="1",
+                          SCAIWAVE_FEDERATION_BURST="6", SCAIWAVE_FEDERATION_CONCURRENT="2") as b:
+            await set_up(b, rogue.server_name)
+            assert (await b.admin("POST", f"/v1/admin/federation/peers/{rogue.server_name}/handshake"))[0] == 200
+            target = f"/_scaiwave/federation/v1/rooms/!nothing:{b.server_name}/backfill"
+            answers = [await rogue.signed(b.server_name, "GET", target) for _ in range(12)]
+            codes = [body["error"]["code"] for _status, body in answers]
+            # The handshake took one token (b's answer... no: b asked us); each GET takes one.
+            print(codes)
+            assert codes[:4] == ["not_found"] * 4 and codes[-5:] == ["rate_limited"] * 5, codes
+            assert {status for status, body in answers if body["error"]["code"] == "rate_limited"} == {429}
+            status, view = await b.admin("GET", "/v1/admin/federation/limits")
+            assert status == 200 and view["settings"]["rate"] == 1 and view["settings"]["concurrent"] == 2
+            [limited] = view["limited"]
+            assert limited["origin"] == rogue.server_name and limited["refused"] >= 5
+            assert "more than 1 requests a second" in limited["reason"]
+            assert view["busy"] == []  # every admitted request released its slot
+        nursery.cancel_scope.cancel()
+
+
+async def test_strangers_cannot_fill_our_outbound_capacity(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """110 requests claiming 110 different origins, each of whose descriptors
+    trickles in a byte at a time. They used to cause 110 simultaneous
+    descriptor fetches that filled the shared connection pool (100), and a
+    local user's post to a healthy peer then failed with 504. Now at most
+    ``descriptor_fetches_total`` fetches run at once, the rest are refused
+    ``rate_limited`` at once, and bob's post goes through."""
+    import httpx
+
+    from roguehost import now_ms
+    from scaiwave_federation.core import Federation, KeyRing
+    from scaiwave_federation.shell.testbed import free_port
+    from test_shell_client_limits import Rogue, serve
+
+    authority, _ = ca
+    count = 110
+    names = [f"s{i}.test" for i in range(count)]
+    async with trio.open_nursery() as nursery:
+        trickle = Rogue(0.2, b"{" * 400)
+        port = await serve(nursery, authority, trickle, *names)
+        strangers = [Federation(f"{n}:{port}", keyring=KeyRing().generate(bytes([i + 1]) * 32, now_ms()))
+                     for i, n in enumerate(names)]
+        fast = await RogueHost(authority, "fast.test").start(nursery)
+        resolve = ",".join(f"{n}:{port}:127.0.0.1" for n in names)
+        async with daemon(tmp_path, ca, "peer.test", fast, resolve=resolve, SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL="4",
+                          SCAIWAVE_OUTBOUND_DEADLINE="30s") as b:
+            token = await set_up(b, fast.server_name, mode="open")
+            room = await join_rogue_room(b, fast, token)
+            target = f"/_scaiwave/federation/v1/rooms/!x:{b.server_name}/backfill"
+            statuses = []
+
+            async def claim(stranger: Federation, http: httpx.AsyncClient) -> None:
+                auth = stranger.sign(destination=b.server_name, method="GET", target=target, body=b"", now=now_ms())
+                resp = await http.get(f"https://127.0.0.1:{b.port}{target}", extensions={"sni_hostname": b.host},
+                                      headers={"host": b.server_name, "authorization": auth})
+                statuses.append(resp.status_code)
+
+            limits = httpx.Limits(max_connections=None)
+            async with httpx.AsyncClient(verify=trusting(authority), limits=limits,
+                                         timeout=60) as http, trio.open_nursery() as flood:
+                for stranger in strangers:
+                    flood.start_soon(claim, stranger, http)
+                with trio.fail_after(10):
+                    while len(statuses) < count - 4:
+                        await trio.sleep(0.05)
+                assert trickle.held == trickle.most == 4
+                assert statuses.count(429) >= count - 4
+                start = trio.current_time()
+                status, posted = await b.request("POST", f"/v1/rooms/{room}/messages", {"body": "still here"},
+                                                 token=token)
+                assert status == 200, posted
+                assert trio.current_time() - start < 3
+                status, view = await b.admin("GET", "/v1/admin/federation/limits")
+                assert view["descriptor_fetches"]["caused_by_peers"] == 4
+                assert len(view["limited"]) == min(count - 4, view["settings"]["max_shown"])
+                flood.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
