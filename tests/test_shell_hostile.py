@@ -269,3 +269,41 @@ async def test_strangers_cannot_fill_our_outbound_capacity(tmp_path: Path, ca: t
                 assert len(view["limited"]) == min(count - 4, view["settings"]["max_shown"])
                 flood.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+async def test_catch_ups_from_one_host_are_bounded(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """Three rooms on one host with a gap each: at most ``catch_ups_per_peer``
+    (here 2) of its catch-ups run at once; the third starts when one ends."""
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        slow = await RogueHost(authority, "slow.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", slow, SCAIWAVE_CATCH_UPS_PER_PEER="2",
+                          SCAIWAVE_OUTBOUND_DEADLINE="30s") as b:
+            token = await set_up(b, slow.server_name)
+            rooms = [await join_rogue_room(b, slow, token, f"r{i}") for i in range(3)]
+            release, held = trio.Event(), []
+
+            async def hold(room_id, before, limit):
+                held.append(room_id)
+                await release.wait()
+                return None
+
+            slow.backfill = hold
+            for room in rooms:
+                slow.chain(room, slow.user("mallory"), "m.message", {"body": "missed"})
+                above = slow.chain(room, slow.user("mallory"), "m.message", {"body": "above the gap"})
+                assert (await slow.send(b, [above.envelope]))[1]["results"][0]["error"]["code"] == "chain_broken"
+            async def two_held():
+                return len(held) >= 2
+
+            await wait_for(two_held)
+            await trio.sleep(0.5)
+            assert len(held) == 2  # the third waits for a slot
+            release.set()
+
+            async def all_caught_up():
+                return all([await messages(b, r, token) == ["missed", "above the gap"] for r in rooms])
+
+            await wait_for(all_caught_up)
+            assert sorted(held) == sorted(rooms)
+        nursery.cancel_scope.cancel()
