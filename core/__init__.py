@@ -21,6 +21,8 @@ Modules, by what they own:
 - :mod:`.events` -- signed, hash-chained events
 - :mod:`.rooms` -- chaining, proposals, invites and transactions
 - :mod:`.backfill` -- paged history pulls and serving
+- :mod:`.limits` -- per-origin rate and concurrency, caps on descriptor fetches peers cause
+- :mod:`.proposals` -- each proposal chained at most once per room
 - :mod:`.effects` -- what the core asks its host to do
 - :mod:`.node` -- :class:`Federation`, the per-server facade
 """
