@@ -48,7 +48,7 @@ from typing import Mapping
 
 from .codes import Code, LocalProtocolError, Refused
 from .effects import Effect, Failed, SendRequest, StoreEvents
-from .events import Event, NeedKeys, verify_events
+from .events import Event, KeyLookup, NeedKeys, verify_events
 from .keycache import KeyCache
 from .keys import BatchVerifier, SigningKey, verify_batch
 from .layouts import read_page
@@ -172,13 +172,17 @@ class BackfillPuller:
 
     def __init__(self, *, server_name: str, room_id: str, peer: str, key: SigningKey, keys: KeyCache,
                  limit: int = MAX_PULL, page_size: int = PAGE_CAP, anchor: tuple[int, bytes | None] | None = None,
-                 until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch) -> None:
+                 until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch,
+                 lookup: KeyLookup | None = None) -> None:
         if not 0 < limit <= MAX_PULL:
             raise LocalProtocolError(f"a pull takes 1 to {MAX_PULL} events")
         if not 0 < page_size <= PAGE_CAP:
             raise LocalProtocolError(f"page_size is 1 to {PAGE_CAP}")
         self.server_name, self.room_id, self.peer = server_name, room_id, peer
         self.key, self.keys, self.limit, self.page_size, self.verifier = key, keys, limit, page_size, verifier
+        # Whose keys verify the pages: the cache by default; a host passes one that
+        # also knows its own keys (a page can hold proposals our own users made).
+        self.lookup: KeyLookup = lookup or keys.keys
         if anchor is None:
             self._p = _Progress(None, None)
         else:
@@ -211,7 +215,8 @@ class BackfillPuller:
 
     @classmethod
     def resume(cls, cursor: bytes, *, server_name: str, key: SigningKey, keys: KeyCache,
-               page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch) -> "BackfillPuller":
+               page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch,
+               lookup: KeyLookup | None = None) -> "BackfillPuller":
         """Continue a pull from a saved :meth:`cursor` (our own bytes, from storage)."""
         c = decode(cursor, max_size=4096)
         plain = {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}
@@ -219,7 +224,8 @@ class BackfillPuller:
             raise LocalProtocolError("not a backfill cursor")
         until = c.get("until")
         puller = cls(server_name=server_name, room_id=c["room_id"], peer=c["peer"], key=key, keys=keys,
-                     limit=c["limit"], page_size=page_size, until=tuple(until) if until else None, verifier=verifier)
+                     limit=c["limit"], page_size=page_size, until=tuple(until) if until else None, verifier=verifier,
+                     lookup=lookup)
         if until is None:
             puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
             puller.budget = request_budget(c["limit"] - c["stored"], page_size)
@@ -321,7 +327,7 @@ class BackfillPuller:
         answered = False
         self._fresh = 0
         for page in pages:
-            results = verify_events(page.events, self.keys.keys, verifier=self.verifier)
+            results = verify_events(page.events, self.lookup, verifier=self.verifier)
             need = next((r for r in results if isinstance(r, NeedKeys)), None)
             if need is not None:
                 if retry or not self.keys.may_fetch(need.server, now, need.key_id):

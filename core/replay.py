@@ -548,7 +548,8 @@ class Replayer:
                    else self.node.policy.admits(peer))
         if refusal is not None:
             return Decision(index, "backfill", "GET", target, peer, _refused(refusal), live)
-        puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys)
+        puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys,
+                                       lookup=self.node.lookup)
         effects = puller.start(now)
         replay = Outcome("diverged", detail="the pull ended without an answer")
         while effects:

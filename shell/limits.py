@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
+import trio
 from scaiwave_federation.core import Refused
 from scaiwave_federation.core.limits import Limits, OriginLimiter
 from scaiwave_federation.core.requests import parse_authorization
@@ -46,6 +47,7 @@ class Gate:
     def __init__(self, limits: Limits, now: Callable[[], int]) -> None:
         self.limiter = OriginLimiter(limits)
         self._now = now
+        self._settled: dict[str, trio.Event] = {}  # server -> set when its fetch in flight ends
 
     @contextmanager
     def inbound(self, authorization: str | None) -> Iterator[Refused | None]:
@@ -70,10 +72,20 @@ class Gate:
 
     def begin_fetch(self, server: str) -> Refused | None:
         """May we fetch ``server``'s descriptor now (charged to :data:`fetch_cause`)?"""
-        return self.limiter.begin_fetch(server, fetch_cause.get(), self._now())
+        refusal = self.limiter.begin_fetch(server, fetch_cause.get(), self._now())
+        if refusal is None:
+            self._settled[server] = trio.Event()
+        return refusal
 
     def end_fetch(self, server: str) -> None:
         self.limiter.end_fetch(server)
+        self._settled.pop(server).set()
+
+    async def fetch_settled(self, server: str) -> None:
+        """Wait until no fetch of ``server``'s descriptor is in flight."""
+        event = self._settled.get(server)
+        if event is not None:
+            await event.wait()
 
     def view(self) -> dict:
         """The admin view: settings, busy origins, the most recently limited."""

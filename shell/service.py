@@ -482,10 +482,10 @@ class Service:
         if job.until is not None:
             puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
                                     key=key, keys=self.node.keys, limit=job.limit, until=job.until,
-                                    verifier=self.node.batch_verifier)
+                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
         elif saved is not None:
             puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
-                                           keys=self.node.keys, verifier=self.node.batch_verifier)
+                                           keys=self.node.keys, verifier=self.node.batch_verifier, lookup=self.node.lookup)
             if puller.done is not None or puller.limit != job.limit:
                 saved = None
         if saved is None and job.until is None:
@@ -496,7 +496,7 @@ class Service:
                 anchor = (event.depth, event.prev)
             puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
                                     key=key, keys=self.node.keys, limit=job.limit, anchor=anchor,
-                                    verifier=self.node.batch_verifier)
+                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
         self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
                     cursor=puller.cursor())
         base = puller.stored
@@ -520,7 +520,12 @@ class Service:
                             "updated_at": self.now()})
                 job.stored = puller.stored - base
             elif isinstance(effect, NeedKeys):
-                await self.learn_descriptor(effect.server, key_id=effect.key_id)
+                # Another pull may be fetching the same descriptor (catch-ups run side
+                # by side): its answer is ours too.
+                await self.limits.fetch_settled(effect.server)
+                keys = self.node.lookup(effect.server)
+                if keys is None or effect.key_id is None or not keys.knows(effect.key_id):
+                    await self.learn_descriptor(effect.server, key_id=effect.key_id)
                 effects += puller.keys_updated(self.now())
             elif isinstance(effect, Failed):
                 await self.peer_error(effect.server, effect.refusal)

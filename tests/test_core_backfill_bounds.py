@@ -172,3 +172,29 @@ def test_one_event_a_page_runs_out_of_budget_keeping_what_it_stored():
     cursor = [s for s in effects if isinstance(s, StoreEvents)][-1].cursor
     resumed = BackfillPuller.resume(cursor, server_name=A, key=a.keyring.current, keys=_keys())
     assert resumed.stored == 4 and resumed.budget == request_budget(196, PAGE_CAP)
+
+
+def test_a_host_given_lookup_verifies_proposals_its_own_users_made():
+    """A page holds our own users' proposals as ``source``: with the host's
+    lookup (which knows our own keys) they verify without fetching our own
+    descriptor, so pulls running side by side never race for it."""
+    from scaiwave_federation.core import Head, chain_event, make_event
+
+    a, b = make_node(A, 1), make_node(B, 2)
+    chain = list(_chain()[:3])
+    proposal = make_event(a.keyring.current, room_id=ROOM, room_type="group", depth=0, prev=None, origin=A,
+                          sender=f"@alice:{A}", type="m.message", ts=NOW, content={"body": "mine"})
+    chain.append(chain_event(b.keyring.current, head=Head(3, chain[-1].event_id), room_id=ROOM, room_type="group",
+                             sender=proposal.sender, type="m.message", ts=NOW, content=proposal.content,
+                             source=proposal.envelope))
+    history = list(reversed(chain))
+
+    def lookup(server):
+        return a.keyring.public(A) if server == A else _keys().keys(server)
+
+    for given, needs in ((None, True), (lookup, False)):
+        puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys(),
+                                lookup=given)
+        puller.start(NOW)
+        effects = puller.page_received(200, _page(history, None, 10), NOW)
+        assert any(type(e).__name__ == "NeedKeys" for e in effects) is needs
