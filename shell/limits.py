@@ -77,6 +77,13 @@ class Gate:
             self._settled[server] = trio.Event()
         return refusal
 
+    def fetch_refusal(self, server: str) -> Refused | None:
+        """Would :meth:`begin_fetch` refuse ``server`` now? (Reserves nothing.)"""
+        refusal = self.begin_fetch(server)
+        if refusal is None:
+            self.end_fetch(server)
+        return refusal
+
     def end_fetch(self, server: str) -> None:
         self.limiter.end_fetch(server)
         self._settled.pop(server).set()

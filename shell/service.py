@@ -230,6 +230,9 @@ class Service:
         now = self.now()
         if not force and not self.node.keys.may_fetch(server, now, key_id):
             return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago")
+        busy = self.limits.fetch_refusal(server)
+        if busy is not None:
+            return busy  # before fetch_attempted: a fetch refused now may be tried again at once
         self.node.keys.fetch_attempted(server, now, key_id)
         log.info("fetching the descriptor of %s%s", server, f" (unknown key {key_id})" if key_id else "")
         data = await self.fetch_descriptor(server)

@@ -307,3 +307,45 @@ async def test_catch_ups_from_one_host_are_bounded(tmp_path: Path, ca: tuple[tru
             await wait_for(all_caught_up)
             assert sorted(held) == sorted(rooms)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_refused_for_a_busy_fetch_slot_is_fetched_as_soon_as_one_frees(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """A stranger's trickling descriptor holds the only fetch slot: a real new
+    peer's request is refused ``rate_limited``, and its retry once the slot is
+    free is served (the refused fetch did not count as a fetch attempt, which
+    would have locked the peer out for the 30 s refetch interval)."""
+    from roguehost import now_ms
+    from scaiwave_federation.core import Federation, KeyRing
+    from test_shell_client_limits import Rogue, serve
+
+    authority, _ = ca
+    async with trio.open_nursery() as nursery:
+        trickle = Rogue(0.05, b"{" * 100)
+        port = await serve(nursery, authority, trickle, "stranger.test")
+        stranger = Federation(f"stranger.test:{port}", keyring=KeyRing().generate(b"\x09" * 32, now_ms()))
+        newcomer = await RogueHost(authority, "newcomer.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", newcomer, resolve=f"stranger.test:{port}:127.0.0.1",
+                          SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL="1", SCAIWAVE_KEY_REFETCH_INTERVAL="30s",
+                          SCAIWAVE_OUTBOUND_DEADLINE="2s") as b:
+            await set_up(b, mode="open")
+            target = f"/_scaiwave/federation/v1/rooms/!x:{b.server_name}/backfill"
+
+            async def stranger_claims():
+                await newcomer.signed(b.server_name, "GET", target, origin_node=stranger)
+
+            nursery.start_soon(stranger_claims)
+            async def slot_taken():
+                return trickle.held == 1
+
+            await wait_for(slot_taken)
+            status, body = await newcomer.signed(b.server_name, "GET", target)
+            assert (status, body["error"]["code"]) == (429, "rate_limited"), body
+
+            async def slot_free():
+                return trickle.held == 0
+
+            await wait_for(slot_free)
+            status, body = await newcomer.signed(b.server_name, "GET", target)
+            assert body["error"]["code"] == "not_peered", body  # authenticated: its descriptor was fetched
+        nursery.cancel_scope.cancel()
