@@ -46,6 +46,7 @@ import trio
 
 __all__ = [
     "DESCRIPTOR_PATH",
+    "DESCRIPTOR_DEADLINE_S",
     "PeerClient",
     "PeerResponse",
     "TransportError",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 DESCRIPTOR_PATH = "/.well-known/scaiwave"
+#: A descriptor fetch must be complete within this (or the client's deadline, if shorter):
+#: a stranger trickling its descriptor holds a fetch slot no longer than this.
+DESCRIPTOR_DEADLINE_S = 10.0
 # DNS names and IPv4 literals; anything else would be percent-encoded by the
 # URL layer into a name nobody serves, so it is refused up front.
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -237,6 +241,7 @@ class PeerClient:
         *,
         headers: dict[str, str] | None = None,
         body: bytes = b"",
+        deadline: float | None = None,
     ) -> PeerResponse:
         """Send one request to ``server_name`` and read the whole response.
 
@@ -244,7 +249,8 @@ class PeerClient:
         caller signed). Returns the response whatever its status. Raises
         TransportError (``tls_failure``, ``peer_unreachable``, ``too_large``;
         ``peer_unreachable`` also when the whole exchange overruns the
-        deadline); raises ValueError if ``target`` does not start with ``/``
+        deadline, ``deadline`` seconds when given, else the client's); raises
+        ValueError if ``target`` does not start with ``/``
         or holds spaces, control or non-ASCII characters (caller misuse).
         """
         bad = not target.isascii() or any(c <= " " or c == "\x7f" for c in target)
@@ -273,12 +279,13 @@ class PeerClient:
         )
         slot = self._slots.setdefault(key, [trio.CapacityLimiter(self._per_peer), 0])
         slot[1] += 1
+        limit = self._deadline if deadline is None else min(deadline, self._deadline)
         try:
-            with trio.move_on_after(self._deadline):
+            with trio.move_on_after(limit):
                 async with slot[0]:
                     return await self._exchange(req, where)
             raise TransportError(
-                "peer_unreachable", f"{where}: no complete answer within {self._deadline:g}s"
+                "peer_unreachable", f"{where}: no complete answer within {limit:g}s"
             )
         finally:
             slot[1] -= 1
@@ -301,12 +308,13 @@ class PeerClient:
             raise self._classify(exc, where) from exc
 
     async def fetch_descriptor(self, server_name: str) -> bytes:
-        """GET ``/.well-known/scaiwave`` and return the body bytes, unparsed.
+        """GET ``/.well-known/scaiwave`` and return the body bytes, unparsed,
+        within :data:`DESCRIPTOR_DEADLINE_S` (a descriptor is at most 64 KiB).
 
         Raises TransportError ``no_descriptor`` on any status but 200, and the
         transport errors of :meth:`request`.
         """
-        resp = await self.get(server_name, DESCRIPTOR_PATH)
+        resp = await self.request(server_name, "GET", DESCRIPTOR_PATH, deadline=DESCRIPTOR_DEADLINE_S)
         if resp.status != 200:
             raise TransportError(
                 "no_descriptor",

@@ -162,3 +162,17 @@ class LimiterMachine(RuleBasedStateMachine):
 
 
 TestLimiter = LimiterMachine.TestCase
+
+
+def test_fetch_attempts_of_strangers_do_not_grow_the_key_cache_for_ever():
+    from scaiwave_federation.core import keycache
+
+    cache = keycache.KeyCache(refetch_interval_ms=1000)
+    for i in range(keycache.MAX_ATTEMPTS_KEPT):
+        cache.fetch_attempted(f"s{i}.test", NOW)
+    assert not cache.may_fetch("s1.test", NOW + 10)  # still limited: nothing forgotten yet
+    cache.fetch_attempted("late.test", NOW + 10)  # the table is full, but nothing is stale
+    assert len(cache._attempted) == keycache.MAX_ATTEMPTS_KEPT + 1
+    cache.fetch_attempted("later.test", NOW + 1000)  # now every old attempt is stale
+    assert set(cache._attempted) == {"late.test", "later.test"}
+    assert cache.may_fetch("s1.test", NOW + 1000)
