@@ -103,3 +103,16 @@ async def test_one_peer_holding_requests_cannot_take_the_connections_of_another(
             assert trio.current_time() - start < 1
         assert slow.most == 3 and results == [b"x" * 10] * 12
         assert c._slots == {}  # nothing kept per name once its requests are done
+
+
+async def test_a_trickled_descriptor_gets_its_own_shorter_deadline(nursery, ca, monkeypatch):
+    from scaiwave_federation.shell import client as client_module
+
+    monkeypatch.setattr(client_module, "DESCRIPTOR_DEADLINE_S", 0.5)
+    port = await serve(nursery, ca, Rogue(0.1), "slow.test")
+    async with client(ca, {("slow.test", port): "127.0.0.1"}, timeout=5, deadline=30) as c:
+        start = trio.current_time()
+        with pytest.raises(TransportError) as info:
+            await c.fetch_descriptor(f"slow.test:{port}")
+        assert trio.current_time() - start < 2
+    assert info.value.message.endswith("no complete answer within 0.5s")
