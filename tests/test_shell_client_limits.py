@@ -83,7 +83,7 @@ async def test_one_peer_holding_requests_cannot_take_the_connections_of_another(
     """A host that holds every request gets at most ``per_peer`` of ours at
     once; the rest wait (inside their deadline). A healthy peer is answered at
     once meanwhile, however many requests the slow one holds."""
-    slow, fast = Rogue(0.2, b"x" * 10), Rogue(0, b"ok")
+    slow, fast = Rogue(0.08, b"x" * 10), Rogue(0, b"ok")
     slow_port = await serve(nursery, ca, slow, "slow.test")
     fast_port = await serve(nursery, ca, fast, "fast.test")
     resolve = {("slow.test", slow_port): "127.0.0.1", ("fast.test", fast_port): "127.0.0.1"}
