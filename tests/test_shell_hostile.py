@@ -349,3 +349,45 @@ async def test_a_peer_refused_for_a_busy_fetch_slot_is_fetched_as_soon_as_one_fr
             status, body = await newcomer.signed(b.server_name, "GET", target)
             assert body["error"]["code"] == "not_peered", body  # authenticated: its descriptor was fetched
         nursery.cancel_scope.cancel()
+
+
+async def test_one_origin_causes_at_most_its_share_of_descriptor_fetches(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """A peered host sends three transactions at once, each carrying an event
+    whose ``source`` names another server with a trickling descriptor: the
+    fetches it causes are capped at ``descriptor_fetches_per_origin`` (2)."""
+    from roguehost import now_ms
+    from scaiwave_federation.core import Federation, KeyRing, make_event
+    from test_shell_client_limits import Rogue, serve
+
+    authority, _ = ca
+    names = ["t0.test", "t1.test", "t2.test"]
+    async with trio.open_nursery() as nursery:
+        trickle = Rogue(0.05, b"{" * 400)
+        port = await serve(nursery, authority, trickle, *names)
+        rogue = await RogueHost(authority, "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", rogue, resolve=",".join(f"{n}:{port}:127.0.0.1" for n in names),
+                          SCAIWAVE_DESCRIPTOR_FETCHES_PER_ORIGIN="2", SCAIWAVE_OUTBOUND_DEADLINE="3s") as b:
+            token = await set_up(b, rogue.server_name)
+            room = await join_rogue_room(b, rogue, token)
+            envelopes = []
+            for i, name in enumerate(names):
+                other = Federation(f"{name}:{port}", keyring=KeyRing().generate(bytes([0x30 + i]) * 32, now_ms()))
+                said = make_event(other.keyring.current, room_id=room, room_type="group", depth=0, prev=None,
+                                  origin=other.server_name, sender=f"@x:{other.server_name}", type="m.message",
+                                  ts=now_ms(), content={"body": name})
+                envelopes.append(rogue.chain(room, said.sender, "m.message", said.content, source=said.envelope).envelope)
+            results = []
+
+            async def send(envelope):
+                results.append(await rogue.send(b, [envelope]))
+
+            async with trio.open_nursery() as inner:
+                for envelope in envelopes:
+                    inner.start_soon(send, envelope)
+            assert trickle.most == 2
+            assert all(status == 200 for status, _ in results)
+            status, view = await b.admin("GET", "/v1/admin/federation/limits")
+            assert view["limited"][0]["origin"] == rogue.server_name
+            assert "requests have 2 descriptor fetches in flight" in view["limited"][0]["reason"]
+        nursery.cancel_scope.cancel()
