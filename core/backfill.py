@@ -20,7 +20,15 @@ only verified events, each depth once, together with a resume cursor.
   wait in a bounded buffer until the chain reaches them, so the stored set is
   the same whatever the order.
 - It stops at ``limit`` (at most :data:`MAX_PULL`), at the room's first event,
-  or when the host has nothing older. A bad event is refused with its code;
+  or when the host has nothing older.
+- *Bounded*: a pull makes at most :func:`request_budget` requests (the pages
+  its ``limit`` needs plus :data:`BUDGET_SLACK`), and every page must make
+  progress: link an event, or bring a verified event the chain can still
+  reach that was not buffered yet. A page for our own cursor that brings
+  nothing means the host has nothing older; any other page that moves
+  nothing, or running out of budget, ends the pull with ``no_progress``. A
+  host answering with moved cursors and no events, or one event a page,
+  cannot keep a pull going. What was stored stays, and the cursor resumes it. A bad event is refused with its code;
   everything verified before it stays stored, and the pull stops there
   (storing past it would leave a hole in the chain). The saved cursor lets a
   later pull resume exactly there, storing nothing twice.
@@ -40,7 +48,7 @@ from typing import Callable, Mapping
 
 from .codes import Code, LocalProtocolError, Refused
 from .effects import Effect, Failed, SendRequest, StoreEvents
-from .events import Event, NeedKeys, verify_events
+from .events import Event, KeyLookup, NeedKeys, verify_events
 from .keycache import KeyCache
 from .keys import BatchVerifier, ServerKeys, SigningKey, verify_batch
 from .layouts import read_page
@@ -51,6 +59,8 @@ __all__ = [
     "PAGE_CAP",
     "MAX_PULL",
     "MAX_PAGE_BYTES",
+    "BUDGET_SLACK",
+    "request_budget",
     "backfill_target",
     "parse_query",
     "build_page",
@@ -63,6 +73,14 @@ __all__ = [
 PAGE_CAP = 100
 MAX_PULL = 1000
 MAX_PAGE_BYTES = 8 * 1024 * 1024
+#: Requests a pull may make beyond the pages its limit needs: the last page (which
+#: may find nothing older) and one more, so an honest host is never cut short.
+BUDGET_SLACK = 2
+
+
+def request_budget(events: int, page_size: int) -> int:
+    """How many page requests a pull of ``events`` events in pages of ``page_size`` may make."""
+    return -(-max(events, 0) // page_size) + BUDGET_SLACK
 
 
 def backfill_target(room_id: str, before: int | None, limit: int) -> str:
@@ -155,16 +173,16 @@ class BackfillPuller:
     def __init__(self, *, server_name: str, room_id: str, peer: str, key: SigningKey, keys: KeyCache,
                  limit: int = MAX_PULL, page_size: int = PAGE_CAP, anchor: tuple[int, bytes | None] | None = None,
                  until: tuple[int, bytes] | None = None, verifier: BatchVerifier = verify_batch,
-                 lookup: Callable[[str], ServerKeys | None] | None = None) -> None:
+                 lookup: KeyLookup | None = None) -> None:
         if not 0 < limit <= MAX_PULL:
             raise LocalProtocolError(f"a pull takes 1 to {MAX_PULL} events")
         if not 0 < page_size <= PAGE_CAP:
             raise LocalProtocolError(f"page_size is 1 to {PAGE_CAP}")
         self.server_name, self.room_id, self.peer = server_name, room_id, peer
         self.key, self.keys, self.limit, self.page_size, self.verifier = key, keys, limit, page_size, verifier
-        # Whose keys verify events: the host's (``keys``), and ours too when the
-        # room holds our users' proposals (``lookup``: ``Federation.lookup``).
-        self.lookup = lookup or keys.keys
+        # Whose keys verify the pages: the cache by default; a host passes one that
+        # also knows its own keys (a page can hold proposals our own users made).
+        self.lookup: KeyLookup = lookup or keys.keys
         if anchor is None:
             self._p = _Progress(None, None)
         else:
@@ -177,7 +195,10 @@ class BackfillPuller:
         self._joined = False  # catching up: the chain reached `until`
         self._buffer: dict[int, Event] = {}
         self._pending: list[Page] = []
+        self._fresh = 0  # events the page being processed added to the buffer
         self.done: BackfillDone | None = None
+        self.requests = 0  # page requests made so far
+        self.budget = request_budget(limit, page_size)
         if anchor is not None and (anchor[0] <= 1 or anchor[1] is None):
             self.done = BackfillDone(room_id, peer, 0, True)
 
@@ -195,7 +216,7 @@ class BackfillPuller:
     @classmethod
     def resume(cls, cursor: bytes, *, server_name: str, key: SigningKey, keys: KeyCache,
                page_size: int = PAGE_CAP, verifier: BatchVerifier = verify_batch,
-               lookup: Callable[[str], ServerKeys | None] | None = None) -> "BackfillPuller":
+               lookup: KeyLookup | None = None) -> "BackfillPuller":
         """Continue a pull from a saved :meth:`cursor` (our own bytes, from storage)."""
         c = decode(cursor, max_size=4096)
         plain = {"room_id", "peer", "next_depth", "expected_id", "stored", "limit"}
@@ -207,6 +228,7 @@ class BackfillPuller:
                      lookup=lookup)
         if until is None:
             puller._p = _Progress(c["next_depth"], c["expected_id"], c["stored"])
+            puller.budget = request_budget(c["limit"] - c["stored"], page_size)
         if c["next_depth"] is not None and c["next_depth"] < 1 or c["stored"] >= c["limit"]:
             puller.done = BackfillDone(puller.room_id, puller.peer, c["stored"], c["next_depth"] == 0)
         return puller
@@ -229,7 +251,24 @@ class BackfillPuller:
             return [self.done]
         return [self._request(now)]
 
+    def _next(self, now: int, answered: bool, moved: bool) -> list[Effect]:
+        """After a page: the next request, or the end when the page moved nothing
+        (linked no event and brought no new one the chain can reach) or the
+        budget is spent (see the module doc)."""
+        if not moved:
+            if answered:
+                # The page for our own cursor brought nothing the chain needs:
+                # the host has nothing older to give.
+                return self._finish(None)
+            return self._finish(Refused(Code.NO_PROGRESS, f"{self.peer} answered page {self.requests} "
+                                                          f"with nothing that moves the chain"))
+        if self.requests >= self.budget:
+            return self._finish(Refused(Code.NO_PROGRESS, f"{self.peer} needed more than {self.budget} pages "
+                                                          f"for {self.limit} events"))
+        return [self._request(now)]
+
     def _request(self, now: int) -> SendRequest:
+        self.requests += 1
         remaining = self.limit - self._p.stored
         before = None if self._p.next_depth is None else self._p.next_depth + 1
         target = backfill_target(self.room_id, before, min(self.page_size, remaining))
@@ -286,6 +325,7 @@ class BackfillPuller:
         pages, self._pending = self._pending, []
         current = self._current_before()
         answered = False
+        self._fresh = 0
         for page in pages:
             results = verify_events(page.events, self.lookup, verifier=self.verifier)
             need = next((r for r in results if isinstance(r, NeedKeys)), None)
@@ -320,7 +360,9 @@ class BackfillPuller:
         remaining = self.limit - self._p.stored
         # Buffer only what the chain can still reach: bounded by the pull's limit.
         if next_depth is None or next_depth - remaining < result.depth <= next_depth:
-            self._buffer.setdefault(result.depth, result)
+            if result.depth not in self._buffer:
+                self._buffer[result.depth] = result
+                self._fresh += 1
 
     def _link(self, now: int, answered: bool) -> list[Effect]:
         linked: list[Event] = []
@@ -357,12 +399,7 @@ class BackfillPuller:
         if p.refusals and p.next_depth is not None and p.next_depth not in self._buffer:
             # The chain cannot pass the refused event: stop, resumable here.
             return out + self._finish(p.refusals[-1][1])
-        if answered and not linked:
-            # The page for our own cursor brought nothing the chain needs:
-            # the host has nothing older to give.
-            return out + self._finish(None)
-        out.append(self._request(now))
-        return out
+        return out + self._next(now, answered, bool(linked or self._fresh))
 
     def _caught_up(self, linked: list[Event], now: int, answered: bool) -> list[Effect]:
         """:meth:`_link`'s ending when catching up: store all or nothing."""
@@ -379,6 +416,4 @@ class BackfillPuller:
             return self._finish(None)
         if p.refusals and p.next_depth is not None and p.next_depth not in self._buffer:
             return self._finish(p.refusals[-1][1])
-        if answered and not linked:
-            return self._finish(None)
-        return [self._request(now)]
+        return self._next(now, answered, bool(linked or self._fresh))

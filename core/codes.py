@@ -54,6 +54,8 @@ class Code(str, enum.Enum):
     CHAIN_BROKEN = "chain_broken"
     WRONG_ROOM = "wrong_room"
     HANDSHAKE_FAILED = "handshake_failed"
+    NO_PROGRESS = "no_progress"
+    RATE_LIMITED = "rate_limited"
     # Local resources (client and admin API).
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
@@ -98,6 +100,9 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.CHAIN_BROKEN: "the event does not link to the previous event of the room",
     Code.WRONG_ROOM: "the event belongs to another room than the one asked",
     Code.HANDSHAKE_FAILED: "the peer's handshake answer did not prove its key",
+    Code.NO_PROGRESS: "the peer's backfill pages stopped moving the pull (a page that links no event, or more pages "
+                      "than the pull's budget)",
+    Code.RATE_LIMITED: "too many requests from this origin at once or per second: retry later",
     Code.NOT_FOUND: "no such resource",
     Code.FORBIDDEN: "the caller may not do this",
     Code.CONFLICT: "the resource already exists or is in another state",
@@ -113,13 +118,14 @@ DESCRIPTIONS: dict[Code, str] = {
 #: Refusals worth retrying later, unchanged (with backoff): they describe the
 #: moment, not the request. The receiver has not fetched the sender's new key
 #: yet, is restarting, has no key yet, is not peered yet (its admin has not
-#: reciprocated), a descriptor or TLS fetch failed, clocks disagree. Any other
+#: reciprocated), a descriptor or TLS fetch failed, clocks disagree, the
+#: receiver is limiting the sender's rate (``rate_limited``). Any other
 #: refusal is final: the same request gets the same answer, so a sender drops
 #: it (and reports it). Rendered into docs/protocol.md.
 RETRYABLE: frozenset[Code] = frozenset({
     Code.NOT_PEERED, Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
     Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
-    Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED,
+    Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED,
 })
 
 

@@ -99,8 +99,9 @@ class Event(NamedTuple):
         return event_id_text(self.event_id)
 
     def as_record(self) -> dict[str, Any]:
-        """The fields storage keeps for this event."""
-        return {
+        """The fields storage keeps for this event (with ``proposal_id``, the
+        id of the proposal it chains, when it carries a ``source``)."""
+        record = {
             "event_id": self.event_id,
             "depth": self.depth,
             "sender": self.sender,
@@ -109,6 +110,11 @@ class Event(NamedTuple):
             "ts": self.ts,
             "envelope": self.envelope,
         }
+        if self.source is not None:
+            proposal = decode_event(self.source)
+            if isinstance(proposal, Event):
+                record["proposal_id"] = proposal.event_id
+        return record
 
 
 def event_id_text(event_id: bytes) -> str:
@@ -351,4 +357,13 @@ def _proposal_job(event: Event, lookup: KeyLookup) -> tuple[bytes, bytes, bytes]
         and encode(proposal.content) == encode(event.content)
     ):
         return Refused(Code.MALFORMED, f"event {event.id_text} does not match its source proposal")
-    return _signature_job(proposal, lookup)
+    # The host's signature over the chained event vouches that the proposal was
+    # live when chained: its key must be listed and its signature verify, but a
+    # later expired_at of that key cannot cut history short (docs/protocol.md,
+    # "Keys' past"). Its signer picks its ts anyway, so checking ts against
+    # expired_at here would protect nothing.
+    keys = lookup(proposal.origin)
+    public_key = keys.listed(proposal.key_id) if keys is not None else None
+    if public_key is None:
+        return NeedKeys(proposal.origin, proposal.key_id)
+    return (public_key, Domain.EVENT + proposal.body, proposal.signature)

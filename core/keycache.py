@@ -27,6 +27,8 @@ __all__ = ["KeyCache", "PeerDescriptor", "DEFAULT_REFETCH_INTERVAL_MS"]
 DEFAULT_REFETCH_INTERVAL_MS = 30_000
 #: The shortest gap between two fetches for a server, for a newly seen key id.
 NEW_KEY_FLOOR_MS = 1_000
+#: Past this many servers with a recorded fetch attempt, the stale ones are forgotten.
+MAX_ATTEMPTS_KEPT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class KeyCache:
         self._peers: dict[str, PeerDescriptor] = {}
         self._attempted: dict[str, int] = {}
         self._asked: dict[str, set[str]] = {}  # key ids fetched for since the last fetch
+        self._prune_at = -(1 << 62)  # no stale attempt to forget before this
 
     def get(self, server: str) -> PeerDescriptor | None:
         """The cached descriptor of ``server``, or ``None``."""
@@ -72,6 +75,14 @@ class KeyCache:
 
     def fetch_attempted(self, server: str, now: int, key_id: str | None = None) -> None:
         """Record a fetch (successful or not) so the rate limit applies."""
+        if len(self._attempted) >= MAX_ATTEMPTS_KEPT and server not in self._attempted and now >= self._prune_at:
+            # Strangers' names must not grow this for ever: an attempt older than
+            # the refetch interval limits nothing any more, so forget those. (And
+            # scan again only when the oldest one left can have gone stale.)
+            for name in [n for n, at in self._attempted.items() if now - at >= self.refetch_interval_ms]:
+                del self._attempted[name]
+                self._asked.pop(name, None)
+            self._prune_at = min(self._attempted.values(), default=now) + self.refetch_interval_ms
         self._attempted[server] = now
         self._asked[server] = {key_id} if key_id else set()
 
@@ -86,6 +97,10 @@ class KeyCache:
         if isinstance(parsed, Refused):
             return parsed
         keys, versions, fields = parsed
+        previous = self._peers.get(server)
+        if previous is not None:
+            # Never trust less of a key's past than we did (keys.ServerKeys.keeping_past).
+            keys = keys.keeping_past(previous.keys, previous.fetched_at)
         entry = PeerDescriptor(keys, versions, fields, now)
         self._peers[server] = entry
         return entry

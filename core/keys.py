@@ -11,7 +11,11 @@ Two views of keys live here:
   * a live request may be signed by the current key, or by a rotated-out key
     for :data:`GRACE_MS` (30 days) after its ``expired_at``;
   * an event verifies under the key that was current at the event's time
-    (``ts < expired_at``), forever.
+    (``ts < expired_at``), forever;
+  * a key's past only grows: a later descriptor never shortens the validity
+    a verifier already trusted (:meth:`ServerKeys.keeping_past`), and a
+    proposal inside a host-signed chained event is vouched for by the host
+    (:meth:`ServerKeys.listed`).
 
 Signing and verification are pure functions over bytes. Every signature is
 over a domain-separation prefix plus the exact bytes, so an event signature
@@ -223,6 +227,40 @@ class ServerKeys:
                     f"live traffic under it ended 30 days later",
                 )
         return None
+
+    def listed(self, key_id: str) -> bytes | None:
+        """The public key listed under ``key_id`` (current or old) whatever its
+        validity, or ``None``: for a signature another one vouches for (the
+        ``source`` proposal inside a host-signed chained event)."""
+        if key_id == self.key_id:
+            return self.public_key
+        return next((o.public_key for o in self.old if o.key_id == key_id), None)
+
+    def keeping_past(self, previous: "ServerKeys | None", seen_at: int) -> "ServerKeys":
+        """These keys, never trusting less of the past than ``previous`` did.
+
+        A verifier never shortens the validity it already trusted for a key: a
+        key it saw as current when it read ``previous`` (at ``seen_at``) was
+        valid at least until then, and an old key until its ``expired_at``
+        then. A later descriptor that moves an ``expired_at`` earlier, or drops
+        a key, changes nothing of that (docs/protocol.md, "Keys' past").
+        """
+        if previous is None:
+            return self
+        trusted = {o.key_id: o for o in previous.old}
+        if previous.key_id is not None and previous.public_key is not None:
+            # Current at seen_at: events up to and including it verified (expired_at is exclusive).
+            trusted[previous.key_id] = OldKey(previous.key_id, previous.public_key, seen_at + 1)
+        old = []
+        for o in self.old:
+            before = trusted.pop(o.key_id, None)
+            if before is not None and before.public_key == o.public_key and before.expired_at > o.expired_at:
+                o = OldKey(o.key_id, o.public_key, before.expired_at)
+            old.append(o)
+        trusted.pop(self.key_id or "", None)
+        old += trusted.values()  # keys the new descriptor dropped: kept as trusted
+        old.sort(key=lambda o: (-o.expired_at, o.key_id))
+        return replace(self, old=tuple(old))
 
     def for_event(self, key_id: str, ts: int) -> bytes | Refused | None:
         """The public key to check an event signed under ``key_id`` with time ``ts``.

@@ -163,19 +163,29 @@ class Federation:
         return self.requests.verify(authorization, method=method, target=target, body=body, now=now,
                                     admit=self.policy.admits)
 
+    def _content_refusal(self, server: str) -> Refused | None:
+        """Whose signed words we never verify (and so never fetch keys for): a
+        blocked server, or anyone when federation is closed. ``invite_only``
+        governs whom we peer with, not whose proposals a peer's room may
+        relay: a room's member on a third server is verified like any other."""
+        refusal = self.policy.admits(server)
+        return None if refusal is None or refusal.code is Code.PEER_NOT_ALLOWED else refusal
+
     def unverifiable(self, need: NeedKeys) -> Refused:
         """What an event whose keys we could not get is refused with: the
-        policy's refusal when we may not fetch from its server, else ``unknown_key``."""
-        refusal = self.policy.admits(need.server)
+        policy's refusal when we never fetch from its server, else ``unknown_key``."""
+        refusal = self._content_refusal(need.server)
         if refusal is not None:
             return refusal
         return Refused(Code.UNKNOWN_KEY, f"{need.server[:100]} key {str(need.key_id)[:64]} is unknown")
 
     def may_fetch_keys(self, server: str, now: int, key_id: str | None = None) -> Refused | None:
         """May the host fetch ``server``'s descriptor now, for traffic (not an
-        admin's explicit request)? Only servers our policy admits, and no more
-        often than the key cache's rate limit allows."""
-        refusal = self.policy.admits(server)
+        admin's explicit request)? Never from a blocked server or when
+        federation is closed (a request's claimed origin was already admitted
+        by :meth:`authenticate`), and no more often than the key cache's rate
+        limit allows."""
+        refusal = self._content_refusal(server)
         if refusal is not None:
             return refusal
         if not self.keys.may_fetch(server, now, key_id):

@@ -89,6 +89,8 @@ async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -
     fed = parts[1:] if parts[:1] == ["federation"] else None
     if fed == ["peers"] and m == "GET":
         return Response.json(200, {"peers": await peer_views(service)})
+    if fed == ["limits"] and m == "GET":
+        return Response.json(200, service.limits.view())
     if fed and len(fed) == 3 and fed[0] == "peers" and m == "POST":
         peer = _server(fed[1], "peer")
         if fed[2] == "handshake":

@@ -21,6 +21,7 @@ from scaiwave_federation.core import Party, RoomFacts
 from scaiwave_federation.core.authz import may_answer, may_invite, may_leave, may_post, may_read
 from scaiwave_federation.core.names import canonical_room_id, canonical_user_id, server_of
 from scaiwave_federation.core.policy import ROOM_TYPES
+from scaiwave_federation.core.proposals import chained_once, proposal_id
 from scaiwave_federation.core.rooms import chain_event, encode_events_body, link, LinkResult
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
@@ -271,6 +272,12 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
             # if it links now. Otherwise (events still on their way to us, or
             # already here) it arrives in order through the host's outbox.
             verdict = LinkResult.APPEND if head is None else link(event, head)
+            pid = proposal_id(event)
+            if pid is not None and verdict == LinkResult.APPEND:
+                # A host that chained our proposal twice gets it shown once (core/proposals.py).
+                held = next((e.event_id for e in stored if proposal_id(e) == pid), None)
+                held = held or await service.store.proposal_chained(room["room_id"], pid)
+                verdict = chained_once(event, held) or verdict
             if verdict == LinkResult.APPEND:
                 stored.append(event)
                 head = Head(event.depth, event.event_id)

@@ -14,6 +14,7 @@ from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
 from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.proposals import chained_once, may_chain, proposal_id
 from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, invitee_of, link
 from scaiwave_federation.core.wire import encode
 
@@ -31,9 +32,14 @@ async def handle_federation(service: Service, request: Request) -> Response:
     """Serve one federation request and record it."""
     context: dict[str, Any] = {}
     received_at = service.now()
-    work = timings.begin()
-    started = work.store_started()
-    response = await _handle(service, request, context)
+    with service.limits.inbound(request.header("authorization")) as limited:
+        if limited is not None:
+            # Refused before anything else (no key fetch, no storage): not recorded,
+            # since it reached no decision a replay could make again.
+            return cbor_error(limited)
+        work = timings.begin()
+        started = work.store_started()
+        response = await _handle(service, request, context)
     service.record("inbound", method=request.method, target=request.target,
                    authorization=request.header("authorization"), body=request.body, context=context,
                    status=response.status, response=response.body, received_at=received_at,
@@ -142,7 +148,17 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
     to_store: dict[str, list[Event]] = {}
     created: list[Event] = []
     heads: dict[str, Any] = {}
+    once: dict[tuple[str, bytes], bytes] = {}  # (room, proposal id) -> chained event, in this transaction
     context["rooms"] = {}
+
+    async def held_for(room_id: str, pid: bytes) -> bytes | None:
+        if (room_id, pid) not in once:
+            held = await service.store.proposal_chained(room_id, pid)
+            if held is None:
+                return None
+            once[(room_id, pid)] = held
+        return once[(room_id, pid)]
+
     for result in results:
         if isinstance(result, NeedKeys):
             await service.learn_descriptor(result.server)
@@ -169,6 +185,11 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
                 held = row["event_id"] if row else None
                 context.setdefault("held", {})[result.id_text] = held.hex() if held else None
             verdict = link(result, head, held) if room is not None else Refused(Code.NOT_FOUND, "unknown room")
+            pid = proposal_id(result)
+            if pid is not None and verdict == LinkResult.APPEND:
+                # A proposal is accepted at most once per room (core/proposals.py).
+                verdict = chained_once(result, await held_for(result.room_id, pid)) or verdict
+                once.setdefault((result.room_id, pid), result.event_id)
             if verdict == LinkResult.APPEND:
                 to_store.setdefault(result.room_id, []).append(result)
                 heads[result.room_id] = type(head)(result.depth, result.event_id) if head else _head(result)
@@ -191,7 +212,8 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
                "membership": members.get(result.sender)}
         context["rooms"][result.room_id] = ctx
         context.setdefault("proposals", {})[result.id_text] = ctx
-        refusal = check_proposal(result, origin=auth.origin, **ctx)
+        refusal = check_proposal(result, origin=auth.origin, **ctx) or \
+            may_chain(result, await held_for(result.room_id, result.event_id))
         if refusal is not None:
             outcomes.append({"event_id": result.id_text, "error": refusal.as_dict()})
             continue
@@ -200,6 +222,7 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
                               sender=result.sender, type=result.type, ts=service.now(), content=result.content,
                               source=result.envelope)
         heads[result.room_id] = _head(chained)
+        once[(result.room_id, result.event_id)] = chained.event_id
         to_store.setdefault(result.room_id, []).append(chained)
         created.append(chained)
         outcomes.append({"event_id": result.id_text, "ok": True, "chained": chained.id_text})

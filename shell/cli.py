@@ -92,6 +92,15 @@ def _peers_table(peers: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:5])) + "  " + r[5] for r in rows)
 
 
+def _limits_text(data: dict) -> str:
+    lines = [", ".join(f"{k}={v}" for k, v in data["settings"].items())]
+    lines += [f"busy {b['origin']}: {b['in_flight']} requests, {b['descriptor_fetches']} descriptor fetches in flight"
+              for b in data["busy"]]
+    lines += [f"limited {r['origin']}: {r['refused']} refused, last at {_fmt_time(r['last_at'])}: {r['reason']}"
+              for r in data["limited"]]
+    return "\n".join(lines if len(lines) > 1 else lines + ["nobody is being limited"])
+
+
 def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
     job = client.call("POST", f"/v1/admin/federation/rooms/{quote(args.room_id, safe='!:')}/backfill",
                       {"peer": args.peer, "limit": args.limit})
@@ -140,6 +149,9 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
     elif cmd == "peers":
         data = c.call("GET", "/v1/admin/federation/peers")
         _print(args, data, _peers_table(data["peers"]))
+    elif cmd == "limits":
+        data = c.call("GET", "/v1/admin/federation/limits")
+        _print(args, data, _limits_text(data))
     elif cmd == "handshake":
         data = c.call("POST", f"/v1/admin/federation/peers/{args.peer}/handshake")
         _print(args, data, f"peered with {data['server_name']} ({data['protocol_version']}, key {data['key_id']})")
@@ -202,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--allow", nargs="*", metavar="HOST", help="allowed_peers (replaces the list)")
     pol.add_argument("--block", nargs="*", metavar="HOST", help="blocked_peers (replaces the list)")
     peers = fed.add_parser("peers", help="peers with last_seen and last_error")
+    lim = fed.add_parser("limits", help="who is being rate limited, and the limits in effect")
     hs = fed.add_parser("handshake", help="peer with a server now")
     hs.add_argument("peer")
     rt = fed.add_parser("retry", help="retry queued transactions to a peer now")
@@ -220,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_db = admin.add_parser("db", help="the daemon's database").add_subparsers(dest="cmd", required=True)
     bk = admin_db.add_parser("backup", help="an online backup (SQLite backup API) while the daemon runs")
     bk.add_argument("name", nargs="?", help="the new file's name in DATA_DIR/backups/ (default: scaiwave-TIME.db)")
-    for parser in (t, u, key, pol, peers, hs, rt, ds, rf, bf, ck, bk):
+    for parser in (t, u, key, pol, peers, lim, hs, rt, ds, rf, bf, ck, bk):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 

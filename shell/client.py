@@ -21,6 +21,19 @@ link-local address unless ``SCAIWAVE_OUTBOUND_ALLOW`` names its range
 (``address_blocked`` otherwise).
 
 :func:`backoff_ms` is the pure retry schedule for the outbox worker.
+
+Two bounds keep one peer from stalling or starving the others (issue 16):
+
+- a **total deadline** per request (``deadline``, default 30 s): waiting for
+  a connection slot, connecting, TLS, sending and reading the whole body
+  must finish in time. httpx's own ``timeout`` is per read, so a peer
+  trickling one byte a second would otherwise hold a request for ever;
+- a **per-peer limit** on requests in flight (``per_peer``, default 8). The
+  connection pool itself has no overall cap (httpx's default of 100 let 115
+  trickling strangers take every connection and a post to a healthy peer
+  failed after 21 s): each peer is bounded on its own, and what can make
+  us talk to many peers at once is capped where it starts (descriptor
+  fetches, ``core.limits``).
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from scaiwave_federation.core.netguard import Network, address_refusal
 
 __all__ = [
     "DESCRIPTOR_PATH",
+    "DESCRIPTOR_DEADLINE_S",
     "PeerClient",
     "PeerResponse",
     "TransportError",
@@ -53,6 +67,9 @@ __all__ = [
 split_server_name = _core_split_server_name
 
 DESCRIPTOR_PATH = "/.well-known/scaiwave"
+#: A descriptor fetch must be complete within this (or the client's deadline, if shorter):
+#: a stranger trickling its descriptor holds a fetch slot no longer than this.
+DESCRIPTOR_DEADLINE_S = 10.0
 
 
 class TransportError(Exception):
@@ -183,8 +200,11 @@ class PeerClient:
     ``ssl_context`` verifies peers (chain and host name: keep
     ``check_hostname`` on). ``resolve`` maps ``(host, port)`` to the address to
     connect to instead of using DNS. ``timeout`` (seconds) bounds each of
-    connect, read, write and pool wait. Bodies larger than
-    ``max_response_bytes`` are refused with ``too_large``.
+    connect, read and write; ``deadline`` (seconds) bounds the whole request,
+    from waiting for a slot to the last byte of the body; ``per_peer`` is how
+    many requests to one server may be in flight at once (the others wait,
+    inside their deadline). Bodies larger than ``max_response_bytes`` are
+    refused with ``too_large``.
     """
 
     def __init__(
@@ -193,11 +213,16 @@ class PeerClient:
         ssl_context: ssl.SSLContext,
         resolve: dict[tuple[str, int], str] | None = None,
         timeout: float = 10.0,
+        deadline: float = 30.0,
+        per_peer: int = 8,
         max_response_bytes: int = 8 * 1024 * 1024,
         outbound_allow: Sequence[Network] = (),
     ) -> None:
         self._resolve = {(h.lower(), p): a for (h, p), a in (resolve or {}).items()}
         self._timeout = timeout
+        self._deadline = deadline
+        self._per_peer = per_peer
+        self._slots: dict[tuple[str, int], list] = {}  # (host, port) -> [limiter, users]
         self._max = max_response_bytes
         # The pool keys connections by URL origin, i.e. by the override
         # address, not by SNI. If two names share one address:port, a
@@ -220,6 +245,8 @@ class PeerClient:
             verify=ssl_context,
             trust_env=False,
             timeout=httpx.Timeout(timeout),
+            # No overall cap: peers are bounded one by one (see the module doc).
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             follow_redirects=False,
             headers={"Accept-Encoding": "identity", "User-Agent": "scaiwave-federation"},
         )
@@ -248,14 +275,17 @@ class PeerClient:
         *,
         headers: dict[str, str] | None = None,
         body: bytes = b"",
+        deadline: float | None = None,
     ) -> PeerResponse:
         """Send one request to ``server_name`` and read the whole response.
 
         ``target`` is sent byte for byte as the request target (it is what the
         caller signed). Returns the response whatever its status. Raises
-        TransportError (``tls_failure``, ``peer_unreachable``, ``too_large``);
-        raises ValueError if ``target`` does not start with ``/`` or holds
-        spaces, control or non-ASCII characters (caller misuse).
+        TransportError (``tls_failure``, ``peer_unreachable``, ``too_large``;
+        ``peer_unreachable`` also when the whole exchange overruns the
+        deadline, ``deadline`` seconds when given, else the client's); raises
+        ValueError if ``target`` does not start with ``/``
+        or holds spaces, control or non-ASCII characters (caller misuse).
         """
         bad = not target.isascii() or any(c <= " " or c == "\x7f" for c in target)
         if bad or not target.startswith("/"):
@@ -281,6 +311,22 @@ class PeerClient:
         req = self._http.build_request(
             method, url, headers=req_headers, content=body, extensions=extensions
         )
+        slot = self._slots.setdefault(key, [trio.CapacityLimiter(self._per_peer), 0])
+        slot[1] += 1
+        limit = self._deadline if deadline is None else min(deadline, self._deadline)
+        try:
+            with trio.move_on_after(limit):
+                async with slot[0]:
+                    return await self._exchange(req, where)
+            raise TransportError(
+                "peer_unreachable", f"{where}: no complete answer within {limit:g}s"
+            )
+        finally:
+            slot[1] -= 1
+            if not slot[1]:
+                del self._slots[key]  # no table of every name ever asked for
+
+    async def _exchange(self, req: httpx.Request, where: str) -> PeerResponse:
         try:
             resp = await self._http.send(req, stream=True)
             try:
@@ -296,12 +342,13 @@ class PeerClient:
             raise self._classify(exc, where) from exc
 
     async def fetch_descriptor(self, server_name: str) -> bytes:
-        """GET ``/.well-known/scaiwave`` and return the body bytes, unparsed.
+        """GET ``/.well-known/scaiwave`` and return the body bytes, unparsed,
+        within :data:`DESCRIPTOR_DEADLINE_S` (a descriptor is at most 64 KiB).
 
         Raises TransportError ``no_descriptor`` on any status but 200, and the
         transport errors of :meth:`request`.
         """
-        resp = await self.get(server_name, DESCRIPTOR_PATH)
+        resp = await self.request(server_name, "GET", DESCRIPTOR_PATH, deadline=DESCRIPTOR_DEADLINE_S)
         if resp.status != 200:
             raise TransportError(
                 "no_descriptor",

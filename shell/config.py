@@ -76,6 +76,15 @@ class Config:
     test_tamper_backfill: str | None = None
     outbound_allow: tuple[Network, ...] = ()
     log_format: str = "text"
+    # Limits against hostile or broken peers (core.limits, shell.client; issue 16).
+    federation_rate: int = 50
+    federation_burst: int = 100
+    federation_concurrent: int = 8
+    descriptor_fetches_per_origin: int = 2
+    descriptor_fetches_total: int = 8
+    outbound_deadline_ms: int = 30_000
+    outbound_per_peer: int = 8
+    catch_ups_per_peer: int = 2
 
     @property
     def server_host(self) -> str:
@@ -290,6 +299,14 @@ def _parse_interval(value: object, setting: str) -> int:
     return ms
 
 
+def _parse_count(value: object, setting: str) -> int:
+    """A positive integer, from TOML or the environment; at most a million."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or not 0 < int(text) <= 1_000_000:
+        raise ConfigError(f"{setting}: expected a whole number from 1 to 1000000, got {value!r}", setting)
+    return int(text)
+
+
 def _path(value: object, setting: str, base: Path | None, kind: str) -> Path:
     """A path setting; relative paths from the TOML file are relative to its directory."""
     path = Path(_expect_str(value, setting)).expanduser()
@@ -333,6 +350,14 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "clock_offset": (lambda v, s, b: parse_duration_ms(v, s, allow_negative=True), 0),
     "key_refetch_interval": (_plain(_parse_interval), DEFAULT_KEY_REFETCH_INTERVAL_MS),
     "insecure_skip_tls_verify": (_plain(_parse_bool), False),
+    "federation_rate": (_plain(_parse_count), 50),
+    "federation_burst": (_plain(_parse_count), 100),
+    "federation_concurrent": (_plain(_parse_count), 8),
+    "descriptor_fetches_per_origin": (_plain(_parse_count), 2),
+    "descriptor_fetches_total": (_plain(_parse_count), 8),
+    "outbound_deadline": (_plain(_parse_interval), 30_000),
+    "outbound_per_peer": (_plain(_parse_count), 8),
+    "catch_ups_per_peer": (_plain(_parse_count), 2),
     # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
     # puller's refusal against a deliberately broken peer). Logged loudly.
     "test_tamper_backfill": (_plain(_expect_str), None),
@@ -402,6 +427,7 @@ def load_config(env: Mapping[str, str], toml_path: Path | None = None) -> Config
         record_path=values.pop("record"),
         clock_offset_ms=values.pop("clock_offset"),
         key_refetch_interval_ms=values.pop("key_refetch_interval"),
+        outbound_deadline_ms=values.pop("outbound_deadline"),
         **values,
     )
 

@@ -44,6 +44,8 @@ STATUS: dict[Code, int] = {
     Code.CHAIN_BROKEN: 409,
     Code.WRONG_ROOM: 400,
     Code.HANDSHAKE_FAILED: 502,
+    Code.NO_PROGRESS: 502,
+    Code.RATE_LIMITED: 429,
     Code.NOT_FOUND: 404,
     Code.FORBIDDEN: 403,
     Code.CONFLICT: 409,

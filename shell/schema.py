@@ -191,10 +191,29 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _m2_proposals(db: sqlite_utils.Database) -> None:
+    """Version 2: which chained event of a room carries which proposal, one
+    per proposal (core/proposals.py: a proposal is chained at most once per
+    room). Filled from the events already stored."""
+    from scaiwave_federation.core import decode_event
+
+    db.execute("""CREATE TABLE proposals (
+        room_id      TEXT NOT NULL,
+        proposal_id  BLOB NOT NULL CHECK (typeof(proposal_id) = 'blob' AND length(proposal_id) = 32),
+        event_id     BLOB NOT NULL,
+        PRIMARY KEY (room_id, proposal_id)
+    )""")
+    for room_id, envelope in db.execute("SELECT room_id, envelope FROM events").fetchall():
+        record = decode_event(envelope).as_record()
+        if "proposal_id" in record:
+            db.execute("INSERT INTO proposals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                       [room_id, record["proposal_id"], record["event_id"]])
+
+
 Migration = Callable[[sqlite_utils.Database], None]
 
 #: Applied in order; migration ``i`` (0-based) takes a file to version ``i + 1``.
-MIGRATIONS: list[Migration] = [_m1_initial]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,8 +47,9 @@ from scaiwave_federation.core.rooms import encode_events_body
 
 from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
+from .limits import Gate, fetch_cause, limits_of
 from .recorder import Recorder
-from .storage import AsyncStore
+from .storage import AsyncStore, StorageError
 from .timings import PageTimer, VerifyClock, Work
 from .verify_pool import threaded_verifier
 
@@ -107,6 +108,8 @@ class Service:
         self._wake_catch_up = trio.Event()
         self._timer_changed = trio.Event()
         self._pool: ThreadPoolExecutor | None = None
+        self.limits = Gate(limits_of(config), self.now)
+        self._catch_up_slots: dict[str, trio.CapacityLimiter] = {}  # peer -> its catch-ups at once
 
     # -- construction -------------------------------------------------------------
 
@@ -126,8 +129,10 @@ class Service:
         node = Federation(config.server_name, keyring=keyring, policy=policy,
                           refetch_interval_ms=config.key_refetch_interval_ms,
                           verifier=VerifyClock(threaded_verifier(pool)))
-        service = cls(config, store, node, PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve,
-                                                      outbound_allow=config.outbound_allow),
+        client = PeerClient(ssl_context=client_ssl_context(config), resolve=config.resolve,
+                            deadline=config.outbound_deadline_ms / 1000, per_peer=config.outbound_per_peer,
+                            outbound_allow=config.outbound_allow)
+        service = cls(config, store, node, client,
                       Recorder.open(config.record_path, config.server_name) if config.record_path else None)
         service._pool = pool
         now = service.now()
@@ -217,13 +222,20 @@ class Service:
     # -- descriptors -------------------------------------------------------------------
 
     async def fetch_descriptor(self, server: str) -> bytes | Refused:
-        """GET a server's descriptor over verified TLS (the raw bytes)."""
+        """GET a server's descriptor over verified TLS (the raw bytes); at most as
+        many at once as the limits allow (``rate_limited`` otherwise)."""
+        refusal = self.limits.begin_fetch(server)
+        if refusal is not None:
+            log.info("descriptor fetch of %s not started: %s", server, refusal)
+            return refusal
         try:
             data = await self.client.fetch_descriptor(server)
         except TransportError as exc:
             refusal = _refusal_of(exc)
             self.record("descriptor", server=server, error=refusal.as_dict())
             return refusal
+        finally:
+            self.limits.end_fetch(server)
         self.record("descriptor", server=server, body=data)
         return data
 
@@ -236,6 +248,9 @@ class Service:
             refusal = self.node.may_fetch_keys(server, now, key_id)
             if refusal is not None:
                 return refusal
+        busy = self.limits.fetch_refusal(server)
+        if busy is not None:
+            return busy  # before fetch_attempted: a fetch refused now may be tried again at once
         self.node.keys.fetch_attempted(server, now, key_id)
         log.info("fetching the descriptor of %s%s", server, f" (unknown key {key_id})" if key_id else "")
         data = await self.fetch_descriptor(server)
@@ -450,15 +465,31 @@ class Service:
         self._wake_catch_up.set()
 
     async def catch_up_worker(self) -> None:
-        """Run requested catch-ups one at a time (the daemon starts this)."""
-        while True:
-            await self._wake_catch_up.wait()
-            self._wake_catch_up = trio.Event()
-            for job in [j for j in self._catch_ups.values() if j.state == "running" and not j.done.is_set()]:
-                try:
-                    await self._run_backfill(job)
-                finally:
-                    self._catch_ups.pop(job.room_id, None)
+        """Run requested catch-ups side by side, at most ``catch_ups_per_peer``
+        from one host at once (the daemon starts this): a host that trickles
+        its pages holds up only its own rooms, never another host's."""
+        started: set[int] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake_catch_up.wait()
+                self._wake_catch_up = trio.Event()
+                for job in list(self._catch_ups.values()):
+                    if job.id not in started:
+                        started.add(job.id)
+                        nursery.start_soon(self._catch_up, job, started)
+
+    async def _catch_up(self, job: BackfillJob, started: set[int]) -> None:
+        slots = self._catch_up_slots.setdefault(job.peer, trio.CapacityLimiter(self.config.catch_ups_per_peer))
+        try:
+            async with slots:
+                # Descriptor fetches this pull causes are charged to the host.
+                fetch_cause.set(job.peer)
+                await self._run_backfill(job)
+        finally:
+            self._catch_ups.pop(job.room_id, None)
+            started.discard(job.id)
+            if not slots.borrowed_tokens and slots.statistics().tasks_waiting == 0:
+                self._catch_up_slots.pop(job.peer, None)
 
     # -- backfill ------------------------------------------------------------------
 
@@ -471,6 +502,12 @@ class Service:
     async def _run_backfill(self, job: BackfillJob) -> None:
         try:
             await self._backfill(job)
+        except StorageError as exc:
+            # A page the store refuses (say a host that chained one proposal twice:
+            # core/proposals.py): the pull stops there; what was stored stays.
+            log.warning("backfill %s stopped: %s", job.id, exc)
+            code = Code.CONFLICT if exc.code == "conflict" else Code.INTERNAL_ERROR
+            job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
         except Exception as exc:  # an unexpected failure must not kill the daemon
             log.exception("backfill %s failed", job.id)
             job.state, job.error = "failed", {"code": "internal_error", "message": str(exc)[:200]}
@@ -535,7 +572,12 @@ class Service:
                 pages.stored(started, len(effect.events))
                 job.stored = puller.stored - base
             elif isinstance(effect, NeedKeys):
-                await self.learn_descriptor(effect.server, key_id=effect.key_id)
+                # Another pull may be fetching the same descriptor (catch-ups run side
+                # by side): its answer is ours too.
+                await self.limits.fetch_settled(effect.server)
+                keys = self.node.lookup(effect.server)
+                if keys is None or effect.key_id is None or not keys.knows(effect.key_id):
+                    await self.learn_descriptor(effect.server, key_id=effect.key_id)
                 effects += pages.more(puller.keys_updated, self.now())
             elif isinstance(effect, Failed):
                 await self.peer_error(effect.server, effect.refusal)

@@ -407,6 +407,8 @@ class Store:
         except KeyError as exc:
             raise StorageError("invalid", f"event lacks {exc.args[0]!r}") from exc
         eid, depth = row["event_id"], row["depth"]
+        if event.get("proposal_id") is not None:
+            self._insert_proposal(room_id, _blob(event["proposal_id"]), eid)
         try:
             if self._insert("events", row, "ON CONFLICT DO NOTHING").rowcount == 1:
                 return True
@@ -422,6 +424,19 @@ class Store:
         if held != [{"event_id": eid, "room_id": room_id, "depth": depth}]:
             raise StorageError("conflict", f"another event is stored at depth {depth} of {room_id}")
         return False
+
+    def _insert_proposal(self, room_id: str, proposal_id: bytes, event_id: bytes) -> None:
+        """A proposal is chained at most once per room (core/proposals.py): a
+        second chained event for it is a ``conflict``; the same one again is fine."""
+        row = {"room_id": room_id, "proposal_id": proposal_id, "event_id": event_id}
+        if self._insert("proposals", row, "ON CONFLICT DO NOTHING").rowcount == 0:
+            if self.proposal_chained(room_id, proposal_id) != event_id:
+                raise StorageError("conflict", f"the proposal is already chained in {room_id}")
+
+    def proposal_chained(self, room_id: str, proposal_id: bytes) -> bytes | None:
+        """The id of the chained event of ``room_id`` carrying ``proposal_id``, or None."""
+        return self._scalar("SELECT event_id FROM proposals WHERE room_id = ? AND proposal_id = ?",
+                            room_id, proposal_id)
 
     def _store_events_in_tx(self, room_id: str, events: Sequence[Row], cursor: Row | None) -> int:
         new = sum(self._insert_event(room_id, event) for event in events)

@@ -93,6 +93,7 @@ class AsyncStore:
     rooms_for_user = _offload(Store.rooms_for_user)
     store_events = _offload(Store.store_events)
     event_at = _offload(Store.event_at)
+    proposal_chained = _offload(Store.proposal_chained)
     head = _offload(Store.head)
     events_before = _offload(Store.events_before)
     events_after = _offload(Store.events_after)

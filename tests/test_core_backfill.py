@@ -333,6 +333,10 @@ def _shuffled_pages(data, full, n: int) -> list[bytes]:
 
 @given(data=st.data())
 def test_any_split_duplicated_and_shuffled_stores_the_newest_events_once(data):
+    """Pages split anyhow, some twice, in any order: whatever is stored is the
+    newest part of the chain, linked, each event once. A page that brings
+    nothing new (a duplicate, say) ends the pull with ``no_progress``, keeping
+    what was stored; pages in the host's own order complete it."""
     b, full = _long_chain()
     n = data.draw(st.integers(1, 300), label="n")
     limit = data.draw(st.integers(1, 400), label="limit")
@@ -345,13 +349,27 @@ def test_any_split_duplicated_and_shuffled_stores_the_newest_events_once(data):
     puller.start(NOW)
     stored = []
     for page in pages:
+        if puller.done is not None:
+            break
         for effect in puller.page_received(200, page, NOW):
             if isinstance(effect, StoreEvents):
                 stored.extend(effect.events)
-            assert not isinstance(effect, (Failed, NeedKeys))
+            assert not isinstance(effect, NeedKeys)
     count = min(n, limit)
-    assert_chain_run(stored, full[:n], count)
-    assert puller.done == BackfillDone(ROOM, B, count, reached_start=n <= limit)
+    assert_chain_run(stored, full[:n], len(stored))
+    assert puller.requests <= puller.budget
+    if puller.done is not None and puller.done.refusal is not None:
+        assert puller.done.refusal.code is Code.NO_PROGRESS and puller.done.stored == len(stored) < count
+    elif puller.done is not None:
+        assert puller.done == BackfillDone(ROOM, B, count, reached_start=n <= limit)
+    in_order = sorted(set(pages), key=lambda p: -(decode_page(p).before or 1 << 62))
+    if len(in_order) <= puller.budget - 1:
+        fresh = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys_of_b(),
+                               limit=limit, page_size=page_size)
+        fresh.start(NOW)
+        kept = [e for p in in_order if fresh.done is None
+                for e in fresh.page_received(200, p, NOW) if isinstance(e, StoreEvents)]
+        assert_chain_run([ev for s in kept for ev in s.events], full[:n], count)
 
 
 # -- catching up: a receiver that missed events pulls down to its own head ----------------------
@@ -442,7 +460,10 @@ def test_catching_up_over_any_split_duplicated_and_shuffled_pages(data):
             break
         stores += [e for e in puller.page_received(200, page, NOW) if isinstance(e, StoreEvents)]
     gap = n - held
-    if puller.done is None:
+    assert puller.requests <= puller.budget
+    if puller.done is not None and puller.done.refusal is not None and puller.done.refusal.code is Code.NO_PROGRESS:
+        assert stores == []  # a page that moved nothing (a duplicate): nothing stored
+    elif puller.done is None:
         assert stores == []  # the pages ran out before the chain reached our head: nothing stored
     elif gap <= limit:
         assert len(stores) <= 1 and puller.done.refusal is None
@@ -488,7 +509,9 @@ class PaginationMachine(RuleBasedStateMachine):
                 self.cursor = effect.cursor
             elif isinstance(effect, SendRequest):
                 self.request = effect
-            assert not isinstance(effect, (Failed, NeedKeys))
+            elif isinstance(effect, Failed):
+                assert effect.refusal.code is Code.NO_PROGRESS  # a stale page moved nothing
+            assert not isinstance(effect, NeedKeys)
 
     def _page(self, before, count):
         part = [e for e in self.history if before is None or e.depth < before][:count]
@@ -523,8 +546,11 @@ class PaginationMachine(RuleBasedStateMachine):
     @invariant()
     def finished_means_complete(self):
         done = self.puller.done
-        if done is not None:
-            assert done.refusal is None
+        assert self.puller.requests <= self.puller.budget
+        if done is not None and done.refusal is not None:
+            # A stale page that moved nothing ends the pull; a resume goes on from its cursor.
+            assert done.refusal.code is Code.NO_PROGRESS and done.stored == len(self.stored)
+        elif done is not None:
             assert done.stored == len(self.stored) == min(self.n, self.limit)
 
     def teardown(self):
@@ -532,6 +558,8 @@ class PaginationMachine(RuleBasedStateMachine):
         if not hasattr(self, "puller"):
             return
         for _ in range(200):
+            if self.puller.done is not None and self.puller.done.refusal is not None:
+                self._new_puller(self.cursor)
             if self.puller.done is not None:
                 break
             if self.request is None:

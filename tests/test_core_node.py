@@ -330,3 +330,31 @@ def test_authentication_failure_over_the_link_is_401():
     status, reply = link.deliver(A, SendRequest(B, "POST", target, b"", auth), NOW)
     assert status == 401 and decode(reply, max_size=4096)["error"]["code"] == "clock_skew"
 
+
+
+def test_third_party_words_are_verified_unless_their_server_is_blocked():
+    """Policy rule 6: an admitted host may relay a third server's member's
+    proposal; we fetch that server's keys unless it is blocked (or we are closed)."""
+    a, b = pair()
+    c = make_node(C, 3)
+    room_id = f"!r:{B}"
+    chain = build_chain(b.keyring.current, room_id, 1)
+    proposal = make_event(c.keyring.current, room_id=room_id, room_type="group", depth=0, prev=None, origin=C,
+                          sender=f"@carol:{C}", type="m.message", ts=NOW, content={"body": "hi"})
+    relayed = chain_event(b.keyring.current, head=head_of(chain), room_id=room_id, room_type="group",
+                          sender=f"@carol:{C}", type="m.message", ts=NOW, content={"body": "hi"},
+                          source=proposal.envelope)
+    a.learn_descriptor(B, descriptor_bytes(b), NOW)
+    (need,) = a.on_events(_auth(B), events_body([relayed]))
+    assert need == NeedKeys(C, c.keyring.current.key_id)
+    # invite_only without C: C is no peer of ours, but its user's words are verified.
+    assert a.may_fetch_keys(C, NOW) is None
+    assert a.unverifiable(need).code is Code.UNKNOWN_KEY
+    a.learn_descriptor(C, descriptor_bytes(c), NOW)
+    (event,) = a.on_events(_auth(B), events_body([relayed]))
+    assert event.sender == f"@carol:{C}" and event.source == proposal.envelope
+    # Blocked (or closed): never fetched, refused with the policy's code.
+    blocked = make_node(A, 1, allowed=[B], blocked=[C])
+    assert blocked.may_fetch_keys(C, NOW).code is Code.PEER_BLOCKED
+    assert blocked.unverifiable(need).code is Code.PEER_BLOCKED
+    assert make_node(A, 1, mode="closed").may_fetch_keys(C, NOW).code is Code.FEDERATION_CLOSED

@@ -71,6 +71,8 @@ def render_limits() -> str:
         ("events in a backfill page (serving cap)", str(backfill.PAGE_CAP), "`backfill.PAGE_CAP`"),
         ("backfill page body", _bytes(backfill.MAX_PAGE_BYTES), "`backfill.MAX_PAGE_BYTES`"),
         ("events in one backfill pull", str(backfill.MAX_PULL), "`backfill.MAX_PULL`"),
+        ("page requests in one pull beyond the pages its limit needs", str(backfill.BUDGET_SLACK),
+         "`backfill.BUDGET_SLACK`"),
         ("old key still valid for live requests after `expired_at`", _ms(keys.GRACE_MS), "`keys.GRACE_MS`"),
         ("key rotation period", _ms(keys.ROTATION_PERIOD_MS), "`keys.ROTATION_PERIOD_MS`"),
         ("descriptor refetch, per server (default)", _ms(keycache.DEFAULT_REFETCH_INTERVAL_MS),

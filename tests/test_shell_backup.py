@@ -8,6 +8,7 @@ import stat
 import threading
 from pathlib import Path
 
+from scaiwave_federation.shell.schema import SCHEMA_VERSION
 from scaiwave_federation.shell.testbed import Testbed, wait_until
 
 
@@ -63,7 +64,7 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         backup = a.root / "data" / "backups" / "before-restore.db"
         assert proc.stdout.startswith(f"backup written: {backup} (")
-        assert proc.stdout.rstrip().endswith("bytes, schema version 1, integrity ok)")
+        assert proc.stdout.rstrip().endswith(f"bytes, schema version {SCHEMA_VERSION}, integrity ok)")
         assert stat.S_IMODE(backup.stat().st_mode) == 0o600
         assert stat.S_IMODE(backup.parent.stat().st_mode) == 0o700
         # Never overwritten; a default name with the time.

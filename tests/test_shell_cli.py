@@ -15,7 +15,7 @@ from scaiwave_federation.shell.testbed import free_port
 COMMANDS = [
     [], ["serve"], ["demo"], ["replay"], ["admin"], ["admin", "tenant", "create"], ["admin", "user", "create"],
     ["admin", "federation"], ["admin", "federation", "key"], ["admin", "federation", "policy"],
-    ["admin", "federation", "peers"], ["admin", "federation", "handshake"], ["admin", "federation", "retry"],
+    ["admin", "federation", "peers"], ["admin", "federation", "limits"], ["admin", "federation", "handshake"], ["admin", "federation", "retry"],
     ["admin", "federation", "descriptor"], ["admin", "federation", "refresh"], ["admin", "federation", "backfill"],
 ]
 
@@ -83,3 +83,16 @@ def test_replay_of_a_file_that_is_no_recording_is_one_line(tmp_path):
     bogus.write_bytes(b"\x00\x01garbage")
     proc = _run(["replay", str(bogus)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a scaiwave recording" in proc.stderr
+
+
+def test_limits_text_names_who_is_limited():
+    from scaiwave_federation.core.limits import Limits, OriginLimiter
+    from scaiwave_federation.shell.cli import _limits_text
+
+    limiter = OriginLimiter(Limits(rate=1, burst=1))
+    assert _limits_text(limiter.view(0)).endswith("nobody is being limited")
+    limiter.admit("bad.test", 1_764_000_000_000)
+    limiter.admit("bad.test", 1_764_000_000_000)
+    text = _limits_text(limiter.view(1_764_000_000_000))
+    assert "rate=1" in text and "busy bad.test: 1 requests" in text
+    assert "limited bad.test: 1 refused" in text and "more than 1 requests a second" in text

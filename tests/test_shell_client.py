@@ -13,6 +13,7 @@ import pytest
 import trio
 import trustme
 
+from roguehost import read_request
 from scaiwave_federation.shell.client import (
     PeerClient,
     PeerResponse,
@@ -62,20 +63,10 @@ class TinyServer:
 
     async def _serve_one(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
-        request, body = None, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return
-        assert request is not None
+        read = await read_request(conn, stream)
+        if read is None:
+            return
+        request, body = read
         target = request.target.decode()
         self.seen.append(
             Seen(

@@ -404,3 +404,36 @@ def test_expired_certificate(env: dict[str, str], files: dict[str, Path], ca: tr
     cert.private_key_pem.write_to_path(str(key_path))
     message = tls_error(load_config({**env, "SCAIWAVE_TLS_CERT": str(cert_path), "SCAIWAVE_TLS_KEY": str(key_path)}))
     assert message.startswith("SCAIWAVE_TLS_CERT: certificate has expired")
+
+
+# -- limits against hostile peers (issue 16) ------------------------------------------
+
+
+def test_limits_have_sane_defaults_and_reach_the_core(env: dict[str, str]) -> None:
+    from scaiwave_federation.shell.limits import limits_of
+
+    config = load_config(env)
+    assert (config.federation_rate, config.federation_burst, config.federation_concurrent) == (50, 100, 8)
+    assert (config.descriptor_fetches_per_origin, config.descriptor_fetches_total) == (2, 8)
+    assert (config.outbound_deadline_ms, config.outbound_per_peer, config.catch_ups_per_peer) == (30_000, 8, 2)
+    config = load_config({**env, "SCAIWAVE_FEDERATION_RATE": "5", "SCAIWAVE_OUTBOUND_DEADLINE": "2m",
+                          "SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL": "3"})
+    limits = limits_of(config)
+    assert (limits.rate, limits.burst, limits.fetches_total) == (5, 100, 3)
+    assert config.outbound_deadline_ms == 120_000
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("SCAIWAVE_FEDERATION_RATE", "0"), ("SCAIWAVE_FEDERATION_BURST", "-3"), ("SCAIWAVE_OUTBOUND_PER_PEER", "lots"),
+    ("SCAIWAVE_CATCH_UPS_PER_PEER", "1.5"), ("SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL", "99999999999"),
+    ("SCAIWAVE_OUTBOUND_DEADLINE", "0s"),
+])
+def test_bad_limits_name_their_setting(env: dict[str, str], setting: str, value: str) -> None:
+    assert config_error({**env, setting: value}).startswith(f"{setting}: ")
+
+
+def test_limits_from_toml(env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text("federation_concurrent = 3\noutbound_deadline = \"45s\"\n")
+    config = load_config(env, path)
+    assert config.federation_concurrent == 3 and config.outbound_deadline_ms == 45_000
