@@ -83,3 +83,25 @@ def test_replay_of_a_file_that_is_no_recording_is_one_line(tmp_path):
     bogus.write_bytes(b"\x00\x01garbage")
     proc = _run(["replay", str(bogus)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a scaiwave recording" in proc.stderr
+
+
+def test_cli_encodes_what_it_puts_in_a_path(tmp_path):
+    """A value with "/", "?" or "#" stays one path segment: the daemon answers
+    about that value (bad_request naming the field), not about another URL."""
+    from scaiwave_federation.shell.testbed import Testbed
+
+    bed = Testbed(tmp_path)
+    server = bed.add("your-host.test")
+    server.start()
+    try:
+        for args, start in [
+            (["handshake", "https://peer.test"], "error: bad_request: peer: not a server name"),
+            (["retry", "peer.test/../../key/rotate"], "error: bad_request: peer: not a server name"),
+            (["refresh", "bob?x=1"], "error: bad_request: participant_id:"),
+            (["backfill", "!room:peer.test/backfill#"], "error: bad_request: room_id:"),
+            (["descriptor", "--server", "peer.test&server=evil.test"], "error: bad_request: server: not a server name"),
+        ]:
+            _one_line(server.cli("admin", "federation", *args), 1, start)
+        assert server.admin("GET", "/v1/admin/federation/key")[1]["key_id"] is None  # nothing rotated or made
+    finally:
+        bed.stop()
