@@ -21,6 +21,7 @@ second set of rules here.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,10 +70,28 @@ def _kind(value: Any) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
+_KINDS = {"Cc": "a control character", "Cf": "an invisible format character", "Cs": "a lone surrogate",
+          "Co": "a private-use character", "Cn": "an unassigned code point"}
+_NOT_IN_TEXT = frozenset({"Cc", "Cs"})
+
+
+def _bad_character(value: str, text: bool) -> str | None:
+    banned = _NOT_IN_TEXT if text else _KINDS
+    for c in value:
+        kind = unicodedata.category(c)
+        if kind in banned and not (text and c in "\t\n\r"):
+            return f"must not contain U+{ord(c):04X} ({_KINDS[kind]})"
+    return None
+
+
 @dataclass(frozen=True)
 class Str(Field):
-    """A string of ``min_len``..``max_len`` characters without control characters
-    (``text=True``: free text, which may hold tab, newline and carriage return).
+    """A string of ``min_len``..``max_len`` characters. A name may not hold
+    controls, invisible format characters (the right-to-left override, zero-width
+    joiners: one name made to look like another), lone surrogates, private-use
+    or unassigned code points; free text (``text=True``) may not hold controls
+    other than tab, newline and carriage return, nor lone surrogates (which JSON
+    can spell as ``"\\ud800"`` but UTF-8 cannot store or answer).
 
     ``check`` (e.g. a core name function) returns an error message or None;
     ``pattern`` and ``example`` only document the shape in the OpenAPI document.
@@ -91,8 +110,8 @@ class Str(Field):
             raise BadInput(where, f"must be a string, not {_kind(value)}")
         if not self.min_len <= len(value) <= self.max_len:
             raise BadInput(where, f"must be {self.min_len} to {self.max_len} characters long, not {len(value)}")
-        if any((ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0) and not (self.text and c in "\t\n\r") for c in value):
-            raise BadInput(where, "must not contain control characters")
+        if (problem := _bad_character(value, self.text)) is not None:
+            raise BadInput(where, problem)
         if self.check is not None and (problem := self.check(value)) is not None:
             raise BadInput(where, problem)
         return value
@@ -296,4 +315,4 @@ USER_ID = Str(max_len=385, check=_id_problem("@", "user id", "@bob:peer.test"), 
               example="@bob:peer.test", description="A user id: @name:server_name.")
 PARTICIPANT = Str(max_len=385, check=_participant_problem, pattern=r"^(@[^:]+:.+|[A-Za-z0-9.\[\]:-]+)$",
                   example="@bob:peer.test", description="A user id (@name:server) or a server name.")
-TENANT_NAME = Str(max_len=128, example="acme", description="A tenant's name: 1 to 128 characters, no control characters.")
+TENANT_NAME = Str(max_len=128, example="acme", description="A tenant's name: 1 to 128 characters, no control or invisible format characters.")
