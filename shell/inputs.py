@@ -315,4 +315,5 @@ USER_ID = Str(max_len=385, check=_id_problem("@", "user id", "@bob:peer.test"), 
               example="@bob:peer.test", description="A user id: @name:server_name.")
 PARTICIPANT = Str(max_len=385, check=_participant_problem, pattern=r"^(@[^:]+:.+|[A-Za-z0-9.\[\]:-]+)$",
                   example="@bob:peer.test", description="A user id (@name:server) or a server name.")
-TENANT_NAME = Str(max_len=128, example="acme", description="A tenant's name: 1 to 128 characters, no control or invisible format characters.")
+TENANT_NAME = Str(max_len=128, example="acme",
+                  description="A tenant's name: 1 to 128 characters, no control or invisible format characters.")

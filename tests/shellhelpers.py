@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import ssl
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import cbor2
 import h11
@@ -15,10 +17,13 @@ import httpx
 import trio
 import trio.testing
 import trustme
+from jsonschema import Draft202012Validator
 
 from scaiwave_federation.shell.config import load_config
 from scaiwave_federation.shell.daemon import make_handler, serve
 from scaiwave_federation.shell.http import handle_connection
+from scaiwave_federation.shell.openapi import ERROR_SCHEMA, document_bytes
+from scaiwave_federation.shell.routes import all_routes
 from scaiwave_federation.shell.service import Service
 from scaiwave_federation.shell.testbed import free_port
 
@@ -72,6 +77,7 @@ class Remote:
             headers["authorization"] = f"Bearer {token}"
         resp = await self.client.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
                                          extensions={"sni_hostname": self.host})
+        conforms(method, path, resp.status_code, resp.headers.get("content-type", ""), resp.json())
         return resp.status_code, resp.json()
 
     async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -191,7 +197,35 @@ class InMemory:
         headers = [("authorization", f"Bearer {token}")] if token else []
         payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         status, headers_, data = await self.exchange(method, target, body=payload, headers=headers)
-        return status, _decode(headers_, data)
+        decoded = _decode(headers_, data)
+        conforms(method, target, status, headers_.get("content-type", ""), decoded)
+        return status, decoded
 
     async def admin(self, method: str, target: str, body: Any = None) -> tuple[int, Any]:
         return await self.request(method, target, body, token=ADMIN_TOKEN)
+
+
+@lru_cache(maxsize=1)
+def _document() -> dict[str, Any]:
+    return json.loads(document_bytes())
+
+
+def conforms(method: str, target: str, status: int, content_type: str, body: Any) -> None:
+    """Assert that an answer of the client, admin or public API is what the
+    OpenAPI document says: a documented status, its content type and schema.
+    Every shell test that talks to a daemon through these helpers checks this."""
+    path = urlsplit(target).path
+    if path.startswith("/_scaiwave/federation/"):
+        return
+    try:
+        route, _ = all_routes().match(method, path)
+    except Exception:  # no such route (or an undecodable path): a refusal in the error shape
+        route = None
+    if route is None:
+        assert status in (400, 404) and content_type == "application/json", (method, target, status)
+        Draft202012Validator(ERROR_SCHEMA).validate(body)
+        return
+    responses = _document()["paths"][route.template][method.lower()]["responses"]
+    assert str(status) in responses, (method, route.template, status, body)
+    assert content_type == "application/json", (method, route.template, content_type)
+    Draft202012Validator(route.response if status == 200 else ERROR_SCHEMA).validate(body)
