@@ -22,6 +22,7 @@ and only then the handler, which receives typed values.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["API", "Auth", "ApiFailure", "Call", "Route", "RouteTable", "PUBLIC", "all_routes"]
 
+log = logging.getLogger("scaiwave.routes")
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 #: Storage refusals an API caller can cause (a race past a handler's own check).
 _STORAGE_CODES = {"conflict": Code.CONFLICT, "not_found": Code.NOT_FOUND, "invalid": Code.BAD_REQUEST}
@@ -163,6 +165,7 @@ class RouteTable:
         except (ApiFailure, BadInput) as fail:
             return json_error(fail.refusal)
         except LocalProtocolError as exc:  # the core refused a value as the caller's mistake
+            log.info("%s %s: the core refused the input: %s", request.method, request.path[:200], exc)
             return json_error(Refused(Code.BAD_REQUEST, str(exc)))
         except StorageError as exc:
             if exc.code not in _STORAGE_CODES:

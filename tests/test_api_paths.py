@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 import trustme
 
 from shellhelpers import Remote, peered_dm, two_daemons, wait_for
@@ -135,3 +136,37 @@ async def client_paths(a: Remote, b: Remote, dm: str, alice: str, bob: str) -> N
 async def _invited(server: Remote, token: str, room: str) -> bool:
     notes = (await ok(await server.request("GET", "/v1/notifications", token=token)))["notifications"]
     return any(n["room_id"] == room for n in notes)
+
+
+# -- the table's own rules -----------------------------------------------------------------
+
+
+async def _ok_handler(call) -> object:  # pragma: no cover - never awaited here
+    raise AssertionError
+
+
+def test_route_table_rules() -> None:
+    from scaiwave_federation.core import Code
+    from scaiwave_federation.shell.inputs import ROOM_ID, BadInput
+    from scaiwave_federation.shell.routes import PUBLIC, ApiFailure, RouteTable
+
+    table = RouteTable()
+    table.add("GET", "/v1/rooms/{room_id}/x", _ok_handler, auth=PUBLIC, summary="x", response={},
+              params={"room_id": ROOM_ID})
+    route, params = table.match("GET", "/v1/rooms/%21a%2Fb%3Apeer.test/x")
+    assert route.template == "/v1/rooms/{room_id}/x" and params == {"room_id": "!a/b:peer.test"}
+    assert table.match("GET", "/v1/%72ooms/!a:b/x")[1] == {"room_id": "!a:b"}  # literal segments decode too
+    for path in ("/v1/rooms//x", "/v1/rooms/a/x/", "/v1/rooms/a", "//v1/rooms/a/x"):
+        with pytest.raises(ApiFailure) as failure:
+            table.match("GET", path)
+        assert failure.value.refusal.code == Code.NOT_FOUND
+    with pytest.raises(ApiFailure, match="this path takes GET"):
+        table.match("POST", "/v1/rooms/a/x")
+    with pytest.raises(BadInput, match="path: percent-encoding that is not UTF-8"):
+        table.match("GET", "/v1/rooms/%FF/x")
+    # A template and its typed parameters must agree; one endpoint, one entry.
+    with pytest.raises(ValueError, match="path parameters"):
+        table.add("GET", "/v1/y/{room}", _ok_handler, auth=PUBLIC, summary="y", response={})
+    with pytest.raises(ValueError, match="registered twice"):
+        table.add("GET", "/v1/rooms/{room_id}/x", _ok_handler, auth=PUBLIC, summary="x", response={},
+                  params={"room_id": ROOM_ID})
