@@ -56,6 +56,7 @@ class Code(str, enum.Enum):
     HANDSHAKE_FAILED = "handshake_failed"
     # Local resources (client and admin API).
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     BAD_REQUEST = "bad_request"
@@ -95,6 +96,7 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.WRONG_ROOM: "the event belongs to another room than the one asked",
     Code.HANDSHAKE_FAILED: "the peer's handshake answer did not prove its key",
     Code.NOT_FOUND: "no such resource",
+    Code.METHOD_NOT_ALLOWED: "the path exists but not with this method (the Allow header lists those it takes)",
     Code.FORBIDDEN: "the caller may not do this",
     Code.CONFLICT: "the resource already exists or is in another state",
     Code.BAD_REQUEST: "the request's fields are missing or wrong",

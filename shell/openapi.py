@@ -62,6 +62,9 @@ wrong type, an unknown or repeated field, a number out of range or a missing
 required field is refused with 400 bad_request and a message naming the field,
 and nothing is changed.
 
+A path used with a method it does not take is 405 method_not_allowed, with
+an Allow header listing the methods it takes.
+
 Every refusal has the body {"error": {"code", "message"}}."""
 
 

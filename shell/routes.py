@@ -14,7 +14,8 @@ split at ``/``: ``/v1/rooms/%21abc%3Apeer.test/messages`` is the room
 ``!abc:peer.test``, exactly like the raw spelling, and ``%2F`` stays inside its
 segment. Every HTTP client library encodes ``!``, ``:`` and ``@`` in a path.
 
-Order of checks for a request: the route (``404 not_found``), the caller
+Order of checks for a request: the route (``404 not_found``; ``405
+method_not_allowed`` with an ``Allow`` header when the path exists), the caller
 (``401 unauthorized``: nothing about the input is looked at for a stranger),
 then path parameters, query and body (``400 bad_request`` naming the field),
 and only then the handler, which receives typed values.
@@ -52,9 +53,9 @@ _STORAGE_CODES = {"conflict": Code.CONFLICT, "not_found": Code.NOT_FOUND, "inval
 class ApiFailure(Exception):
     """Raised by a handler (or an authentication) to answer with this refusal."""
 
-    def __init__(self, refusal: Refused) -> None:
+    def __init__(self, refusal: Refused, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(refusal.detail)
-        self.refusal = refusal
+        self.refusal, self.headers = refusal, headers
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ class RouteTable:
             allowed.append(route.method)
         where = f"{method} {path[:100]}"
         if allowed:
-            raise ApiFailure(Refused(Code.NOT_FOUND, f"no endpoint {where} (this path takes {', '.join(allowed)})"))
+            refusal = Refused(Code.METHOD_NOT_ALLOWED, f"no endpoint {where}: this path takes {', '.join(allowed)}")
+            raise ApiFailure(refusal, (("allow", ", ".join(allowed)),))
         raise ApiFailure(Refused(Code.NOT_FOUND, f"no endpoint {where}"))
 
     async def dispatch(self, service: Service, request: Request, nursery: trio.Nursery) -> Response:
@@ -162,7 +164,9 @@ class RouteTable:
             query = parse_query(_query_pairs(request.target), route.query)
             body = parse_json_body(request.body, route.body)
             return await route.handler(Call(service, request, nursery, caller, params, query, body))
-        except (ApiFailure, BadInput) as fail:
+        except ApiFailure as fail:
+            return json_error(fail.refusal, fail.headers)
+        except BadInput as fail:
             return json_error(fail.refusal)
         except LocalProtocolError as exc:  # the core refused a value as the caller's mistake
             log.info("%s %s: the core refused the input: %s", request.method, request.path[:200], exc)

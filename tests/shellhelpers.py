@@ -222,7 +222,7 @@ def conforms(method: str, target: str, status: int, content_type: str, body: Any
     except Exception:  # no such route (or an undecodable path): a refusal in the error shape
         route = None
     if route is None:
-        assert status in (400, 404) and content_type == "application/json", (method, target, status)
+        assert status in (400, 404, 405) and content_type == "application/json", (method, target, status)
         Draft202012Validator(ERROR_SCHEMA).validate(body)
         return
     responses = _document()["paths"][route.template][method.lower()]["responses"]

@@ -3,7 +3,7 @@
 Every operation of the OpenAPI document is fuzzed with valid and invalid
 input (schemathesis' positive and negative modes) over real TLS, with its
 standard checks: no server error, status codes, content types and response
-bodies as documented. Bounded and derandomized: ``SCAIWAVE_API_FUZZ_EXAMPLES``
+bodies as documented, and 405 with ``Allow`` for a method a path does not take. Bounded and derandomized: ``SCAIWAVE_API_FUZZ_EXAMPLES``
 examples per operation (default 12, well under a minute in all);
 ``make api-fuzz`` runs 500 with fresh randomness.
 
@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from scaiwave_federation.core.names import local_of, server_of, valid_server_name
@@ -53,7 +54,8 @@ def no_server_error(ctx: schemathesis.CheckContext, response: schemathesis.Respo
     return not_a_server_error(ctx, response, case)
 
 
-CHECKS = [no_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [no_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          unsupported_method]
 #: The generated values that may name another server (and so cause outbound traffic).
 NAME_PARAMS = {"peer", "participant_id", "room_id", "server", "to", "user"}
 
