@@ -15,7 +15,8 @@ split at ``/``: ``/v1/rooms/%21abc%3Apeer.test/messages`` is the room
 segment. Every HTTP client library encodes ``!``, ``:`` and ``@`` in a path.
 
 Order of checks for a request: the route (``404 not_found``; ``405
-method_not_allowed`` with an ``Allow`` header when the path exists), the caller
+method_not_allowed`` with an ``Allow`` header when the path exists; ``HEAD``
+is served by the ``GET`` route), the caller
 (``401 unauthorized``: nothing about the input is looked at for a stranger),
 then path parameters, query and body (``400 bad_request`` naming the field),
 and only then the handler, which receives typed values.
@@ -146,7 +147,8 @@ class RouteTable:
             params = _bind(route.segments, segments)
             if params is None:
                 continue
-            if route.method == method:
+            # HEAD is GET without the body (the HTTP layer drops it).
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
                 return route, params
             allowed.append(route.method)
         where = f"{method} {path[:100]}"
