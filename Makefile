@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo fuzz fuzz-long bench clean
+.PHONY: test demo fuzz fuzz-long api-fuzz openapi bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(STAMP)
 ## make fuzz-long: the long fuzz run (one hour, all harnesses)
 fuzz-long: $(STAMP)
 	$(PY) -m fuzz.run --seconds 3600
+
+## make api-fuzz: schemathesis against a real daemon, 500 fresh random examples per operation (make test runs 12, derandomized)
+api-fuzz: $(STAMP)
+	SCAIWAVE_API_FUZZ_EXAMPLES=500 SCAIWAVE_API_FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_api_fuzz.py
+
+## make openapi: rewrite docs/openapi.json from the route table (tests/test_openapi.py fails when it is stale)
+openapi: $(STAMP)
+	$(PY) -m scaiwave_federation.shell.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
 
 bench: $(STAMP)
 	$(PY) -m bench.ingest; ingest=$$?; $(PY) -m bench.replay; replay=$$?; exit $$((ingest || replay))

@@ -81,6 +81,7 @@ BUDGET_SLACK = 2
 def request_budget(events: int, page_size: int) -> int:
     """How many page requests a pull of ``events`` events in pages of ``page_size`` may make."""
     return -(-max(events, 0) // page_size) + BUDGET_SLACK
+_MAX_CURSOR = (1 << 63) - 1  # depths are below 2**63 (events.py)
 
 
 def backfill_target(room_id: str, before: int | None, limit: int) -> str:
@@ -90,14 +91,22 @@ def backfill_target(room_id: str, before: int | None, limit: int) -> str:
 
 
 def parse_query(query: Mapping[str, str]) -> tuple[int | None, int] | Refused:
-    """``before`` and ``limit`` from a backfill request; the page is capped at :data:`PAGE_CAP`."""
-    try:
-        before = int(query["before"]) if "before" in query else None
-        limit = int(query.get("limit", str(PAGE_CAP)))
-    except ValueError:
-        return Refused(Code.MALFORMED, "before and limit are integers")
-    if (before is not None and before < 1) or limit < 1:
-        return Refused(Code.MALFORMED, "before and limit are positive")
+    """``before`` and ``limit`` from a backfill request; the page is capped at :data:`PAGE_CAP`.
+
+    Each is 1 to 19 ASCII digits and at most 2**63 - 1, a depth's range: no
+    sign, space, ``_`` or other script's digits (which ``int()`` would take),
+    and no number too large for storage (``before=10**20`` is ``malformed``).
+    """
+    values = []
+    for name, default in (("before", None), ("limit", str(PAGE_CAP))):
+        text = query.get(name, default)
+        if text is None:
+            values.append(None)
+            continue
+        if not (0 < len(text) <= 19 and text.isascii() and text.isdigit()) or not 0 < int(text) <= _MAX_CURSOR:
+            return Refused(Code.MALFORMED, f"{name} is an integer from 1 to {_MAX_CURSOR}")
+        values.append(int(text))
+    before, limit = values
     return before, min(limit, PAGE_CAP)
 
 

@@ -58,6 +58,7 @@ class Code(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     # Local resources (client and admin API).
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     BAD_REQUEST = "bad_request"
@@ -104,6 +105,7 @@ DESCRIPTIONS: dict[Code, str] = {
                       "than the pull's budget)",
     Code.RATE_LIMITED: "too many requests from this origin at once or per second: retry later",
     Code.NOT_FOUND: "no such resource",
+    Code.METHOD_NOT_ALLOWED: "the path exists but not with this method (the Allow header lists those it takes)",
     Code.FORBIDDEN: "the caller may not do this",
     Code.CONFLICT: "the resource already exists or is in another state",
     Code.BAD_REQUEST: "the request's fields are missing or wrong",

@@ -1,55 +1,44 @@
-"""Admin endpoints (``/v1/admin/*``, bearer ``SCAIWAVE_ADMIN_TOKEN``)."""
+"""Admin endpoints (``/v1/admin/*``, bearer ``SCAIWAVE_ADMIN_TOKEN``).
+
+Each endpoint registers in the route table (:mod:`.routes`) with its typed
+input; the handlers below get checked values (``call.params``, ``call.query``,
+``call.body``).
+"""
 
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from typing import Any
 
-import trio
-
-from scaiwave_federation.core import Code, LocalProtocolError, Policy, Refused
+from scaiwave_federation.core import Code, Policy, Refused
 from scaiwave_federation.core.backfill import MAX_PULL
 from scaiwave_federation.core.descriptor import parse_descriptor
-from scaiwave_federation.core.names import (
-    canonical_room_id,
-    canonical_server_name,
-    canonical_user_id,
-    server_name_problem,
-    server_of,
-    user_id,
-)
+from scaiwave_federation.core.names import server_of, user_id, valid_server_name
+from scaiwave_federation.core.policy import MODES
 
+from . import responses as R
 from .api_client import token_hash
 from .errors import json_error
 from .http import Request, Response
+from .inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, Array, Bool, Enum, Int, Obj, Str
+from .routes import API, ApiFailure, Auth, Call
 from .service import Service, describe_keyring
 
-__all__ = ["handle_admin"]
+__all__ = ["peer_views", "ADMIN"]
 
 
-class _Fail(Exception):
+class _Fail(ApiFailure):
     def __init__(self, code: Code, message: str) -> None:
-        self.refusal = Refused(code, message)
+        super().__init__(Refused(code, message))
 
 
-def _body(request: Request) -> dict[str, Any]:
-    try:
-        value = json.loads(request.body or b"{}")
-    except ValueError:
-        raise _Fail(Code.BAD_REQUEST, "body is not JSON")
-    if not isinstance(value, dict):
-        raise _Fail(Code.BAD_REQUEST, "body is a JSON object")
-    return value
+async def _admin_caller(service: Service, request: Request) -> None:
+    if not _authorized(service, request):
+        raise _Fail(Code.UNAUTHORIZED, "admin endpoints need Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN")
 
 
-def _server(value: object, field: str) -> str:
-    """A server name from an admin, in its canonical spelling (``Peer.Test:443`` is ``peer.test``)."""
-    name = canonical_server_name(value)
-    if name is None:
-        raise _Fail(Code.BAD_REQUEST, f"{field}: not a server name: {str(value)[:100]!r} ({server_name_problem(value)})")
-    return name
+ADMIN = Auth("admin", _admin_caller, "The daemon's SCAIWAVE_ADMIN_TOKEN as a bearer token.")
 
 
 def _authorized(service: Service, request: Request) -> bool:
@@ -71,127 +60,202 @@ async def peer_views(service: Service) -> list[dict[str, Any]]:
     return out
 
 
-async def handle_admin(service: Service, request: Request, nursery: trio.Nursery) -> Response:
-    """Serve ``/v1/admin/...``."""
-    if not _authorized(service, request):
-        return json_error(Refused(Code.UNAUTHORIZED, "admin endpoints need Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN"))
+# -- federation --------------------------------------------------------------------------
+
+FED = "/v1/admin/federation"
+_PEER = {"peer": SERVER_NAME}
+
+
+async def _list_peers(call: Call) -> Response:
+    return Response.json(200, {"peers": await peer_views(call.service)})
+
+
+async def _limits(call: Call) -> Response:
+    return Response.json(200, call.service.limits.view())
+
+
+async def _handshake(call: Call) -> Response:
+    peer = call.params["peer"]
+    result = await call.service.handshake(peer)
+    if isinstance(result, Refused):
+        return json_error(result)
+    return Response.json(200, {"server_name": peer, "state": "active", "protocol_version": result.protocol_version,
+                               "key_id": result.key_id})
+
+
+async def _retry(call: Call) -> Response:
+    peer = call.params["peer"]
+    return Response.json(200, {"server_name": peer, "requeued": await call.service.retry_now(peer)})
+
+
+async def _descriptor(call: Call) -> Response:
+    service, server = call.service, call.query.get("server")
+    if server is None:
+        return Response.json(200, service.node.descriptor(service.federation_endpoint))
+    data = await service.fetch_descriptor(server)
+    if isinstance(data, Refused):
+        return json_error(data)
+    parsed = parse_descriptor(data, server)
+    if isinstance(parsed, Refused):
+        return json_error(parsed)
+    return Response.json(200, parsed[2])
+
+
+async def _get_policy(call: Call) -> Response:
+    return Response.json(200, call.service.node.policy.as_dict())
+
+
+async def _put_policy(call: Call) -> Response:
+    # PUT replaces the whole policy, so all three fields are required: an empty
+    # or partial body is refused (bad_request) and changes nothing.
+    policy = Policy.from_dict(call.body)
+    await call.service.set_policy(policy)
+    return Response.json(200, policy.as_dict())
+
+
+async def _refresh_foreign(call: Call) -> Response:
+    participant = call.params["participant_id"]  # canonical (inputs.PARTICIPANT)
+    server = server_of(participant) or (participant if valid_server_name(participant) else None)
+    if server is None:
+        raise _Fail(Code.BAD_REQUEST, "participant_id is @user:server (or a server name)")
+    refusal = await call.service.learn_descriptor(server, force=True)
+    if refusal is not None:
+        return json_error(refusal)
+    keys = call.service.node.keys.keys(server)
+    return Response.json(200, {"server_name": server, "key_id": keys.key_id,
+                               "old_keys": [o.key_id for o in keys.old]})
+
+
+async def _get_key(call: Call) -> Response:
+    return Response.json(200, describe_keyring(call.service.node.keyring))
+
+
+async def _generate_key(call: Call) -> Response:
+    if call.service.node.keyring.current is not None:
+        raise _Fail(Code.CONFLICT, "a key exists already: use `key rotate`")
+    return Response.json(200, describe_keyring(await call.service.generate_key()))
+
+
+async def _rotate_key(call: Call) -> Response:
+    if call.service.node.keyring.current is None:
+        raise _Fail(Code.OWN_KEY_MISSING, "no key to rotate: run `key generate` first")
+    return Response.json(200, describe_keyring(await call.service.rotate_key()))
+
+
+async def _start_backfill(call: Call) -> Response:
+    room_id, body = call.params["room_id"], call.body
+    peer = body.get("peer") or server_of(room_id)
+    job = call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
+    if body.get("wait"):
+        await job.done.wait()
+    return Response.json(200, job.view())
+
+
+async def _get_backfill(call: Call) -> Response:
+    job = call.service.jobs.get(call.params["job_id"])
+    if job is None:
+        raise _Fail(Code.NOT_FOUND, f"no backfill job {call.params['job_id']}")
+    return Response.json(200, job.view())
+
+
+# -- tenants and users ---------------------------------------------------------------------
+
+
+async def _list_tenants(call: Call) -> Response:
+    return Response.json(200, {"tenants": await call.service.store.list_tenants()})
+
+
+async def _create_tenant(call: Call) -> Response:
+    name = call.body["name"]
+    if await call.service.store.get_tenant(name):
+        raise _Fail(Code.CONFLICT, f"tenant {name} exists")
+    return Response.json(200, await call.service.store.create_tenant(name, call.body.get("federation", True)))
+
+
+async def _update_tenant(call: Call) -> Response:
+    name = call.params["name"]
+    if await call.service.store.get_tenant(name) is None:
+        raise _Fail(Code.NOT_FOUND, f"no tenant {name}")
+    await call.service.store.set_tenant_federation(name, call.body["federation"])
+    return Response.json(200, await call.service.store.get_tenant(name))
+
+
+async def _list_users(call: Call) -> Response:
+    users = [{k: v for k, v in u.items() if k != "token_hash"} for u in await call.service.store.list_users()]
+    return Response.json(200, {"users": users})
+
+
+def _user_name_problem(name: str) -> str | None:
     try:
-        return await _dispatch(service, request, nursery)
-    except _Fail as fail:
-        return json_error(fail.refusal)
-    except LocalProtocolError as exc:
-        return json_error(Refused(Code.BAD_REQUEST, str(exc)))
+        user_id(name, "x")
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
-async def _dispatch(service: Service, request: Request, nursery: trio.Nursery) -> Response:
-    parts = request.path.strip("/").split("/")[2:]  # drop "v1/admin"
-    m = request.method
-    fed = parts[1:] if parts[:1] == ["federation"] else None
-    if fed == ["peers"] and m == "GET":
-        return Response.json(200, {"peers": await peer_views(service)})
-    if fed == ["limits"] and m == "GET":
-        return Response.json(200, service.limits.view())
-    if fed and len(fed) == 3 and fed[0] == "peers" and m == "POST":
-        peer = _server(fed[1], "peer")
-        if fed[2] == "handshake":
-            result = await service.handshake(peer)
-            if isinstance(result, Refused):
-                return json_error(result)
-            return Response.json(200, {"server_name": peer, "state": "active", "protocol_version": result.protocol_version,
-                                       "key_id": result.key_id})
-        if fed[2] == "retry":
-            return Response.json(200, {"server_name": peer, "requeued": await service.retry_now(peer)})
-    if fed == ["descriptor"] and m == "GET":
-        server = request.query.get("server")
-        if not server:
-            return Response.json(200, service.node.descriptor(service.federation_endpoint))
-        server = _server(server, "server")
-        data = await service.fetch_descriptor(server)
-        if isinstance(data, Refused):
-            return json_error(data)
-        parsed = parse_descriptor(data, server)
-        if isinstance(parsed, Refused):
-            return json_error(parsed)
-        return Response.json(200, parsed[2])
-    if fed == ["policy"]:
-        if m == "GET":
-            return Response.json(200, service.node.policy.as_dict())
-        if m == "PUT":
-            policy = Policy.from_dict(_body(request))
-            await service.set_policy(policy)
-            return Response.json(200, policy.as_dict())
-    if fed and len(fed) == 3 and fed[0] == "foreign" and fed[2] == "refresh" and m == "POST":
-        participant = canonical_user_id(fed[1])
-        server = server_of(participant) if participant else canonical_server_name(fed[1])
-        if server is None:
-            raise _Fail(Code.BAD_REQUEST, "participant_id is @user:server (or a server name)")
-        refusal = await service.learn_descriptor(server, force=True)
-        if refusal is not None:
-            return json_error(refusal)
-        keys = service.node.keys.keys(server)
-        return Response.json(200, {"server_name": server, "key_id": keys.key_id,
-                                   "old_keys": [o.key_id for o in keys.old]})
-    if fed and fed[0] == "key":
-        if fed == ["key"] and m == "GET":
-            return Response.json(200, describe_keyring(service.node.keyring))
-        if fed == ["key", "generate"] and m == "POST":
-            if service.node.keyring.current is not None:
-                raise _Fail(Code.CONFLICT, "a key exists already: use `key rotate`")
-            return Response.json(200, describe_keyring(await service.generate_key()))
-        if fed == ["key", "rotate"] and m == "POST":
-            if service.node.keyring.current is None:
-                raise _Fail(Code.OWN_KEY_MISSING, "no key to rotate: run `key generate` first")
-            return Response.json(200, describe_keyring(await service.rotate_key()))
-    if fed and len(fed) == 3 and fed[0] == "rooms" and fed[2] == "backfill" and m == "POST":
-        body = _body(request)
-        room_id = canonical_room_id(fed[1])
-        if room_id is None:
-            raise _Fail(Code.BAD_REQUEST, f"room_id: not a room id like !abc:peer.acme.com: {fed[1][:100]!r}")
-        peer = _server(body.get("peer") or server_of(room_id), "peer")
-        limit = body.get("limit", MAX_PULL)
-        if type(limit) is not int or not 0 < limit <= MAX_PULL:
-            raise _Fail(Code.BAD_REQUEST, f"limit is 1 to {MAX_PULL}")
-        job = service.start_backfill(nursery, room_id, peer, limit)
-        if body.get("wait"):
-            await job.done.wait()
-        return Response.json(200, job.view())
-    if fed and len(fed) == 2 and fed[0] == "backfills" and m == "GET":
-        job = service.jobs.get(int(fed[1])) if fed[1].isdigit() else None
-        if job is None:
-            raise _Fail(Code.NOT_FOUND, f"no backfill job {fed[1]}")
-        return Response.json(200, job.view())
-    if parts == ["tenants"]:
-        if m == "GET":
-            return Response.json(200, {"tenants": await service.store.list_tenants()})
-        if m == "POST":
-            body = _body(request)
-            name = body.get("name")
-            if not isinstance(name, str) or not name:
-                raise _Fail(Code.BAD_REQUEST, "name is required")
-            if await service.store.get_tenant(name):
-                raise _Fail(Code.CONFLICT, f"tenant {name} exists")
-            return Response.json(200, await service.store.create_tenant(name, bool(body.get("federation", True))))
-    if parts[:1] == ["tenants"] and len(parts) == 2 and m == "PUT":
-        if await service.store.get_tenant(parts[1]) is None:
-            raise _Fail(Code.NOT_FOUND, f"no tenant {parts[1]}")
-        await service.store.set_tenant_federation(parts[1], bool(_body(request).get("federation", True)))
-        return Response.json(200, await service.store.get_tenant(parts[1]))
-    if parts == ["users"]:
-        if m == "GET":
-            users = [{k: v for k, v in u.items() if k != "token_hash"} for u in await service.store.list_users()]
-            return Response.json(200, {"users": users})
-        if m == "POST":
-            body = _body(request)
-            name, tenant = body.get("name"), body.get("tenant")
-            try:
-                uid = user_id(str(name), service.config.server_name)
-            except ValueError as exc:
-                raise _Fail(Code.BAD_REQUEST, str(exc))
-            if not isinstance(tenant, str) or await service.store.get_tenant(tenant) is None:
-                raise _Fail(Code.NOT_FOUND, f"no tenant {tenant}: create it first")
-            if await service.store.get_user(uid):
-                raise _Fail(Code.CONFLICT, f"user {uid} exists")
-            token = "swu_" + os.urandom(24).hex()
-            await service.store.create_user(uid, str(name), tenant, token_hash(token))
-            return Response.json(200, {"user_id": uid, "tenant": tenant, "access_token": token})
-    raise _Fail(Code.NOT_FOUND, f"no admin endpoint {m} {request.path[:100]}")
+async def _create_user(call: Call) -> Response:
+    service, name, tenant = call.service, call.body["name"], call.body["tenant"]
+    uid = user_id(name, service.config.server_name)
+    if await service.store.get_tenant(tenant) is None:
+        raise _Fail(Code.NOT_FOUND, f"no tenant {tenant}: create it first")
+    if await service.store.get_user(uid):
+        raise _Fail(Code.CONFLICT, f"user {uid} exists")
+    token = "swu_" + os.urandom(24).hex()
+    await service.store.create_user(uid, name, tenant, token_hash(token))
+    return Response.json(200, {"user_id": uid, "tenant": tenant, "access_token": token})
+
+
+# -- the table -----------------------------------------------------------------------------
+
+_PEER_NAMES = Array(SERVER_NAME, description="Server names.")
+_FETCH = (Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
+          Code.PEER_UNREACHABLE, Code.TOO_LARGE)
+_HANDSHAKE = (*_FETCH, Code.PEER_BLOCKED, Code.PEER_NOT_ALLOWED, Code.FEDERATION_CLOSED, Code.OWN_KEY_MISSING,
+              Code.HANDSHAKE_FAILED, Code.PROTOCOL_VERSION_MISMATCH, Code.UNKNOWN_KEY, Code.BAD_SIGNATURE,
+              Code.EXPIRED_KEY, Code.CLOCK_SKEW, Code.UNAUTHORIZED, Code.MALFORMED, Code.TIMEOUT, Code.INTERNAL_ERROR,
+              Code.REPLAYED_REQUEST, Code.WRONG_DESTINATION, Code.NON_CANONICAL)
+
+
+def _admin(method: str, path: str, handler, summary: str, response: dict, **options: Any) -> None:
+    API.add(method, "/v1/admin" + path, handler, auth=ADMIN, summary=summary, response=response, tag="admin",
+            **options)
+
+
+_admin("GET", "/federation/peers", _list_peers, "Peers with state, last_seen, last_error and queue.", R.PEERS)
+_admin("GET", "/federation/limits", _limits, "Who is being limited: inbound origins and descriptor fetches.",
+       R.LIMITS)
+_admin("POST", "/federation/peers/{peer}/handshake", _handshake, "Peer with a server now.", R.HANDSHAKE,
+       params=_PEER, errors=_HANDSHAKE)
+_admin("POST", "/federation/peers/{peer}/retry", _retry, "Make a peer's queued transactions due now.", R.RETRY,
+       params=_PEER)
+_admin("GET", "/federation/descriptor", _descriptor, "Our signed descriptor, or a peer's after checking it.",
+       R.DESCRIPTOR, query=Obj({"server": SERVER_NAME}), errors=_FETCH)
+_admin("GET", "/federation/policy", _get_policy, "The federation policy.", R.POLICY)
+_admin("PUT", "/federation/policy", _put_policy, "Replace the federation policy (all three fields required).",
+       R.POLICY, body=Obj({"default_mode": Enum(MODES), "allowed_peers": _PEER_NAMES, "blocked_peers": _PEER_NAMES},
+                          required={"default_mode", "allowed_peers", "blocked_peers"}))
+_admin("POST", "/federation/foreign/{participant_id}/refresh", _refresh_foreign,
+       "Re-fetch the keys of a participant's server.", R.REFRESH, params={"participant_id": PARTICIPANT},
+       errors=(*_FETCH, Code.EXPIRED_KEY))
+_admin("GET", "/federation/key", _get_key, "This server's federation key (public part).", R.KEYRING)
+_admin("POST", "/federation/key/generate", _generate_key, "Create the first federation key.", R.KEYRING,
+       errors=(Code.CONFLICT,))
+_admin("POST", "/federation/key/rotate", _rotate_key, "Rotate the federation key.", R.KEYRING,
+       errors=(Code.OWN_KEY_MISSING,))
+_admin("POST", "/federation/rooms/{room_id}/backfill", _start_backfill, "Pull a room's history from a peer.",
+       R.BACKFILL_JOB, params={"room_id": ROOM_ID},
+       body=Obj({"peer": SERVER_NAME, "limit": Int(1, MAX_PULL, description="Most events to pull."),
+                 "wait": Bool(description="Answer when the job has finished.")}))
+_admin("GET", "/federation/backfills/{job_id}", _get_backfill, "A backfill job's progress.", R.BACKFILL_JOB,
+       params={"job_id": Int(1, 2**31 - 1)})
+_admin("GET", "/tenants", _list_tenants, "Every tenant.", R.TENANTS)
+_admin("POST", "/tenants", _create_tenant, "Create a tenant.", R.TENANT, errors=(Code.CONFLICT,),
+       body=Obj({"name": TENANT_NAME, "federation": Bool(description="Federation on (default) or off.")},
+                required={"name"}))
+_admin("PUT", "/tenants/{name}", _update_tenant, "Turn a tenant's federation on or off.", R.TENANT,
+       params={"name": TENANT_NAME}, body=Obj({"federation": Bool()}, required={"federation"}))
+_admin("GET", "/users", _list_users, "Every local user (no tokens).", R.USERS)
+_admin("POST", "/users", _create_user, "Create a local user; answers its access token once.", R.NEW_USER,
+       errors=(Code.CONFLICT,),
+       body=Obj({"name": Str(max_len=64, check=_user_name_problem, pattern=r"^[a-z0-9._=/-]{1,64}$", example="alice"),
+                 "tenant": TENANT_NAME}, required={"name", "tenant"}))

@@ -1,5 +1,10 @@
 """Client endpoints (a local user's bearer token): just enough chat for the guide.
 
+Each endpoint registers in the route table (:mod:`.routes`) at the end of this
+module, with its typed input; the handlers get checked values. Who may do
+what in a room is the core's decision (``core.authz``): the handlers gather
+the stored facts, ask, and carry out the answer.
+
 DMs and rooms are hosted on the server that creates them. Writes to a room
 hosted elsewhere go to its host as proposals; the host chains them and the
 reply carries the chained event, which is verified before it is stored.
@@ -8,7 +13,6 @@ reply carries the chained event, which is verified before it is stored.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from typing import Any
@@ -26,8 +30,10 @@ from scaiwave_federation.core.rooms import chain_event, encode_events_body, link
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
 
-from .errors import json_error
+from . import responses as R
 from .http import Request, Response
+from .inputs import ROOM_ID, USER_ID, Enum, Obj, Str
+from .routes import API, ApiFailure, Auth, Call
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -36,41 +42,21 @@ log = logging.getLogger(__name__)
 #: a second (core.keycache.NEW_KEY_FLOOR_MS): a little more than that.
 RETRY_ONCE_S = 1.2
 
-__all__ = ["handle_client", "token_hash"]
+__all__ = ["token_hash", "USER"]
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class _Fail(Exception):
-    def __init__(self, refusal: Refused) -> None:
-        self.refusal = refusal
-
-
-def _body(request: Request) -> dict[str, Any]:
-    try:
-        value = json.loads(request.body or b"{}")
-    except ValueError:
-        raise _Fail(Refused(Code.BAD_REQUEST, "body is not JSON"))
-    if not isinstance(value, dict):
-        raise _Fail(Refused(Code.BAD_REQUEST, "body is a JSON object"))
-    return value
+class _Fail(ApiFailure):
+    pass
 
 
 def _need(result: Any) -> Any:
     if isinstance(result, Refused):
         raise _Fail(result)
     return result
-
-
-async def handle_client(service: Service, request: Request) -> Response:
-    """Serve ``/v1/...`` client endpoints."""
-    try:
-        user = await _user(service, request)
-        return await _dispatch(service, request, user)
-    except _Fail as fail:
-        return json_error(fail.refusal)
 
 
 async def _user(service: Service, request: Request) -> dict[str, Any]:
@@ -82,38 +68,6 @@ async def _user(service: Service, request: Request) -> dict[str, Any]:
     if user is None:
         raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
     return user
-
-
-async def _dispatch(service: Service, request: Request, user: dict[str, Any]) -> Response:
-    parts = request.path.strip("/").split("/")[1:]  # drop "v1"
-    m = request.method
-    if parts == ["dms"] and m == "POST":
-        return await _create_dm(service, user, _body(request))
-    if parts == ["rooms"] and m == "POST":
-        return await _create_room(service, user, _body(request))
-    if parts == ["rooms"] and m == "GET":
-        return Response.json(200, {"rooms": await service.store.rooms_for_user(user["user_id"])})
-    if parts == ["notifications"] and m == "GET":
-        invites = await service.store.pending_invites(user["user_id"])
-        return Response.json(200, {"notifications": [
-            {"type": "invite", "room_id": i["room_id"], "room_type": i["room_type"], "inviter": i["inviter"],
-             "origin": i["origin"], "at": i["created_at"]} for i in invites]})
-    if len(parts) == 3 and parts[0] == "invites" and parts[2] in ("accept", "decline") and m == "POST":
-        return await _answer_invite(service, user, parts[1], parts[2])
-    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "invite" and m == "POST":
-        body = _body(request)
-        return await _invite(service, user, parts[1], body.get("user"))
-    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "leave" and m == "POST":
-        return await _leave(service, user, parts[1])
-    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "messages":
-        if m == "POST":
-            text = _body(request).get("body")
-            if not isinstance(text, str) or not text:
-                raise _Fail(Refused(Code.BAD_REQUEST, "a message has a non-empty text body"))
-            return await _post_message(service, user, parts[1], text)
-        if m == "GET":
-            return await _messages(service, user, parts[1])
-    raise _Fail(Refused(Code.NOT_FOUND, f"no endpoint {m} {request.path[:100]}"))
 
 
 def _key(service: Service):
@@ -342,3 +296,87 @@ async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Res
                              "body": body if isinstance(body := event.content.get("body"), str) else None,
                              "ts": event.ts})
     return Response.json(200, {"room_id": room_id, "messages": messages, "events": len(rows)})
+
+
+USER = Auth("user", _user, "A local user's access token (from `scaiwave admin user create`) as a bearer token.")
+_ROOM = {"room_id": ROOM_ID}
+#: What a write that reaches another server may be refused with (theirs or ours).
+_REMOTE = (Code.PEER_BLOCKED, Code.PEER_NOT_ALLOWED, Code.FEDERATION_CLOSED, Code.NOT_PEERED, Code.OWN_KEY_MISSING,
+           Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
+           Code.PEER_UNREACHABLE, Code.HANDSHAKE_FAILED, Code.PROTOCOL_VERSION_MISMATCH, Code.UNKNOWN_KEY,
+           Code.BAD_SIGNATURE, Code.EXPIRED_KEY, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST, Code.TOO_LARGE,
+           Code.MALFORMED, Code.NON_CANONICAL, Code.WRONG_DESTINATION, Code.BAD_HASH, Code.CHAIN_BROKEN,
+           Code.WRONG_ROOM, Code.FORBIDDEN, Code.CONFLICT, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.UNAUTHORIZED,
+           Code.ROOM_INCOGNITO, Code.ROOM_BRIDGE, Code.ROOM_SIDEKICK, Code.TENANT_FEDERATION_DISABLED,
+           Code.NOT_MEMBER, Code.FORGED_SENDER, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED, Code.NOT_FOUND)
+#: A message's text: at most 16,000 characters, so that its signed event (4
+#: bytes a character at worst, plus the envelope) stays under the 64 KiB limit.
+MESSAGE_TEXT = Str(max_len=16_000, text=True, example="hello", description="The message's text.")
+
+
+async def _dm_create(call: Call) -> Response:
+    return await _create_dm(call.service, call.caller, call.body)
+
+
+async def _room_create(call: Call) -> Response:
+    return await _create_room(call.service, call.caller, call.body)
+
+
+async def _rooms_list(call: Call) -> Response:
+    return Response.json(200, {"rooms": await call.service.store.rooms_for_user(call.caller["user_id"])})
+
+
+async def _notifications_list(call: Call) -> Response:
+    invites = await call.service.store.pending_invites(call.caller["user_id"])
+    return Response.json(200, {"notifications": [
+        {"type": "invite", "room_id": i["room_id"], "room_type": i["room_type"], "inviter": i["inviter"],
+         "origin": i["origin"], "at": i["created_at"]} for i in invites]})
+
+
+async def _invite_accept(call: Call) -> Response:
+    return await _answer_invite(call.service, call.caller, call.params["room_id"], "accept")
+
+
+async def _invite_decline(call: Call) -> Response:
+    return await _answer_invite(call.service, call.caller, call.params["room_id"], "decline")
+
+
+async def _room_invite(call: Call) -> Response:
+    return await _invite(call.service, call.caller, call.params["room_id"], call.body["user"])
+
+
+async def _room_leave(call: Call) -> Response:
+    return await _leave(call.service, call.caller, call.params["room_id"])
+
+
+async def _message_post(call: Call) -> Response:
+    return await _post_message(call.service, call.caller, call.params["room_id"], call.body["body"])
+
+
+async def _messages_list(call: Call) -> Response:
+    return await _messages(call.service, call.caller, call.params["room_id"])
+
+
+def _client(method: str, path: str, handler, summary: str, response: dict, **options: Any) -> None:
+    API.add(method, "/v1" + path, handler, auth=USER, summary=summary, response=response, tag="client", **options)
+
+
+_client("POST", "/dms", _dm_create, "Open a DM with a user here or on a peer.", R.DM, errors=_REMOTE,
+        body=Obj({"to": USER_ID}, required={"to"}))
+_client("POST", "/rooms", _room_create, "Create a room hosted here.", R.ROOM, errors=(Code.OWN_KEY_MISSING,),
+        body=Obj({"room_type": Enum(tuple(t for t in ROOM_TYPES if t != "dm"),
+                                    description="The room's type (default group).")}))
+_client("GET", "/rooms", _rooms_list, "The rooms the user has a membership in.", R.ROOMS)
+_client("GET", "/notifications", _notifications_list, "The user's pending invites.", R.NOTIFICATIONS)
+_client("POST", "/invites/{room_id}/accept", _invite_accept, "Accept an invite: join the room.", R.MEMBERSHIP,
+        params=_ROOM, errors=_REMOTE)
+_client("POST", "/invites/{room_id}/decline", _invite_decline, "Decline an invite.", R.MEMBERSHIP,
+        params=_ROOM, errors=_REMOTE)
+_client("POST", "/rooms/{room_id}/invite", _room_invite, "Invite a user (here or on a peer) to a room hosted here.",
+        R.INVITE, params=_ROOM, errors=_REMOTE, body=Obj({"user": USER_ID}, required={"user"}))
+_client("POST", "/rooms/{room_id}/messages", _message_post, "Post a message to a room.", R.POSTED,
+        params=_ROOM, errors=_REMOTE, body=Obj({"body": MESSAGE_TEXT}, required={"body"}))
+_client("POST", "/rooms/{room_id}/leave", _room_leave, "Leave a room the user has joined.", R.MEMBERSHIP,
+        params=_ROOM, errors=_REMOTE)
+_client("GET", "/rooms/{room_id}/messages", _messages_list, "A room's messages, oldest first.", R.MESSAGES,
+        params=_ROOM, errors=(Code.NOT_MEMBER, Code.NOT_FOUND))

@@ -67,6 +67,13 @@ class AdminClient:
         return data
 
 
+def _seg(value: object) -> str:
+    """``value`` percent-encoded as one path segment or query value: every
+    reserved character, ``/`` included, so a name can never change the path
+    (``https://peer.test`` stays one segment and the daemon answers about it)."""
+    return quote(str(value), safe="")
+
+
 def _fmt_time(ms: Any) -> str:
     if not ms:
         return "-"
@@ -102,8 +109,8 @@ def _limits_text(data: dict) -> str:
 
 
 def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
-    job = client.call("POST", f"/v1/admin/federation/rooms/{quote(args.room_id, safe='!:')}/backfill",
-                      {"peer": args.peer, "limit": args.limit})
+    body = {"limit": args.limit} if args.peer is None else {"peer": args.peer, "limit": args.limit}
+    job = client.call("POST", f"/v1/admin/federation/rooms/{_seg(args.room_id)}/backfill", body)
     show = sys.stderr.isatty() and not args.json
     while job["state"] == "running":
         if show:
@@ -113,7 +120,7 @@ def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
         elif not args.json:
             print(f"backfill: {job['stored']}/{args.limit} events stored", file=sys.stderr)
         time.sleep(0.2)
-        job = client.call("GET", f"/v1/admin/federation/backfills/{job['id']}")
+        job = client.call("GET", f"/v1/admin/federation/backfills/{_seg(job['id'])}")
     if show:
         print(file=sys.stderr)
     human = f"backfill {job['state']}: {job['stored']} verified events stored from {job['peer']}"
@@ -153,16 +160,16 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         data = c.call("GET", "/v1/admin/federation/limits")
         _print(args, data, _limits_text(data))
     elif cmd == "handshake":
-        data = c.call("POST", f"/v1/admin/federation/peers/{args.peer}/handshake")
+        data = c.call("POST", f"/v1/admin/federation/peers/{_seg(args.peer)}/handshake")
         _print(args, data, f"peered with {data['server_name']} ({data['protocol_version']}, key {data['key_id']})")
     elif cmd == "retry":
-        data = c.call("POST", f"/v1/admin/federation/peers/{args.peer}/retry")
+        data = c.call("POST", f"/v1/admin/federation/peers/{_seg(args.peer)}/retry")
         _print(args, data, f"{data['requeued']} queued transactions to {data['server_name']} due now")
     elif cmd == "descriptor":
-        path = "/v1/admin/federation/descriptor" + (f"?server={quote(args.server)}" if args.server else "")
+        path = "/v1/admin/federation/descriptor" + (f"?server={_seg(args.server)}" if args.server else "")
         _print(args, c.call("GET", path))
     elif cmd == "refresh":
-        data = c.call("POST", f"/v1/admin/federation/foreign/{quote(args.participant_id, safe='@:')}/refresh")
+        data = c.call("POST", f"/v1/admin/federation/foreign/{_seg(args.participant_id)}/refresh")
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")
     elif cmd == "backfill":
         _backfill(args, c)

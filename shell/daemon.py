@@ -12,15 +12,14 @@ import signal
 
 import trio
 
-from .api_admin import handle_admin
-from .api_client import handle_client
 from .api_federation import handle_federation
 from .config import Config, server_ssl_context
 from .errors import INTERNAL
 from .http import Request, Response, serve_http
 from .observe import observed, outcome_code, route_template
 from .ops import Ops
-from .service import Service, descriptor_json
+from .routes import all_routes
+from .service import Service
 
 log = logging.getLogger("scaiwave.daemon")
 
@@ -28,24 +27,20 @@ __all__ = ["serve", "make_handler"]
 
 
 def make_handler(service: Service, nursery: trio.Nursery, ops: Ops | None = None):
-    """The HTTP handler: one table from path prefix to the module that owns it,
-    observed (access and audit lines, metrics: see observe.py)."""
+    """The HTTP handler: operations paths (metrics, health) first, federation
+    paths (CBOR) to their module, everything else (client, admin and public
+    JSON endpoints) through the route table; observed (access and audit lines,
+    metrics: see observe.py)."""
     ops = ops or Ops(service)
+    service.ops = ops  # the operator endpoints (api_ops) answer from it
+    routes = all_routes()
 
     async def handler(request: Request) -> Response:
         path = request.path
         try:
-            if (answer := await ops.handle(request)) is not None:
-                return answer
-            if path == "/.well-known/scaiwave" and request.method == "GET":
-                return Response(200, descriptor_json(service), "application/json")
             if path.startswith("/_scaiwave/federation/"):
                 return await handle_federation(service, request)
-            if path.startswith("/v1/admin/"):
-                return await handle_admin(service, request, nursery)
-            if path.startswith("/v1/"):
-                return await handle_client(service, request)
-            return Response.error(404, "not_found", f"no endpoint {path[:100]}")
+            return await routes.dispatch(service, request, nursery)
         except Exception:
             log.exception("handler failed for %s %s", request.method, path[:200])
             return INTERNAL

@@ -47,6 +47,7 @@ STATUS: dict[Code, int] = {
     Code.NO_PROGRESS: 502,
     Code.RATE_LIMITED: 429,
     Code.NOT_FOUND: 404,
+    Code.METHOD_NOT_ALLOWED: 405,
     Code.FORBIDDEN: 403,
     Code.CONFLICT: 409,
     Code.BAD_REQUEST: 400,
@@ -65,9 +66,9 @@ def status_for(refusal: Refused) -> int:
     return STATUS[refusal.code]
 
 
-def json_error(refusal: Refused) -> Response:
+def json_error(refusal: Refused, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     """A client/admin error response."""
-    return Response.json(status_for(refusal), {"error": refusal.as_dict()})
+    return Response.json(status_for(refusal), {"error": refusal.as_dict()}, headers)
 
 
 def cbor_error(refusal: Refused) -> Response:

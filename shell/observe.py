@@ -149,9 +149,7 @@ class _Audit:
     def begin(cls, service: Service, request: Request, route: str) -> _Audit | None:
         if not route.startswith(_ADMIN) or request.method in ("GET", "HEAD"):
             return None
-        parts = request.path.split("/")
-        params = {t[1:-1]: p for t, p in zip(route.split("/"), parts) if t.startswith("{")}
-        fields: dict[str, Any] = {k: v[:255] for k, v in params.items()}
+        fields: dict[str, Any] = {k: v[:255] for k, v in _path_params(request).items()}
         body = json_object(request.body) or {}
         # Only these body fields are copied, and only as short strings, booleans or ints.
         for key in ("name", "tenant", "federation", "peer", "limit"):
@@ -181,6 +179,25 @@ class _Audit:
                                          "remote": self.request.peer, **fields}})
 
 
+
+
+def _path_params(request: Request) -> dict[str, str]:
+    """The request's path parameters as its route reads them: percent-decoded,
+    names in their canonical spelling (``peer.test%3A8449`` is ``peer.test:8449``).
+    A value its route refuses is shown decoded, as sent."""
+    from .routes import all_routes
+
+    try:
+        route, texts = all_routes().match(request.method, request.path)
+    except Exception:  # noqa: BLE001 - not a route: the access line says so; nothing to audit by name
+        return {}
+    params = {}
+    for name, text in texts.items():
+        try:
+            params[name] = str(route.params[name].parse_text(text, name))
+        except Exception:  # noqa: BLE001 - refused input: keep it as sent
+            params[name] = text
+    return params
 
 
 def _key_ids(service: Service) -> dict[str, Any]:

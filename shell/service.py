@@ -101,6 +101,7 @@ class Service:
         self.client = client
         self.recorder = recorder
         self.jobs: dict[int, BackfillJob] = {}
+        self.ops: Any = None  # the daemon's operator endpoints (shell.ops.Ops), set by the daemon
         self._peer_locks: dict[str, trio.Lock] = {}
         self._room_locks: dict[str, trio.Lock] = {}
         self._wake_outbox = trio.Event()

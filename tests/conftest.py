@@ -1,5 +1,7 @@
-"""Shared test configuration: hypothesis profiles, and the ``ca`` fixture
-(a throwaway trustme CA and its PEM file) of the shell tests.
+"""Shared test configuration: hypothesis profiles, the ``ca`` fixture
+(a throwaway trustme CA and its PEM file) of the shell tests, and ``daemon``
+(the daemon's handler over memory streams, in front of a real Service on a
+real SQLite file).
 
 ``HYPOTHESIS_PROFILE=ci`` (what CI sets) is derandomized, keeps no example
 database and runs 60 examples per property; ``dev`` (the default) runs 100
@@ -12,8 +14,13 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 from hypothesis import HealthCheck, settings
+
+from shellhelpers import InMemory, make_env
+from scaiwave_federation.shell.config import load_config
+from scaiwave_federation.shell.service import Service
 
 settings.register_profile(
     "ci",
@@ -34,3 +41,12 @@ def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     path = tmp_path / "ca.pem"
     authority.cert_pem.write_to_path(str(path))
     return authority, path
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, ca: tuple[trustme.CA, Path], nursery: trio.Nursery):
+    authority, ca_path = ca
+    config = load_config(make_env(tmp_path / "your-host", ca_path, authority, "your-host.test"))
+    service = await Service.open(config)
+    yield InMemory(service, nursery)
+    await service.aclose()

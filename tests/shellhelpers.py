@@ -3,17 +3,28 @@ environment, and running daemons reached over real HTTPS by name."""
 
 from __future__ import annotations
 
+import json
 import ssl
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import cbor2
+import h11
 import httpx
 import trio
+import trio.testing
 import trustme
+from jsonschema import Draft202012Validator
 
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.daemon import serve
+from scaiwave_federation.shell.daemon import make_handler, serve
+from scaiwave_federation.shell.http import handle_connection
+from scaiwave_federation.shell.openapi import ERROR_SCHEMA, document_bytes
+from scaiwave_federation.shell.routes import all_routes
+from scaiwave_federation.shell.service import Service
 from scaiwave_federation.shell.testbed import free_port
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -66,6 +77,7 @@ class Remote:
             headers["authorization"] = f"Bearer {token}"
         resp = await self.client.request(method, f"https://127.0.0.1:{self.port}{path}", json=body, headers=headers,
                                          extensions={"sni_hostname": self.host})
+        conforms(method, path, resp.status_code, resp.headers.get("content-type", ""), resp.json())
         return resp.status_code, resp.json()
 
     async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -134,3 +146,93 @@ def error_code(status_body: tuple[int, Any]) -> str:
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
     assert body["error"]["message"]
     return body["error"]["code"]
+
+
+def _decode(headers: dict[str, str], body: bytes) -> Any:
+    kind = headers.get("content-type", "")
+    if kind == "application/json":
+        return json.loads(body)
+    if kind == "application/cbor":
+        return cbor2.loads(body)
+    return body
+
+
+class InMemory:
+    """The daemon's handler behind ``handle_connection``, reached over memory streams."""
+
+    def __init__(self, service: Service, nursery: trio.Nursery) -> None:
+        self.service = service
+        self.handler = make_handler(service, nursery)
+
+    async def exchange(self, method: str, target: str, *, body: bytes = b"",
+                       headers: list[tuple[str, str]] = ()) -> tuple[int, dict[str, str], bytes]:
+        """One request on a fresh connection: h11 on our side, the daemon's handler on the other."""
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        conn = h11.Connection(h11.CLIENT)
+        all_headers = [("host", self.service.config.server_name), *headers]
+        if body or method in ("POST", "PUT"):
+            all_headers.append(("content-length", str(len(body))))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handle_connection, server_stream, self.handler)
+                data = conn.send(h11.Request(method=method, target=target, headers=all_headers))
+                if body:
+                    data += conn.send(h11.Data(data=body))
+                data += conn.send(h11.EndOfMessage())
+                await client_stream.send_all(data)
+                events = []
+                while not events or not isinstance(events[-1], h11.EndOfMessage):
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await client_stream.receive_some(65536))
+                    else:
+                        events.append(event)
+                await client_stream.aclose()  # the server's keep-alive loop ends
+        head = events[0]
+        assert isinstance(head, h11.Response), head
+        response_headers = {k.decode(): v.decode() for k, v in head.headers}
+        return head.status_code, response_headers, b"".join(e.data for e in events if isinstance(e, h11.Data))
+
+    async def request(self, method: str, target: str, body: Any = None, *, token: str | None = None,
+                      raw: bytes | None = None) -> tuple[int, Any]:
+        headers = [("authorization", f"Bearer {token}")] if token else []
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        status, headers_, data = await self.exchange(method, target, body=payload, headers=headers)
+        decoded = _decode(headers_, data)
+        conforms(method, target, status, headers_.get("content-type", ""), decoded)
+        return status, decoded
+
+    async def admin(self, method: str, target: str, body: Any = None) -> tuple[int, Any]:
+        return await self.request(method, target, body, token=ADMIN_TOKEN)
+
+
+@lru_cache(maxsize=1)
+def _document() -> dict[str, Any]:
+    return json.loads(document_bytes())
+
+
+def conforms(method: str, target: str, status: int, content_type: str, body: Any) -> None:
+    """Assert that an answer of the client, admin or public API is what the
+    OpenAPI document says: a documented status, its content type and schema.
+    Every shell test that talks to a daemon through these helpers checks this."""
+    path = urlsplit(target).path
+    if path.startswith("/_scaiwave/federation/"):
+        return
+    try:
+        route, _ = all_routes().match(method, path)
+    except Exception:  # no such route (or an undecodable path): a refusal in the error shape
+        route = None
+    if route is None:
+        assert status in (400, 404, 405) and content_type == "application/json", (method, target, status)
+        Draft202012Validator(ERROR_SCHEMA).validate(body)
+        return
+    responses = _document()["paths"][route.template][method.lower()]["responses"]
+    assert str(status) in responses, (method, route.template, status, body)
+    if status == 200 and route.content_type != "application/json":
+        assert content_type.startswith(route.content_type.split(";")[0]), (method, route.template, content_type)
+        return
+    assert content_type == "application/json", (method, route.template, content_type)
+    if status in route.other:
+        Draft202012Validator({"oneOf": [ERROR_SCHEMA, dict(route.other[status])]}).validate(body)
+        return
+    Draft202012Validator(route.response if status == 200 else ERROR_SCHEMA).validate(body)

@@ -281,6 +281,29 @@ def test_page_helpers():
     assert backfill_target(ROOM, None, 5) == f"/_scaiwave/federation/v1/rooms/{ROOM}/backfill?limit=5"
     assert backfill_target(ROOM, 7, 5).endswith("backfill?before=7&limit=5")
     assert parse_query({"before": "7", "limit": "5"}) == (7, 5)
+    assert parse_query({}) == (None, 100) and parse_query({"limit": "5000"}) == (None, 100)
+    assert parse_query({"before": str((1 << 63) - 1)}) == ((1 << 63) - 1, 100)
+
+
+@pytest.mark.parametrize("query", [
+    {"before": str(10**20)}, {"before": str(1 << 63)}, {"before": "9" * 5000}, {"limit": "9" * 5000},
+    {"before": "0"}, {"limit": "0"}, {"before": "-5"}, {"before": "+5"}, {"before": " 5"}, {"before": "1_000"},
+    {"before": "\u0661"}, {"before": ""}, {"limit": "1.5"}, {"limit": "0x10"},
+])
+def test_backfill_query_out_of_range_or_not_digits_is_malformed(query):
+    refusal = parse_query(query)
+    assert isinstance(refusal, Refused) and refusal.code == Code.MALFORMED, query
+
+
+@given(st.dictionaries(st.sampled_from(["before", "limit"]), st.text(max_size=30)))
+def test_backfill_query_is_digits_in_range_or_refused(query):
+    result = parse_query(query)
+    if isinstance(result, Refused):
+        assert result.code == Code.MALFORMED
+    else:
+        before, limit = result
+        assert before is None or (0 < before < 1 << 63 and str(before) == query["before"].lstrip("0"))
+        assert 0 < limit <= 100
     page = decode_page(build_page(ROOM, 7, [b"x", b"y"], [6, 5]))
     assert (page.room_id, page.before, page.events, page.next) == (ROOM, 7, (b"x", b"y"), 5)
     assert decode_page(build_page(ROOM, 3, [b"x", b"y"], [2, 1])).next is None

@@ -96,3 +96,23 @@ def test_limits_text_names_who_is_limited():
     text = _limits_text(limiter.view(1_764_000_000_000))
     assert "rate=1" in text and "busy bad.test: 1 requests" in text
     assert "limited bad.test: 1 refused" in text and "more than 1 requests a second" in text
+def test_cli_encodes_what_it_puts_in_a_path(tmp_path):
+    """A value with "/", "?" or "#" stays one path segment: the daemon answers
+    about that value (bad_request naming the field), not about another URL."""
+    from scaiwave_federation.shell.testbed import Testbed
+
+    bed = Testbed(tmp_path)
+    server = bed.add("your-host.test")
+    server.start()
+    try:
+        for args, start in [
+            (["handshake", "https://peer.test"], "error: bad_request: peer: not a server name"),
+            (["retry", "peer.test/../../key/rotate"], "error: bad_request: peer: not a server name"),
+            (["refresh", "bob?x=1"], "error: bad_request: participant_id:"),
+            (["backfill", "!room:peer.test/backfill#"], "error: bad_request: room_id:"),
+            (["descriptor", "--server", "peer.test&server=evil.test"], "error: bad_request: server: not a server name"),
+        ]:
+            _one_line(server.cli("admin", "federation", *args), 1, start)
+        assert server.admin("GET", "/v1/admin/federation/key")[1]["key_id"] is None  # nothing rotated or made
+    finally:
+        bed.stop()

@@ -18,89 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import h11
 import httpx
 import pytest
 import trio
-import trio.testing
 import trustme
 
-from shellhelpers import ADMIN_TOKEN, FED, Remote, error_code, make_env, trusting, wait_for
+from shellhelpers import ADMIN_TOKEN, FED, InMemory, Remote, error_code, make_env, trusting, wait_for
 from scaiwave_federation.core import Code, KeyRing, Refused, SigningKey, build_descriptor, parse_descriptor
 from scaiwave_federation.core.keys import DAY_MS, ROTATION_PERIOD_MS
 from scaiwave_federation.shell.config import Config, load_config
-from scaiwave_federation.shell.daemon import make_handler, serve
-from scaiwave_federation.shell.http import Request, Response, handle_connection, serve_http
+from scaiwave_federation.shell.daemon import serve
+from scaiwave_federation.shell.http import Request, Response, serve_http
 from scaiwave_federation.shell.service import Service
 from scaiwave_federation.shell.testbed import free_port
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-def _decode(headers: dict[str, str], body: bytes) -> Any:
-    kind = headers.get("content-type", "")
-    if kind == "application/json":
-        return json.loads(body)
-    if kind == "application/cbor":
-        return cbor2.loads(body)
-    return body
-
-
-class InMemory:
-    """The daemon's handler behind ``handle_connection``, reached over memory streams."""
-
-    def __init__(self, service: Service, nursery: trio.Nursery) -> None:
-        self.service = service
-        self.handler = make_handler(service, nursery)
-
-    async def exchange(self, method: str, target: str, *, body: bytes = b"",
-                       headers: list[tuple[str, str]] = ()) -> tuple[int, dict[str, str], bytes]:
-        """One request on a fresh connection: h11 on our side, the daemon's handler on the other."""
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        conn = h11.Connection(h11.CLIENT)
-        all_headers = [("host", self.service.config.server_name), *headers]
-        if body or method in ("POST", "PUT"):
-            all_headers.append(("content-length", str(len(body))))
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(handle_connection, server_stream, self.handler)
-                data = conn.send(h11.Request(method=method, target=target, headers=all_headers))
-                if body:
-                    data += conn.send(h11.Data(data=body))
-                data += conn.send(h11.EndOfMessage())
-                await client_stream.send_all(data)
-                events = []
-                while not events or not isinstance(events[-1], h11.EndOfMessage):
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await client_stream.receive_some(65536))
-                    else:
-                        events.append(event)
-                await client_stream.aclose()  # the server's keep-alive loop ends
-        head = events[0]
-        assert isinstance(head, h11.Response), head
-        response_headers = {k.decode(): v.decode() for k, v in head.headers}
-        return head.status_code, response_headers, b"".join(e.data for e in events if isinstance(e, h11.Data))
-
-    async def request(self, method: str, target: str, body: Any = None, *, token: str | None = None,
-                      raw: bytes | None = None) -> tuple[int, Any]:
-        headers = [("authorization", f"Bearer {token}")] if token else []
-        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-        status, headers_, data = await self.exchange(method, target, body=payload, headers=headers)
-        return status, _decode(headers_, data)
-
-    async def admin(self, method: str, target: str, body: Any = None) -> tuple[int, Any]:
-        return await self.request(method, target, body, token=ADMIN_TOKEN)
-
-
-@pytest.fixture
-async def daemon(tmp_path: Path, ca: tuple[trustme.CA, Path], nursery: trio.Nursery):
-    authority, ca_path = ca
-    config = load_config(make_env(tmp_path / "your-host", ca_path, authority, "your-host.test"))
-    service = await Service.open(config)
-    yield InMemory(service, nursery)
-    await service.aclose()
-
 
 # -- 1. the handler in memory, a real Service and SQLite ----------------------------------
 
@@ -150,10 +80,26 @@ async def test_admin_endpoints_need_the_admin_token(daemon: InMemory) -> None:
 
 async def test_unknown_endpoints_are_404_not_found(daemon: InMemory) -> None:
     assert error_code(await daemon.request("GET", "/nowhere")) == "not_found"
-    assert error_code(await daemon.request("POST", "/.well-known/scaiwave")) == "not_found"
     assert error_code(await daemon.admin("GET", "/v1/admin/nothing/here")) == "not_found"
     status, body = await daemon.admin("GET", "/v1/admin/nothing/here")
     assert status == 404
+
+
+async def test_a_known_path_with_another_method_is_405_with_allow(daemon: InMemory) -> None:
+    for method, target, allow in [("POST", "/.well-known/scaiwave", "GET"),
+                                  ("DELETE", "/v1/admin/federation/policy", "GET, PUT"),
+                                  ("GET", "/v1/admin/federation/key/generate", "POST"),
+                                  ("PATCH", "/v1/rooms/%21a%3Ab/messages", "POST, GET")]:
+        status, headers, data = await daemon.exchange(method, target)
+        assert (status, headers["allow"], headers["content-type"]) == (405, allow, "application/json"), target
+        assert json.loads(data)["error"]["code"] == "method_not_allowed"
+    # Nothing was done: no key was generated by a GET.
+    assert daemon.service.node.keyring.current is None
+    # HEAD is GET without a body; a path without GET answers 405.
+    status, headers, data = await daemon.exchange("HEAD", "/.well-known/scaiwave")
+    assert (status, data) == (200, b"") and int(headers["content-length"]) > 0
+    status, headers, data = await daemon.exchange("HEAD", "/v1/admin/federation/key/rotate")
+    assert (status, headers["allow"]) == (405, "POST")
 
 
 async def test_federation_refusals_are_cbor(daemon: InMemory) -> None:

@@ -212,7 +212,7 @@ async def test_healthz_and_readyz_give_the_reason(tmp_path: Path, ca: tuple[trus
             return (await a.request("GET", "/readyz"))[0] == 200
         await wait_for(ready)
         # Probes take GET only.
-        assert error_code(await a.request("POST", "/readyz")) == "not_found"
+        assert error_code(await a.request("POST", "/readyz")) == "method_not_allowed"
 
 
 async def test_readiness_names_a_listener_not_up_and_a_closed_database(tmp_path: Path,
