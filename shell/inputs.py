@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,19 +49,21 @@ class BadInput(Exception):
         self.refusal = Refused(Code.BAD_REQUEST, str(self))
 
 
-class Field:
+class Field(ABC):
     """One typed value. ``text=True`` parses from a path segment or query value."""
 
     description: str = ""
 
-    def parse(self, value: Any, where: str) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def parse(self, value: Any, where: str) -> Any:
+        """The checked value, or :class:`BadInput` naming ``where``."""
 
     def parse_text(self, value: str, where: str) -> Any:
         return self.parse(value, where)
 
-    def schema(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def schema(self) -> dict[str, Any]:
+        """The value's JSON schema (for the OpenAPI document)."""
 
     def _doc(self, schema: dict[str, Any]) -> dict[str, Any]:
         if self.description:

@@ -123,15 +123,20 @@ async def two_daemons(tmp_path: Path, ca: tuple[trustme.CA, Path], env_b: dict[s
             nursery.cancel_scope.cancel()
 
 
-async def peered_dm(a: Remote, b: Remote) -> tuple[str, str, str]:
-    """Keys, allowing policies, a handshake and a DM from alice (on ``a``) that
-    bob (on ``b``) has joined: ``(room_id, alice's token, bob's token)``."""
+async def peer_up(a: Remote, b: Remote) -> None:
+    """Keys, mutual invite_only policies, the acme tenant on both, a handshake."""
     for server, other in ((a, b), (b, a)):
         assert (await server.admin("POST", "/v1/admin/federation/key/generate"))[0] == 200
         policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
         assert (await server.admin("PUT", "/v1/admin/federation/policy", policy))[0] == 200
         assert (await server.admin("POST", "/v1/admin/tenants", {"name": "acme"}))[0] == 200
     assert (await a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake"))[0] == 200
+
+
+async def peered_dm(a: Remote, b: Remote) -> tuple[str, str, str]:
+    """:func:`peer_up`, then a DM from alice (on ``a``) that bob (on ``b``)
+    has joined: ``(room_id, alice's token, bob's token)``."""
+    await peer_up(a, b)
     alice = (await a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"}))[1]
     bob = (await b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"}))[1]
     status, dm = await a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])

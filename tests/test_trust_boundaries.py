@@ -30,7 +30,7 @@ from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.shell.testbed import free_port
 
-from shellhelpers import FED, Remote, error_code, peered_dm, two_daemons, wait_for
+from shellhelpers import FED, Remote, error_code, peer_up, peered_dm, two_daemons, wait_for
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -59,16 +59,6 @@ async def user(server: Remote, name: str, tenant: str = "acme") -> tuple[str, st
     return body["user_id"], body["access_token"]
 
 
-async def setup(a: Remote, b: Remote) -> None:
-    """Keys, mutual invite_only policies, the acme tenant on both, a handshake."""
-    for server, other in ((a, b), (b, a)):
-        assert (await server.admin("POST", "/v1/admin/federation/key/generate"))[0] == 200
-        policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
-        assert (await server.admin("PUT", "/v1/admin/federation/policy", policy))[0] == 200
-        assert (await server.admin("POST", "/v1/admin/tenants", {"name": "acme"}))[0] == 200
-    assert (await a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake"))[0] == 200
-
-
 class Counter:
     """A TCP listener that counts connections: a stranger's name resolves here,
     so any descriptor fetch for it would show."""
@@ -93,7 +83,7 @@ class Counter:
 
 async def test_a_local_non_member_cannot_enter_post_or_read(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     async with two_daemons(tmp_path, ca) as (a, b):
-        await setup(a, b)
+        await peer_up(a, b)
         alice, at = await user(a, "alice")
         mallory, mt = await user(a, "mallory")
         status, room = await a.request("POST", "/v1/rooms", {"room_type": "group"}, token=at)
@@ -125,7 +115,7 @@ async def test_a_local_non_member_cannot_enter_post_or_read(tmp_path: Path, ca: 
 async def test_a_non_member_cannot_invite_out_and_an_invited_server_reads_nothing(
         tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     async with two_daemons(tmp_path, ca) as (a, b):
-        await setup(a, b)
+        await peer_up(a, b)
         alice, at = await user(a, "alice")
         _, mt = await user(a, "mallory")
         bob, bt = await user(b, "bob")
@@ -154,7 +144,7 @@ async def test_a_non_member_cannot_invite_out_and_an_invited_server_reads_nothin
 
 async def test_a_sealed_tenants_room_gains_no_foreign_member(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     async with two_daemons(tmp_path, ca) as (a, b):
-        await setup(a, b)
+        await peer_up(a, b)
         assert (await a.admin("POST", "/v1/admin/tenants", {"name": "sealed", "federation": False}))[0] == 200
         carol, ct = await user(a, "carol", tenant="sealed")
         alice, at = await user(a, "alice")
@@ -191,7 +181,7 @@ async def test_a_sealed_tenants_room_gains_no_foreign_member(tmp_path: Path, ca:
 
 async def test_a_blocked_server_is_refused_in_any_spelling(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     async with two_daemons(tmp_path, ca) as (a, b):
-        await setup(a, b)
+        await peer_up(a, b)
         shouted = b.server_name.upper()  # PEER.TEST:port
         status, policy = await a.admin("PUT", "/v1/admin/federation/policy",
                                        {"default_mode": "open", "allowed_peers": [], "blocked_peers": [shouted]})
@@ -268,7 +258,7 @@ async def test_a_stranger_leaves_no_trace_and_makes_us_fetch_nothing(
     async with trio.open_nursery() as nursery:
         await nursery.start(counter.serve)
         async with two_daemons(tmp_path, ca, extra_resolve=f"{stranger}:127.0.0.1") as (a, b):
-            await setup(a, b)
+            await peer_up(a, b)
             key = SigningKey.from_seed(b"\x05" * 32, trio_now_ms())
             for mode in ("closed", "invite_only"):
                 policy = {"default_mode": mode, "allowed_peers": [b.server_name], "blocked_peers": []}
@@ -300,7 +290,7 @@ async def test_outbound_federation_never_connects_to_loopback_unless_pinned(
     async with trio.open_nursery() as nursery:
         await nursery.start(counter.serve)
         async with two_daemons(tmp_path, ca) as (a, b):
-            await setup(a, b)
+            await peer_up(a, b)
             open_policy = {"default_mode": "open", "allowed_peers": [], "blocked_peers": []}
             assert (await a.admin("PUT", "/v1/admin/federation/policy", open_policy))[0] == 200
             # A request claiming an origin whose name leads to loopback (not pinned).
