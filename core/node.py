@@ -27,6 +27,7 @@ from .descriptor import PROTOCOL_VERSIONS, build_descriptor
 from .effects import PeerAgreed
 from .events import Event, NeedKeys, verify_events
 from .handshake import answer_hello
+from .inbound import TxnDecision, TxnSnapshot, decide_transaction
 from .keycache import DEFAULT_REFETCH_INTERVAL_MS, KeyCache, PeerDescriptor
 from .keys import BatchVerifier, KeyRing, verify_batch
 from .authz import Party, RoomFacts, may_receive_invite, server_may_read_history
@@ -162,6 +163,14 @@ class Federation:
             return Refused(Code.OWN_KEY_MISSING, f"{self.server_name} has no federation key yet")
         return self.requests.verify(authorization, method=method, target=target, body=body, now=now,
                                     admit=self.policy.admits)
+
+    def on_transaction(self, auth: Authenticated, results: list[Event | Refused | NeedKeys],
+                       snapshot: TxnSnapshot, now: int) -> TxnDecision:
+        """Decide a verified transaction (``on_events``' results) from the stored
+        state in ``snapshot``: see :mod:`.inbound`. Pure: the host stores,
+        pushes and reports what the decision says."""
+        return decide_transaction(server_name=self.server_name, key=self.keyring.current, origin=auth.origin,
+                                  results=results, snapshot=snapshot, now=now, unverifiable=self.unverifiable)
 
     def _content_refusal(self, server: str) -> Refused | None:
         """Whose signed words we never verify (and so never fetch keys for): a

@@ -44,7 +44,8 @@ from .layouts import read_accepting_reply
 from .node import Federation
 from .policy import Policy
 from .requests import Authenticated, parse_authorization
-from .rooms import Head, LinkResult, chain_event, check_proposal, link
+from .inbound import snapshot_from_context
+from .rooms import Head
 from .wire import decode
 
 __all__ = ["SUBSTITUTE_SEED", "UNKNOWN", "Outcome", "Decision", "ReplayResult", "Replayer", "replay_records"]
@@ -504,8 +505,8 @@ class Replayer:
 
     def _send(self, auth: Authenticated, txn_id: str, body: bytes, context: Mapping[str, Any], now: int,
               live: Outcome) -> Outcome:
-        """Mirror of ``api_federation._send``: verify, link chained events to the
-        recorded heads, check proposals against the recorded membership."""
+        """A transaction: the same two core calls as the daemon (``on_events``,
+        then ``on_transaction`` on the recorded snapshot); no rule of its own."""
         key = (auth.origin, txn_id)
         if key in self._txns:
             previous = self._txns[key]
@@ -520,61 +521,13 @@ class Replayer:
         results = node.on_events(auth, body)
         if isinstance(results, Refused):
             return _refused(results)
-        rooms_ctx: Mapping[str, Any] = context.get("heads") or {}
-        proposals: Mapping[str, Any] = context.get("proposals") or {}
-        by_room: Mapping[str, Any] = context.get("rooms") or {}
-        held_ids: Mapping[str, str] = context.get("held") or {}
-        heads: dict[str, Head | None] = {}
-        outcomes: list[str] = []
-        stored = echoed = 0
         for result in results:
-            if type(result) is not Event:
-                if isinstance(result, NeedKeys):
-                    self._learn(result.server, now, None)
-                    result = node.unverifiable(result)
-                outcomes.append(result.code.value)
-                continue
-            room_id = result.room_id
-            room = rooms_ctx.get(room_id) or {}
-            if room_id in heads:
-                head = heads[room_id]
-            else:
-                recorded = room.get("head")
-                head = heads[room_id] = Head(recorded[0], bytes(recorded[1])) if recorded else None
-            if result.depth > 0:
-                if not room.get("known"):
-                    outcomes.append(Code.NOT_FOUND.value)
-                    continue
-                held = held_ids.get(result.id_text) if held_ids else None
-                verdict = link(result, head, bytes.fromhex(held) if held else None)
-                if verdict is LinkResult.APPEND:
-                    heads[room_id] = Head(result.depth, result.event_id)
-                    stored += 1
-                    outcomes.append("ok")
-                elif isinstance(verdict, Refused):
-                    outcomes.append(verdict.code.value)
-                else:  # a duplicate: an event we already hold
-                    echoed += 1
-                    outcomes.append("ok")
-                continue
-            state = proposals.get(result.id_text) or by_room.get(result.room_id)
-            if not room.get("known") or room.get("host") != node.server_name or state is None:
-                outcomes.append(Code.NOT_FOUND.value)
-                continue
-            refusal = check_proposal(result, origin=auth.origin, room_type=state["room_type"],
-                                     tenant_federates=bool(state["tenant_federates"]),
-                                     membership=state.get("membership"))
-            if refusal is not None:
-                outcomes.append(refusal.code.value)
-                continue
-            chained = chain_event(node.keyring.current, head=head, room_id=result.room_id,
-                                  room_type=state["room_type"], sender=result.sender, type=result.type,
-                                  ts=now, content=result.content, source=result.envelope)
-            heads[result.room_id] = Head(chained.depth, chained.event_id)
-            stored += 1
-            outcomes.append("ok")
+            if isinstance(result, NeedKeys):
+                self._learn(result.server, now, None)
+        decision = node.on_transaction(auth, results, snapshot_from_context(context, results), now)
+        stored = decision.stored
         outcome = Outcome("accepted", detail=f"{stored} event{'s' if stored != 1 else ''} would be stored",
-                          events=tuple(outcomes), stored=stored, echoed=echoed)
+                          events=decision.outcomes, stored=stored, echoed=decision.echoed)
         self._txns[key] = outcome
         return outcome
 

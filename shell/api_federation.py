@@ -14,8 +14,15 @@ from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
 from scaiwave_federation.core.backfill import build_page
-from scaiwave_federation.core.proposals import chained_once, may_chain, proposal_id
-from scaiwave_federation.core.rooms import LinkResult, chain_event, check_proposal, invitee_of, link
+from scaiwave_federation.core.inbound import (
+    RoomState,
+    TxnSnapshot,
+    held_needed,
+    proposals_needed,
+    rooms_needed,
+    snapshot_context,
+)
+from scaiwave_federation.core.rooms import invitee_of
 from scaiwave_federation.core.wire import encode
 
 from . import timings
@@ -144,114 +151,58 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
 
 async def _apply(service: Service, auth: Authenticated, txn_id: str, results: list[Any],
                  context: dict[str, Any]) -> Response:
-    outcomes: list[dict[str, Any]] = []
-    to_store: dict[str, list[Event]] = {}
-    created: list[Event] = []
-    heads: dict[str, Any] = {}
-    once: dict[tuple[str, bytes], bytes] = {}  # (room, proposal id) -> chained event, in this transaction
-    context["rooms"] = {}
-
-    async def held_for(room_id: str, pid: bytes) -> bytes | None:
-        if (room_id, pid) not in once:
-            held = await service.store.proposal_chained(room_id, pid)
-            if held is None:
-                return None
-            once[(room_id, pid)] = held
-        return once[(room_id, pid)]
-
-    for result in results:
-        if isinstance(result, NeedKeys):
-            await service.learn_descriptor(result.server)
-            result = service.node.unverifiable(result)
-        if isinstance(result, Refused):
-            outcomes.append({"error": result.as_dict()})
-            continue
-        room = await service.store.get_room(result.room_id)
-        if result.room_id not in heads:
-            heads[result.room_id] = await service.head_of(result.room_id)
-            first = heads[result.room_id]
-            context.setdefault("heads", {})[result.room_id] = {
-                "known": room is not None, "host": room["host"] if room else None,
-                "head": [first.depth, first.event_id] if first else None}
-        head = heads[result.room_id]
-        if result.depth > 0:
-            # A chained event from the room's host.
-            # An event at or below our head may be one we already hold (the
-            # host sends a proposer its event twice: in the reply and in order
-            # through its outbox); the id held at that depth decides.
-            held = None
-            if room is not None and head is not None and result.depth <= head.depth:
-                row = await service.store.event_at(result.room_id, result.depth)
-                held = row["event_id"] if row else None
-                context.setdefault("held", {})[result.id_text] = held.hex() if held else None
-            verdict = link(result, head, held) if room is not None else Refused(Code.NOT_FOUND, "unknown room")
-            pid = proposal_id(result)
-            if pid is not None and verdict == LinkResult.APPEND:
-                # A proposal is accepted at most once per room (core/proposals.py).
-                verdict = chained_once(result, await held_for(result.room_id, pid)) or verdict
-                once.setdefault((result.room_id, pid), result.event_id)
-            if verdict == LinkResult.APPEND:
-                to_store.setdefault(result.room_id, []).append(result)
-                heads[result.room_id] = type(head)(result.depth, result.event_id) if head else _head(result)
-                outcomes.append({"event_id": result.id_text, "ok": True})
-            elif verdict == LinkResult.DUPLICATE:
-                outcomes.append({"event_id": result.id_text, "ok": True})
-            else:
-                outcomes.append({"event_id": result.id_text, "error": verdict.as_dict()})
-                if (room is not None and room["host"] == auth.origin and head is not None
-                        and result.depth > head.depth + 1):
-                    # We missed events (dropped on the way, say): pull them from the host.
-                    service.request_catch_up(result.room_id, auth.origin, head)
-            continue
-        # A proposal for a room we host.
-        if room is None or room["host"] != service.config.server_name:
-            outcomes.append({"event_id": result.id_text, "error": Refused(Code.NOT_FOUND, "no such room here").as_dict()})
-            continue
-        members = await service.memberships(result.room_id)
-        ctx = {"room_type": room["room_type"], "tenant_federates": await service.tenant_federates(room["tenant"]),
-               "membership": members.get(result.sender)}
-        context["rooms"][result.room_id] = ctx
-        context.setdefault("proposals", {})[result.id_text] = ctx
-        refusal = check_proposal(result, origin=auth.origin, **ctx) or \
-            may_chain(result, await held_for(result.room_id, result.event_id))
-        if refusal is not None:
-            outcomes.append({"event_id": result.id_text, "error": refusal.as_dict()})
-            continue
-        key = service.node.keyring.current
-        chained = chain_event(key, head=head, room_id=result.room_id, room_type=room["room_type"],
-                              sender=result.sender, type=result.type, ts=service.now(), content=result.content,
-                              source=result.envelope)
-        heads[result.room_id] = _head(chained)
-        once[(result.room_id, result.event_id)] = chained.event_id
-        to_store.setdefault(result.room_id, []).append(chained)
-        created.append(chained)
-        outcomes.append({"event_id": result.id_text, "ok": True, "chained": chained.id_text})
-        if result.type == "m.member":
-            await service.store.set_membership(result.room_id, result.sender, result.content["membership"])
-    response = encode({"results": outcomes, "events": [e.envelope for e in created]})
-    # Store every room's events and the response atomically; nothing is
+    """Read the state the core's decision needs, ask it, carry out the answer."""
+    for need in dict.fromkeys(r for r in results if isinstance(r, NeedKeys)):
+        await service.learn_descriptor(need.server)  # for the sender's retry; this answer is decided below
+    snapshot = await _snapshot(service, results)
+    context.update(snapshot_context(snapshot))
+    decision = service.node.on_transaction(auth, results, snapshot, service.now())
+    for refusal in decision.refused:
+        log.info("refused an event of a transaction from %s: %s", auth.origin, refusal)
+    if decision.refused:
+        # Refused for good, never silently: in the reply, in the log, and in the
+        # sending peer's last_error.
+        await service.peer_error(auth.origin, decision.refused[0])
+    for room_id, user_id, membership in decision.memberships:
+        await service.store.set_membership(room_id, user_id, membership)
+    # Store every room's events and the reply atomically; nothing is
     # acknowledged before it is durable.
-    rooms = list(to_store.items())
     work, started = timings.current(), timings.Work.store_started()
     outcome = await service.store.store_txn(
-        auth.origin, txn_id, response, service.now(), None,
-        [{**e.as_record(), "room_id": rid} for rid, evs in rooms for e in evs])
+        auth.origin, txn_id, decision.reply, service.now(), None,
+        [{**e.as_record(), "room_id": e.room_id} for e in decision.store])
     work.store_done(started, outcome.new_events)
-    reply = outcome.response
-    for room_id, events in rooms:
-        mine = [e for e in events if e in created]
-        if mine:
-            # Every member server, the proposer included, gets the room's
-            # events in order through one channel (the outbox); the copy in
-            # this reply is only a head start.
-            await service.push_events(room_id, mine)
-    return Response.cbor(200, reply)
+    for catch_up in decision.catch_ups:
+        service.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
+    for room_id in dict.fromkeys(e.room_id for e in decision.chained):
+        # Every member server, the proposer included, gets the room's events
+        # in order through one channel (the outbox); the copy in this reply is
+        # only a head start.
+        await service.push_events(room_id, [e for e in decision.chained if e.room_id == room_id])
+    return Response.cbor(200, outcome.response)
 
 
-def _head(event: Event):
-    from scaiwave_federation.core import Head
-
-    return Head(event.depth, event.event_id)
+async def _snapshot(service: Service, results: list[Any]) -> TxnSnapshot:
+    """The stored state a transaction's decision reads (core.inbound says which)."""
+    rooms: dict[str, RoomState] = {}
+    for room_id in rooms_needed(results):
+        row = await service.store.get_room(room_id)
+        if row is None:
+            rooms[room_id] = RoomState(known=False)
+            continue
+        hosted = row["host"] == service.config.server_name
+        rooms[room_id] = RoomState(
+            known=True, host=row["host"], head=await service.head_of(room_id),
+            room_type=row["room_type"] if hosted else None,
+            tenant_federates=await service.tenant_federates(row["tenant"]) if hosted else True,
+            members=await service.memberships(room_id) if hosted else {})
+    held = {}
+    for room_id, depth, text in held_needed(results, rooms):
+        row = await service.store.event_at(room_id, depth)
+        held[text] = row["event_id"] if row else None
+    chained = {(room_id, pid): await service.store.proposal_chained(room_id, pid)
+               for room_id, pid in proposals_needed(results)}
+    return TxnSnapshot(rooms, held, chained)
 
 
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,

@@ -1,0 +1,154 @@
+"""core.inbound: a verified transaction decided whole from a snapshot (no network, no storage)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corehelpers import A, B, NOW, build_chain, descriptor_bytes, events_body, head_of, pair
+from scaiwave_federation.core import Code, Head, KeyRing, NeedKeys, make_event
+from scaiwave_federation.core.inbound import (
+    RoomState,
+    TxnSnapshot,
+    held_needed,
+    proposals_needed,
+    rooms_needed,
+    snapshot_context,
+    snapshot_from_context,
+)
+from scaiwave_federation.core.requests import Authenticated
+from scaiwave_federation.core.wire import decode
+
+HOSTED = f"!mine:{A}"  # hosted by A (the receiver)
+THEIRS = f"!grp:{B}"  # hosted by B (the sender)
+CAROL_B = f"@carol:{B}"
+
+
+def _auth(origin: str = B) -> Authenticated:
+    return Authenticated(origin, "k", b"n" * 32, NOW)
+
+
+def _nodes():
+    a, b = pair()
+    a.learn_descriptor(B, descriptor_bytes(b), NOW)
+    return a, b
+
+
+def _proposal(b, body: str = "hi", *, type: str = "m.message", content: dict | None = None, sender: str = CAROL_B):
+    return make_event(b.keyring.current, room_id=HOSTED, room_type="group", depth=0, prev=None, origin=B,
+                      sender=sender, type=type, ts=NOW, content=content if content is not None else {"body": body})
+
+
+def _decide(a, events, snapshot, origin=B):
+    results = a.on_events(_auth(origin), events_body(events))
+    return results, a.on_transaction(_auth(origin), results, snapshot, NOW)
+
+
+def _reply(decision) -> list[dict]:
+    return decode(decision.reply, max_size=1 << 20)["results"]
+
+
+def test_chained_events_append_duplicate_fork_and_unknown_rooms():
+    a, b = _nodes()
+    chain = build_chain(b.keyring.current, THEIRS, 4)
+    fork = build_chain(b.keyring.current, THEIRS, 4, sender=f"@zed:{B}")[3]
+    stranger_room = build_chain(b.keyring.current, f"!other:{B}", 1)
+    snapshot = TxnSnapshot(
+        {THEIRS: RoomState(known=True, host=B, head=head_of(chain[:2])), f"!other:{B}": RoomState(known=False)},
+        held={chain[1].id_text: chain[1].event_id})
+    results, decision = _decide(a, [chain[1], chain[2], chain[3], fork, stranger_room[0]], snapshot)
+    assert rooms_needed(results) == [THEIRS, f"!other:{B}"]
+    assert held_needed(results, snapshot.rooms) == [(THEIRS, 2, chain[1].id_text)]
+    assert decision.outcomes == ("ok", "ok", "ok", "chain_broken", "not_found")
+    assert decision.store == (chain[2], chain[3]) and decision.stored == 2 and decision.echoed == 1
+    assert [r.get("ok") for r in _reply(decision)] == [True, True, True, None, None]
+    assert [r.code for r in decision.refused] == [Code.CHAIN_BROKEN, Code.NOT_FOUND]  # reported, never silent
+    assert decision.catch_ups == ()
+
+
+def test_an_event_above_a_gap_from_the_host_starts_one_catch_up():
+    a, b = _nodes()
+    chain = build_chain(b.keyring.current, THEIRS, 6)
+    snapshot = TxnSnapshot({THEIRS: RoomState(known=True, host=B, head=head_of(chain[:2]))})
+    _, decision = _decide(a, [chain[4], chain[5]], snapshot)
+    assert decision.outcomes == ("chain_broken", "chain_broken")
+    assert [(c.room_id, c.host, c.head) for c in decision.catch_ups] == [(THEIRS, B, head_of(chain[:2]))]
+
+
+def test_proposals_are_chained_with_memberships_moving_inside_the_transaction():
+    a, b = _nodes()
+    mine = build_chain(a.keyring.current, HOSTED, 2)
+    join = _proposal(b, type="m.member", content={"membership": "join", "user": CAROL_B})
+    post = _proposal(b, "hello")
+    stranger = _proposal(b, "hi", sender=f"@dave:{B}")
+    snapshot = TxnSnapshot({HOSTED: RoomState(known=True, host=A, head=head_of(mine), room_type="group",
+                                              members={f"@alice:{A}": "join", CAROL_B: "invite"})})
+    results, decision = _decide(a, [join, post, stranger], snapshot)
+    assert decision.outcomes == ("ok", "ok", "not_member")
+    joined, posted = decision.chained
+    assert (joined.depth, posted.depth) == (3, 4) and posted.prev == joined.event_id
+    assert joined.source == join.envelope and posted.source == post.envelope and posted.sender == CAROL_B
+    assert decision.store == decision.chained and decision.memberships == ((HOSTED, CAROL_B, "join"),)
+    assert [r.get("chained") for r in _reply(decision)] == [joined.id_text, posted.id_text, None]
+    assert decode(decision.reply, max_size=1 << 20)["events"] == [joined.envelope, posted.envelope]
+    assert set(proposals_needed(results)) == {(HOSTED, join.event_id), (HOSTED, post.event_id),
+                                               (HOSTED, stranger.event_id)}
+
+
+def test_a_proposal_is_chained_once_and_a_second_chaining_is_refused():
+    a, b = _nodes()
+    mine = build_chain(a.keyring.current, HOSTED, 2)
+    post = _proposal(b, "I agree")
+    state = RoomState(known=True, host=A, head=head_of(mine), room_type="group", members={CAROL_B: "join"})
+    _, twice = _decide(a, [post, post], TxnSnapshot({HOSTED: state}))
+    assert twice.outcomes == ("ok", "conflict") and len(twice.chained) == 1
+    _, again = _decide(a, [post], TxnSnapshot({HOSTED: state}, chained={(HOSTED, post.event_id): b"\x01" * 32}))
+    assert again.outcomes == ("conflict",) and again.store == ()
+
+
+def test_proposals_for_rooms_we_do_not_host_and_without_a_key_are_refused():
+    a, b = _nodes()
+    post = _proposal(b)
+    _, decision = _decide(a, [post], TxnSnapshot({HOSTED: RoomState(known=True, host=B)}))
+    assert decision.outcomes == ("not_found",)
+    state = RoomState(known=True, host=A, head=None, room_type="group", members={CAROL_B: "join"})
+    results = a.on_events(_auth(), events_body([post]))
+    assert a.on_transaction(_auth(), results, TxnSnapshot({HOSTED: state}), NOW).outcomes == ("ok",)
+    a.keyring = KeyRing()
+    assert a.on_transaction(_auth(), results, TxnSnapshot({HOSTED: state}), NOW).outcomes == ("own_key_missing",)
+
+
+def test_events_whose_keys_are_missing_get_the_policys_code_or_unknown_key():
+    a, _ = _nodes()
+    results = [NeedKeys("third.test", "ed25519:x"), NeedKeys(B, "ed25519:y")]
+    decision = a.on_transaction(_auth(), results, TxnSnapshot({}), NOW)
+    assert decision.outcomes == ("unknown_key", "unknown_key")  # retryable: not reported as final
+    assert decision.refused == ()
+
+
+def test_the_decision_is_deterministic():
+    a, b = _nodes()
+    mine = build_chain(a.keyring.current, HOSTED, 1)
+    state = RoomState(known=True, host=A, head=head_of(mine), room_type="group", members={CAROL_B: "join"})
+    first = _decide(a, [_proposal(b)], TxnSnapshot({HOSTED: state}))[1]
+    assert _decide(a, [_proposal(b)], TxnSnapshot({HOSTED: state}))[1] == first
+
+
+_ids = st.binary(min_size=32, max_size=32)
+_room = st.sampled_from([HOSTED, THEIRS, f"!x:{B}"])
+_state = st.builds(RoomState, known=st.booleans(), host=st.sampled_from([None, A, B]),
+                   head=st.none() | st.builds(Head, st.integers(1, 10**6), _ids),
+                   room_type=st.sampled_from([None, "group", "dm"]), tenant_federates=st.booleans(),
+                   members=st.dictionaries(st.sampled_from([CAROL_B, f"@alice:{A}"]),
+                                           st.sampled_from(["invite", "join", "leave", "decline"])))
+
+
+@given(st.builds(TxnSnapshot, st.dictionaries(_room, _state),
+                 st.dictionaries(st.text(min_size=1, max_size=8), st.none() | _ids),
+                 st.dictionaries(st.tuples(_room, _ids), st.none() | _ids)))
+def test_the_recorded_snapshot_reads_back_the_same(snapshot):
+    """What the recorder writes (``context``) is what a replay decides from."""
+    back = snapshot_from_context(snapshot_context(snapshot))
+    rooms = {r: RoomState(s.known, s.host, s.head, s.room_type, s.tenant_federates if s.room_type else True,
+                          s.members if s.room_type else {}) for r, s in snapshot.rooms.items()}
+    assert back == TxnSnapshot(rooms, snapshot.held, snapshot.chained)
