@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE"]
+__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE", "HTTP_STATUS"]
 
 
 class Code(str, enum.Enum):
@@ -129,6 +129,54 @@ RETRYABLE: frozenset[Code] = frozenset({
     Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
     Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED,
 })
+
+
+#: The HTTP status every host answers a refusal with (a transport mapping,
+#: kept apart from the decisions: the core decides with codes, never statuses).
+#: Rendered into docs/protocol.md with the codes.
+HTTP_STATUS: dict[Code, int] = {
+    Code.ROOM_INCOGNITO: 403,
+    Code.ROOM_BRIDGE: 403,
+    Code.ROOM_SIDEKICK: 403,
+    Code.TENANT_FEDERATION_DISABLED: 403,
+    Code.FEDERATION_CLOSED: 403,
+    Code.PEER_NOT_ALLOWED: 403,
+    Code.PEER_BLOCKED: 403,
+    Code.NOT_PEERED: 403,
+    Code.NO_DESCRIPTOR: 502,
+    Code.INVALID_DESCRIPTOR: 502,
+    Code.SERVER_NAME_MISMATCH: 502,
+    Code.TLS_FAILURE: 502,
+    Code.PEER_UNREACHABLE: 504,
+    Code.UNKNOWN_KEY: 401,
+    Code.BAD_SIGNATURE: 401,
+    Code.EXPIRED_KEY: 401,
+    Code.PROTOCOL_VERSION_MISMATCH: 400,
+    Code.OWN_KEY_MISSING: 503,
+    Code.CLOCK_SKEW: 401,
+    Code.REPLAYED_REQUEST: 409,
+    Code.TOO_LARGE: 413,
+    Code.MALFORMED: 400,
+    Code.NON_CANONICAL: 400,
+    Code.WRONG_DESTINATION: 421,
+    Code.UNAUTHORIZED: 401,
+    Code.BAD_HASH: 400,
+    Code.CHAIN_BROKEN: 409,
+    Code.WRONG_ROOM: 400,
+    Code.HANDSHAKE_FAILED: 502,
+    Code.NO_PROGRESS: 502,
+    Code.RATE_LIMITED: 429,
+    Code.NOT_FOUND: 404,
+    Code.METHOD_NOT_ALLOWED: 405,
+    Code.FORBIDDEN: 403,
+    Code.CONFLICT: 409,
+    Code.BAD_REQUEST: 400,
+    Code.TIMEOUT: 408,
+    Code.INTERNAL_ERROR: 500,
+    Code.NOT_MEMBER: 403,
+    Code.FORGED_SENDER: 403,
+    Code.ADDRESS_BLOCKED: 502,
+}
 
 
 @dataclass(frozen=True, slots=True)

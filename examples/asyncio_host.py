@@ -40,6 +40,7 @@ from scaiwave_federation.core import (
     BackfillDone, BackfillPuller, Code, Event, Failed, Federation, FetchDescriptor, Initiator, InviteDecision,
     KeyRing, NeedKeys, Party, PeerAgreed, Policy, Refused, SendRequest, StoreEvents, make_event,
 )
+from scaiwave_federation.core.codes import HTTP_STATUS  # the core's one code -> status table
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
 from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.names import split_server_name
@@ -47,11 +48,6 @@ from scaiwave_federation.core.wire import b64e, decode, encode
 
 MAX_BODY = 8 * 1024 * 1024
 IO_TIMEOUT = 30.0
-#: Refusal codes -> HTTP statuses for our one inbound endpoint (the daemon has the full table).
-STATUS = {Code.NOT_FOUND: 404, Code.UNAUTHORIZED: 401, Code.BAD_SIGNATURE: 401, Code.UNKNOWN_KEY: 401,
-          Code.EXPIRED_KEY: 401, Code.CLOCK_SKEW: 401, Code.WRONG_DESTINATION: 421, Code.REPLAYED_REQUEST: 409,
-          Code.PEER_NOT_ALLOWED: 403, Code.PEER_BLOCKED: 403, Code.FEDERATION_CLOSED: 403, Code.NOT_PEERED: 403,
-          Code.FORBIDDEN: 403, Code.TOO_LARGE: 413}
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            409: "Conflict", 413: "Content Too Large", 421: "Misdirected Request"}
 
@@ -254,7 +250,7 @@ class AsyncioHost:
             return 200, "application/json", json.dumps(node.descriptor(f"https://{node.server_name}/_scaiwave/federation/v1")).encode()
         decision = await self._invite(method, target, authorization, body)
         if isinstance(decision, Refused):
-            return STATUS.get(decision.code, 400), "application/cbor", refusal_body(decision)
+            return HTTP_STATUS[decision.code], "application/cbor", refusal_body(decision)
         self.invites.append(decision)
         self.invited.set()
         return 200, "application/cbor", encode({"ok": True})

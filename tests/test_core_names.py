@@ -182,6 +182,14 @@ def test_contract_codes_exist_with_their_strings():
     assert CONTRACT_CODES <= {c.value for c in Code}
 
 
+def test_every_code_has_one_http_status_in_the_core():
+    from scaiwave_federation.core.codes import HTTP_STATUS
+    from scaiwave_federation.shell.errors import STATUS
+
+    assert set(HTTP_STATUS) == set(Code) and all(400 <= s <= 599 for s in HTTP_STATUS.values())
+    assert STATUS is HTTP_STATUS  # the daemon uses the core's table, not its own
+
+
 def test_every_code_has_a_description():
     assert set(DESCRIPTIONS) == set(Code)
     assert all(DESCRIPTIONS[c].strip() for c in Code)
