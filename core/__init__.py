@@ -25,6 +25,8 @@ Modules, by what they own:
 - :mod:`.limits` -- per-origin rate and concurrency, caps on descriptor fetches peers cause
 - :mod:`.proposals` -- each proposal chained at most once per room
 - :mod:`.effects` -- what the core asks its host to do
+- :mod:`.drive` -- one answer for every effect, the reference driver, conformance checks
+- :mod:`.inbound` -- a verified transaction decided whole from a snapshot
 - :mod:`.node` -- :class:`Federation`, the per-server facade
 """
 
@@ -32,7 +34,8 @@ from .authz import Party, RoomFacts
 from .backfill import MAX_PULL, PAGE_CAP, BackfillDone, BackfillPuller, build_page, decode_page
 from .codes import DESCRIPTIONS, Code, LocalProtocolError, Refused
 from .descriptor import PROTOCOL_VERSIONS, build_descriptor, parse_descriptor
-from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest, StoreEvents
+from .drive import HostError, answer, check_driver, check_timer_host, drive
+from .effects import Failed, FetchDescriptor, KeyRotated, PeerAgreed, SendRequest, StoreEvents
 from .events import Event, NeedKeys, decode_event, make_event, verify_events
 from .handshake import Initiator, answer_hello
 from .keycache import KeyCache
@@ -46,7 +49,8 @@ __all__ = [
     "MAX_PULL", "PAGE_CAP", "BackfillDone", "BackfillPuller", "build_page", "decode_page",
     "DESCRIPTIONS", "Code", "LocalProtocolError", "Refused",
     "PROTOCOL_VERSIONS", "build_descriptor", "parse_descriptor",
-    "Failed", "FetchDescriptor", "PeerAgreed", "SendRequest", "StoreEvents",
+    "Failed", "FetchDescriptor", "KeyRotated", "PeerAgreed", "SendRequest", "StoreEvents",
+    "HostError", "answer", "check_driver", "check_timer_host", "drive",
     "Event", "NeedKeys", "decode_event", "make_event", "verify_events",
     "Initiator", "answer_hello", "KeyCache",
     "GRACE_MS", "ROTATION_PERIOD_MS", "KeyRing", "ServerKeys", "SigningKey", "verify_batch",

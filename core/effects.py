@@ -8,11 +8,12 @@ The core never performs I/O itself, so any runtime can host it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .codes import Refused
 from .events import Event, NeedKeys
 
-__all__ = ["FetchDescriptor", "SendRequest", "StoreEvents", "PeerAgreed", "Failed", "NeedKeys", "Effect"]
+__all__ = ["FetchDescriptor", "SendRequest", "StoreEvents", "PeerAgreed", "Failed", "NeedKeys", "KeyRotated", "Effect"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,4 +62,13 @@ class Failed:
     refusal: Refused
 
 
-Effect = FetchDescriptor | SendRequest | StoreEvents | PeerAgreed | Failed | NeedKeys
+@dataclass(frozen=True, slots=True)
+class KeyRotated:
+    """A timer rotated our federation key: persist ``keyring`` (its new current
+    key's seed is the one the host handed :meth:`~.node.Federation.handle_timeout`)
+    and publish the new descriptor."""
+
+    keyring: Any
+
+
+Effect = FetchDescriptor | SendRequest | StoreEvents | PeerAgreed | Failed | NeedKeys | KeyRotated

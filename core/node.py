@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from .codes import Code, Refused
 from .descriptor import PROTOCOL_VERSIONS, build_descriptor
-from .effects import PeerAgreed
+from .effects import KeyRotated, PeerAgreed
 from .events import Event, NeedKeys, verify_events
 from .handshake import answer_hello
 from .inbound import TxnDecision, TxnSnapshot, decide_transaction
@@ -126,6 +126,21 @@ class Federation:
         if nonce is not None:
             out["expire_nonces"] = nonce
         return out
+
+    def poll_timeout(self) -> int | None:
+        """When (ms) to call :meth:`handle_timeout` next; ``None``: no timer is set
+        (quinn-proto's ``poll_timeout``: one deadline, whatever it is for)."""
+        return min(self.timers().values(), default=None)
+
+    def handle_timeout(self, now: int, *, seed: bytes) -> list[KeyRotated]:
+        """Run every timer due at ``now``: forget expired replay-window entries,
+        and rotate our key when its year is up, with ``seed`` (32 fresh random
+        bytes from the host: the core draws no randomness; unused otherwise).
+        Returns :class:`~.effects.KeyRotated` with the new key ring to persist."""
+        if "rotate_key" in self.handle_timer(now):
+            self.keyring = self.keyring.rotate(seed, now)
+            return [KeyRotated(self.keyring)]
+        return []
 
     def handle_timer(self, now: int) -> list[str]:
         """Run what is due at ``now``. Returns the due actions the host must carry
