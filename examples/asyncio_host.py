@@ -9,13 +9,16 @@ Against a running ``scaiwave serve`` daemon it
 2. peers with the daemon: an :class:`Initiator` handshake, whose requests are
    HTTP/1.1 written by hand over ``asyncio.open_connection(ssl=...)``;
 3. waits for the daemon to invite ``@carol`` (our one user) into the room:
-   the daemon serves a room's history only to servers with a *joined* member
-   in it, so the host also answers ``PUT invite/{room_id}`` (route,
-   authenticate, admit, ``on_invite``; every decision the core's) and
-   nothing else;
+   the host answers ``PUT invite/{room_id}`` (route, authenticate, admit,
+   ``on_invite``) and ``PUT send/{txn_id}`` (``on_events`` then
+   ``on_transaction`` over a snapshot of its in-memory store): every
+   decision is the core's;
 4. accepts: sends the host carol's signed ``join`` proposal (``PUT send``);
-5. pulls the room's history with a :class:`BackfillPuller`: every event's
-   hash, signature and chain link checked by the core before it is kept.
+5. pulls the room's history with a :class:`BackfillPuller` (the daemon serves
+   it only to servers with a *joined* member): every event's hash, signature
+   and chain link checked by the core before it is kept;
+6. posts a message the same way (a proposal the host chains), and waits for
+   a reply from the daemon's users, pushed to it in a transaction.
 
 Run it (the daemon must allow this server in its policy and resolve its name)::
 
@@ -35,14 +38,17 @@ import os
 import ssl
 import sys
 import time
+from typing import Any
 
 from scaiwave_federation.core import (
     BackfillDone, BackfillPuller, Code, Event, Failed, Federation, FetchDescriptor, Initiator, InviteDecision,
     KeyRing, NeedKeys, Party, PeerAgreed, Policy, Refused, SendRequest, StoreEvents, make_event,
 )
-from scaiwave_federation.core.codes import HTTP_STATUS  # the core's one code -> status table
+from scaiwave_federation.core.codes import HTTP_STATUS
+from scaiwave_federation.core.drive import answer  # the core's one code -> status table
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
-from scaiwave_federation.core.rooms import encode_events_body
+from scaiwave_federation.core.inbound import RoomState, TxnSnapshot, held_needed, rooms_needed
+from scaiwave_federation.core.rooms import Head, encode_events_body
 from scaiwave_federation.core.names import split_server_name
 from scaiwave_federation.core.wire import b64e, decode, encode
 
@@ -99,6 +105,9 @@ class AsyncioHost:
         self.peered: dict[str, PeerAgreed] = {}
         self.invites: list[InviteDecision] = []
         self.invited = asyncio.Event()
+        self.rooms: dict[str, list[Event]] = {}  # our store: each joined room's chain, oldest first
+        self.txns: dict[tuple[str, str], bytes] = {}  # (origin, txn_id) -> the reply we gave
+        self.pushed = asyncio.Event()
 
     # -- outbound HTTP/1.1 over TLS ------------------------------------------------------
 
@@ -146,37 +155,58 @@ class AsyncioHost:
 
     # -- the two machines ------------------------------------------------------------------
 
+    async def perform(self, effect: Any) -> Any:
+        """Carry out one effect; the answer for those that need one (core.drive.answer)."""
+        if isinstance(effect, FetchDescriptor):
+            return await self.fetch_descriptor(effect.server)
+        if isinstance(effect, SendRequest):
+            return await self.send(effect)
+        if isinstance(effect, NeedKeys):
+            data = await self.fetch_descriptor(effect.server)
+            self.node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
+            if isinstance(data, bytes):
+                self.node.learn_descriptor(effect.server, data, now_ms())
+        return None
+
+    async def drive(self, machine: Any, effects: list[Any]) -> list[Any]:
+        """The core's reference driver (core.drive.drive) with ``await`` around the I/O:
+        every effect carried out, every answer through the one ``answer`` function."""
+        finished = []
+        while effects:
+            effect = effects.pop(0)
+            result = await self.perform(effect)
+            if isinstance(effect, (FetchDescriptor, SendRequest, NeedKeys)):
+                effects += answer(machine, effect, result, now_ms())
+            else:
+                finished.append(effect)
+        return finished
+
     async def handshake(self, peer: str) -> PeerAgreed | Refused:
         """Peer with ``peer``: drive an :class:`Initiator` until it agrees or fails."""
         node = self.node
         machine = Initiator(server_name=node.server_name, peer=peer, keyring=node.keyring, policy=node.policy,
                             keys=node.keys, versions=node.versions)
-        effects = machine.start(os.urandom(16))
-        while effects:
-            effect = effects.pop(0)
-            if isinstance(effect, FetchDescriptor):
-                data = await self.fetch_descriptor(effect.server)
-                effects += (machine.descriptor_failed(data) if isinstance(data, Refused)
-                            else machine.descriptor_received(data, now_ms()))
-            elif isinstance(effect, SendRequest):
-                reply = await self.send(effect)
-                effects += machine.reply_failed(reply) if isinstance(reply, Refused) else machine.reply_received(*reply)
-            elif isinstance(effect, PeerAgreed):
+        for effect in await self.drive(machine, machine.start(os.urandom(16))):
+            if isinstance(effect, PeerAgreed):
                 self.peered[peer] = effect
                 return effect
-            elif isinstance(effect, Failed):
+            if isinstance(effect, Failed):
                 return effect.refusal
         return Refused(Code.HANDSHAKE_FAILED, "the handshake ended without an answer")
 
     async def join(self, invite: InviteDecision, peer: str) -> Refused | None:
-        """Accept ``invite``: send the host our user's ``join`` proposal (depth 0,
-        signed by us); the host chains it and answers with the chained event."""
+        """Accept ``invite``: send the host our user's ``join`` proposal."""
+        return await self.propose(invite, peer, "m.member", {"membership": "join", "user": invite.invitee})
+
+    async def propose(self, invite: InviteDecision, peer: str, type: str, content: dict) -> Refused | None:
+        """Send the room's host a proposal of our invited user's (depth 0, signed
+        by us); the host chains it and answers with the chained event."""
         node = self.node
         proposal = make_event(node.keyring.current, room_id=invite.room_id, room_type=invite.room_type, depth=0,
-                              prev=None, origin=node.server_name, sender=invite.invitee, type="m.member",
-                              ts=now_ms(), content={"membership": "join", "user": invite.invitee})
+                              prev=None, origin=node.server_name, sender=invite.invitee, type=type,
+                              ts=now_ms(), content=content)
         body = encode_events_body([proposal.envelope])
-        target = f"/_scaiwave/federation/v1/send/join-{os.urandom(6).hex()}"
+        target = f"/_scaiwave/federation/v1/send/proposal-{os.urandom(6).hex()}"
         auth = node.sign(destination=peer, method="PUT", target=target, body=body, now=now_ms())
         if isinstance(auth, Refused):
             return auth
@@ -188,30 +218,20 @@ class AsyncioHost:
         results = decode(reply[1], max_size=1 << 20)
         first = results.get("results", [{}])[0] if isinstance(results, dict) else {}
         if not (isinstance(first, dict) and first.get("ok") is True):
-            return Refused(Code.FORBIDDEN, f"{peer} refused the join: {first!r}"[:200])
+            return Refused(Code.FORBIDDEN, f"{peer} refused the proposal: {first!r}"[:200])
         return None
 
     async def backfill(self, room_id: str, peer: str, limit: int = 1000) -> tuple[list[Event], BackfillDone]:
         """Pull ``room_id``'s history from ``peer``; returns the verified events (newest first) and the end."""
         node = self.node
         puller = BackfillPuller(server_name=node.server_name, room_id=room_id, peer=peer, key=node.keyring.current,
-                                lookup=node.lookup,
-                                keys=node.keys, limit=limit)
+                                lookup=node.lookup, keys=node.keys, limit=limit)
         stored: list[Event] = []
-        effects = puller.start(now_ms())
-        while effects:
-            effect = effects.pop(0)
-            if isinstance(effect, SendRequest):
-                page = await self.send(effect)
-                effects += puller.fail(page) if isinstance(page, Refused) else puller.page_received(*page, now_ms())
-            elif isinstance(effect, StoreEvents):
+        for effect in await self.drive(puller, puller.start(now_ms())):
+            if isinstance(effect, StoreEvents):
                 stored.extend(effect.events)  # a real host writes them (and effect.cursor) durably here
-            elif isinstance(effect, NeedKeys):
-                data = await self.fetch_descriptor(effect.server)
-                node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
-                if isinstance(data, bytes):
-                    node.learn_descriptor(effect.server, data, now_ms())
-                effects += puller.keys_updated(now_ms())
+                self.rooms.setdefault(room_id, []).extend(effect.events)
+                self.rooms[room_id].sort(key=lambda e: e.depth)
             elif isinstance(effect, BackfillDone):
                 return stored, effect
         raise AssertionError("a pull always ends with BackfillDone")
@@ -248,20 +268,23 @@ class AsyncioHost:
         node = self.node
         if method == "GET" and target == "/.well-known/scaiwave":
             return 200, "application/json", json.dumps(node.descriptor(f"https://{node.server_name}/_scaiwave/federation/v1")).encode()
-        decision = await self._invite(method, target, authorization, body)
+        decision = await self._inbound(method, target, authorization, body)
         if isinstance(decision, Refused):
             return HTTP_STATUS[decision.code], "application/cbor", refusal_body(decision)
+        if isinstance(decision, bytes):  # a transaction's reply
+            return 200, "application/cbor", decision
         self.invites.append(decision)
         self.invited.set()
         return 200, "application/cbor", encode({"ok": True})
 
-    async def _invite(self, method: str, target: str, authorization: str | None, body: bytes) -> InviteDecision | Refused:
+    async def _inbound(self, method: str, target: str, authorization: str | None,
+                       body: bytes) -> InviteDecision | bytes | Refused:
         node = self.node
         route = node.route(method, target.split("?", 1)[0])
         if isinstance(route, Refused):
             return route
-        if route.endpoint != "invite":
-            return Refused(Code.NOT_FOUND, f"this host answers invites only, not {route.endpoint}")
+        if route.endpoint not in ("invite", "send"):
+            return Refused(Code.NOT_FOUND, f"this host answers invites and transactions only, not {route.endpoint}")
         args = dict(method=method, target=target, authorization=authorization, body=body)
         auth = node.authenticate(**args, now=now_ms())
         if isinstance(auth, NeedKeys):
@@ -278,15 +301,39 @@ class AsyncioHost:
         refusal = node.admit(auth, peered=auth.origin in self.peered)
         if refusal is not None:
             return refusal
+        if route.endpoint == "send":
+            return self._transaction(auth, route.param or "", body)
         decision = node.on_invite(auth, route.param or "", body,
                                   local_user=lambda u: Party(u) if u in self.local_users else None)
-        return Refused(Code.UNKNOWN_KEY, str(decision)) if isinstance(decision, NeedKeys) else decision
+        return node.unverifiable(decision) if isinstance(decision, NeedKeys) else decision
+
+    def _transaction(self, auth: Any, txn_id: str, body: bytes) -> bytes | Refused:
+        """The two core calls (verify, then decide on a snapshot of our store), then store."""
+        if (auth.origin, txn_id) in self.txns:
+            return self.txns[(auth.origin, txn_id)]
+        results = self.node.on_events(auth, body)
+        if isinstance(results, Refused):
+            return results
+        rooms = {}
+        for room_id in rooms_needed(results):
+            chain = self.rooms.get(room_id)
+            rooms[room_id] = RoomState(known=chain is not None, host=room_id.split(":", 1)[1],
+                                       head=Head(chain[-1].depth, chain[-1].event_id) if chain else None)
+        held = {text: next((e.event_id for e in self.rooms[r] if e.depth == depth), None)
+                for r, depth, text in held_needed(results, rooms)}
+        decision = self.node.on_transaction(auth, results, TxnSnapshot(rooms, held), now_ms())
+        for event in decision.store:
+            self.rooms[event.room_id].append(event)
+        self.txns[(auth.origin, txn_id)] = decision.reply
+        self.pushed.set()
+        return decision.reply
 
 
 async def run(server_name: str, port: int, cert: str, key: str, ca: str, peer: str, resolve_address: str,
               room_id: str, *, local_user: str = "carol", limit: int = 1000, seed: bytes | None = None,
-              invite_timeout: float = 60.0) -> list[Event]:
-    """The whole flow on the running loop (see the module doc). Raises ``RuntimeError`` on a refusal."""
+              invite_timeout: float = 60.0) -> tuple[list[Event], list[str]]:
+    """The whole flow on the running loop (see the module doc): the pulled events
+    (newest first) and the replies pushed to us. Raises ``RuntimeError`` on a refusal."""
     host = AsyncioHost(server_name, peer=peer, resolve_address=resolve_address, ca_path=ca,
                        local_users={f"@{local_user}:{server_name}"}, seed=seed)
     server = await host.serve(port, cert, key)
@@ -302,18 +349,30 @@ async def run(server_name: str, port: int, cert: str, key: str, ca: str, peer: s
         refused = await host.join(invite, peer)
         if refused is not None:
             raise RuntimeError(f"joining {room_id} refused: {refused}")
+        host.rooms.setdefault(room_id, [])
         events, done = await host.backfill(room_id, peer, limit)
         if done.refusal is not None:
             raise RuntimeError(f"backfill stopped after {done.stored} events: {done.refusal}")
-        return events
+        # Messages both ways: ours goes to the host as a proposal; a reply from
+        # the daemon's users comes back pushed in a transaction.
+        refused = await host.propose(invite, peer, "m.message", {"body": "backfilled"})
+        if refused is not None:
+            raise RuntimeError(f"posting refused: {refused}")
+        while not (received := [e.content.get("body") for e in host.rooms[room_id]
+                                if e.type == "m.message" and e.sender != invite.invitee
+                                and str(e.content.get("body", "")).startswith("reply")]):
+            host.pushed.clear()
+            await asyncio.wait_for(host.pushed.wait(), invite_timeout)
+        return events, received
     finally:
         server.close()
         await server.wait_closed()
 
 
 def main(server_name: str, port: int, cert: str, key: str, ca: str, peer: str, resolve_address: str,
-         room_id: str, **options) -> list[Event]:
-    """Run the flow in a fresh event loop; returns the stored events (verified, newest first)."""
+         room_id: str, **options) -> tuple[list[Event], list[str]]:
+    """Run the flow in a fresh event loop; returns the pulled events (verified,
+    newest first) and the replies the daemon pushed to us."""
     return asyncio.run(run(server_name, port, cert, key, ca, peer, resolve_address, room_id, **options))
 
 
@@ -324,6 +383,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--user", default="carol", help="our local user the daemon invites")
     a = parser.parse_args()
-    stored = main(a.server_name, a.port, a.cert, a.key, a.ca, a.peer, a.resolve, a.room, local_user=a.user)
-    print(json.dumps([{"event_id": e.id_text, "depth": e.depth, "type": e.type, "envelope": b64e(e.envelope)}
-                      for e in stored], indent=2))
+    stored, replies = main(a.server_name, a.port, a.cert, a.key, a.ca, a.peer, a.resolve, a.room,
+                           local_user=a.user)
+    print(json.dumps({"events": [{"event_id": e.id_text, "depth": e.depth, "type": e.type,
+                                  "envelope": b64e(e.envelope)} for e in stored], "replies": replies}, indent=2))

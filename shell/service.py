@@ -41,6 +41,7 @@ from scaiwave_federation.core import (
     StoreEvents,
 )
 from scaiwave_federation.core.authz import push_targets
+from scaiwave_federation.core.drive import answer
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
 from scaiwave_federation.core.rooms import encode_events_body
@@ -347,18 +348,11 @@ class Service:
                     now = self.now()
                     self.node.keys.fetch_attempted(effect.server, now)
                     data = await self.fetch_descriptor(effect.server)
-                    if isinstance(data, Refused):
-                        effects += machine.descriptor_failed(data)
-                    else:
-                        effects += machine.descriptor_received(data, now)
-                        if machine.state != "failed":
-                            await self.store.save_descriptor(peer, data.decode(), now)
+                    effects += answer(machine, effect, data, now)
+                    if isinstance(data, bytes) and machine.state != "failed":
+                        await self.store.save_descriptor(peer, data.decode(), now)
                 elif isinstance(effect, SendRequest):
-                    result = await self.send(effect)
-                    if isinstance(result, Refused):
-                        effects += machine.reply_failed(result)
-                    else:
-                        effects += machine.reply_received(*result)
+                    effects += answer(machine, effect, await self.send(effect), self.now())
                 elif isinstance(effect, PeerAgreed):
                     await self.store.upsert_peer(peer, state="active", protocol_version=effect.protocol_version,
                                                  key_id=effect.key_id)

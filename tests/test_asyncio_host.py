@@ -3,7 +3,8 @@
 The daemon (peer.test, started with the testbed) hosts a group room with a few
 messages and allows asyncio.test in its policy. The example runs in its own
 Python process (so nothing Trio-shaped can help it): it serves its descriptor,
-handshakes, receives the daemon's invite, joins and pulls the room's history. The
+handshakes, receives the daemon's invite, joins, pulls the room's history,
+posts a message and receives the daemon user's reply. The
 test then checks every pulled event against the daemon's published key and
 the hash chain, and that the process never imported trio, httpx or h11.
 """
@@ -29,9 +30,9 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("asyncio_host", sys.argv[1])
 host = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(host)
-events = host.main(sys.argv[2], int(sys.argv[3]), *sys.argv[4:10], seed=bytes([9]) * 32)
+events, replies = host.main(sys.argv[2], int(sys.argv[3]), *sys.argv[4:10], seed=bytes([9]) * 32)
 from scaiwave_federation.core.wire import b64e
-print(json.dumps({"envelopes": [b64e(e.envelope) for e in events],
+print(json.dumps({"envelopes": [b64e(e.envelope) for e in events], "replies": replies,
                   "imported": sorted(m for m in ("trio", "httpx", "h11", "anyio") if m in sys.modules)}))
 """
 
@@ -71,6 +72,16 @@ def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
         status, invited = d.request("POST", f"/v1/rooms/{room_id}/invite", {"user": f"@carol:{name}"},
                                     token=bob["access_token"])
         assert status == 200, invited
+
+        def bodies() -> list:
+            messages = d.request("GET", f"/v1/rooms/{room_id}/messages", token=bob["access_token"])[1]["messages"]
+            return [m["body"] for m in messages]
+
+        # carol joined, backfilled and posted (a proposal the daemon chained); bob answers her.
+        wait_until(lambda: "backfilled" in bodies() or proc.poll() is not None, timeout=60)
+        assert bodies()[-1] == "backfilled" and bodies()[:5] == [f"m{i}" for i in range(5)]
+        assert d.request("POST", f"/v1/rooms/{room_id}/messages", {"body": "reply to carol"},
+                         token=bob["access_token"])[0] == 200
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
         descriptor = json.dumps(d.get("/.well-known/scaiwave")).encode()
@@ -81,6 +92,7 @@ def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
         tb.stop()
     result = json.loads(out)
     assert result["imported"] == []
+    assert result["replies"] == ["reply to carol"]  # pushed to it by the daemon, linked to its chain
     events = [decode_event(b64d(e)) for e in result["envelopes"]]
     assert all(isinstance(e, Event) for e in events)
     # Verify again here, independently, under the key the daemon publishes.
