@@ -55,6 +55,7 @@ __all__ = [
     "decide_transaction",
     "snapshot_context",
     "snapshot_from_context",
+    "snapshot_of_chains",
 ]
 
 Result = Event | Refused | NeedKeys
@@ -239,6 +240,20 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
     reply = encode({"results": replies, "events": [e.envelope for e in created]})
     return TxnDecision(reply, tuple(outcomes), tuple(store), tuple(created), tuple(memberships),
                        tuple(catch_ups.values()), tuple(refused), len(store), echoed)
+
+
+def snapshot_of_chains(results: Sequence[Result], chains: Mapping[str, Sequence[Event]]) -> TxnSnapshot:
+    """The snapshot for a host whose store is each joined room's chain in memory
+    (oldest first; a room it knows with no events yet maps to an empty list),
+    hosting no room itself: the embedding examples' store."""
+    rooms = {}
+    for room_id in rooms_needed(results):
+        chain = chains.get(room_id)
+        rooms[room_id] = RoomState(known=chain is not None, host=room_id.split(":", 1)[1],
+                                   head=Head(chain[-1].depth, chain[-1].event_id) if chain else None)
+    held = {text: next((e.event_id for e in chains[room_id] if e.depth == depth), None)
+            for room_id, depth, text in held_needed(results, rooms)}
+    return TxnSnapshot(rooms, held)
 
 
 # -- the snapshot as the recorder writes it (docs/replay.md, "context") ---------------------------

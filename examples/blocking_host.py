@@ -38,9 +38,9 @@ from scaiwave_federation.core import (
 )
 from scaiwave_federation.core.codes import HTTP_STATUS
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
-from scaiwave_federation.core.inbound import RoomState, TxnSnapshot, held_needed, rooms_needed
+from scaiwave_federation.core.inbound import snapshot_of_chains
 from scaiwave_federation.core.names import split_server_name
-from scaiwave_federation.core.rooms import Head, encode_events_body
+from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.wire import decode, encode
 
 MAX_BODY = 8 * 1024 * 1024
@@ -207,14 +207,7 @@ class BlockingHost:
         results = self.node.on_events(auth, body)
         if isinstance(results, Refused):
             return _refusal(results)
-        rooms = {}
-        for room_id in rooms_needed(results):
-            chain = self.rooms.get(room_id)
-            rooms[room_id] = RoomState(known=chain is not None, host=room_id.split(":", 1)[1],
-                                       head=Head(chain[-1].depth, chain[-1].event_id) if chain else None)
-        held = {text: next((e.event_id for e in self.rooms[r] if e.depth == depth), None)
-                for r, depth, text in held_needed(results, rooms)}
-        decision = self.node.on_transaction(auth, results, TxnSnapshot(rooms, held), now_ms())
+        decision = self.node.on_transaction(auth, results, snapshot_of_chains(results, self.rooms), now_ms())
         for event in decision.store:
             self.rooms[event.room_id].append(event)
         self.txns[(auth.origin, txn_id)] = decision.reply

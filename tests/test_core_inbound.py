@@ -152,3 +152,17 @@ def test_the_recorded_snapshot_reads_back_the_same(snapshot):
     rooms = {r: RoomState(s.known, s.host, s.head, s.room_type, s.tenant_federates if s.room_type else True,
                           s.members if s.room_type else {}) for r, s in snapshot.rooms.items()}
     assert back == TxnSnapshot(rooms, snapshot.held, snapshot.chained)
+
+
+def test_a_snapshot_of_chains_held_in_memory():
+    a, b = _nodes()
+    chain = build_chain(b.keyring.current, THEIRS, 4)
+    results = a.on_events(_auth(), events_body([chain[1], chain[3]]))
+    from scaiwave_federation.core.inbound import snapshot_of_chains
+
+    snapshot = snapshot_of_chains(results, {THEIRS: chain[:3]})
+    assert snapshot.rooms[THEIRS] == RoomState(known=True, host=B, head=head_of(chain[:3]))
+    assert snapshot.held == {chain[1].id_text: chain[1].event_id}
+    decision = a.on_transaction(_auth(), results, snapshot, NOW)
+    assert decision.outcomes == ("ok", "ok") and decision.store == (chain[3],) and decision.echoed == 1
+    assert snapshot_of_chains(results, {}).rooms[THEIRS] == RoomState(known=False, host=B)
