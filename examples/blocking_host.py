@@ -289,3 +289,16 @@ def main(server_name: str, port: int, cert: str, key: str, ca: str, peer: str, r
         return {"room_id": room_id, "chain": chain, "received": received}
     finally:
         server.shutdown()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for name in ("server-name", "cert", "key", "ca", "peer", "resolve"):
+        parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default="dave", help="our one local user, whom the daemon invites")
+    a = parser.parse_args()
+    result = main(a.server_name, a.port, a.cert, a.key, a.ca, a.peer, a.resolve, local_user=a.user)
+    print(json.dumps({"room_id": result["room_id"], "events": len(result["chain"]), "received": result["received"]}))
