@@ -30,6 +30,7 @@ from scaiwave_federation.core import (
     Head,
     Initiator,
     KeyRing,
+    KeyRotated,
     NeedKeys,
     Party,
     PeerAgreed,
@@ -610,16 +611,18 @@ class Service:
     async def timer_loop(self) -> None:
         """The core's timers: yearly key rotation and the replay window's expiry."""
         while True:
-            timers = self.node.timers()
-            wake = min(timers.values(), default=None)
+            wake = self.node.poll_timeout()
             delay = 60.0 if wake is None else max(0.0, min(60.0, (wake - self.now()) / 1000))
             with trio.move_on_after(delay):
                 await self._timer_changed.wait()
             self._timer_changed = trio.Event()
             now = self.now()
-            for action in self.node.handle_timer(now):
-                if action == "rotate_key":
-                    await self.rotate_key()
+            # The core fires what is due; a rotation hands back the new key ring
+            # (made from the seed we draw: the core draws no randomness).
+            for effect in self.node.handle_timeout(now, seed=os.urandom(32)):
+                if isinstance(effect, KeyRotated):
+                    await self._save_keyring(effect.keyring)
+                    log.info("federation key rotated on schedule: now %s", effect.keyring.current.key_id)
             await self.store.expire_nonces(now)
 
 
