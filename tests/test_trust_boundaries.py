@@ -308,3 +308,25 @@ async def test_outbound_federation_never_connects_to_loopback_unless_pinned(
             # Pinned names (SCAIWAVE_RESOLVE) still reach loopback: peer.test is one.
             assert (await a.admin("GET", f"/v1/admin/federation/descriptor?server={b.server_name}"))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_an_allowed_range_is_reached_and_said_at_start(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """SCAIWAVE_OUTBOUND_ALLOW opens a non-public range on purpose (a lab, a private
+    network): the fetch then reaches loopback, and the setting is never silent."""
+    counter = Counter()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(counter.serve)
+        async with two_daemons(tmp_path, ca, SCAIWAVE_OUTBOUND_ALLOW="127.0.0.0/8") as (a, b):
+            await peer_up(a, b)
+            status, body = await a.admin("GET", f"/v1/admin/federation/descriptor?server=localhost:{counter.port}")
+            # The counter accepts and hangs up: not a descriptor, but it was reached.
+            assert status == 502 and body["error"]["code"] != "address_blocked", body
+            assert counter.accepted >= 1
+        nursery.cancel_scope.cancel()
+    from scaiwave_federation.shell.config import load_config
+    from shellhelpers import make_env
+
+    authority, ca_path = ca
+    config = load_config(make_env(tmp_path / "c", ca_path, authority, "third.test", 8450,
+                                  SCAIWAVE_OUTBOUND_ALLOW="10.0.0.0/8, fd00::/8"))
+    assert any("SCAIWAVE_OUTBOUND_ALLOW" in line and "10.0.0.0/8" in line for line in config.warnings())
