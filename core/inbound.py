@@ -42,13 +42,17 @@ from .events import Event, NeedKeys
 from .keys import SigningKey
 from .proposals import chained_once, may_chain, proposal_id
 from .rooms import Head, LinkResult, chain_event, check_proposal, link
-from .wire import encode
+from .rooms import MAX_TXN_BYTES, MAX_TXN_EVENTS
+from .handshake import decode_refusal
+from .wire import decode, encode
 
 __all__ = [
     "RoomState",
     "TxnSnapshot",
     "TxnDecision",
     "CatchUp",
+    "encode_txn_reply",
+    "decode_txn_reply",
     "rooms_needed",
     "held_needed",
     "proposals_needed",
@@ -116,6 +120,35 @@ class TxnDecision:
     echoed: int
 
 
+def encode_txn_reply(results: Sequence[Mapping[str, Any]], events: Sequence[bytes]) -> bytes:
+    """A transaction's reply: ``{"results": [{"event_id", "ok"} | {"event_id"?, "error"}],
+    "events": [the chained events made from its proposals]}`` (canonical CBOR)."""
+    return encode({"results": list(results), "events": list(events)})
+
+
+def decode_txn_reply(body: bytes) -> tuple[list[Refused | None], list[bytes]] | Refused:
+    """A transaction's reply from a peer: one ``None`` (accepted) or ``Refused``
+    per event sent, and the envelopes of the events it chained for us."""
+    value = decode(body, max_size=MAX_TXN_BYTES * 2, max_depth=5)
+    if isinstance(value, Refused):
+        return value
+    results = value.get("results") if isinstance(value, dict) else None
+    events = value.get("events", []) if isinstance(value, dict) else None
+    if (type(results) is not list or type(events) is not list or not all(type(e) is bytes for e in events)
+            or len(events) > MAX_TXN_EVENTS):
+        return Refused(Code.MALFORMED, "a transaction reply is {results: [...], events: [...]}")
+    out: list[Refused | None] = []
+    for item in results:
+        error = item.get("error") if isinstance(item, dict) else None
+        if isinstance(item, dict) and item.get("ok") is True:
+            out.append(None)
+        elif isinstance(error, dict):
+            out.append(decode_refusal(403, encode({"error": error})))
+        else:
+            out.append(Refused(Code.MALFORMED, "a transaction result is {ok: true} or {error: {code, message}}"))
+    return out, events
+
+
 def rooms_needed(results: Sequence[Result]) -> list[str]:
     """The rooms whose :class:`RoomState` the decision reads, in first-seen order."""
     return list(dict.fromkeys(r.room_id for r in results if type(r) is Event))
@@ -146,12 +179,15 @@ def proposals_needed(results: Sequence[Result]) -> list[tuple[str, bytes]]:
 
 
 def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str, results: Sequence[Result],
-                       snapshot: TxnSnapshot, now: int,
-                       unverifiable: Callable[[NeedKeys], Refused]) -> TxnDecision:
+                       snapshot: TxnSnapshot, now: int, unverifiable: Callable[[NeedKeys], Refused],
+                       starts_rooms: bool = False) -> TxnDecision:
     """Decide a verified transaction from ``origin`` (see the module doc).
 
     ``key`` signs the events we chain from proposals (``None``: we have no
-    key, and every proposal is refused ``own_key_missing``).
+    key, and every proposal is refused ``own_key_missing``). ``starts_rooms``:
+    the events are the host's answer to our own proposal (a join, say), so a
+    room of which we hold no event yet starts with the first of them (its
+    history before comes by backfill); pushed events never start a room.
     """
     heads = {room_id: state.head for room_id, state in snapshot.rooms.items()}
     members = {room_id: dict(state.members) for room_id, state in snapshot.rooms.items()}
@@ -186,13 +222,13 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
                 refuse(Refused(Code.NOT_FOUND, f"unknown room {event.room_id[:100]}"), event)
                 continue
             held = snapshot.held.get(event.id_text) if head is not None and event.depth <= head.depth else None
-            verdict = link(event, head, held)
+            verdict = LinkResult.APPEND if starts_rooms and head is None else link(event, head, held)
             pid = proposal_id(event)
             if pid is not None and verdict == LinkResult.APPEND:
                 verdict = chained_once(event, chained_ids.get((event.room_id, pid))) or verdict
             if verdict == LinkResult.APPEND:
-                if pid is not None:
-                    chained_ids.setdefault((event.room_id, pid), event.event_id)
+                if pid is not None and chained_ids.get((event.room_id, pid)) is None:
+                    chained_ids[(event.room_id, pid)] = event.event_id
                 store.append(event)
                 heads[event.room_id] = Head(event.depth, event.event_id)
                 replies.append({"event_id": event.id_text, "ok": True})
@@ -237,7 +273,7 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
             membership = event.content["membership"]
             room_members[event.sender] = membership
             memberships.append((event.room_id, event.sender, membership))
-    reply = encode({"results": replies, "events": [e.envelope for e in created]})
+    reply = encode_txn_reply(replies, [e.envelope for e in created])
     return TxnDecision(reply, tuple(outcomes), tuple(store), tuple(created), tuple(memberships),
                        tuple(catch_ups.values()), tuple(refused), len(store), echoed)
 

@@ -187,6 +187,18 @@ class Federation:
         return decide_transaction(server_name=self.server_name, key=self.keyring.current, origin=auth.origin,
                                   results=results, snapshot=snapshot, now=now, unverifiable=self.unverifiable)
 
+    def on_proposal_reply(self, host: str, results: list[Event | Refused | NeedKeys], snapshot: TxnSnapshot,
+                          now: int) -> TxnDecision:
+        """What to store of the chained events a room's ``host`` answered our own
+        proposal with (``decode_txn_reply``'s envelopes, verified with
+        :func:`~.events.verify_events` under :meth:`lookup`). Decided like a
+        transaction from the host, except that a room we hold nothing of yet
+        starts with them (our join: its history before comes by backfill)."""
+        checked = [Refused(Code.FORBIDDEN, f"{host[:100]} answered with an event of {r.origin[:100]}")
+                   if isinstance(r, Event) and r.origin != host else r for r in results]
+        return decide_transaction(server_name=self.server_name, key=None, origin=host, results=checked,
+                                  snapshot=snapshot, now=now, unverifiable=self.unverifiable, starts_rooms=True)
+
     def _content_refusal(self, server: str) -> Refused | None:
         """Whose signed words we never verify (and so never fetch keys for): a
         blocked server, or anyone when federation is closed. ``invite_only``

@@ -19,14 +19,14 @@ from typing import Any
 
 import trio
 
-from scaiwave_federation.core import Code, Event, Head, Refused, decode_event, make_event
+from scaiwave_federation.core import Code, Event, NeedKeys, Refused, decode_event, make_event
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core import Party, RoomFacts
 from scaiwave_federation.core.authz import may_answer, may_invite, may_leave, may_post, may_read
 from scaiwave_federation.core.names import canonical_room_id, canonical_user_id, server_of
 from scaiwave_federation.core.policy import ROOM_TYPES
-from scaiwave_federation.core.proposals import chained_once, proposal_id
-from scaiwave_federation.core.rooms import chain_event, encode_events_body, link, LinkResult
+from scaiwave_federation.core.inbound import decode_txn_reply
+from scaiwave_federation.core.rooms import chain_event, encode_events_body
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
 
@@ -203,39 +203,27 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
     status, body = _need(result)
     if status != 200:
         raise _Fail(decode_refusal(status, body))
-    reply = decode(body, max_size=4 * 1024 * 1024)
-    if not isinstance(reply, dict) or not isinstance(reply.get("results"), list) or not reply["results"]:
+    decoded = _need(decode_txn_reply(body))
+    outcomes, envelopes = decoded
+    if not outcomes:
         raise _Fail(Refused(Code.MALFORMED, f"{host} answered the transaction without results"))
-    first = reply["results"][0]
-    if isinstance(first, dict) and isinstance(first.get("error"), dict):
-        raise _Fail(decode_refusal(403, encode({"error": first["error"]})))
-    envelopes = reply.get("events") or []
+    _need(outcomes[0])  # the host refused the proposal: its code, passed on
     verified = verify_events(envelopes, service.node.lookup)
-    if not all(isinstance(r, Event) for r in verified):
+    if any(isinstance(r, NeedKeys) for r in verified):
         await service.learn_descriptor(host)
         verified = verify_events(envelopes, service.node.lookup)
+    async with service.room_lock(room["room_id"]):
+        # The host's chained copy is stored if it links (or starts our copy of
+        # the room: our join); else it arrives in order through the host's
+        # outbox. The core decides, as for any transaction from the host.
+        decision = service.node.on_proposal_reply(host, verified, await service.txn_snapshot(verified),
+                                                  service.now())
+        await service.store.store_events(room["room_id"], [e.as_record() for e in decision.store
+                                                           if e.room_id == room["room_id"]])
     events = [r for r in verified if isinstance(r, Event) and r.room_id == room["room_id"] and r.origin == host]
     if not events:
         bad = next((r for r in verified if isinstance(r, Refused)), Refused(Code.MALFORMED, "no chained event"))
         raise _Fail(bad)
-    async with service.room_lock(room["room_id"]):
-        head = await service.head_of(room["room_id"])
-        stored = []
-        for event in events:
-            # The host accepted the proposal; its chained copy is stored here
-            # if it links now. Otherwise (events still on their way to us, or
-            # already here) it arrives in order through the host's outbox.
-            verdict = LinkResult.APPEND if head is None else link(event, head)
-            pid = proposal_id(event)
-            if pid is not None and verdict == LinkResult.APPEND:
-                # A host that chained our proposal twice gets it shown once (core/proposals.py).
-                held = next((e.event_id for e in stored if proposal_id(e) == pid), None)
-                held = held or await service.store.proposal_chained(room["room_id"], pid)
-                verdict = chained_once(event, held) or verdict
-            if verdict == LinkResult.APPEND:
-                stored.append(event)
-                head = Head(event.depth, event.event_id)
-        await service.store.store_events(room["room_id"], [e.as_record() for e in stored])
     return events[-1]
 
 

@@ -14,14 +14,7 @@ from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
 from scaiwave_federation.core.backfill import build_page
-from scaiwave_federation.core.inbound import (
-    RoomState,
-    TxnSnapshot,
-    held_needed,
-    proposals_needed,
-    rooms_needed,
-    snapshot_context,
-)
+from scaiwave_federation.core.inbound import snapshot_context
 from scaiwave_federation.core.rooms import invitee_of
 from scaiwave_federation.core.wire import encode
 
@@ -154,7 +147,7 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
     """Read the state the core's decision needs, ask it, carry out the answer."""
     for need in dict.fromkeys(r for r in results if isinstance(r, NeedKeys)):
         await service.learn_descriptor(need.server)  # for the sender's retry; this answer is decided below
-    snapshot = await _snapshot(service, results)
+    snapshot = await service.txn_snapshot(results)
     context.update(snapshot_context(snapshot))
     decision = service.node.on_transaction(auth, results, snapshot, service.now())
     for refusal in decision.refused:
@@ -180,29 +173,6 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
         # only a head start.
         await service.push_events(room_id, [e for e in decision.chained if e.room_id == room_id])
     return Response.cbor(200, outcome.response)
-
-
-async def _snapshot(service: Service, results: list[Any]) -> TxnSnapshot:
-    """The stored state a transaction's decision reads (core.inbound says which)."""
-    rooms: dict[str, RoomState] = {}
-    for room_id in rooms_needed(results):
-        row = await service.store.get_room(room_id)
-        if row is None:
-            rooms[room_id] = RoomState(known=False)
-            continue
-        hosted = row["host"] == service.config.server_name
-        rooms[room_id] = RoomState(
-            known=True, host=row["host"], head=await service.head_of(room_id),
-            room_type=row["room_type"] if hosted else None,
-            tenant_federates=await service.tenant_federates(row["tenant"]) if hosted else True,
-            members=await service.memberships(room_id) if hosted else {})
-    held = {}
-    for room_id, depth, text in held_needed(results, rooms):
-        row = await service.store.event_at(room_id, depth)
-        held[text] = row["event_id"] if row else None
-    chained = {(room_id, pid): await service.store.proposal_chained(room_id, pid)
-               for room_id, pid in proposals_needed(results)}
-    return TxnSnapshot(rooms, held, chained)
 
 
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,

@@ -43,6 +43,7 @@ from scaiwave_federation.core import (
 )
 from scaiwave_federation.core.authz import push_targets
 from scaiwave_federation.core.drive import answer
+from scaiwave_federation.core.inbound import RoomState, TxnSnapshot, held_needed, proposals_needed, rooms_needed
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
 from scaiwave_federation.core.rooms import encode_events_body
@@ -292,6 +293,28 @@ class Service:
         """The facts of a stored room (see ``core.authz``)."""
         return RoomFacts(room["room_id"], room["room_type"], room["tenant"],
                          await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
+
+    async def txn_snapshot(self, results: list[Any]) -> TxnSnapshot:
+        """The stored state a transaction's decision reads (core.inbound says which)."""
+        rooms: dict[str, RoomState] = {}
+        for room_id in rooms_needed(results):
+            row = await self.store.get_room(room_id)
+            if row is None:
+                rooms[room_id] = RoomState(known=False)
+                continue
+            hosted = row["host"] == self.config.server_name
+            rooms[room_id] = RoomState(
+                known=True, host=row["host"], head=await self.head_of(room_id),
+                room_type=row["room_type"] if hosted else None,
+                tenant_federates=await self.tenant_federates(row["tenant"]) if hosted else True,
+                members=await self.memberships(room_id) if hosted else {})
+        held = {}
+        for room_id, depth, text in held_needed(results, rooms):
+            row = await self.store.event_at(room_id, depth)
+            held[text] = row["event_id"] if row else None
+        chained = {(room_id, pid): await self.store.proposal_chained(room_id, pid)
+                   for room_id, pid in proposals_needed(results)}
+        return TxnSnapshot(rooms, held, chained)
 
     async def peer_seen(self, server: str) -> None:
         await self.store.mark_seen(server, self.now())

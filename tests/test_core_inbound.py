@@ -106,6 +106,30 @@ def test_a_proposal_is_chained_once_and_a_second_chaining_is_refused():
     assert again.outcomes == ("conflict",) and again.store == ()
 
 
+def test_a_host_chaining_one_proposal_twice_in_one_transaction_gets_the_second_refused():
+    """The snapshot says the proposal is chained nowhere yet (None): the first
+    chaining in the transaction must count for the second."""
+    a, b = _nodes()
+    chain = build_chain(b.keyring.current, THEIRS, 2)
+    proposal = make_event(a.keyring.current, room_id=THEIRS, room_type="group", depth=0, prev=None, origin=A,
+                          sender=f"@bob:{A}", type="m.message", ts=NOW, content={"body": "I agree"})
+    from scaiwave_federation.core import chain_event
+
+    first = chain_event(b.keyring.current, head=head_of(chain), room_id=THEIRS, room_type="group",
+                        sender=f"@bob:{A}", type="m.message", ts=NOW, content={"body": "I agree"},
+                        source=proposal.envelope)
+    second = chain_event(b.keyring.current, head=Head(3, first.event_id), room_id=THEIRS, room_type="group",
+                         sender=f"@bob:{A}", type="m.message", ts=NOW, content={"body": "I agree"},
+                         source=proposal.envelope)
+    snapshot = TxnSnapshot({THEIRS: RoomState(known=True, host=B, head=head_of(chain))},
+                           chained={(THEIRS, proposal.event_id): None})
+    _, decision = _decide(a, [first, second], snapshot)
+    assert decision.outcomes == ("ok", "conflict") and decision.store == (first,)
+    results = a.on_events(_auth(), events_body([first, second]))
+    reply = a.on_proposal_reply(B, results, snapshot, NOW)
+    assert reply.outcomes == ("ok", "conflict") and reply.store == (first,)
+
+
 def test_proposals_for_rooms_we_do_not_host_and_without_a_key_are_refused():
     a, b = _nodes()
     post = _proposal(b)
