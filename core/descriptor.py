@@ -68,7 +68,7 @@ def build_descriptor(
     return body
 
 
-def parse_descriptor(data: bytes, expected_server: str) -> tuple[ServerKeys, tuple[str, ...], dict] | Refused:
+def parse_descriptor(data: bytes, expected_server: str) -> tuple[ServerKeys, tuple[str, ...], dict[str, Any]] | Refused:
     """Check a fetched descriptor and return ``(keys, protocol_versions, fields)``.
 
     ``data`` is the raw response body; ``expected_server`` is the name we asked

@@ -195,7 +195,9 @@ def check_driver(host_loop: _Host) -> None:
                         f"{'no request was sent' if not sent else handshake.refusal}")
     if not any(isinstance(e, PeerAgreed) for e in seen):
         raise HostError("the host never carried out PeerAgreed (record the peer)")
-    pull = BackfillPuller(server_name="us.test", room_id=room, peer="them.test", key=us.keyring.current,
+    our_key = us.keyring.current
+    assert our_key is not None
+    pull = BackfillPuller(server_name="us.test", room_id=room, peer="them.test", key=our_key,
                           keys=us.keys, limit=len(chain), page_size=3)
     requests_before = len(sent)
     host_loop(pull, pull.start(now), perform)

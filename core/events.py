@@ -90,7 +90,7 @@ class Event(NamedTuple):
     sender: str
     type: str
     ts: int
-    content: dict
+    content: dict[str, Any]
     source: bytes | None = None
 
     @property
@@ -133,7 +133,7 @@ def make_event(
     sender: str,
     type: str,
     ts: int,
-    content: dict,
+    content: dict[str, Any],
     source: bytes | None = None,
 ) -> Event:
     """Build and sign an event; ``depth=0`` with ``prev=None`` makes a proposal.
@@ -276,12 +276,13 @@ def verify_events(
         if fields is not None:
             event = _new_event(Event, fields)
         else:
-            event = _decode_event_generic(envelope)
-            if type(event) is not Event:
-                results.append(event)
+            generic = _decode_event_generic(envelope)
+            if type(generic) is not Event:
+                results.append(generic)
                 continue
+            event = generic
         origin = event.origin
-        keys = known.get(origin, _UNSEEN)
+        keys: Any = known.get(origin, _UNSEEN)
         if keys is _UNSEEN:
             keys = known[origin] = lookup(origin)
         # The common case inline: signed by the current key (any ts).
@@ -311,7 +312,7 @@ def verify_events(
             if type(proposal_job) is not tuple:
                 results[index] = proposal_job  # type: ignore[assignment]
                 continue
-            jobs.append(proposal_job)  # type: ignore[arg-type]
+            jobs.append(proposal_job)
             owners.append(index)
     if jobs:
         verdicts = list(verifier(jobs))  # a list: read twice below

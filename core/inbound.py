@@ -316,6 +316,10 @@ def snapshot_context(snapshot: TxnSnapshot) -> dict[str, Any]:
     return out
 
 
+def _map(value: object) -> Mapping[Any, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _hex(value: object) -> bytes | None:
     if isinstance(value, str):
         try:
@@ -329,9 +333,9 @@ def snapshot_from_context(context: Mapping[str, Any], results: Sequence[Result] 
     """The snapshot a recording's ``context`` holds. Reads recordings made
     before ``rooms`` carried ``members`` too: their ``proposals`` (the sender's
     membership per proposal) rebuild each room's members from ``results``."""
-    heads = context.get("heads") if isinstance(context.get("heads"), Mapping) else {}
-    hosted = context.get("rooms") if isinstance(context.get("rooms"), Mapping) else {}
-    legacy = context.get("proposals") if isinstance(context.get("proposals"), Mapping) else {}
+    heads = _map(context.get("heads"))
+    hosted = _map(context.get("rooms"))
+    legacy = _map(context.get("proposals"))
     rooms: dict[str, RoomState] = {}
     for room_id, h in heads.items():
         if not isinstance(room_id, str) or not isinstance(h, Mapping):
@@ -339,12 +343,14 @@ def snapshot_from_context(context: Mapping[str, Any], results: Sequence[Result] 
         recorded = h.get("head")
         head = (Head(recorded[0], bytes(recorded[1])) if isinstance(recorded, (list, tuple)) and len(recorded) == 2
                 and isinstance(recorded[0], int) and isinstance(recorded[1], (bytes, bytearray)) else None)
-        room = hosted.get(room_id) if isinstance(hosted.get(room_id), Mapping) else None
+        room: Mapping[str, Any] | None = hosted.get(room_id) if isinstance(hosted.get(room_id), Mapping) else None
         members: dict[str, str] = {}
         if room is not None and isinstance(room.get("members"), Mapping):
             members = {u: m for u, m in room["members"].items() if isinstance(u, str) and isinstance(m, str)}
         for r in results:
-            state = legacy.get(r.id_text) if type(r) is Event and r.room_id == room_id else None
+            if not isinstance(r, Event) or r.room_id != room_id:
+                continue
+            state = legacy.get(r.id_text)
             if isinstance(state, Mapping) and isinstance(state.get("membership"), str):
                 members.setdefault(r.sender, state["membership"])
             if room is None and isinstance(state, Mapping):
@@ -354,11 +360,10 @@ def snapshot_from_context(context: Mapping[str, Any], results: Sequence[Result] 
                                    room_type=room.get("room_type") if room is not None else None,
                                    tenant_federates=bool(room.get("tenant_federates", True)) if room else True,
                                    members=members)
-    held_map = context.get("held") if isinstance(context.get("held"), Mapping) else {}
-    held = {text: _hex(value) for text, value in held_map.items() if isinstance(text, str)}
+    held = {text: _hex(value) for text, value in _map(context.get("held")).items() if isinstance(text, str)}
     chained: dict[tuple[str, bytes], bytes | None] = {}
-    recorded_chained = context.get("chained") if isinstance(context.get("chained"), (list, tuple)) else ()
-    for entry in recorded_chained:
+    recorded_chained = context.get("chained")
+    for entry in recorded_chained if isinstance(recorded_chained, (list, tuple)) else ():
         if isinstance(entry, Mapping) and isinstance(entry.get("room_id"), str):
             pid = _hex(entry.get("proposal_id"))
             if pid is not None:

@@ -16,6 +16,7 @@ shell carries out the fetch, then hands the bytes to :meth:`KeyCache.learn`.
 
 from __future__ import annotations
 
+from typing import Any
 from dataclasses import dataclass
 
 from .codes import Refused
@@ -37,7 +38,7 @@ class PeerDescriptor:
 
     keys: ServerKeys
     protocol_versions: tuple[str, ...]
-    fields: dict
+    fields: dict[str, Any]
     fetched_at: int
 
 

@@ -68,6 +68,7 @@ reply a replay reads back from a recording::
 from __future__ import annotations
 
 from hashlib import sha256
+from typing import Any, TypeVar
 
 from .names import server_of
 
@@ -138,7 +139,7 @@ def _uint(data: bytes, pos: int) -> tuple[int, int]:
     raise _NotThisLayout
 
 
-def read_event(env: bytes) -> tuple | None:
+def read_event(env: bytes) -> tuple[Any, ...] | None:
     """The fields of an :class:`~.events.Event` read from envelope ``env``, or ``None``.
 
     ``None`` means only "not the common layout": the caller decodes the
@@ -150,7 +151,7 @@ def read_event(env: bytes) -> tuple | None:
         return None
 
 
-def _read_event(env: bytes) -> tuple | None:
+def _read_event(env: bytes) -> tuple[Any, ...] | None:
     # Reads never check for running past the end: every position is computed
     # from heads and only grows, and the last check (the signature ends the
     # envelope exactly) fails if any string was cut short. Slices past the end
@@ -271,7 +272,10 @@ _KEY_IDS: dict[bytes, str] = {}
 _CACHE_ENTRIES = 1024
 
 
-def _remember(cache: dict, key: bytes, value):
+T = TypeVar("T")
+
+
+def _remember(cache: dict[bytes, T], key: bytes, value: T) -> T:
     if len(cache) >= _CACHE_ENTRIES:
         cache.clear()
     cache[key] = value

@@ -35,6 +35,7 @@ origins.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .codes import Code, LocalProtocolError, Refused
 
@@ -159,7 +160,7 @@ class OriginLimiter:
 
     # -- the admin view ----------------------------------------------------------------
 
-    def view(self, now: int) -> dict:
+    def view(self, now: int) -> dict[str, Any]:
         """Who is limited: the settings, the origins with requests or fetches in
         flight, and the most recently refused origins (newest first)."""
         busy = sorted((name, e) for name, e in self._origins.items() if e.in_flight or e.fetching)

@@ -29,7 +29,7 @@ from .events import Event, NeedKeys, verify_events
 from .handshake import answer_hello
 from .inbound import TxnDecision, TxnSnapshot, decide_transaction
 from .keycache import DEFAULT_REFETCH_INTERVAL_MS, KeyCache, PeerDescriptor
-from .keys import BatchVerifier, KeyRing, verify_batch
+from .keys import BatchVerifier, KeyRing, ServerKeys, verify_batch
 from .authz import Party, RoomFacts, may_receive_invite, server_may_read_history
 from .policy import Policy, room_refusal
 from .requests import DEFAULT_SKEW_MS, Authenticated, RequestVerifier, sign_request
@@ -98,7 +98,7 @@ class Federation:
         return build_descriptor(self.server_name, self.keyring, federation_endpoint=federation_endpoint,
                                 protocol_versions=self.versions)
 
-    def lookup(self, server: str):
+    def lookup(self, server: str) -> ServerKeys | None:
         """Keys of ``server``: ours from the key ring, others' from the cache."""
         if server == self.server_name:
             return self.keyring.public(self.server_name)

@@ -177,7 +177,7 @@ class _ReplayNode(Federation):
 
     own_public: ServerKeys | None = None
 
-    def lookup(self, server: str):
+    def lookup(self, server: str) -> ServerKeys | None:
         if server != self.server_name:
             return self.keys.keys(server)
         return (self.own_public or self.keyring.public(server)).shifted(self.keys.key_time_offset_ms)
@@ -317,7 +317,7 @@ class Replayer:
         return self.result
 
     def _now(self, rec: Mapping[str, Any], name: str = "now") -> int:
-        return _field(rec, name, int) + self.offset
+        return int(_field(rec, name, int)) + self.offset
 
     # -- state records ---------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class Replayer:
     def _descriptor_data(rec: Mapping[str, Any]) -> bytes | Refused:
         if "error" in rec:
             return _error_refusal(rec["error"])
-        return _field(rec, "body", bytes)
+        return bytes(_field(rec, "body", bytes))
 
     # -- finding the recorded answers ------------------------------------------------
 
@@ -454,13 +454,16 @@ class Replayer:
     def _authenticate(self, method: str, target: str, authorization: str | None, body: bytes,
                       now: int) -> Authenticated | Refused:
         """Mirror of ``api_federation._authenticate``."""
-        args = dict(method=method, target=target, authorization=authorization, body=body)
-        result = self.node.authenticate(**args, now=now)
+        def authenticate(at: int) -> Authenticated | Refused | NeedKeys:
+            return self.node.authenticate(method=method, target=target, authorization=authorization, body=body,
+                                          now=at)
+
+        result = authenticate(now)
         if isinstance(result, NeedKeys):
             fetched, after = self._learn(result.server, now, None, result.key_id)
             if fetched is not None and fetched.code is not Code.UNKNOWN_KEY:
                 return fetched
-            result = self.node.authenticate(**args, now=after)
+            result = authenticate(after)
             if isinstance(result, NeedKeys):
                 return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
         return result
@@ -475,10 +478,10 @@ class Replayer:
         if isinstance(auth, Refused):
             return _refused(auth)
         if route.endpoint == "handshake":
-            answer = node.on_handshake(auth, body)
-            if isinstance(answer, Refused):
-                return _refused(answer)
-            return Outcome("accepted", detail=f"peered, {answer[1].protocol_version}")
+            welcome = node.on_handshake(auth, body)
+            if isinstance(welcome, Refused):
+                return _refused(welcome)
+            return Outcome("accepted", detail=f"peered, {welcome[1].protocol_version}")
         refusal = node.admit(auth, peered=bool(context.get("peered", False)))
         if refusal is not None:
             return _refused(refusal)
@@ -588,8 +591,8 @@ class Replayer:
                                              and p["refused"] >= 0))
         decision = Decision(index, "backfill", "GET", target, peer, Outcome(UNKNOWN), live, now=now, room=room_id,
                             timings=pages)
-        if refusal is not None:
-            return replace(decision, replay=_refused(refusal))
+        if refusal is not None or key is None:
+            return replace(decision, replay=_refused(refusal or Refused(Code.OWN_KEY_MISSING)))
         puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys,
                                        lookup=self.node.lookup)
         effects = puller.start(now)

@@ -56,7 +56,7 @@ class Head(NamedTuple):
 
 
 def chain_event(key: SigningKey, *, head: Head | None, room_id: str, room_type: str, sender: str,
-                type: str, ts: int, content: dict, source: bytes | None = None) -> Event:
+                type: str, ts: int, content: dict[str, Any], source: bytes | None = None) -> Event:
     """The host appends an event after ``head`` (``None``: the room's first event)."""
     host = server_of(room_id)
     assert host is not None
@@ -154,7 +154,7 @@ def encode_events_body(envelopes: list[bytes], **extra: Any) -> bytes:
     return encode({"events": list(envelopes), **extra})
 
 
-def decode_events_body(body: bytes, *, extra: frozenset[str] = frozenset()) -> tuple[list[bytes], dict] | Refused:
+def decode_events_body(body: bytes, *, extra: frozenset[str] = frozenset()) -> tuple[list[bytes], dict[str, Any]] | Refused:
     """Decode an invite or transaction body into its envelopes (and extra fields)."""
     if type(body) is bytes and len(body) <= MAX_TXN_BYTES:
         envelopes = read_events_body(body, MAX_TXN_EVENTS)  # the common layout, read fast

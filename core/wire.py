@@ -44,7 +44,7 @@ Nothing here raises for bad remote bytes: :func:`decode` returns a
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Mapping
 
 import cbor2
 
@@ -69,7 +69,7 @@ PRESCAN_ABOVE = 512
 _CONTAINER_HEADS = bytes(range(0x80, 0xC0))
 
 
-class _RefuseEveryTag(dict):
+class _RefuseEveryTag(dict[int, Any]):
     """A ``semantic_decoders`` mapping that claims every tag and refuses it.
 
     cbor2 looks a tag up here before using its built-in decoders, so no
@@ -80,10 +80,10 @@ class _RefuseEveryTag(dict):
     def __contains__(self, tag: object) -> bool:
         return True
 
-    def __getitem__(self, tag: object):
+    def __getitem__(self, tag: object) -> Any:
         return _refuse_tag
 
-    def get(self, tag: object, default: object = None):
+    def get(self, tag: object, default: object = None) -> Any:
         return _refuse_tag
 
 
@@ -106,7 +106,7 @@ STRICT_OPTIONS: dict[str, Any] = dict(
 
 # Tuples of map keys already seen in canonical order (a cache: it changes
 # speed, never results). Only short key tuples are kept, and only so many.
-_ORDERED_KEYS: set[tuple] = set()
+_ORDERED_KEYS: set[tuple[Any, ...]] = set()
 _MAX_CACHED_KEY_TUPLES = 4096
 
 
@@ -115,7 +115,7 @@ def _key_order(key: str | bytes) -> tuple[int, bytes]:
     return len(encoded), encoded
 
 
-def _canonical_map(value: dict, _immutable: bool = False) -> dict:
+def _canonical_map(value: Mapping[Any, Any], _immutable: bool = False) -> Any:
     """cbor2 ``object_hook`` (cbor2 >= 6 calls it with ``(mapping, immutable)``).
 
     Returns ``value`` when its keys are in canonical order, else a copy in
