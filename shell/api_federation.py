@@ -76,14 +76,17 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
 
 
 async def _authenticate(service: Service, request: Request) -> Authenticated | Refused:
-    args = dict(method=request.method, target=request.target, authorization=request.header("authorization"),
-                body=request.body)
-    result = service.node.authenticate(**args, now=service.now())
+    def authenticate() -> Authenticated | Refused | NeedKeys:
+        return service.node.authenticate(method=request.method, target=request.target,
+                                         authorization=request.header("authorization"), body=request.body,
+                                         now=service.now())
+
+    result = authenticate()
     if isinstance(result, NeedKeys):
         fetched = await service.learn_descriptor(result.server, key_id=result.key_id)
         if fetched is not None and fetched.code not in (Code.UNKNOWN_KEY,):
             return fetched
-        result = service.node.authenticate(**args, now=service.now())
+        result = authenticate()
         if isinstance(result, NeedKeys):
             return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
     return result
@@ -178,13 +181,12 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
                     context: dict[str, Any]) -> Response:
     room = await service.store.get_room(room_id)
-    ctx = {
-        "room_type": room["room_type"] if room and room["host"] == service.config.server_name else None,
-        "tenant_federates": await service.tenant_federates(room["tenant"] if room else None),
-        "members": await service.memberships(room_id) if room else {},
-    }
-    context.update(ctx)
-    decision = service.node.on_backfill(auth, room_id, request.query, **ctx)
+    room_type = room["room_type"] if room and room["host"] == service.config.server_name else None
+    federates = await service.tenant_federates(room["tenant"] if room else None)
+    members = await service.memberships(room_id) if room else {}
+    context.update({"room_type": room_type, "tenant_federates": federates, "members": members})
+    decision = service.node.on_backfill(auth, room_id, request.query, room_type=room_type,
+                                        tenant_federates=federates, members=members)
     if isinstance(decision, Refused):
         return cbor_error(decision)
     before, limit = decision

@@ -330,7 +330,7 @@ class _Demo:
         self.wait("the queued message to reach peer.test", lambda: self.peer_row(you, peer)["last_error"] is None
                   and self.peer_row(you, peer)["pending"] == 0)
         self.cli(you, "admin", "federation", "peers")
-        self.wait("bob to see alice's message", lambda: self.history(peer, bob, dm)[-1:] and
+        self.wait("bob to see alice's message", lambda: bool(self.history(peer, bob, dm)[-1:]) and
                   self.history(peer, bob, dm)[-1][2] == "are you there?")
         _note("If their /.well-known returns another key than the one cached, refresh the participant's server "
               "keys (POST /v1/admin/federation/foreign/{participant_id}/refresh):")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ class Obj:
     """A JSON object with these fields, ``required`` ones among them; no others."""
 
     fields: Mapping[str, Field] = field(default_factory=dict)
-    required: frozenset[str] = frozenset()
+    required: AbstractSet[str] = frozenset()  # kept as a frozenset
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "required", frozenset(self.required))

@@ -75,10 +75,10 @@ def _statuses(route: Route) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for code in sorted(codes, key=lambda c: c.value):
         out.setdefault(STATUS[code], []).append(code.value)
-    for status, code in _HTTP_LAYER.items():
+    for status, layer_code in _HTTP_LAYER.items():
         listed = out.setdefault(status, [])
-        if code not in listed:
-            listed.append(code)
+        if layer_code not in listed:
+            listed.append(layer_code)
     return dict(sorted(out.items()))
 
 

@@ -170,7 +170,7 @@ def _events(outcomes: list[Outcome]) -> str | None:
     for outcome in outcomes:
         counts = outcome.counts()
         if outcome.events and counts["stored"] is None:  # accepted, stored or echoed: not recorded
-            counts["not told"] = len(outcome.events) - counts["refused"]
+            counts["not told"] = len(outcome.events) - (counts["refused"] or 0)
         for key, value in counts.items():
             if value is not None and (value or outcome.events or outcome.count is not None):
                 totals[key] += value

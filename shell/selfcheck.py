@@ -188,7 +188,7 @@ async def _resolve(service: Service, steps: list[Step]) -> tuple[str, int] | Non
         steps.append(_failed("resolve", Refused(Code.PEER_UNREACHABLE, f"cannot resolve {host}: {reason}"),
                              f"publish an A or AAAA record for {host} that points at this server"))
         return None
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     steps.append(Step("resolve", True, f"{config.server_name} -> {', '.join(addresses)}"))
     return str(infos[0][4][0]), port
 

@@ -87,7 +87,8 @@ def _filter(args: argparse.Namespace, rec: Recording) -> Filter:
     for kind in args.kind:
         if kind not in _KINDS:
             raise _Unusable(f"--kind {kind!r}: one of {', '.join(_KINDS)}")
-    start = rec.header.get("started_at") if type(rec.header.get("started_at")) is int else 0
+    started = rec.header.get("started_at")
+    start: int = started if isinstance(started, int) else 0
     try:
         since = parse_time(args.since, start) if args.since else None
         until = parse_time(args.until, start) if args.until else None

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TextIO
 from urllib.parse import urlsplit
 
 from scaiwave_federation.core.replay import Decision, ReplayResult
@@ -263,13 +263,13 @@ def record_rows(records: Sequence[Mapping[str, Any]], where: Filter | None = Non
     return out
 
 
-def write_jsonl(rows: Iterable[Mapping[str, Any]], out: io.TextIOBase) -> None:
+def write_jsonl(rows: Iterable[Mapping[str, Any]], out: TextIO) -> None:
     """One JSON object per line, keys in column order."""
     for row in rows:
         out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], out: io.TextIOBase, columns: Sequence[str]) -> None:
+def write_csv(rows: Sequence[Mapping[str, Any]], out: TextIO, columns: Sequence[str]) -> None:
     """CSV with a header row; empty cells for ``None``, nested values (``record``) as JSON."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

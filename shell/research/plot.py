@@ -49,13 +49,14 @@ def plot(decisions: Sequence[Decision], path: Path | str, *, title: str, start: 
     except ImportError as exc:
         raise PlotUnavailable("--plot needs matplotlib: pip install 'scaiwave-federation[research]'") from exc
     timed = [d for d in decisions if d.now is not None]
-    origin = start if start is not None else min((d.now for d in timed), default=0)
+    origin = start if start is not None else min((d.now for d in timed if d.now is not None), default=0)
     peers = sorted({_row(d) for d in timed})
     row = {p: i for i, p in enumerate(peers)}
     codes = sorted({d.replay.code for d in timed if d.replay.code})
     colour = {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(codes)}
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.7 * max(1, len(peers))), dpi=110)
     for d in timed:
+        assert d.now is not None  # (timed)
         x, y = (d.now - origin) / 1000, row[_row(d)]
         if d.kind == "backfill":
             pages = [p for p in d.timings if type(p.get("now")) is int]
