@@ -68,6 +68,8 @@ class Code(str, enum.Enum):
     NOT_MEMBER = "not_member"
     FORGED_SENDER = "forged_sender"
     ADDRESS_BLOCKED = "address_blocked"
+    # Local storage.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 #: One line per code: what it means for an admin. Rendered into docs/protocol.md.
@@ -115,6 +117,8 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.FORGED_SENDER: "a server spoke for a user of another server without that server's signed proposal",
     Code.ADDRESS_BLOCKED: "the peer's name leads to a loopback, private or link-local address, which federation "
                           "does not connect to unless pinned with SCAIWAVE_RESOLVE or allowed by SCAIWAVE_OUTBOUND_ALLOW",
+    Code.STORAGE_UNAVAILABLE: "the server's disk is full or failing: nothing was stored; retry later (the admin "
+                              "frees space, the daemon keeps running)",
 }
 
 #: Refusals worth retrying later, unchanged (with backoff): they describe the
@@ -128,6 +132,7 @@ RETRYABLE: frozenset[Code] = frozenset({
     Code.NOT_PEERED, Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
     Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
     Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED,
+    Code.STORAGE_UNAVAILABLE,
 })
 
 

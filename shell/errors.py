@@ -56,6 +56,7 @@ STATUS: dict[Code, int] = {
     Code.NOT_MEMBER: 403,
     Code.FORGED_SENDER: 403,
     Code.ADDRESS_BLOCKED: 502,
+    Code.STORAGE_UNAVAILABLE: 503,
 }
 
 INTERNAL = Response.json(500, {"error": {"code": "internal_error", "message": "internal error (see the server log)"}})

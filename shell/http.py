@@ -95,12 +95,21 @@ class Response:
         return cls(status, payload, "application/cbor", headers)
 
     @classmethod
-    def error(cls, status: int, code: str, message: str) -> Response:
-        """The contract's JSON error shape ``{"error": {"code", "message"}}``."""
+    def error(cls, status: int, code: str, message: str, *, path: str = "") -> Response:
+        """The contract's error shape ``{"error": {"code", "message"}}``: JSON,
+        or CBOR when ``path`` is a federation path (peers read CBOR only, so a
+        500 there must be CBOR too or the peer sees an unreadable answer)."""
+        if path.startswith(FEDERATION_PREFIX):
+            from scaiwave_federation.core.wire import encode
+
+            return cls.cbor(status, encode({"error": {"code": code, "message": message}}))
         return cls.json(status, {"error": {"code": code, "message": message}})
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+#: Paths whose answers, errors included, are CBOR (server-to-server).
+FEDERATION_PREFIX = "/_scaiwave/federation/"
 
 
 @dataclass(frozen=True)
@@ -257,11 +266,11 @@ class _Connection:
         except trio.TooSlowError:
             log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
                         self.limits.handler_timeout)
-            return Response.error(503, "timeout", "the server took too long to answer")
+            return Response.error(503, "timeout", "the server took too long to answer", path=request.path)
         except Exception:
             # The traceback is for the operator's log only; it may hold secrets.
             log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
-            return Response.error(500, "internal_error", "internal error")
+            return Response.error(500, "internal_error", "internal error", path=request.path)
 
     async def _send(self, event: Any) -> None:
         data = self.h11.send(event)

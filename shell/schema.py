@@ -34,6 +34,9 @@ class StorageError(Exception):
     ``invalid``   the caller passed a value the schema cannot hold (400)
     ``schema``    the file's schema is newer than this code, or a migration failed
     ``open``      the database file cannot be opened (not SQLite, no WAL, no access)
+    ``unavailable`` the disk is full or failing (SQLITE_FULL, SQLITE_IOERR, ...):
+                  nothing of the call was stored; retry later (HTTP 503
+                  ``storage_unavailable``)
 
     ``str(err)`` is a one-line message for an admin.
     """

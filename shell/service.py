@@ -14,6 +14,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -57,6 +58,8 @@ log = logging.getLogger("scaiwave.service")
 
 __all__ = ["Service", "BackfillJob"]
 
+#: How long a background loop waits after a full or failing disk before it tries again.
+STORAGE_RETRY_S = 1.0
 OUTBOX_POLL_S = 0.5
 
 
@@ -292,17 +295,39 @@ class Service:
                          await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
 
     async def peer_seen(self, server: str) -> None:
-        await self.store.mark_seen(server, self.now())
+        try:
+            await self.store.mark_seen(server, self.now())
+        except StorageError as exc:  # bookkeeping: the traffic itself went through
+            if exc.code != "unavailable":
+                raise
 
     async def peer_error(self, server: str, refusal: Refused) -> None:
         if server == self.config.server_name:
             return
         log.warning("peer %s: %s", server, refusal)
-        peer = await self.store.get_peer(server)
-        failures = (peer or {}).get("failures") or 0
-        now = self.now()
-        await self.store.mark_error(server, refusal.code.value, refusal.as_dict()["message"], now,
-                                    now + backoff_ms(failures + 1))
+        try:
+            peer = await self.store.get_peer(server)
+            failures = (peer or {}).get("failures") or 0
+            now = self.now()
+            await self.store.mark_error(server, refusal.code.value, refusal.as_dict()["message"], now,
+                                        now + backoff_ms(failures + 1))
+        except StorageError as exc:  # bookkeeping: the caller still gets the refusal
+            if exc.code != "unavailable":
+                raise
+
+    async def keep_running(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop (outbox, timers) through storage faults: a full
+        or failing disk stops it for ``STORAGE_RETRY_S``, then it starts over from
+        what the database holds (nothing acknowledged is only in memory), so it
+        catches up once space returns. Any other failure still propagates."""
+        while True:
+            try:
+                return await loop()
+            except StorageError as exc:
+                if exc.code != "unavailable":
+                    raise
+                log.warning("%s paused: %s (retrying in %g s)", loop.__name__, exc, STORAGE_RETRY_S)
+                await trio.sleep(STORAGE_RETRY_S)
 
     async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused:
         """Carry out a SendRequest; transport failures come back as refusals.
