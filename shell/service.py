@@ -107,6 +107,10 @@ class Service:
         self.ops: Any = None  # the daemon's operator endpoints (shell.ops.Ops), set by the daemon
         self._peer_locks: dict[str, trio.Lock] = {}
         self._room_locks: dict[str, trio.Lock] = {}
+        self._send_locks: dict[str, trio.Lock] = {}
+        #: Held by whoever reads the policy to change it (a one-entry edit), so
+        #: two admins' edits never lose one another.
+        self.policy_lock = trio.Lock()
         self._wake_outbox = trio.Event()
         self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
         self._wake_catch_up = trio.Event()
@@ -409,6 +413,11 @@ class Service:
         result = await self.handshake(peer)
         return result if isinstance(result, Refused) else None
 
+    def send_lock(self, user_id: str) -> trio.Lock:
+        """One user's idempotent sends (``PUT .../send/{txn_id}``) one at a time,
+        so a retry racing its first try still finds the first answer."""
+        return self._send_locks.setdefault(user_id, trio.Lock())
+
     def room_lock(self, room_id: str) -> trio.Lock:
         """The lock of one room's chain: whoever reads its head, chains, stores and
         queues the event holds it, so concurrent writers never chain at one depth."""
@@ -435,7 +444,8 @@ class Service:
         """Deliver queued transactions; failures back off per peer (visible in peers)."""
         while True:
             now = self.now()
-            stalled: set[str] = set()
+            # A paused peer's queue waits, whole and in order, for `peers resume`.
+            stalled: set[str] = await self.store.paused_peers()
             # Every queued item, in queue order (due or not): a peer's
             # transactions go strictly in order. Once one is not yet due or
             # fails, the rest wait, or the peer would see a later event before
@@ -470,6 +480,21 @@ class Service:
             with trio.move_on_after(OUTBOX_POLL_S):
                 await self._wake_outbox.wait()
             self._wake_outbox = trio.Event()
+
+    async def set_paused(self, peer: str, paused: bool) -> dict[str, Any]:
+        """Pause or resume delivery to ``peer`` (its queue is kept, and goes out
+        in order on resume). Raises StorageError ``not_found`` for a peer we
+        never dealt with."""
+        row = await self.store.set_paused(peer, paused)
+        self._wake_outbox.set()
+        return row
+
+    async def forget_peer(self, peer: str, *, force: bool) -> int:
+        """Delete ``peer``'s row, cached keys and (with ``force``) queued
+        transactions; return how many were dropped. See Store.forget_peer."""
+        dropped = await self.store.forget_peer(peer, drop_queued=force)
+        self.node.keys.forget(peer)
+        return dropped
 
     async def retry_now(self, peer: str) -> int:
         count = await self.store.reset_retry(peer, self.now())
