@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE"]
+__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE", "ABOUT_THE_REQUEST"]
 
 
 class Code(str, enum.Enum):
@@ -136,6 +136,18 @@ RETRYABLE: frozenset[Code] = frozenset({
 })
 
 
+#: Refusals about what a request asked for (a room that does not exist, a
+#: user who is not a member, a field that is wrong), not about the traffic
+#: between two servers: the peer read our signed request and answered it, so
+#: the link works. A peer's ``last_error`` records only the other refusals
+#: (transport, TLS, authentication, policy, the peer's own failures), so an
+#: admin's typo never marks a healthy peer as failing.
+ABOUT_THE_REQUEST: frozenset[Code] = frozenset({
+    Code.NOT_FOUND, Code.NOT_MEMBER, Code.FORBIDDEN, Code.ROOM_INCOGNITO, Code.ROOM_BRIDGE, Code.ROOM_SIDEKICK,
+    Code.TENANT_FEDERATION_DISABLED, Code.WRONG_ROOM, Code.CONFLICT, Code.BAD_REQUEST, Code.METHOD_NOT_ALLOWED,
+})
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """A decision not to accept something, with a stable :class:`Code`.
@@ -155,6 +167,11 @@ class Refused:
     def retryable(self) -> bool:
         """Whether the same request may succeed later (see :data:`RETRYABLE`)."""
         return self.code in RETRYABLE
+
+    @property
+    def about_the_request(self) -> bool:
+        """Whether this says nothing about the link to the peer (see :data:`ABOUT_THE_REQUEST`)."""
+        return self.code in ABOUT_THE_REQUEST
 
     def as_dict(self) -> dict[str, str]:
         """The wire form: ``{"code": ..., "message": ...}``."""

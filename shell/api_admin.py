@@ -114,10 +114,10 @@ async def _put_policy(call: Call) -> Response:
     return Response.json(200, policy.as_dict())
 
 
-async def _change_policy(call: Call, edit) -> Response:
+async def _change_policy(call: Call, edit, dry_run: bool) -> Response:
     """Apply ``edit(policy) -> policy`` (or only show it, ``dry_run``): what
     changed and which active peers the new policy cuts off (core.policy)."""
-    service, dry_run = call.service, bool(call.body.get("dry_run"))
+    service = call.service
     async with service.policy_lock:
         before = service.node.policy
         after = edit(before)
@@ -129,13 +129,14 @@ async def _change_policy(call: Call, edit) -> Response:
 
 
 async def _preview_policy(call: Call) -> Response:
-    body = {k: v for k, v in call.body.items() if k != "dry_run"}
-    return await _change_policy(call, lambda _: Policy.from_dict(body))
+    # Only ever shows: the CLI's `policy set` asks here first, then PUTs.
+    return await _change_policy(call, lambda _: Policy.from_dict(call.body), True)
 
 
 def _policy_editor(verb: str):
     async def handler(call: Call) -> Response:
-        return await _change_policy(call, lambda policy: edit_policy(policy, verb, call.body["peers"]))
+        return await _change_policy(call, lambda policy: edit_policy(policy, verb, call.body["peers"]),
+                                    bool(call.body.get("dry_run")))
 
     handler.__name__ = f"_policy_{verb}"
     return handler
@@ -307,7 +308,7 @@ _POLICY_FIELDS = {"default_mode": Enum(MODES), "allowed_peers": _PEER_NAMES, "bl
 _DRY_RUN = Bool(description="Only show what would change and whom it would cut off.")
 _admin("POST", "/federation/policy/preview", _preview_policy,
        "What replacing the policy would change, and which active peers it would cut off (changes nothing).",
-       R.POLICY_CHANGE, body=Obj({**_POLICY_FIELDS, "dry_run": _DRY_RUN}, required=set(_POLICY_FIELDS)))
+       R.POLICY_CHANGE, body=Obj(_POLICY_FIELDS, required=set(_POLICY_FIELDS)))
 for _verb, (_list, _add) in EDITS.items():
     _admin("POST", f"/federation/policy/{_verb}", _policy_editor(_verb),
            f"{'Add' if _add else 'Remove'} servers {'to' if _add else 'from'} {_list}; says what changed and which "

@@ -151,11 +151,35 @@ async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any
                       {me.user_id: "join"})
     _need(may_invite(facts, server_name=service.config.server_name, inviter=me,
                      invitee=await _invitee(service, to), invitee_id=to))
-    _key(service)
-    if server_of(to) != service.config.server_name:
+    key = _key(service)
+    here = service.config.server_name
+    if server_of(to) != here:
         _need(await service.ensure_peered(server_of(to) or ""))
-    room = await _new_room(service, user, "dm")
-    await _invite_user(service, user, room, to)
+    # Atomic: the room's first three events are chained in memory, the invite
+    # goes out first, and only an accepted invite stores the room, its events,
+    # memberships and invite in one transaction. A refusal leaves nothing.
+    room = {"room_id": f"!{os.urandom(9).hex()}:{here}", "room_type": "dm", "host": here,
+            "tenant": user["tenant"], "creator": user["user_id"], "created_at": service.now()}
+    events, head = [], None
+    for type, content in (("m.create", {"creator": user["user_id"], "room_type": "dm"}),
+                          ("m.member", {"membership": "join", "user": user["user_id"]}),
+                          ("m.member", {"membership": "invite", "user": to})):
+        event = chain_event(key, head=head, room_id=room["room_id"], room_type="dm", sender=user["user_id"],
+                            type=type, ts=service.now(), content=content)
+        events.append(event)
+        head = Head(event.depth, event.event_id)
+    if server_of(to) != here:
+        status, body = _need(await service.signed_request(
+            server_of(to) or "", "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
+            encode_events_body([events[-1].envelope])))
+        if status != 200:
+            raise _Fail(decode_refusal(status, body))
+
+    invite = None if server_of(to) != here else {
+        "room_id": room["room_id"], "user_id": to, "inviter": user["user_id"], "origin": here, "room_type": "dm",
+        "state": "pending", "payload": events[-1].envelope, "created_at": service.now()}
+    await service.store.create_room_with(room, [e.as_record() for e in events],
+                                         {user["user_id"]: "join", to: "invite"}, invite)
     return Response.json(200, {"room_id": room["room_id"], "to": to, "invite": "delivered"})
 
 

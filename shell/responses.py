@@ -60,7 +60,7 @@ KEYRING = obj({"key_id": nullable(STR), "public_key": STR, "created_at": nullabl
 BACKFILL_JOB = obj({"id": INT, "room_id": STR, "peer": STR, "limit": INT, "stored": INT,
                     "state": {"enum": ["running", "done", "failed"]}, "error": nullable(obj({"code": STR, "message": STR})),
                     "refused": array(obj({"code": STR, "message": STR}, closed=False)), "reached_start": {"type": "boolean"},
-                    "catch_up": {"type": "boolean"}})
+                    "catch_up": {"type": "boolean"}, "expected": nullable(INT)})
 TENANT = obj({"name": STR, "federation_enabled": {"type": "boolean"}})
 TENANTS = obj({"tenants": array(TENANT)})
 USER = obj({"user_id": STR, "name": STR, "tenant": STR, "deactivated_at": nullable(MS)})

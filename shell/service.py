@@ -83,6 +83,9 @@ class BackfillJob:
     error: dict | None = None
     refused: list[dict] = field(default_factory=list)
     reached_start: bool = False
+    #: How many events this pull will store in all, once a page has shown how
+    #: deep the room goes (None before): the progress bar's total.
+    expected: int | None = None
     #: Catching up: our head of the room when the gap was seen (see BackfillPuller's ``until``).
     until: tuple[int, bytes] | None = None
     done: trio.Event = field(default_factory=trio.Event, repr=False)
@@ -90,7 +93,7 @@ class BackfillJob:
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
                 "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
-                "reached_start": self.reached_start, "catch_up": self.until is not None}
+                "reached_start": self.reached_start, "catch_up": self.until is not None, "expected": self.expected}
 
 
 class Service:
@@ -306,7 +309,10 @@ class Service:
                 raise
 
     async def peer_error(self, server: str, refusal: Refused) -> None:
-        if server == self.config.server_name:
+        """Record a failure of traffic with ``server`` in its ``last_error``;
+        a refusal about what we asked (``not_found`` for a room id that does
+        not exist, say) is no failure of the link and is not recorded."""
+        if server == self.config.server_name or refusal.about_the_request:
             return
         log.warning("peer %s: %s", server, refusal)
         try:
@@ -348,10 +354,11 @@ class Service:
             return refusal
         self.record("outbound", peer=effect.destination, method=effect.method, target=effect.target,
                     body=effect.body, status=resp.status, response=resp.body)
-        if resp.status == 200:
+        refusal = None if resp.status == 200 else decode_refusal(resp.status, resp.body)
+        if refusal is None or refusal.about_the_request:  # the peer read and answered us: the link works
             await self.peer_seen(effect.destination)
         else:
-            await self.peer_error(effect.destination, decode_refusal(resp.status, resp.body))
+            await self.peer_error(effect.destination, refusal)
         return resp.status, resp.body
 
     async def signed_request(self, peer: str, method: str, target: str, body: bytes) -> tuple[int, bytes] | Refused:
@@ -622,6 +629,8 @@ class Service:
                             "updated_at": self.now()})
                 pages.stored(started, len(effect.events))
                 job.stored = puller.stored - base
+                if effect.events:  # the events below this page's lowest are still to come
+                    job.expected = min(job.limit, job.stored + min(e.depth for e in effect.events))
             elif isinstance(effect, NeedKeys):
                 # Another pull may be fetching the same descriptor (catch-ups run side
                 # by side): its answer is ours too.
@@ -644,7 +653,7 @@ class Service:
                 if effect.refusal is not None:
                     job.state, job.error = "failed", effect.refusal.as_dict()
                 else:
-                    job.state = "done"
+                    job.state, job.expected = "done", job.stored
                     if job.until is None:
                         await self.store.clear_cursor(job.room_id, job.peer)
                 return

@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,19 @@ class Store:
 
         BEGIN IMMEDIATE takes the write lock up front, so a writer in another
         process makes us wait at BEGIN (busy timeout) instead of failing with
-        SQLITE_BUSY halfway through, after our reads.
+        SQLITE_BUSY halfway through, after our reads. Inside another
+        transaction (:meth:`create_room_with`) the block is a savepoint of it.
         """
+        if self.db.conn.in_transaction:
+            self.db.execute("SAVEPOINT nested")
+            try:
+                yield
+                self.db.execute("RELEASE nested")
+            except BaseException:
+                self.db.execute("ROLLBACK TO nested")
+                self.db.execute("RELEASE nested")
+                raise
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -393,6 +404,19 @@ class Store:
             except sqlite3.IntegrityError as exc:
                 raise StorageError("conflict", f"room {room_id!r} already exists") from exc
         return row
+
+    def create_room_with(self, room: Row, events: Sequence[Row], memberships: Mapping[str, str],
+                         invite: Row | None = None) -> None:
+        """Create a room with its first events, memberships and (a local
+        invitee's) invite, all or nothing: a DM whose invite was refused, or
+        whose storing fails, leaves no room behind. Raises like the parts."""
+        with self._write():
+            self.create_room(**room)
+            self._store_events_in_tx(room["room_id"], events, None)
+            for user_id, membership in memberships.items():
+                self.set_membership(room["room_id"], user_id, membership)
+            if invite is not None:
+                self.save_invite(**invite)
 
     def get_room(self, room_id: str) -> Row | None:
         """Return the rooms row or None."""

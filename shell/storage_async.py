@@ -126,6 +126,7 @@ class AsyncStore:
     forget_peer = _offload(Store.forget_peer)
     list_users = _offload(Store.list_users)
     create_room = _offload(Store.create_room)
+    create_room_with = _offload(Store.create_room_with)
     get_room = _offload(Store.get_room)
     set_membership = _offload(Store.set_membership)
     members = _offload(Store.members)
