@@ -195,6 +195,9 @@ async def _rotate_key(call: Call) -> Response:
 async def _start_backfill(call: Call) -> Response:
     room_id, body = call.params["room_id"], call.body
     peer = body.get("peer") or server_of(room_id)
+    if peer == call.service.config.server_name:  # not a peer's refusal: say what the admin asked
+        raise _Fail(Code.BAD_REQUEST, f"the peer to pull from is this server ({peer}): " + (
+            "name another server" if body.get("peer") else f"{room_id} is hosted here, its history is already here"))
     job = call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
     if body.get("wait"):
         await job.done.wait()

@@ -59,6 +59,9 @@ class AdminClient:
                                      extensions={"sni_hostname": self.sni})
         except httpx.HTTPError as exc:
             cause = exc.__cause__ or exc.__context__ or exc
+            tls = _tls_cause(exc)
+            if tls is not None:
+                cause = tls
             if isinstance(cause, ssl.SSLCertVerificationError):
                 # The daemon answered; its certificate is not for our name (or CA).
                 raise CliError("tls_failure", f"the daemon at {self.base} answered, but its certificate did not "
@@ -75,6 +78,17 @@ class AdminClient:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             raise CliError(err.get("code", "error"), err.get("message", f"HTTP {resp.status_code}"))
         return data
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under an httpx error (httpx wraps httpcore, which wraps ssl), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _seg(value: object) -> str:

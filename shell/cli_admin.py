@@ -114,8 +114,10 @@ class Progress:
         self.last_line = self.started
         self.drawn = False
 
-    def update(self, job: dict[str, Any]) -> None:
-        if self.quiet:
+    def update(self, job: dict[str, Any], *, final: bool = False) -> None:
+        """Show ``job``; a terminal also gets the ``final`` state drawn (the
+        result line follows on stdout either way)."""
+        if self.quiet or (final and not self.tty):
             return
         now = self.clock()
         if self.tty:
@@ -129,8 +131,8 @@ class Progress:
         done, total = job["stored"], job.get("expected")
         elapsed = max(now - self.started, 1e-9)
         rate = done / elapsed
-        if total:
-            bar = "#" * int(30 * min(done, total) / total)
+        if total is not None:
+            bar = "#" * int(30 * min(done, total) / max(total, 1)) if total else "#" * 30
             eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and total > done else ""
             return f"backfill {job['room_id']} from {job['peer']}: [{bar:<30}] {done}/{total} events, {rate:.0f}/s{eta}"
         return f"backfill {job['room_id']} from {job['peer']}: {done} events, {rate:.0f}/s (total not known yet)"
@@ -154,6 +156,7 @@ def backfill_command(args: argparse.Namespace, client: Any, show, error) -> None
         progress.update(job)
         time.sleep(0.2)
         job = client.call("GET", f"{FED}/backfills/{_seg(job['id'])}")
+    progress.update(job, final=True)
     progress.finish()
     human = f"backfill {job['state']}: {job['stored']} verified events stored from {job['peer']}"
     if job["refused"]:

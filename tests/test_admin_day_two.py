@@ -206,3 +206,63 @@ def test_a_retried_send_is_stored_once(pair) -> None:
         assert _bodies(a, room, alice["access_token"]).count(f"once from {server.name}") == 1
     # POST .../messages still works (and is not idempotent: each is a message).
     assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": "plain"}, token=alice["access_token"])[0] == 200
+
+
+def test_four_backfill_mistakes_get_four_messages(pair) -> None:
+    a, b, room, *_ = pair
+    group = a.request("POST", "/v1/rooms", {"room_type": "group"}, token=pair[3]["access_token"])[1]["room_id"]
+    mistakes = [
+        (b, [f"!nope:{a.server_name}"], "error: not_found: peer refused:"),     # no such room on its host
+        (b, [group], "error: not_member: peer refused:"),                      # a room b has nobody in
+        (a, [room], "error: bad_request: the peer to pull from is this server"),  # a room hosted here
+        (b, [room, "--limit", "0"], "error: bad_request: limit: must be 1 to"),  # out of range
+    ]
+    messages = set()
+    for server, args, start in mistakes:
+        proc = server.cli("admin", "federation", "backfill", *args, "--quiet")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(start), line
+        messages.add(line.split(": ", 2)[2])
+    assert len(messages) == 4
+    assert _peer(b, a.server_name)["last_error"] is None
+
+
+def test_backfill_progress_on_a_terminal_and_off_it(pair) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    a, b, _, alice, bob = pair
+    # A group with history from before bob joined: b has only the top of it.
+    room = a.request("POST", "/v1/rooms", {"room_type": "group"}, token=alice["access_token"])[1]["room_id"]
+    for i in range(150):
+        a.request("POST", f"/v1/rooms/{room}/messages", {"body": f"history {i}"}, token=alice["access_token"])
+    a.request("POST", f"/v1/rooms/{room}/invite", {"user": bob["user_id"]}, token=alice["access_token"])
+    wait_until(lambda: b.request("POST", f"/v1/invites/{room}/accept", token=bob["access_token"])[0] == 200)
+    leader, follower = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "scaiwave_federation.shell.cli", "admin", "federation", "backfill",
+                           room], env={**os.environ, **b.env}, stdout=subprocess.PIPE, stderr=follower,
+                          timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.returncode == 0, shown
+    text = shown.decode()
+    # The bar's total is the work (the room's events), not --limit; with a rate.
+    assert f"backfill {room} from {a.server_name}: [" in text, text
+    assert "/1000 events" not in text and "/s" in text
+    stored = int(proc.stdout.decode().split("verified events stored")[0].split()[-1])
+    assert stored > 150 and f"{stored}/{stored} events" in text, (stored, text)
+    # Off a terminal: the result only, no progress noise.
+    off = b.cli("admin", "federation", "backfill", room)
+    assert off.returncode == 0 and len(off.stderr.splitlines()) <= 2
