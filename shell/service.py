@@ -564,7 +564,8 @@ class Service:
             # A page the store refuses (say a host that chained one proposal twice:
             # core/proposals.py): the pull stops there; what was stored stays.
             log.warning("backfill %s stopped: %s", job.id, exc)
-            code = Code.CONFLICT if exc.code == "conflict" else Code.INTERNAL_ERROR
+            code = {"conflict": Code.CONFLICT, "unavailable": Code.STORAGE_UNAVAILABLE}.get(exc.code,
+                                                                                          Code.INTERNAL_ERROR)
             job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
         except Exception as exc:  # an unexpected failure must not kill the daemon
             log.exception("backfill %s failed", job.id)

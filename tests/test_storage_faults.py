@@ -25,7 +25,7 @@ import trustme
 from scaiwave_federation.shell import storage as storage_module
 from scaiwave_federation.shell.storage_async import storage_fault
 
-from shellhelpers import FED, error_code, peered_dm, two_daemons, wait_for
+from shellhelpers import FED, InMemory, error_code, peered_dm, two_daemons, wait_for
 
 
 class _FullDisk:
@@ -149,3 +149,29 @@ def test_storage_faults_are_told_apart_from_other_sqlite_errors() -> None:
     syntax.sqlite_errorcode = sqlite3.SQLITE_ERROR
     assert storage_fault(syntax) is None
     assert storage_fault(ValueError("x")) is None
+
+
+async def test_federation_paths_answer_every_failure_in_cbor(daemon, nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer reads CBOR only: a 500 (a bug) or a 503 (a full disk) on a
+    federation path is CBOR too, so the peer sees the real code (not an
+    unreadable body it would report as handshake_failed). Client paths stay JSON."""
+    from scaiwave_federation.shell import daemon as daemon_module
+    from scaiwave_federation.shell.schema import StorageError
+
+    failures = iter([RuntimeError("a bug"), StorageError("unavailable", "disk full")])
+
+    async def failing(service, request):
+        raise next(failures)
+
+    monkeypatch.setattr(daemon_module, "handle_federation", failing)
+    fresh = InMemory(daemon.service, nursery)  # its handler reads the patched module
+    for status, code in ((500, "internal_error"), (503, "storage_unavailable")):
+        got, headers, body = await fresh.exchange("PUT", f"{FED}/send/t1", body=b"\xa0")
+        assert got == status and headers["content-type"] == "application/cbor"
+        assert cbor2.loads(body)["error"]["code"] == code
+    # The HTTP layer's own 500 (the handler itself failing) on a federation path is CBOR as well.
+    from scaiwave_federation.shell.http import Response
+
+    answer = Response.error(500, "internal_error", "internal error", path=f"{FED}/send/x")
+    assert answer.content_type == "application/cbor" and cbor2.loads(answer.body)["error"]["code"] == "internal_error"
+    assert Response.error(500, "internal_error", "x", path="/v1/rooms").content_type == "application/json"
