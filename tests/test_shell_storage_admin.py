@@ -4,18 +4,10 @@ DM's room stored all or nothing."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from scaiwave_federation.shell.storage import Store, StorageError
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
 
 
 def test_pause_and_forget_need_a_known_peer_and_forget_guards_the_queue(store: Store) -> None:

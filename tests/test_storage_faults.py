@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 import cbor2
 import pytest
-import trio
 import trustme
 
 from scaiwave_federation.shell import storage as storage_module
