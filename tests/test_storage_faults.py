@@ -174,3 +174,27 @@ async def test_federation_paths_answer_every_failure_in_cbor(daemon, nursery, mo
     answer = Response.error(500, "internal_error", "internal error", path=f"{FED}/send/x")
     assert answer.content_type == "application/cbor" and cbor2.loads(answer.body)["error"]["code"] == "internal_error"
     assert Response.error(500, "internal_error", "x", path="/v1/rooms").content_type == "application/json"
+
+
+async def test_background_loops_start_over_after_a_storage_fault(daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox and the timers run through Service.keep_running: a full disk
+    pauses the loop and starts it again; any other failure still surfaces."""
+    from scaiwave_federation.shell import service as service_module
+    from scaiwave_federation.shell.schema import StorageError
+
+    monkeypatch.setattr(service_module, "STORAGE_RETRY_S", 0.01)
+    runs = []
+
+    async def loop() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise StorageError("unavailable", "disk full")
+
+    await daemon.service.keep_running(loop)
+    assert runs == [0, 1, 2]
+
+    async def broken() -> None:
+        raise StorageError("conflict", "a bug, not the disk")
+
+    with pytest.raises(StorageError, match="a bug"):
+        await daemon.service.keep_running(broken)
