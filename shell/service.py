@@ -290,9 +290,10 @@ class Service:
         return {m["user_id"]: m["membership"] for m in await self.store.members(room_id)}
 
     async def local_party(self, user_id: str) -> Party | None:
-        """What the rules know of one of our users, or ``None`` if there is no such user."""
+        """What the rules know of one of our users, or ``None`` if there is no
+        such user or it is deactivated (nobody can invite it or act as it)."""
         user = await self.store.get_user(user_id)
-        if user is None:
+        if user is None or user.get("deactivated_at") is not None:
             return None
         return Party(user["user_id"], user["tenant"], await self.tenant_federates(user["tenant"]))
 

@@ -168,10 +168,13 @@ def test_users_list_deactivate_and_new_token(pair) -> None:
     assert [carol["user_id"], "acme", "deactivated"] in [line.split() for line in listing]
     assert a.cli("admin", "user", "token", "carol").stderr.startswith("error: conflict:")
     assert a.cli("admin", "user", "deactivate", "nobody").stderr.startswith("error: not_found:")
-    # Her membership stays: alice still sees her in the room (she can be invited to nothing new).
-    status, body = a.request("POST", f"/v1/rooms/{group}/invite", {"user": carol["user_id"]},
-                             token=alice["access_token"])
-    assert status != 200
+    # Nobody can invite her any more, here or from a peer; her membership in the group stays.
+    status, body = a.request("POST", "/v1/dms", {"to": carol["user_id"]}, token=alice["access_token"])
+    assert status == 404 and body["error"]["code"] == "not_found", body
+    status, body = b.request("POST", "/v1/dms", {"to": carol["user_id"]}, token=bob["access_token"])
+    assert status == 404 and body["error"]["code"] == "not_found", body
+    assert a.request("POST", f"/v1/rooms/{group}/messages", {"body": "still here"}, token=alice["access_token"])[0] \
+        == 200
 
 
 def test_a_refused_dm_leaves_nothing_behind(pair) -> None:
