@@ -328,7 +328,9 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 def main(argv: list[str] | None = None) -> int:
     """Run one command; Ctrl-C and a closed stdout end quietly (see the exit statuses above)."""
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit flush
+        return status
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -127,9 +127,9 @@ class Limits:
 class _Reply(Exception):
     """Answer with this error and close the connection."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, path: str = "") -> None:
         super().__init__(message)
-        self.response = Response.error(status, code, message)
+        self.response = Response.error(status, code, message, path=path)
 
 
 class _Quit(Exception):
@@ -233,12 +233,14 @@ class _Connection:
         headers = tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers)
         # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
         head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in headers)
+        # Once the head is read, refusals on a federation path are CBOR (Response.error).
+        path = event.target.decode("ascii", "replace")
         if head_size > self.limits.max_header_bytes:
-            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes")
+            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes", path)
         length = dict(headers).get("content-length")
         limit = self.limits.max_body_bytes
         if length is not None and int(length) > limit:  # h11 validated it as digits
-            raise _Reply(413, "too_large", f"body over {limit} bytes")
+            raise _Reply(413, "too_large", f"body over {limit} bytes", path)
         if self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
@@ -250,7 +252,7 @@ class _Connection:
                 raise _Quit
             body += part.data
             if len(body) > limit:  # chunked bodies have no length up front
-                raise _Reply(413, "too_large", f"body over {limit} bytes")
+                raise _Reply(413, "too_large", f"body over {limit} bytes", path)
         method, target = event.method.decode("ascii"), event.target.decode("ascii")  # h11 checked: ASCII
         return Request(method, target, headers, bytes(body), self.peer)
 
