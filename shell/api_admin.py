@@ -154,7 +154,10 @@ async def _resume_peer(call: Call) -> Response:
 
 async def _peer_view(call: Call) -> Response:
     peer = call.params["peer"]
-    return Response.json(200, next(p for p in await peer_views(call.service) if p["server_name"] == peer))
+    view = next((p for p in await peer_views(call.service) if p["server_name"] == peer), None)
+    if view is None:  # forgotten meanwhile
+        raise _Fail(Code.NOT_FOUND, f"no peer {peer!r} (see `peers`)")
+    return Response.json(200, view)
 
 
 async def _forget_peer(call: Call) -> Response:

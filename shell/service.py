@@ -330,12 +330,14 @@ class Service:
         """Run a background loop (outbox, timers) through storage faults: a full
         or failing disk stops it for ``STORAGE_RETRY_S``, then it starts over from
         what the database holds (nothing acknowledged is only in memory), so it
-        catches up once space returns. Any other failure still propagates."""
+        catches up once space returns. A row that went away under the loop
+        (``not_found``: the admin forgot a peer whose transaction was being
+        delivered) also starts it over. Any other failure still propagates."""
         while True:
             try:
                 return await loop()
             except StorageError as exc:
-                if exc.code != "unavailable":
+                if exc.code not in ("unavailable", "not_found"):
                     raise
                 log.warning("%s paused: %s (retrying in %g s)", loop.__name__, exc, STORAGE_RETRY_S)
                 await trio.sleep(STORAGE_RETRY_S)
