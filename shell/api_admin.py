@@ -110,7 +110,8 @@ async def _put_policy(call: Call) -> Response:
     # PUT replaces the whole policy, so all three fields are required: an empty
     # or partial body is refused (bad_request) and changes nothing.
     policy = Policy.from_dict(call.body)
-    await call.service.set_policy(policy)
+    async with call.service.policy_lock:  # never between an edit's read and its write
+        await call.service.set_policy(policy)
     return Response.json(200, policy.as_dict())
 
 

@@ -268,3 +268,19 @@ def test_backfill_progress_on_a_terminal_and_off_it(pair) -> None:
     # Off a terminal: the result only, no progress noise.
     off = b.cli("admin", "federation", "backfill", room)
     assert off.returncode == 0 and len(off.stderr.splitlines()) <= 2
+
+
+async def test_concurrent_policy_edits_lose_nothing(daemon) -> None:
+    import trio
+
+    hosts = [f"h{i}.test" for i in range(12)]
+
+    async def allow(host: str) -> None:
+        status, body = await daemon.admin("POST", "/v1/admin/federation/policy/allow", {"peers": [host]})
+        assert status == 200, body
+
+    async with trio.open_nursery() as nursery:
+        for host in hosts:
+            nursery.start_soon(allow, host)
+    status, policy = await daemon.admin("GET", "/v1/admin/federation/policy")
+    assert policy["allowed_peers"] == sorted(hosts)
