@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE", "HTTP_STATUS"]
+__all__ = ["Code", "Refused", "LocalProtocolError", "DESCRIPTIONS", "RETRYABLE", "HTTP_STATUS", "ABOUT_THE_REQUEST"]
 
 
 class Code(str, enum.Enum):
@@ -68,6 +68,8 @@ class Code(str, enum.Enum):
     NOT_MEMBER = "not_member"
     FORGED_SENDER = "forged_sender"
     ADDRESS_BLOCKED = "address_blocked"
+    # Local storage.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 #: One line per code: what it means for an admin. Rendered into docs/protocol.md.
@@ -115,6 +117,8 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.FORGED_SENDER: "a server spoke for a user of another server without that server's signed proposal",
     Code.ADDRESS_BLOCKED: "the peer's name leads to a loopback, private or link-local address, which federation "
                           "does not connect to unless pinned with SCAIWAVE_RESOLVE or allowed by SCAIWAVE_OUTBOUND_ALLOW",
+    Code.STORAGE_UNAVAILABLE: "the server's disk is full or failing: nothing was stored; retry later (the admin "
+                              "frees space, the daemon keeps running)",
 }
 
 #: Refusals worth retrying later, unchanged (with backoff): they describe the
@@ -128,6 +132,19 @@ RETRYABLE: frozenset[Code] = frozenset({
     Code.NOT_PEERED, Code.NO_DESCRIPTOR, Code.INVALID_DESCRIPTOR, Code.SERVER_NAME_MISMATCH, Code.TLS_FAILURE,
     Code.PEER_UNREACHABLE, Code.UNKNOWN_KEY, Code.OWN_KEY_MISSING, Code.CLOCK_SKEW, Code.REPLAYED_REQUEST,
     Code.HANDSHAKE_FAILED, Code.TIMEOUT, Code.INTERNAL_ERROR, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED,
+    Code.STORAGE_UNAVAILABLE,
+})
+
+
+#: Refusals about what a request asked for (a room that does not exist, a
+#: user who is not a member, a field that is wrong), not about the traffic
+#: between two servers: the peer read our signed request and answered it, so
+#: the link works. A peer's ``last_error`` records only the other refusals
+#: (transport, TLS, authentication, policy, the peer's own failures), so an
+#: admin's typo never marks a healthy peer as failing.
+ABOUT_THE_REQUEST: frozenset[Code] = frozenset({
+    Code.NOT_FOUND, Code.NOT_MEMBER, Code.FORBIDDEN, Code.ROOM_INCOGNITO, Code.ROOM_BRIDGE, Code.ROOM_SIDEKICK,
+    Code.TENANT_FEDERATION_DISABLED, Code.WRONG_ROOM, Code.CONFLICT, Code.BAD_REQUEST, Code.METHOD_NOT_ALLOWED,
 })
 
 
@@ -176,6 +193,7 @@ HTTP_STATUS: dict[Code, int] = {
     Code.NOT_MEMBER: 403,
     Code.FORGED_SENDER: 403,
     Code.ADDRESS_BLOCKED: 502,
+    Code.STORAGE_UNAVAILABLE: 503,
 }
 
 
@@ -198,6 +216,11 @@ class Refused:
     def retryable(self) -> bool:
         """Whether the same request may succeed later (see :data:`RETRYABLE`)."""
         return self.code in RETRYABLE
+
+    @property
+    def about_the_request(self) -> bool:
+        """Whether this says nothing about the link to the peer (see :data:`ABOUT_THE_REQUEST`)."""
+        return self.code in ABOUT_THE_REQUEST
 
     def as_dict(self) -> dict[str, str]:
         """The wire form: ``{"code": ..., "message": ...}``."""

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 from .codes import Code, LocalProtocolError, Refused
 from .names import canonical_server_name, server_name_problem, valid_server_name
 
-__all__ = ["MODES", "Policy", "room_refusal", "mutual_refusal", "ROOM_TYPES", "FEDERABLE_ROOM_TYPES"]
+__all__ = ["MODES", "Policy", "room_refusal", "mutual_refusal", "ROOM_TYPES", "FEDERABLE_ROOM_TYPES", "EDITS",
+           "PolicyChange", "edit_policy", "policy_change"]
 
 MODES = ("open", "invite_only", "closed")
 ROOM_TYPES = ("dm", "group", "incognito", "bridge", "sidekick")
@@ -124,6 +125,72 @@ def _canonical_set(names: Any, what: str) -> frozenset[str]:
 def mutual_refusal(a_name: str, a: Policy, b_name: str, b: Policy) -> Refused | None:
     """Rule 5: both policies must admit the other. ``a``'s own refusal is reported first."""
     return a.admits(b_name) or b.admits(a_name)
+
+
+#: The admin's one-entry edits: verb -> (list, add or remove).
+EDITS = {"allow": ("allowed_peers", True), "disallow": ("allowed_peers", False),
+         "block": ("blocked_peers", True), "unblock": ("blocked_peers", False)}
+
+
+def edit_policy(policy: Policy, verb: str, peers: Any) -> Policy:
+    """``policy`` with ``peers`` added to or removed from one list (:data:`EDITS`).
+
+    Names are compared canonically (``Peer.Test:443`` is ``peer.test``);
+    removing a name that is not listed changes nothing. Raises
+    :class:`LocalProtocolError` for an unknown verb or a name that is no server name.
+    """
+    if verb not in EDITS:
+        raise LocalProtocolError(f"unknown policy edit {str(verb)[:40]!r}: one of {', '.join(EDITS)}")
+    which, add = EDITS[verb]
+    names = _canonical_set(peers, "peers")
+    current: frozenset[str] = getattr(policy, which)
+    lists = {"allowed_peers": policy.allowed_peers, "blocked_peers": policy.blocked_peers,
+             which: current | names if add else current - names}
+    return Policy(policy.default_mode, lists["allowed_peers"], lists["blocked_peers"])
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """What replacing ``before`` by ``after`` does: the entries added and
+    removed, the mode change, and which currently active peers the new policy
+    refuses (``cut_off``: name and the refusal they would now get)."""
+
+    before: Policy
+    after: Policy
+    cut_off: tuple[tuple[str, Refused], ...]
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+    def lines(self) -> list[str]:
+        """What changed, one line per change, for an admin; ``no change`` if nothing."""
+        out = []
+        if self.before.default_mode != self.after.default_mode:
+            out.append(f"default_mode: {self.before.default_mode} -> {self.after.default_mode}")
+        for which in ("allowed_peers", "blocked_peers"):
+            old, new = getattr(self.before, which), getattr(self.after, which)
+            out += [f"{which}: + {name}" for name in sorted(new - old)]
+            out += [f"{which}: - {name}" for name in sorted(old - new)]
+        return out or ["no change"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.after.as_dict(), "changed": self.changed, "changes": self.lines(),
+                "cut_off": [{"server_name": name, **refusal.as_dict()} for name, refusal in self.cut_off]}
+
+
+def policy_change(before: Policy, after: Policy, active_peers: Any) -> PolicyChange:
+    """Compare two policies for the peers we are currently peered with.
+
+    A peer is cut off when ``before`` admits it and ``after`` does not: the
+    warning an admin sees before (``--dry-run``) or after the change.
+    """
+    cut = []
+    for name in sorted({n for n in (canonical_server_name(p) for p in active_peers) if n is not None}):
+        refusal = after.admits(name)
+        if refusal is not None and before.admits(name) is None:
+            cut.append((name, refusal))
+    return PolicyChange(before, after, tuple(cut))
 
 
 def room_refusal(room_type: str, *, tenant_federates: bool = True) -> Refused | None:

@@ -15,13 +15,13 @@ from scaiwave_federation.core import Code, Policy, Refused
 from scaiwave_federation.core.backfill import MAX_PULL
 from scaiwave_federation.core.descriptor import parse_descriptor
 from scaiwave_federation.core.names import server_of, user_id, valid_server_name
-from scaiwave_federation.core.policy import MODES
+from scaiwave_federation.core.policy import EDITS, MODES, edit_policy, policy_change
 
 from . import responses as R
 from .api_client import token_hash
 from .errors import json_error
 from .http import Request, Response
-from .inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, Array, Bool, Enum, Int, Obj, Str
+from .inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, USER_ID, Array, Bool, Enum, Int, Obj, Str
 from .routes import API, ApiFailure, Auth, Call
 from .service import Service, describe_keyring
 
@@ -56,7 +56,8 @@ async def peer_views(service: Service) -> list[dict[str, Any]]:
         out.append({"server_name": p["server_name"], "state": p.get("state") or "known",
                     "protocol_version": p.get("protocol_version"), "key_id": p.get("key_id"),
                     "last_seen": p.get("last_seen"), "last_error": error, "failures": p.get("failures") or 0,
-                    "retry_at": p.get("retry_at"), "pending": await service.store.pending_count(p["server_name"])})
+                    "retry_at": p.get("retry_at"), "pending": await service.store.pending_count(p["server_name"]),
+                    "paused": bool(p.get("paused"))})
     return out
 
 
@@ -109,8 +110,61 @@ async def _put_policy(call: Call) -> Response:
     # PUT replaces the whole policy, so all three fields are required: an empty
     # or partial body is refused (bad_request) and changes nothing.
     policy = Policy.from_dict(call.body)
-    await call.service.set_policy(policy)
+    async with call.service.policy_lock:  # never between an edit's read and its write
+        await call.service.set_policy(policy)
     return Response.json(200, policy.as_dict())
+
+
+async def _change_policy(call: Call, edit, dry_run: bool) -> Response:
+    """Apply ``edit(policy) -> policy`` (or only show it, ``dry_run``): what
+    changed and which active peers the new policy cuts off (core.policy)."""
+    service = call.service
+    async with service.policy_lock:
+        before = service.node.policy
+        after = edit(before)
+        active = [p["server_name"] for p in await service.store.list_peers() if p.get("state") == "active"]
+        change = policy_change(before, after, active)
+        if change.changed and not dry_run:
+            await service.set_policy(after)
+    return Response.json(200, {**change.as_dict(), "dry_run": dry_run})
+
+
+async def _preview_policy(call: Call) -> Response:
+    # Only ever shows: the CLI's `policy set` asks here first, then PUTs.
+    return await _change_policy(call, lambda _: Policy.from_dict(call.body), True)
+
+
+def _policy_editor(verb: str):
+    async def handler(call: Call) -> Response:
+        return await _change_policy(call, lambda policy: edit_policy(policy, verb, call.body["peers"]),
+                                    bool(call.body.get("dry_run")))
+
+    handler.__name__ = f"_policy_{verb}"
+    return handler
+
+
+async def _pause_peer(call: Call) -> Response:
+    await call.service.set_paused(call.params["peer"], True)
+    return await _peer_view(call)
+
+
+async def _resume_peer(call: Call) -> Response:
+    await call.service.set_paused(call.params["peer"], False)
+    return await _peer_view(call)
+
+
+async def _peer_view(call: Call) -> Response:
+    peer = call.params["peer"]
+    view = next((p for p in await peer_views(call.service) if p["server_name"] == peer), None)
+    if view is None:  # forgotten meanwhile
+        raise _Fail(Code.NOT_FOUND, f"no peer {peer!r} (see `peers`)")
+    return Response.json(200, view)
+
+
+async def _forget_peer(call: Call) -> Response:
+    peer = call.params["peer"]
+    dropped = await call.service.forget_peer(peer, force=bool(call.query.get("force")))
+    return Response.json(200, {"server_name": peer, "dropped": dropped})
 
 
 async def _refresh_foreign(call: Call) -> Response:
@@ -145,6 +199,9 @@ async def _rotate_key(call: Call) -> Response:
 async def _start_backfill(call: Call) -> Response:
     room_id, body = call.params["room_id"], call.body
     peer = body.get("peer") or server_of(room_id)
+    if peer == call.service.config.server_name:  # not a peer's refusal: say what the admin asked
+        raise _Fail(Code.BAD_REQUEST, f"the peer to pull from is this server ({peer}): " + (
+            "name another server" if body.get("peer") else f"{room_id} is hosted here, its history is already here"))
     job = call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
     if body.get("wait"):
         await job.done.wait()
@@ -180,9 +237,29 @@ async def _update_tenant(call: Call) -> Response:
     return Response.json(200, await call.service.store.get_tenant(name))
 
 
+def _user_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("user_id", "name", "tenant", "deactivated_at")}
+
+
 async def _list_users(call: Call) -> Response:
-    users = [{k: v for k, v in u.items() if k != "token_hash"} for u in await call.service.store.list_users()]
-    return Response.json(200, {"users": users})
+    return Response.json(200, {"users": [_user_view(u) for u in await call.service.store.list_users()]})
+
+
+async def _deactivate_user(call: Call) -> Response:
+    # The token stops working at once (every request looks the token up);
+    # memberships and rooms stay (README: Users).
+    return Response.json(200, _user_view(await call.service.store.deactivate_user(call.params["user_id"],
+                                                                                  call.service.now())))
+
+
+async def _reissue_token(call: Call) -> Response:
+    token = _new_token()
+    row = await call.service.store.set_token_hash(call.params["user_id"], token_hash(token))
+    return Response.json(200, {"user_id": row["user_id"], "access_token": token})
+
+
+def _new_token() -> str:
+    return "swu_" + os.urandom(24).hex()
 
 
 def _user_name_problem(name: str) -> str | None:
@@ -200,7 +277,7 @@ async def _create_user(call: Call) -> Response:
         raise _Fail(Code.NOT_FOUND, f"no tenant {tenant}: create it first")
     if await service.store.get_user(uid):
         raise _Fail(Code.CONFLICT, f"user {uid} exists")
-    token = "swu_" + os.urandom(24).hex()
+    token = _new_token()
     await service.store.create_user(uid, name, tenant, token_hash(token))
     return Response.json(200, {"user_id": uid, "tenant": tenant, "access_token": token})
 
@@ -234,6 +311,25 @@ _admin("GET", "/federation/policy", _get_policy, "The federation policy.", R.POL
 _admin("PUT", "/federation/policy", _put_policy, "Replace the federation policy (all three fields required).",
        R.POLICY, body=Obj({"default_mode": Enum(MODES), "allowed_peers": _PEER_NAMES, "blocked_peers": _PEER_NAMES},
                           required={"default_mode", "allowed_peers", "blocked_peers"}))
+_POLICY_FIELDS = {"default_mode": Enum(MODES), "allowed_peers": _PEER_NAMES, "blocked_peers": _PEER_NAMES}
+_DRY_RUN = Bool(description="Only show what would change and whom it would cut off.")
+_admin("POST", "/federation/policy/preview", _preview_policy,
+       "What replacing the policy would change, and which active peers it would cut off (changes nothing).",
+       R.POLICY_CHANGE, body=Obj(_POLICY_FIELDS, required=set(_POLICY_FIELDS)))
+for _verb, (_list, _add) in EDITS.items():
+    _admin("POST", f"/federation/policy/{_verb}", _policy_editor(_verb),
+           f"{'Add' if _add else 'Remove'} servers {'to' if _add else 'from'} {_list}; says what changed and which "
+           "active peers it cuts off.", R.POLICY_CHANGE,
+           body=Obj({"peers": _PEER_NAMES, "dry_run": _DRY_RUN}, required={"peers"}))
+_admin("POST", "/federation/peers/{peer}/pause", _pause_peer,
+       "Stop delivering to a peer; its queue is kept.", R.PEER, params=_PEER, errors=(Code.NOT_FOUND,))
+_admin("POST", "/federation/peers/{peer}/resume", _resume_peer,
+       "Resume delivery to a paused peer: its queue goes out in order.", R.PEER, params=_PEER,
+       errors=(Code.NOT_FOUND,))
+_admin("DELETE", "/federation/peers/{peer}", _forget_peer,
+       "Forget a peer: its row, cached keys and (with force) queued transactions.", R.FORGOTTEN, params=_PEER,
+       query=Obj({"force": Bool(description="Also drop the transactions queued for it.")}),
+       errors=(Code.NOT_FOUND, Code.CONFLICT))
 _admin("POST", "/federation/foreign/{participant_id}/refresh", _refresh_foreign,
        "Re-fetch the keys of a participant's server.", R.REFRESH, params={"participant_id": PARTICIPANT},
        errors=(*_FETCH, Code.EXPIRED_KEY))
@@ -255,6 +351,12 @@ _admin("POST", "/tenants", _create_tenant, "Create a tenant.", R.TENANT, errors=
 _admin("PUT", "/tenants/{name}", _update_tenant, "Turn a tenant's federation on or off.", R.TENANT,
        params={"name": TENANT_NAME}, body=Obj({"federation": Bool()}, required={"federation"}))
 _admin("GET", "/users", _list_users, "Every local user (no tokens).", R.USERS)
+_admin("POST", "/users/{user_id}/deactivate", _deactivate_user,
+       "Deactivate a user: its token stops working at once; its memberships stay.", R.USER,
+       params={"user_id": USER_ID}, errors=(Code.NOT_FOUND,))
+_admin("POST", "/users/{user_id}/token", _reissue_token,
+       "Give a user a new access token (answered once); the old one stops working.", R.TOKEN,
+       params={"user_id": USER_ID}, errors=(Code.NOT_FOUND, Code.CONFLICT))
 _admin("POST", "/users", _create_user, "Create a local user; answers its access token once.", R.NEW_USER,
        errors=(Code.CONFLICT,),
        body=Obj({"name": Str(max_len=64, check=_user_name_problem, pattern=r"^[a-z0-9._=/-]{1,64}$", example="alice"),

@@ -13,13 +13,16 @@ reply carries the chained event, which is verified before it is stored.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from scaiwave_federation.core import Code, Event, NeedKeys, Refused, decode_event, make_event
+from scaiwave_federation.core import Code, Event, Head, NeedKeys, Refused, decode_event, make_event
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core import Party, RoomFacts
 from scaiwave_federation.core.authz import may_answer, may_invite, may_leave, may_post, may_read
@@ -77,13 +80,16 @@ def _key(service: Service):
     return key
 
 
-async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict) -> Event:
-    """Chain an event in a room we host, store it, queue it for member servers."""
+async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict,
+                  answer: Callable[[Event], dict[str, Any]] | None = None) -> Event:
+    """Chain an event in a room we host, store it, queue it for member servers.
+    ``answer``: the client txn row for this event, stored in the same transaction."""
     async with service.room_lock(room["room_id"]):
         head = await service.head_of(room["room_id"])
         event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
                             sender=sender, type=type, ts=service.now(), content=content)
-        await service.store.store_events(room["room_id"], [event.as_record()])
+        await service.store.store_events(room["room_id"], [event.as_record()],
+                                         client_txn=answer(event) if answer else None)
         await service.push_events(room["room_id"], [event])
     return event
 
@@ -145,11 +151,35 @@ async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any
                       {me.user_id: "join"})
     _need(may_invite(facts, server_name=service.config.server_name, inviter=me,
                      invitee=await _invitee(service, to), invitee_id=to))
-    _key(service)
-    if server_of(to) != service.config.server_name:
+    key = _key(service)
+    here = service.config.server_name
+    if server_of(to) != here:
         _need(await service.ensure_peered(server_of(to) or ""))
-    room = await _new_room(service, user, "dm")
-    await _invite_user(service, user, room, to)
+    # Atomic: the room's first three events are chained in memory, the invite
+    # goes out first, and only an accepted invite stores the room, its events,
+    # memberships and invite in one transaction. A refusal leaves nothing.
+    room = {"room_id": f"!{os.urandom(9).hex()}:{here}", "room_type": "dm", "host": here,
+            "tenant": user["tenant"], "creator": user["user_id"], "created_at": service.now()}
+    events, head = [], None
+    for type, content in (("m.create", {"creator": user["user_id"], "room_type": "dm"}),
+                          ("m.member", {"membership": "join", "user": user["user_id"]}),
+                          ("m.member", {"membership": "invite", "user": to})):
+        event = chain_event(key, head=head, room_id=room["room_id"], room_type="dm", sender=user["user_id"],
+                            type=type, ts=service.now(), content=content)
+        events.append(event)
+        head = Head(event.depth, event.event_id)
+    if server_of(to) != here:
+        status, body = _need(await service.signed_request(
+            server_of(to) or "", "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
+            encode_events_body([events[-1].envelope])))
+        if status != 200:
+            raise _Fail(decode_refusal(status, body))
+
+    invite = None if server_of(to) != here else {
+        "room_id": room["room_id"], "user_id": to, "inviter": user["user_id"], "origin": here, "room_type": "dm",
+        "state": "pending", "payload": events[-1].envelope, "created_at": service.now()}
+    await service.store.create_room_with(room, [e.as_record() for e in events],
+                                         {user["user_id"]: "join", to: "invite"}, invite)
     return Response.json(200, {"room_id": room["room_id"], "to": to, "invite": "delivered"})
 
 
@@ -184,12 +214,14 @@ async def _invite(service: Service, user: dict[str, Any], room_id: str, to_value
 
 
 async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, Any], type: str,
-                        content: dict) -> Event:
-    """Send a proposal to the room's host; store the chained event it answers with."""
+                        content: dict, txn: str | None = None) -> Event:
+    """Send a proposal to the room's host; store the chained event it answers with.
+    ``txn``: the federation transaction id (a client's retry reuses it, so
+    the host answers it from its transaction log instead of chaining twice)."""
     proposal = make_event(_key(service), room_id=room["room_id"], room_type=room["room_type"], depth=0, prev=None,
                           origin=service.config.server_name, sender=user["user_id"], type=type,
                           ts=service.now(), content=content)
-    txn = f"{service.now()}-{os.urandom(6).hex()}"
+    txn = txn or f"{service.now()}-{os.urandom(6).hex()}"
     host = room["host"]
     target, txn_body = f"/_scaiwave/federation/v1/send/{txn}", encode_events_body([proposal.envelope])
     result = await service.signed_request(host, "PUT", target, txn_body)
@@ -259,15 +291,45 @@ async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Respon
     return Response.json(200, {"room_id": room["room_id"], "membership": "leave", "event_id": event.id_text})
 
 
-async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str) -> Response:
+async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str,
+                        txn_id: str | None = None) -> Response:
     room = await _room(service, room_id)
     _need(may_post(await service.room_facts(room), user=await _me(service, user),
                    server_name=service.config.server_name))
+    record = None
+    if txn_id is not None:
+        def record(event: Event) -> dict[str, Any]:
+            return {"user_id": user["user_id"], "txn_id": txn_id, "room_id": room["room_id"],
+                    "body_hash": _text_hash(text), "created_at": service.now(), "response": json.dumps(_posted(event))}
     if room["host"] == service.config.server_name:
-        event = await _append(service, room, user["user_id"], "m.message", {"body": text})
+        event = await _append(service, room, user["user_id"], "m.message", {"body": text}, record)
     else:
-        event = await _write_remote(service, room, user, "m.message", {"body": text})
-    return Response.json(200, {"event_id": event.id_text, "depth": event.depth})
+        fed_txn = None if txn_id is None else "c" + hashlib.sha256(f"{user['user_id']}\0{txn_id}".encode()).hexdigest()[:40]
+        event = await _write_remote(service, room, user, "m.message", {"body": text}, fed_txn)
+        if record is not None:
+            await service.store.save_client_txn(record(event))
+    return Response.json(200, _posted(event))
+
+
+def _posted(event: Event) -> dict[str, Any]:
+    return {"event_id": event.id_text, "depth": event.depth}
+
+
+def _text_hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+async def _send(service: Service, user: dict[str, Any], room_id: str, txn_id: str, text: str) -> Response:
+    """``PUT /v1/rooms/{room_id}/send/{txn_id}``: the first send with this txn id
+    (per user) is stored; a retry gets the first answer and stores nothing. The
+    same txn id for another room or another text is ``conflict``."""
+    async with service.send_lock(user["user_id"]):
+        first = await service.store.client_txn(user["user_id"], txn_id)
+        if first is None:
+            return await _post_message(service, user, room_id, text, txn_id)
+    if first["room_id"] != room_id or bytes(first["body_hash"]) != _text_hash(text):
+        raise _Fail(Refused(Code.CONFLICT, f"txn id {txn_id[:64]!r} was used for another message"))
+    return Response.json(200, json.loads(first["response"]))
 
 
 async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Response:
@@ -299,6 +361,11 @@ _REMOTE = (Code.PEER_BLOCKED, Code.PEER_NOT_ALLOWED, Code.FEDERATION_CLOSED, Cod
            Code.NOT_MEMBER, Code.FORGED_SENDER, Code.ADDRESS_BLOCKED, Code.RATE_LIMITED, Code.NOT_FOUND)
 #: A message's text: at most 16,000 characters, so that its signed event (4
 #: bytes a character at worst, plus the envelope) stays under the 64 KiB limit.
+#: A client's transaction id: what Matrix clients send (letters, digits, ``.``, ``_``, ``-``, ``~``).
+TXN_ID = Str(max_len=128, pattern=r"^[A-Za-z0-9._~-]{1,128}$", example="m1700000000000.0",
+             check=lambda v: None if re.fullmatch(r"[A-Za-z0-9._~-]{1,128}", v) else
+             "letters, digits, '.', '_', '-' or '~', at most 128",
+             description="The client's id for this send, unique per user.")
 MESSAGE_TEXT = Str(max_len=16_000, text=True, example="hello", description="The message's text.")
 
 
@@ -341,6 +408,10 @@ async def _message_post(call: Call) -> Response:
     return await _post_message(call.service, call.caller, call.params["room_id"], call.body["body"])
 
 
+async def _message_send(call: Call) -> Response:
+    return await _send(call.service, call.caller, call.params["room_id"], call.params["txn_id"], call.body["body"])
+
+
 async def _messages_list(call: Call) -> Response:
     return await _messages(call.service, call.caller, call.params["room_id"])
 
@@ -364,6 +435,10 @@ _client("POST", "/rooms/{room_id}/invite", _room_invite, "Invite a user (here or
         R.INVITE, params=_ROOM, errors=_REMOTE, body=Obj({"user": USER_ID}, required={"user"}))
 _client("POST", "/rooms/{room_id}/messages", _message_post, "Post a message to a room.", R.POSTED,
         params=_ROOM, errors=_REMOTE, body=Obj({"body": MESSAGE_TEXT}, required={"body"}))
+_client("PUT", "/rooms/{room_id}/send/{txn_id}", _message_send,
+        "Post a message idempotently: a retry with the same txn id (per user) answers the first result and "
+        "stores nothing twice.", R.POSTED, params={**_ROOM, "txn_id": TXN_ID}, errors=(*_REMOTE, Code.CONFLICT),
+        body=Obj({"body": MESSAGE_TEXT}, required={"body"}))
 _client("POST", "/rooms/{room_id}/leave", _room_leave, "Leave a room the user has joined.", R.MEMBERSHIP,
         params=_ROOM, errors=_REMOTE)
 _client("GET", "/rooms/{room_id}/messages", _messages_list, "A room's messages, oldest first.", R.MESSAGES,

@@ -9,7 +9,7 @@ change, so the daemon's in-memory core never disagrees with its database.
 ``scaiwave replay`` and ``scaiwave demo`` need no daemon.
 
 Refusals print ``error: <code>: <message>`` and exit 1; configuration errors
-exit 2.
+exit 2; Ctrl-C exits 130 and a closed stdout 141, without a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 
+from . import cli_admin
 from .config import Config, ConfigError, client_ssl_context, load_config
 from .logs import parse_format, parse_level, setup_logging
 from .selfcheck import check_report
@@ -56,6 +59,16 @@ class AdminClient:
                                      extensions={"sni_hostname": self.sni})
         except httpx.HTTPError as exc:
             cause = exc.__cause__ or exc.__context__ or exc
+            tls = _tls_cause(exc)
+            if tls is not None:
+                cause = tls
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                # The daemon answered; its certificate is not for our name (or CA).
+                raise CliError("tls_failure", f"the daemon at {self.base} answered, but its certificate did not "
+                                              f"verify for {self.sni} (SCAIWAVE_SERVER_NAME): "
+                                              f"{cause.verify_message or cause}") from exc
+            if isinstance(cause, ssl.SSLError):
+                raise CliError("tls_failure", f"TLS with the daemon at {self.base} failed: {cause}") from exc
             raise CliError("daemon_unreachable", f"cannot reach the daemon at {self.base} ({cause or exc})") from exc
         try:
             data = resp.json()
@@ -65,6 +78,17 @@ class AdminClient:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             raise CliError(err.get("code", "error"), err.get("message", f"HTTP {resp.status_code}"))
         return data
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under an httpx error (httpx wraps httpcore, which wraps ssl), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _seg(value: object) -> str:
@@ -93,7 +117,7 @@ def _peers_table(peers: list[dict]) -> str:
     rows = [("SERVER", "STATE", "VERSION", "KEY", "LAST_SEEN", "LAST_ERROR")]
     for p in peers:
         err = p["last_error"]
-        rows.append((p["server_name"], p["state"], p["protocol_version"] or "-", p["key_id"] or "-",
+        rows.append((p["server_name"], p["state"] + (", paused" if p.get("paused") else ""), p["protocol_version"] or "-", p["key_id"] or "-",
                      _fmt_time(p["last_seen"]), f"{err['code']} at {_fmt_time(err['at'])}: {err['message']}" if err else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:5])) + "  " + r[5] for r in rows)
@@ -108,32 +132,11 @@ def _limits_text(data: dict) -> str:
     return "\n".join(lines if len(lines) > 1 else lines + ["nobody is being limited"])
 
 
-def _backfill(args: argparse.Namespace, client: AdminClient) -> None:
-    body = {"limit": args.limit} if args.peer is None else {"peer": args.peer, "limit": args.limit}
-    job = client.call("POST", f"/v1/admin/federation/rooms/{_seg(args.room_id)}/backfill", body)
-    show = sys.stderr.isatty() and not args.json
-    while job["state"] == "running":
-        if show:
-            done = job["stored"]
-            bar = "#" * int(30 * done / max(1, args.limit))
-            print(f"\rbackfill {args.room_id} from {job['peer']}: [{bar:<30}] {done}/{args.limit}", end="", file=sys.stderr)
-        elif not args.json:
-            print(f"backfill: {job['stored']}/{args.limit} events stored", file=sys.stderr)
-        time.sleep(0.2)
-        job = client.call("GET", f"/v1/admin/federation/backfills/{_seg(job['id'])}")
-    if show:
-        print(file=sys.stderr)
-    human = f"backfill {job['state']}: {job['stored']} verified events stored from {job['peer']}"
-    if job["refused"]:
-        human += "\n" + "\n".join(f"  refused: {r['code']}: {r['message']}" for r in job["refused"])
-    _print(args, job, human)
-    if job["error"]:
-        raise CliError(job["error"]["code"], job["error"]["message"])
-
-
 def _admin(args: argparse.Namespace, config: Config) -> None:
     c = AdminClient(config)
     cmd = args.cmd if args.area in ("federation", "db") else args.area
+    if args.area == "tenant":
+        cmd = "tenant"
     if cmd == "key":
         path = {"show": ("GET", "/v1/admin/federation/key"), "generate": ("POST", "/v1/admin/federation/key/generate"),
                 "rotate": ("POST", "/v1/admin/federation/key/rotate")}[args.action]
@@ -143,19 +146,9 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
                          f"{_fmt_time(o['expired_at'] + 30 * 86_400_000)}, for its history forever"
                          for o in data["old_keys"]))
     elif cmd == "policy":
-        if args.action == "show":
-            data = c.call("GET", "/v1/admin/federation/policy")
-        else:
-            current = c.call("GET", "/v1/admin/federation/policy")
-            body = {"default_mode": args.mode or current["default_mode"],
-                    "allowed_peers": args.allow if args.allow is not None else current["allowed_peers"],
-                    "blocked_peers": args.block if args.block is not None else current["blocked_peers"]}
-            data = c.call("PUT", "/v1/admin/federation/policy", body)
-        _print(args, data, f"default_mode: {data['default_mode']}\nallowed_peers: {', '.join(data['allowed_peers']) or '-'}"
-               f"\nblocked_peers: {', '.join(data['blocked_peers']) or '-'}")
+        cli_admin.policy_command(args, c, _print)
     elif cmd == "peers":
-        data = c.call("GET", "/v1/admin/federation/peers")
-        _print(args, data, _peers_table(data["peers"]))
+        cli_admin.peers_command(args, c, _print, _peers_table, CliError)
     elif cmd == "limits":
         data = c.call("GET", "/v1/admin/federation/limits")
         _print(args, data, _limits_text(data))
@@ -172,7 +165,7 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         data = c.call("POST", f"/v1/admin/federation/foreign/{_seg(args.participant_id)}/refresh")
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")
     elif cmd == "backfill":
-        _backfill(args, c)
+        cli_admin.backfill_command(args, c, _print, CliError)
     elif cmd == "backup":
         data = c.call("POST", "/v1/admin/db/backup", {"name": args.name} if args.name else {})
         _print(args, data, f"backup written: {data['path']} ({data['bytes']} bytes, schema version "
@@ -187,60 +180,116 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         data = c.call("POST", "/v1/admin/tenants", {"name": args.name, "federation": args.federation != "disabled"})
         _print(args, data, f"tenant {data['name']} (federation {'enabled' if data['federation_enabled'] else 'disabled'})")
     elif cmd == "user":
-        data = c.call("POST", "/v1/admin/users", {"name": args.name, "tenant": args.tenant})
-        _print(args, data, f"{data['user_id']}\naccess_token: {data['access_token']}")
+        cli_admin.users_command(args, c, _print, config.server_name)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scaiwave-federation")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that states each option's default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _commands(parser: argparse.ArgumentParser, dest: str, what: str = "COMMAND") -> argparse._SubParsersAction:
+    """Sub-commands named ``COMMAND`` in usage and errors (not the internal ``dest``)."""
+    return parser.add_subparsers(dest=dest, required=True, metavar=what, title="commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaiwave", description="ScaiWave Federation daemon and admin tool.")
+    from scaiwave_federation.core.backfill import MAX_PULL
+
+    p = argparse.ArgumentParser(prog="scaiwave", description="ScaiWave Federation daemon and admin tool.",
+                                formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"scaiwave {_version()}")
     p.add_argument("--config", type=Path, help="TOML configuration file (else SCAIWAVE_CONFIG / environment)")
-    sub = p.add_subparsers(dest="top", required=True)
-    sub.add_parser("serve", help="run the federation daemon")
-    demo = sub.add_parser("demo", help="two servers on loopback with real TLS, walking the admin guide")
+    sub = _commands(p, "top")
+    add = lambda group, name, help: group.add_parser(name, help=help, description=help, formatter_class=_Help)  # noqa: E731
+    add(sub, "serve", "run the federation daemon")
+    demo = add(sub, "demo", "two servers on loopback with real TLS, walking the admin guide")
     demo.add_argument("--dir", type=Path, default=Path("demo-run"), help="where logs and data directories go")
     rp = sub.add_parser("replay", help="drive a fresh core with a recording and print its decisions",
                         usage="scaiwave replay RECORDING [options] | scaiwave replay diff LEFT [RIGHT] [options]")
     from .research.command import add_replay_options
 
     add_replay_options(rp)
-    admin = sub.add_parser("admin", help="administer the running daemon").add_subparsers(dest="area", required=True)
-    admin_tenant = admin.add_parser("tenant", help="tenants").add_subparsers(dest="cmd", required=True)
-    t = admin_tenant.add_parser("create", help="create a tenant")
+    comp = add(sub, "completion", "print a shell completion script (bash or zsh)")
+    comp.add_argument("shell", choices=["bash", "zsh"], help="the shell: bash (source it) or zsh")
+    admin = _commands(add(sub, "admin", "administer the running daemon"), "area")
+    admin_tenant = _commands(add(admin, "tenant", "tenants"), "cmd")
+    t = add(admin_tenant, "create", "create a tenant")
     t.add_argument("name")
-    t.add_argument("--federation", choices=["enabled", "disabled"], default="enabled")
-    admin_user = admin.add_parser("user", help="users").add_subparsers(dest="cmd", required=True)
-    u = admin_user.add_parser("create", help="create a user; prints its access token")
-    u.add_argument("name")
-    u.add_argument("--tenant", required=True)
-    fed = admin.add_parser("federation", help="federation").add_subparsers(dest="cmd", required=True)
-    key = fed.add_parser("key", help="this server's federation key")
+    t.add_argument("--federation", choices=["enabled", "disabled"], default="enabled",
+                   help="whether the tenant's rooms may federate")
+    admin_user = _commands(add(admin, "user", "local users"), "action")
+    u = add(admin_user, "create", "create a user; prints its access token (shown once)")
+    u.add_argument("name", help="the local part: 1 to 64 of a-z 0-9 . _ = / -")
+    u.add_argument("--tenant", required=True, help="the user's tenant")
+    ul = add(admin_user, "list", "every local user and whether it is active")
+    ud = add(admin_user, "deactivate", "deactivate a user: its token stops working at once; memberships stay")
+    ud.add_argument("user", metavar="USER", help="@name:server, or a local name")
+    ut = add(admin_user, "token", "give a user a new access token (the old one stops working)")
+    ut.add_argument("user", metavar="USER", help="@name:server, or a local name")
+    fed = _commands(add(admin, "federation", "federation"), "cmd")
+    key = add(fed, "key", "this server's federation key")
     key.add_argument("action", choices=["generate", "rotate", "show"])
-    pol = fed.add_parser("policy", help="federation policy")
-    pol.add_argument("action", choices=["show", "set"])
-    pol.add_argument("--mode", choices=["open", "invite_only", "closed"])
-    pol.add_argument("--allow", nargs="*", metavar="HOST", help="allowed_peers (replaces the list)")
-    pol.add_argument("--block", nargs="*", metavar="HOST", help="blocked_peers (replaces the list)")
-    peers = fed.add_parser("peers", help="peers with last_seen and last_error")
-    lim = fed.add_parser("limits", help="who is being rate limited, and the limits in effect")
-    hs = fed.add_parser("handshake", help="peer with a server now")
+    pol = _commands(add(fed, "policy", "federation policy: show it, replace it, or change one entry"), "action",
+                    "ACTION")
+    ps = add(pol, "show", "the policy")
+    pset = add(pol, "set", "replace the mode and/or whole lists; repeated --allow/--block accumulate")
+    pset.add_argument("--mode", choices=["open", "invite_only", "closed"], help="default_mode (default: unchanged)")
+    pset.add_argument("--allow", nargs="*", action="extend", metavar="HOST",
+                      help="allowed_peers, replacing the list (--allow a --allow b: both; --allow alone: none)")
+    pset.add_argument("--block", nargs="*", action="extend", metavar="HOST",
+                      help="blocked_peers, replacing the list (repeatable, like --allow)")
+    edits = [pset]
+    for verb, text in (("allow", "add servers to allowed_peers"), ("disallow", "remove servers from allowed_peers"),
+                       ("block", "add servers to blocked_peers"), ("unblock", "remove servers from blocked_peers")):
+        edit = add(pol, verb, text + "; prints what changed and warns whom it cuts off")
+        edit.add_argument("hosts", nargs="+", metavar="HOST")
+        edits.append(edit)
+    for edit in edits:
+        edit.add_argument("--dry-run", action="store_true",
+                          help="only show what would change and which active peers it would cut off")
+    peers = add(fed, "peers", "peers with last_seen and last_error; forget, pause or resume one")
+    peers.add_argument("action", nargs="?", choices=["list", "forget", "pause", "resume"], default="list",
+                       help="what to do")
+    peers.add_argument("name", nargs="?", metavar="NAME", help="the peer's server name (forget, pause, resume)")
+    peers.add_argument("--force", action="store_true",
+                       help="forget even with transactions queued for it (they are dropped)")
+    lim = add(fed, "limits", "who is being rate limited, and the limits in effect")
+    hs = add(fed, "handshake", "peer with a server now")
     hs.add_argument("peer")
-    rt = fed.add_parser("retry", help="retry queued transactions to a peer now")
+    rt = add(fed, "retry", "retry queued transactions to a peer now")
     rt.add_argument("peer")
-    ds = fed.add_parser("descriptor", help="show our descriptor, or check a peer's (--server)")
-    ds.add_argument("--server")
-    rf = fed.add_parser("refresh", help="re-fetch a foreign participant's server keys")
+    ds = add(fed, "descriptor", "show our descriptor, or check a peer's (--server)")
+    ds.add_argument("--server", help="a peer's server name")
+    rf = add(fed, "refresh", "re-fetch a foreign participant's server keys")
     rf.add_argument("participant_id")
-    bf = fed.add_parser("backfill", help="pull a room's history from a peer (shows progress)")
+    bf = add(fed, "backfill", "pull a room's history from a peer (shows progress)")
     bf.add_argument("room_id")
     bf.add_argument("--from", dest="peer", help="the peer (default: the room's host)")
-    bf.add_argument("--limit", type=int, default=1000)
-    ck = fed.add_parser("check", help="test this server the way a peer would (name, TLS, descriptor; "
-                        "clock and handshake against PEER)")
+    bf.add_argument("--limit", type=int, default=MAX_PULL, help=f"most events to pull, 1 to {MAX_PULL}")
+    bf.add_argument("--quiet", action="store_true", help="no progress lines")
+    ck = add(fed, "check", "test this server the way a peer would (name, TLS, descriptor; "
+                           "clock and handshake against PEER)")
     ck.add_argument("peer", nargs="?", help="a peer to compare clocks and handshake with")
-    admin_db = admin.add_parser("db", help="the daemon's database").add_subparsers(dest="cmd", required=True)
-    bk = admin_db.add_parser("backup", help="an online backup (SQLite backup API) while the daemon runs")
+    admin_db = _commands(add(admin, "db", "the daemon's database"), "cmd")
+    bk = add(admin_db, "backup", "an online backup (SQLite backup API) while the daemon runs")
     bk.add_argument("name", nargs="?", help="the new file's name in DATA_DIR/backups/ (default: scaiwave-TIME.db)")
-    for parser in (t, u, key, pol, peers, lim, hs, rt, ds, rf, bf, ck, bk):
+    for parser in (t, u, ul, ud, ut, key, ps, *edits, peers, lim, hs, rt, ds, rf, bf, ck, bk):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -268,8 +317,38 @@ def _start_failure(exc: BaseException, config: Config) -> str | None:
     return None
 
 
+#: Exit statuses: 0 done, 1 refused (``error: CODE: message``), 2 usage or
+#: configuration, 130 interrupted (Ctrl-C: 128 + SIGINT), 141 stdout closed
+#: early (``| head``: 128 + SIGPIPE, what a shell reports for tools killed by
+#: SIGPIPE, so ``set -o pipefail`` scripts see the usual status).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; Ctrl-C and a closed stdout end quietly (see the exit statuses above)."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit flush
+        return status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Nothing more can be written; keep Python's exit flush from complaining too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top == "completion":
+        from .completion import script
+
+        print(script(parser, args.shell), end="")
+        return 0
     try:
         level = parse_level(os.environ.get("SCAIWAVE_LOG_LEVEL"))
         setup_logging(level, parse_format(os.environ.get("SCAIWAVE_LOG_FORMAT") or "text"))
@@ -282,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return replay_command(args)
         config = load_config(os.environ, args.config)
-        setup_logging(level, config.log_format)  # the TOML file may set log_format
+        setup_logging(config.log_level, config.log_format)  # the TOML file may set both
         if args.top == "serve":
             import trio
 

@@ -29,7 +29,7 @@ from typing import Any
 from scaiwave_federation.core.names import canonical_server_name, server_name_problem, split_server_name
 from scaiwave_federation.core.netguard import Network, parse_networks
 
-from .logs import parse_format
+from .logs import parse_format, parse_level
 
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",
@@ -76,6 +76,7 @@ class Config:
     test_tamper_backfill: str | None = None
     outbound_allow: tuple[Network, ...] = ()
     log_format: str = "text"
+    log_level: int = 20  # logging.INFO
     # Limits against hostile or broken peers (core.limits, shell.client; issue 16).
     federation_rate: int = 50
     federation_burst: int = 100
@@ -362,6 +363,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     # puller's refusal against a deliberately broken peer). Logged loudly.
     "test_tamper_backfill": (_plain(_expect_str), None),
     "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
+    "log_level": (_plain(lambda v, s: parse_level(v, s)), 20),
 }
 
 

@@ -14,12 +14,15 @@ import trio
 
 from .api_federation import handle_federation
 from .config import Config, server_ssl_context
-from .errors import INTERNAL
-from .http import Request, Response, serve_http
+from scaiwave_federation.core import Code, Refused
+
+from .errors import INTERNAL, cbor_error, json_error
+from .http import FEDERATION_PREFIX, Request, Response, serve_http
 from .observe import observed, outcome_code, route_template
 from .ops import Ops
 from .routes import all_routes
 from .service import Service
+from .storage import StorageError
 
 log = logging.getLogger("scaiwave.daemon")
 
@@ -37,13 +40,22 @@ def make_handler(service: Service, nursery: trio.Nursery, ops: Ops | None = None
 
     async def handler(request: Request) -> Response:
         path = request.path
+        federation = path.startswith(FEDERATION_PREFIX)
         try:
-            if path.startswith("/_scaiwave/federation/"):
+            if federation:
                 return await handle_federation(service, request)
             return await routes.dispatch(service, request, nursery)
+        except StorageError as exc:
+            if exc.code != "unavailable":
+                log.exception("storage refused %s %s", request.method, path[:200])
+                refusal = Refused(Code.INTERNAL_ERROR, "internal error (see the server log)")
+            else:  # a full or failing disk: nothing was stored, the peer or client retries
+                refusal = Refused(Code.STORAGE_UNAVAILABLE, str(exc))
+            return cbor_error(refusal) if federation else json_error(refusal)
         except Exception:
             log.exception("handler failed for %s %s", request.method, path[:200])
-            return INTERNAL
+            return cbor_error(Refused(Code.INTERNAL_ERROR, "internal error (see the server log)")) if federation \
+                else INTERNAL
 
     return observed(service, ops, handler)
 
@@ -64,9 +76,9 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 handler, host=config.listen_host, port=config.listen_port, ssl_context=ssl_context,
                 task_status=task_status))
             ops.health.listening = True
-            nursery.start_soon(service.outbox_worker)
+            nursery.start_soon(service.keep_running, service.outbox_worker)
             nursery.start_soon(service.catch_up_worker)
-            nursery.start_soon(service.timer_loop)
+            nursery.start_soon(service.keep_running, service.timer_loop)
             nursery.start_soon(_signals, nursery.cancel_scope)
             if service.node.keyring.current is None:
                 log.warning("no federation key yet: run `scaiwave admin federation key generate`")

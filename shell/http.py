@@ -95,12 +95,21 @@ class Response:
         return cls(status, payload, "application/cbor", headers)
 
     @classmethod
-    def error(cls, status: int, code: str, message: str) -> Response:
-        """The contract's JSON error shape ``{"error": {"code", "message"}}``."""
+    def error(cls, status: int, code: str, message: str, *, path: str = "") -> Response:
+        """The contract's error shape ``{"error": {"code", "message"}}``: JSON,
+        or CBOR when ``path`` is a federation path (peers read CBOR only, so a
+        500 there must be CBOR too or the peer sees an unreadable answer)."""
+        if path.startswith(FEDERATION_PREFIX):
+            from scaiwave_federation.core.wire import encode
+
+            return cls.cbor(status, encode({"error": {"code": code, "message": message}}))
         return cls.json(status, {"error": {"code": code, "message": message}})
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+#: Paths whose answers, errors included, are CBOR (server-to-server).
+FEDERATION_PREFIX = "/_scaiwave/federation/"
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,9 @@ class Limits:
 class _Reply(Exception):
     """Answer with this error and close the connection."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, path: str = "") -> None:
         super().__init__(message)
-        self.response = Response.error(status, code, message)
+        self.response = Response.error(status, code, message, path=path)
 
 
 class _Quit(Exception):
@@ -224,12 +233,14 @@ class _Connection:
         headers = tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers)
         # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
         head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in headers)
+        # Once the head is read, refusals on a federation path are CBOR (Response.error).
+        path = event.target.decode("ascii", "replace")
         if head_size > self.limits.max_header_bytes:
-            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes")
+            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes", path)
         length = dict(headers).get("content-length")
         limit = self.limits.max_body_bytes
         if length is not None and int(length) > limit:  # h11 validated it as digits
-            raise _Reply(413, "too_large", f"body over {limit} bytes")
+            raise _Reply(413, "too_large", f"body over {limit} bytes", path)
         if self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body = bytearray()
@@ -241,7 +252,7 @@ class _Connection:
                 raise _Quit
             body += part.data
             if len(body) > limit:  # chunked bodies have no length up front
-                raise _Reply(413, "too_large", f"body over {limit} bytes")
+                raise _Reply(413, "too_large", f"body over {limit} bytes", path)
         method, target = event.method.decode("ascii"), event.target.decode("ascii")  # h11 checked: ASCII
         return Request(method, target, headers, bytes(body), self.peer)
 
@@ -257,11 +268,11 @@ class _Connection:
         except trio.TooSlowError:
             log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
                         self.limits.handler_timeout)
-            return Response.error(503, "timeout", "the server took too long to answer")
+            return Response.error(503, "timeout", "the server took too long to answer", path=request.path)
         except Exception:
             # The traceback is for the operator's log only; it may hold secrets.
             log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
-            return Response.error(500, "internal_error", "internal error")
+            return Response.error(500, "internal_error", "internal error", path=request.path)
 
     async def _send(self, event: Any) -> None:
         data = self.h11.send(event)

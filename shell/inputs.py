@@ -180,6 +180,12 @@ class Bool(Field):
             raise BadInput(where, f"must be true or false, not {_kind(value)}")
         return value
 
+    def parse_text(self, value: str, where: str) -> bool:
+        # In a query string: exactly "true" or "false".
+        if value not in ("true", "false"):
+            raise BadInput(where, "must be true or false")
+        return value == "true"
+
     def schema(self) -> dict[str, Any]:
         return self._doc({"type": "boolean"})
 

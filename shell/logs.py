@@ -40,7 +40,7 @@ def parse_level(value: str | None, setting: str = "SCAIWAVE_LOG_LEVEL") -> int:
     """
     from .config import ConfigError
 
-    text = (value or "").strip().upper() or "INFO"
+    text = (value if isinstance(value, str) else "" if value is None else "?").strip().upper() or "INFO"
     if text not in _LEVELS:
         raise ConfigError(f"{setting}: expected one of debug, info, warning, error, critical, got {value!r}",
                           setting)

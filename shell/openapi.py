@@ -46,8 +46,9 @@ ERROR_SCHEMA: dict[str, Any] = {
 
 #: Answers any route may give: its input refused, a path that names nothing,
 #: and the HTTP layer's own refusals (shell/http.py): a request too slow to
-#: arrive or too large, a handler too slow, an unexpected failure.
-_ANY_ROUTE = (Code.BAD_REQUEST, Code.NOT_FOUND, Code.TOO_LARGE, Code.TIMEOUT, Code.INTERNAL_ERROR)
+#: arrive or too large, a handler too slow, an unexpected failure, a full or failing disk (storage_unavailable).
+_ANY_ROUTE = (Code.BAD_REQUEST, Code.NOT_FOUND, Code.TOO_LARGE, Code.TIMEOUT, Code.INTERNAL_ERROR,
+              Code.STORAGE_UNAVAILABLE)
 _HTTP_LAYER = {408: "timeout", 413: "too_large", 431: "too_large", 500: "internal_error", 503: "timeout"}
 
 _DESCRIPTION = """\

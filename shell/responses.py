@@ -14,7 +14,7 @@ from scaiwave_federation.core.policy import MODES, ROOM_TYPES
 __all__ = [
     "obj", "DESCRIPTOR", "PEERS", "HANDSHAKE", "RETRY", "POLICY", "REFRESH", "KEYRING", "BACKFILL_JOB",
     "TENANT", "TENANTS", "USERS", "NEW_USER", "ROOM", "ROOMS", "NOTIFICATIONS", "MEMBERSHIP", "DM", "INVITE",
-    "POSTED", "MESSAGES", "OPENAPI",
+    "POSTED", "MESSAGES", "OPENAPI", "POLICY_CHANGE", "PEER", "FORGOTTEN", "USER", "TOKEN",
 ]
 
 STR: dict[str, Any] = {"type": "string"}
@@ -46,21 +46,26 @@ DESCRIPTOR = obj({"server_name": STR, "protocol_versions": array(STR), "federati
                   "signature": STR}, closed=False)
 PEER = obj({"server_name": STR, "state": STR, "protocol_version": nullable(STR), "key_id": nullable(STR),
             "last_seen": nullable(MS), "last_error": nullable(_ERROR_VIEW), "failures": INT,
-            "retry_at": nullable(MS), "pending": INT})
+            "retry_at": nullable(MS), "pending": INT, "paused": {"type": "boolean"}})
 PEERS = obj({"peers": array(PEER)})
 HANDSHAKE = obj({"server_name": STR, "state": {"const": "active"}, "protocol_version": STR, "key_id": STR})
 RETRY = obj({"server_name": STR, "requeued": INT})
 POLICY = obj({"default_mode": {"enum": list(MODES)}, "allowed_peers": array(STR), "blocked_peers": array(STR)})
+POLICY_CHANGE = obj({"policy": POLICY, "changed": {"type": "boolean"}, "dry_run": {"type": "boolean"},
+                     "changes": array(STR), "cut_off": array(obj({"server_name": STR, "code": STR, "message": STR}))})
+FORGOTTEN = obj({"server_name": STR, "dropped": INT})
 REFRESH = obj({"server_name": STR, "key_id": nullable(STR), "old_keys": array(STR)})
 KEYRING = obj({"key_id": nullable(STR), "public_key": STR, "created_at": nullable(MS),
                "rotation_due_at": nullable(MS), "old_keys": array(_OLD_KEY)})
 BACKFILL_JOB = obj({"id": INT, "room_id": STR, "peer": STR, "limit": INT, "stored": INT,
                     "state": {"enum": ["running", "done", "failed"]}, "error": nullable(obj({"code": STR, "message": STR})),
                     "refused": array(obj({"code": STR, "message": STR}, closed=False)), "reached_start": {"type": "boolean"},
-                    "catch_up": {"type": "boolean"}})
+                    "catch_up": {"type": "boolean"}, "expected": nullable(INT)})
 TENANT = obj({"name": STR, "federation_enabled": {"type": "boolean"}})
 TENANTS = obj({"tenants": array(TENANT)})
-USERS = obj({"users": array(obj({"user_id": STR, "name": STR, "tenant": STR}, closed=False))})
+USER = obj({"user_id": STR, "name": STR, "tenant": STR, "deactivated_at": nullable(MS)})
+USERS = obj({"users": array(USER)})
+TOKEN = obj({"user_id": STR, "access_token": STR})
 NEW_USER = obj({"user_id": STR, "tenant": STR, "access_token": STR})
 ROOM = obj({"room_id": STR, "room_type": {"enum": list(ROOM_TYPES)}})
 ROOMS = obj({"rooms": array(obj({"room_id": STR, "room_type": STR, "host": STR, "tenant": nullable(STR),

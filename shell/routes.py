@@ -48,7 +48,9 @@ __all__ = ["API", "Auth", "ApiFailure", "Call", "Route", "RouteTable", "PUBLIC",
 log = logging.getLogger("scaiwave.routes")
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 #: Storage refusals an API caller can cause (a race past a handler's own check).
-_STORAGE_CODES = {"conflict": Code.CONFLICT, "not_found": Code.NOT_FOUND, "invalid": Code.BAD_REQUEST}
+#: ``unavailable``: a full or failing disk (503, retryable).
+_STORAGE_CODES = {"conflict": Code.CONFLICT, "not_found": Code.NOT_FOUND, "invalid": Code.BAD_REQUEST,
+                  "unavailable": Code.STORAGE_UNAVAILABLE}
 
 
 class ApiFailure(Exception):

@@ -34,6 +34,9 @@ class StorageError(Exception):
     ``invalid``   the caller passed a value the schema cannot hold (400)
     ``schema``    the file's schema is newer than this code, or a migration failed
     ``open``      the database file cannot be opened (not SQLite, no WAL, no access)
+    ``unavailable`` the disk is full or failing (SQLITE_FULL, SQLITE_IOERR, ...):
+                  nothing of the call was stored; retry later (HTTP 503
+                  ``storage_unavailable``)
 
     ``str(err)`` is a one-line message for an admin.
     """
@@ -210,10 +213,28 @@ def _m2_proposals(db: sqlite_utils.Database) -> None:
                        [room_id, record["proposal_id"], record["event_id"]])
 
 
+def _m3_admin_day_two(db: sqlite_utils.Database) -> None:
+    """Version 3: what an admin's second day needs. ``peers.paused`` (1: the
+    outbox holds this peer's queue), ``users.deactivated_at`` (set: the token
+    no longer works), and ``client_txns``: the first answer to each user's
+    ``PUT /v1/rooms/{room_id}/send/{txn_id}``, so a retry stores nothing twice."""
+    db.execute("ALTER TABLE peers ADD COLUMN paused INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1))")
+    db.execute("ALTER TABLE users ADD COLUMN deactivated_at INTEGER")
+    db.execute("""CREATE TABLE client_txns (
+        user_id     TEXT NOT NULL,
+        txn_id      TEXT NOT NULL,
+        room_id     TEXT NOT NULL,
+        body_hash   BLOB NOT NULL,
+        response    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (user_id, txn_id)
+    )""")
+
+
 Migration = Callable[[sqlite_utils.Database], None]
 
 #: Applied in order; migration ``i`` (0-based) takes a file to version ``i + 1``.
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -79,8 +79,8 @@ def fix_for(code: Code, message: str, *, us: str, peer: str | None) -> str:
     by_peer = message.startswith("peer refused")
     table = {
         Code.OWN_KEY_MISSING: "run `scaiwave admin federation key generate`",
-        Code.PEER_NOT_ALLOWED: (f"ask the admin of {them} to run `scaiwave admin federation policy set --allow {us}`"
-                                if by_peer else f"allow it here: `scaiwave admin federation policy set --allow {them}`"),
+        Code.PEER_NOT_ALLOWED: (f"ask the admin of {them} to run `scaiwave admin federation policy allow {us}`"
+                                if by_peer else f"allow it here: `scaiwave admin federation policy allow {them}`"),
         Code.PEER_BLOCKED: (f"{them} blocks {us}: ask its admin" if by_peer
                             else f"{them} is in blocked_peers here: remove it with `policy set --block ...`"),
         Code.FEDERATION_CLOSED: (f"{them} refuses all federation (policy closed)" if by_peer

@@ -14,6 +14,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -60,6 +61,8 @@ log = logging.getLogger("scaiwave.service")
 
 __all__ = ["Service", "BackfillJob"]
 
+#: How long a background loop waits after a full or failing disk before it tries again.
+STORAGE_RETRY_S = 1.0
 OUTBOX_POLL_S = 0.5
 
 
@@ -83,6 +86,9 @@ class BackfillJob:
     error: dict | None = None
     refused: list[dict] = field(default_factory=list)
     reached_start: bool = False
+    #: How many events this pull will store in all, once a page has shown how
+    #: deep the room goes (None before): the progress bar's total.
+    expected: int | None = None
     #: Catching up: our head of the room when the gap was seen (see BackfillPuller's ``until``).
     until: tuple[int, bytes] | None = None
     done: trio.Event = field(default_factory=trio.Event, repr=False)
@@ -90,7 +96,7 @@ class BackfillJob:
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
                 "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
-                "reached_start": self.reached_start, "catch_up": self.until is not None}
+                "reached_start": self.reached_start, "catch_up": self.until is not None, "expected": self.expected}
 
 
 class Service:
@@ -107,6 +113,10 @@ class Service:
         self.ops: Any = None  # the daemon's operator endpoints (shell.ops.Ops), set by the daemon
         self._peer_locks: dict[str, trio.Lock] = {}
         self._room_locks: dict[str, trio.Lock] = {}
+        self._send_locks: dict[str, trio.Lock] = {}
+        #: Held by whoever reads the policy to change it (a one-entry edit), so
+        #: two admins' edits never lose one another.
+        self.policy_lock = trio.Lock()
         self._wake_outbox = trio.Event()
         self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
         self._wake_catch_up = trio.Event()
@@ -283,9 +293,10 @@ class Service:
         return {m["user_id"]: m["membership"] for m in await self.store.members(room_id)}
 
     async def local_party(self, user_id: str) -> Party | None:
-        """What the rules know of one of our users, or ``None`` if there is no such user."""
+        """What the rules know of one of our users, or ``None`` if there is no
+        such user or it is deactivated (nobody can invite it or act as it)."""
         user = await self.store.get_user(user_id)
-        if user is None:
+        if user is None or user.get("deactivated_at") is not None:
             return None
         return Party(user["user_id"], user["tenant"], await self.tenant_federates(user["tenant"]))
 
@@ -317,17 +328,44 @@ class Service:
         return TxnSnapshot(rooms, held, chained)
 
     async def peer_seen(self, server: str) -> None:
-        await self.store.mark_seen(server, self.now())
+        try:
+            await self.store.mark_seen(server, self.now())
+        except StorageError as exc:  # bookkeeping: the traffic itself went through
+            if exc.code != "unavailable":
+                raise
 
     async def peer_error(self, server: str, refusal: Refused) -> None:
-        if server == self.config.server_name:
+        """Record a failure of traffic with ``server`` in its ``last_error``;
+        a refusal about what we asked (``not_found`` for a room id that does
+        not exist, say) is no failure of the link and is not recorded."""
+        if server == self.config.server_name or refusal.about_the_request:
             return
         log.warning("peer %s: %s", server, refusal)
-        peer = await self.store.get_peer(server)
-        failures = (peer or {}).get("failures") or 0
-        now = self.now()
-        await self.store.mark_error(server, refusal.code.value, refusal.as_dict()["message"], now,
-                                    now + backoff_ms(failures + 1))
+        try:
+            peer = await self.store.get_peer(server)
+            failures = (peer or {}).get("failures") or 0
+            now = self.now()
+            await self.store.mark_error(server, refusal.code.value, refusal.as_dict()["message"], now,
+                                        now + backoff_ms(failures + 1))
+        except StorageError as exc:  # bookkeeping: the caller still gets the refusal
+            if exc.code != "unavailable":
+                raise
+
+    async def keep_running(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop (outbox, timers) through storage faults: a full
+        or failing disk stops it for ``STORAGE_RETRY_S``, then it starts over from
+        what the database holds (nothing acknowledged is only in memory), so it
+        catches up once space returns. A row that went away under the loop
+        (``not_found``: the admin forgot a peer whose transaction was being
+        delivered) also starts it over. Any other failure still propagates."""
+        while True:
+            try:
+                return await loop()
+            except StorageError as exc:
+                if exc.code not in ("unavailable", "not_found"):
+                    raise
+                log.warning("%s paused: %s (retrying in %g s)", loop.__name__, exc, STORAGE_RETRY_S)
+                await trio.sleep(STORAGE_RETRY_S)
 
     async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused:
         """Carry out a SendRequest; transport failures come back as refusals.
@@ -344,10 +382,11 @@ class Service:
             return refusal
         self.record("outbound", peer=effect.destination, method=effect.method, target=effect.target,
                     body=effect.body, status=resp.status, response=resp.body)
-        if resp.status == 200:
+        refusal = None if resp.status == 200 else decode_refusal(resp.status, resp.body)
+        if refusal is None or refusal.about_the_request:  # the peer read and answered us: the link works
             await self.peer_seen(effect.destination)
         else:
-            await self.peer_error(effect.destination, decode_refusal(resp.status, resp.body))
+            await self.peer_error(effect.destination, refusal)
         return resp.status, resp.body
 
     async def signed_request(self, peer: str, method: str, target: str, body: bytes) -> tuple[int, bytes] | Refused:
@@ -402,6 +441,11 @@ class Service:
         result = await self.handshake(peer)
         return result if isinstance(result, Refused) else None
 
+    def send_lock(self, user_id: str) -> trio.Lock:
+        """One user's idempotent sends (``PUT .../send/{txn_id}``) one at a time,
+        so a retry racing its first try still finds the first answer."""
+        return self._send_locks.setdefault(user_id, trio.Lock())
+
     def room_lock(self, room_id: str) -> trio.Lock:
         """The lock of one room's chain: whoever reads its head, chains, stores and
         queues the event holds it, so concurrent writers never chain at one depth."""
@@ -428,7 +472,8 @@ class Service:
         """Deliver queued transactions; failures back off per peer (visible in peers)."""
         while True:
             now = self.now()
-            stalled: set[str] = set()
+            # A paused peer's queue waits, whole and in order, for `peers resume`.
+            stalled: set[str] = await self.store.paused_peers()
             # Every queued item, in queue order (due or not): a peer's
             # transactions go strictly in order. Once one is not yet due or
             # fails, the rest wait, or the peer would see a later event before
@@ -463,6 +508,21 @@ class Service:
             with trio.move_on_after(OUTBOX_POLL_S):
                 await self._wake_outbox.wait()
             self._wake_outbox = trio.Event()
+
+    async def set_paused(self, peer: str, paused: bool) -> dict[str, Any]:
+        """Pause or resume delivery to ``peer`` (its queue is kept, and goes out
+        in order on resume). Raises StorageError ``not_found`` for a peer we
+        never dealt with."""
+        row = await self.store.set_paused(peer, paused)
+        self._wake_outbox.set()
+        return row
+
+    async def forget_peer(self, peer: str, *, force: bool) -> int:
+        """Delete ``peer``'s row, cached keys and (with ``force``) queued
+        transactions; return how many were dropped. See Store.forget_peer."""
+        dropped = await self.store.forget_peer(peer, drop_queued=force)
+        self.node.keys.forget(peer)
+        return dropped
 
     async def retry_now(self, peer: str) -> int:
         count = await self.store.reset_retry(peer, self.now())
@@ -525,7 +585,8 @@ class Service:
             # A page the store refuses (say a host that chained one proposal twice:
             # core/proposals.py): the pull stops there; what was stored stays.
             log.warning("backfill %s stopped: %s", job.id, exc)
-            code = Code.CONFLICT if exc.code == "conflict" else Code.INTERNAL_ERROR
+            code = {"conflict": Code.CONFLICT, "unavailable": Code.STORAGE_UNAVAILABLE}.get(exc.code,
+                                                                                          Code.INTERNAL_ERROR)
             job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
         except Exception as exc:  # an unexpected failure must not kill the daemon
             log.exception("backfill %s failed", job.id)
@@ -590,6 +651,8 @@ class Service:
                             "updated_at": self.now()})
                 pages.stored(started, len(effect.events))
                 job.stored = puller.stored - base
+                if effect.events:  # the events below this page's lowest are still to come
+                    job.expected = min(job.limit, job.stored + min(e.depth for e in effect.events))
             elif isinstance(effect, NeedKeys):
                 # Another pull may be fetching the same descriptor (catch-ups run side
                 # by side): its answer is ours too.
@@ -612,7 +675,7 @@ class Service:
                 if effect.refusal is not None:
                     job.state, job.error = "failed", effect.refusal.as_dict()
                 else:
-                    job.state = "done"
+                    job.state, job.expected = "done", job.stored
                     if job.until is None:
                         await self.store.clear_cursor(job.room_id, job.peer)
                 return

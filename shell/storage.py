@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import sqlite_utils
 
 from .schema import SCHEMA_VERSION, StorageError, migrate
+from .storage_admin import AdminRows
 
 __all__ = [
     "DB_FILENAME",
@@ -58,7 +59,7 @@ DEFAULT_POLICY: dict[str, Any] = {
 
 _PEER_FIELDS = frozenset(
     "state protocol_version key_id last_seen last_error_code last_error_message last_error_at"
-    " failures retry_at descriptor descriptor_fetched_at".split()
+    " failures retry_at descriptor descriptor_fetched_at paused".split()
 )
 _MEMBERSHIPS = frozenset({"invite", "join", "leave", "decline"})
 _INVITE_STATES = frozenset({"pending", "accepted", "declined"})
@@ -83,7 +84,7 @@ class TxnOutcome:
     new_events: int
 
 
-class Store:
+class Store(AdminRows):
     """Synchronous access to the scaiwave database.
 
     Not safe for use from several threads at the same time: the daemon goes
@@ -157,8 +158,19 @@ class Store:
 
         BEGIN IMMEDIATE takes the write lock up front, so a writer in another
         process makes us wait at BEGIN (busy timeout) instead of failing with
-        SQLITE_BUSY halfway through, after our reads.
+        SQLITE_BUSY halfway through, after our reads. Inside another
+        transaction (:meth:`create_room_with`) the block is a savepoint of it.
         """
+        if self.db.conn.in_transaction:
+            self.db.execute("SAVEPOINT nested")
+            try:
+                yield
+                self.db.execute("RELEASE nested")
+            except BaseException:
+                self.db.execute("ROLLBACK TO nested")
+                self.db.execute("RELEASE nested")
+                raise
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -322,7 +334,7 @@ class Store:
                 self._insert("users", row)
             except sqlite3.IntegrityError as exc:
                 raise StorageError("conflict", f"user {user_id!r} already exists") from exc
-        return row
+        return {**row, "deactivated_at": None}
 
     def _need_tenant(self, tenant: str) -> None:
         # Checked up front, not left to the foreign key, to say what is missing.
@@ -334,8 +346,9 @@ class Store:
         return self._one("SELECT * FROM users WHERE user_id = ?", user_id)
 
     def user_by_token_hash(self, token_hash: str) -> Row | None:
-        """Return the user whose access token hashes to ``token_hash``, or None."""
-        return self._one("SELECT * FROM users WHERE token_hash = ?", token_hash)
+        """Return the active (not deactivated) user whose access token hashes
+        to ``token_hash``, or None."""
+        return self._one("SELECT * FROM users WHERE token_hash = ? AND deactivated_at IS NULL", token_hash)
 
     def list_users(self) -> list[Row]:
         """Return every local user, by user id."""
@@ -359,6 +372,19 @@ class Store:
             except sqlite3.IntegrityError as exc:
                 raise StorageError("conflict", f"room {room_id!r} already exists") from exc
         return row
+
+    def create_room_with(self, room: Row, events: Sequence[Row], memberships: Mapping[str, str],
+                         invite: Row | None = None) -> None:
+        """Create a room with its first events, memberships and (a local
+        invitee's) invite, all or nothing: a DM whose invite was refused, or
+        whose storing fails, leaves no room behind. Raises like the parts."""
+        with self._write():
+            self.create_room(**room)
+            self._store_events_in_tx(room["room_id"], events, None)
+            for user_id, membership in memberships.items():
+                self.set_membership(room["room_id"], user_id, membership)
+            if invite is not None:
+                self.save_invite(**invite)
 
     def get_room(self, room_id: str) -> Row | None:
         """Return the rooms row or None."""
@@ -446,7 +472,8 @@ class Store:
             self._upsert("backfill_cursors", row, "room_id, peer")
         return new
 
-    def store_events(self, room_id: str, events: Sequence[Row], cursor: Row | None = None) -> int:
+    def store_events(self, room_id: str, events: Sequence[Row], cursor: Row | None = None, *,
+                     client_txn: Row | None = None) -> int:
         """Store a batch of events, and optionally a backfill cursor, atomically.
 
         ``events``: dicts with ``event_id`` (32 bytes), ``depth``, ``sender``,
@@ -456,12 +483,18 @@ class Store:
         so a page and its cursor land together (empty ``events`` just moves the
         cursor). Returns how many events were new.
 
+        ``client_txn``: a user's send answer (:meth:`save_client_txn`) stored
+        in the same transaction, so a retry can never store the event twice.
+
         Raises ``conflict`` if a different event holds an event's id or
         (room_id, depth), ``invalid`` for a malformed event; either way
         nothing of the batch or cursor is stored.
         """
         with self._write():
-            return self._store_events_in_tx(room_id, events, cursor)
+            new = self._store_events_in_tx(room_id, events, cursor)
+            if client_txn is not None:
+                self.save_client_txn(client_txn)
+            return new
 
     def event_at(self, room_id: str, depth: int) -> Row | None:
         """Return the room's event at ``depth``, or None."""

@@ -7,15 +7,37 @@ event loop never blocks on SQLite and there is exactly one writer.
 from __future__ import annotations
 
 import functools
+import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
 
+from .schema import StorageError
 from .storage import Store
 
-__all__ = ["AsyncStore"]
+__all__ = ["AsyncStore", "storage_fault"]
+
+log = logging.getLogger("scaiwave.storage")
+
+#: SQLite's primary result codes for a disk that is full or failing: the call
+#: changed nothing (SQLite rolled back) and may work once the admin frees space.
+_FAULTS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY,
+           sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def storage_fault(exc: BaseException) -> StorageError | None:
+    """``exc`` as a retryable :class:`StorageError` (``unavailable``) if it is a
+    disk that is full or failing (or an OS error under SQLite), else ``None``."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None or code & 0xFF not in _FAULTS:
+            return None
+    elif not isinstance(exc, OSError):
+        return None
+    return StorageError("unavailable", f"storage unavailable (disk full or failing): {str(exc)[:160]}")
 
 # ------------------------------------------------------------------- async
 
@@ -57,8 +79,18 @@ class AsyncStore:
 
     async def run(self, fn: Callable[[Store], R]) -> R:
         """Run ``fn(store)`` on the storage thread and return its result: for
-        several calls that no other task's call may come between."""
-        return await trio.to_thread.run_sync(fn, self.sync, limiter=self._limiter)
+        several calls that no other task's call may come between.
+
+        A full or failing disk raises :class:`StorageError` ``unavailable``
+        (the transaction was rolled back: nothing of it is stored)."""
+        try:
+            return await trio.to_thread.run_sync(fn, self.sync, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            log.error("%s", fault)
+            raise fault from exc
 
     async def __aenter__(self) -> AsyncStore:
         return self
@@ -85,8 +117,16 @@ class AsyncStore:
     create_user = _offload(Store.create_user)
     get_user = _offload(Store.get_user)
     user_by_token_hash = _offload(Store.user_by_token_hash)
+    deactivate_user = _offload(Store.deactivate_user)
+    set_token_hash = _offload(Store.set_token_hash)
+    client_txn = _offload(Store.client_txn)
+    save_client_txn = _offload(Store.save_client_txn)
+    paused_peers = _offload(Store.paused_peers)
+    set_paused = _offload(Store.set_paused)
+    forget_peer = _offload(Store.forget_peer)
     list_users = _offload(Store.list_users)
     create_room = _offload(Store.create_room)
+    create_room_with = _offload(Store.create_room_with)
     get_room = _offload(Store.get_room)
     set_membership = _offload(Store.set_membership)
     members = _offload(Store.members)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from shellhelpers import InMemory, make_env
 from scaiwave_federation.shell.config import load_config
 from scaiwave_federation.shell.service import Service
+from scaiwave_federation.shell.storage import Store
 
 settings.register_profile(
     "ci",
@@ -50,3 +51,11 @@ async def daemon(tmp_path: Path, ca: tuple[trustme.CA, Path], nursery: trio.Nurs
     service = await Service.open(config)
     yield InMemory(service, nursery)
     await service.aclose()
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    """A real SQLite store in a fresh data directory."""
+    s = Store.open(tmp_path / "data")
+    yield s
+    s.close()

@@ -36,6 +36,12 @@ COVERED = {
     ("POST", "/v1/invites/{room_id}/accept"),
     ("POST", "/v1/invites/{room_id}/decline"),
     ("POST", "/v1/rooms/{room_id}/leave"),
+    ("PUT", "/v1/rooms/{room_id}/send/{txn_id}"),
+    ("POST", "/v1/admin/federation/peers/{peer}/pause"),
+    ("POST", "/v1/admin/federation/peers/{peer}/resume"),
+    ("DELETE", "/v1/admin/federation/peers/{peer}"),
+    ("POST", "/v1/admin/users/{user_id}/token"),
+    ("POST", "/v1/admin/users/{user_id}/deactivate"),
 }
 
 
@@ -55,6 +61,28 @@ async def test_every_id_raw_and_encoded(tmp_path: Path, ca: tuple[trustme.CA, Pa
         room, alice, bob = await peered_dm(a, b)
         await admin_paths(a, b, room)
         await client_paths(a, b, room, alice, bob)
+        await day_two_paths(a, b, room, alice)
+
+
+async def day_two_paths(a: Remote, b: Remote, room: str, alice: str) -> None:
+    """Sends, peer verbs and user verbs, each id in each spelling."""
+    for i, spelled in enumerate(spellings(room)):
+        for txn in spellings(f"t.{i}~x"):
+            sent = await ok(await a.request("PUT", f"/v1/rooms/{spelled}/send/{txn}", {"body": f"t{i}"}, token=alice))
+        assert sent["event_id"]
+    for verb, spelled in zip(("pause", "resume", "pause", "resume"), spellings(b.server_name) * 2):
+        view = await ok(await a.admin("POST", f"/v1/admin/federation/peers/{spelled}/{verb}"))
+        assert view["server_name"] == b.server_name and view["paused"] is (verb == "pause")
+    await ok(await a.admin("POST", "/v1/admin/users", {"name": "gina", "tenant": "acme"}))
+    for spelled in spellings(f"@gina:{a.server_name}"):
+        assert (await ok(await a.admin("POST", f"/v1/admin/users/{spelled}/token")))["access_token"]
+    for spelled in spellings(f"@gina:{a.server_name}"):
+        assert (await ok(await a.admin("POST", f"/v1/admin/users/{spelled}/deactivate")))["deactivated_at"]
+    spelled = spellings(b.server_name)
+    forgotten = await ok(await a.admin("DELETE", f"/v1/admin/federation/peers/{spelled[2]}?force=true"))
+    assert forgotten["server_name"] == b.server_name
+    for other in spelled[:2]:
+        assert (await a.admin("DELETE", f"/v1/admin/federation/peers/{other}"))[0] == 404
 
 
 async def admin_paths(a: Remote, b: Remote, room: str) -> None:

@@ -64,5 +64,7 @@ def test_the_migration_fills_the_table_from_stored_events(tmp_path: Path):
         store.store_events(ROOM, [e.as_record() for e in chain] + [first.as_record()])
         store.db.execute("DROP TABLE proposals")
         store.db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-        assert schema.migrate(store.db) == schema.SCHEMA_VERSION
+        # Migration 2 alone: the later ones are in place already.
+        assert schema.migrate(store.db, schema.MIGRATIONS[:2]) == 2
+        store.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(schema.SCHEMA_VERSION)])
         assert store.proposal_chained(ROOM, proposal.event_id) == first.event_id

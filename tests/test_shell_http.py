@@ -210,6 +210,17 @@ async def test_body_over_limit_declared() -> None:
     assert body["error"]["code"] == "too_large"
 
 
+async def test_a_federation_body_over_limit_is_refused_in_cbor() -> None:
+    import cbor2
+
+    limits = Limits(max_body_bytes=1000)
+    raw = b"PUT /_scaiwave/federation/v1/send/t HTTP/1.1\r\nhost: x\r\ncontent-length: 1001\r\n\r\n" + b"x" * 1001
+    data = await raw_exchange(raw, limits)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and b"content-type: application/cbor" in head
+    assert cbor2.loads(body)["error"]["code"] == "too_large"
+
+
 async def test_body_over_limit_chunked() -> None:
     limits = Limits(max_body_bytes=1000)
     chunk = b"258\r\n" + b"x" * 600 + b"\r\n"  # 0x258 = 600 bytes

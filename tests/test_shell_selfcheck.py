@@ -43,8 +43,8 @@ def test_clock_step_reads_the_date_header() -> None:
 def test_advice_names_the_side_that_must_act() -> None:
     theirs = fix_for(Code.PEER_NOT_ALLOWED, "peer refused: ...", us="a.test", peer="b.test")
     ours = fix_for(Code.PEER_NOT_ALLOWED, "b.test is not in allowed_peers", us="a.test", peer="b.test")
-    assert theirs == "ask the admin of b.test to run `scaiwave admin federation policy set --allow a.test`"
-    assert ours == "allow it here: `scaiwave admin federation policy set --allow b.test`"
+    assert theirs == "ask the admin of b.test to run `scaiwave admin federation policy allow a.test`"
+    assert ours == "allow it here: `scaiwave admin federation policy allow b.test`"
     for code in Code:  # every code has some advice
         assert fix_for(code, "", us="a.test", peer="b.test")
 
@@ -94,7 +94,7 @@ def test_cli_check_against_real_daemons(tmp_path: Path) -> None:
         lines = _steps(proc.stdout)
         assert proc.returncode == 1
         assert any(line.startswith("clock       ok    ") for line in lines)
-        assert f"what to do: ask the admin of {B} to run `scaiwave admin federation policy set --allow {A}`" in lines
+        assert f"what to do: ask the admin of {B} to run `scaiwave admin federation policy allow {A}`" in lines
         b.cli("admin", "federation", "policy", "set", "--allow", A, check=True)
         proc = a.cli("admin", "federation", "check", B)
         assert proc.returncode == 0, proc.stdout + proc.stderr

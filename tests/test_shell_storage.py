@@ -52,13 +52,6 @@ def ev(depth: int, room: str = ROOM, tag: str = "") -> dict:
     }
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
 # ------------------------------------------------------------------ schema
 
 
