@@ -176,6 +176,8 @@ async def _refresh_foreign(call: Call) -> Response:
     if refusal is not None:
         return json_error(refusal)
     keys = call.service.node.keys.keys(server)
+    if keys is None:  # learned, then forgotten under us (a concurrent `peers forget`)
+        return json_error(Refused(Code.UNKNOWN_KEY, f"{server} has no keys cached now: refresh again"))
     return Response.json(200, {"server_name": server, "key_id": keys.key_id,
                                "old_keys": [o.key_id for o in keys.old]})
 
@@ -198,7 +200,7 @@ async def _rotate_key(call: Call) -> Response:
 
 async def _start_backfill(call: Call) -> Response:
     room_id, body = call.params["room_id"], call.body
-    peer = body.get("peer") or server_of(room_id)
+    peer: str = body.get("peer") or server_of(room_id) or ""  # room ids are canonical (inputs.ROOM_ID)
     if peer == call.service.config.server_name:  # not a peer's refusal: say what the admin asked
         raise _Fail(Code.BAD_REQUEST, f"the peer to pull from is this server ({peer}): " + (
             "name another server" if body.get("peer") else f"{room_id} is hosted here, its history is already here"))

@@ -99,6 +99,7 @@ async def _new_room(service: Service, user: dict[str, Any], room_type: str) -> d
     await service.store.create_room(room_id=room_id, room_type=room_type, host=service.config.server_name,
                                     tenant=user["tenant"], creator=user["user_id"], created_at=service.now())
     room = await service.store.get_room(room_id)
+    assert room is not None  # just created
     await _append(service, room, user["user_id"], "m.create", {"creator": user["user_id"], "room_type": room_type})
     await service.store.set_membership(room_id, user["user_id"], "join")
     await _append(service, room, user["user_id"], "m.member", {"membership": "join", "user": user["user_id"]})
@@ -169,11 +170,11 @@ async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any
         events.append(event)
         head = Head(event.depth, event.event_id)
     if server_of(to) != here:
-        status, body = _need(await service.signed_request(
+        status, answer = _need(await service.signed_request(
             server_of(to) or "", "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
             encode_events_body([events[-1].envelope])))
         if status != 200:
-            raise _Fail(decode_refusal(status, body))
+            raise _Fail(decode_refusal(status, answer))
 
     invite = None if server_of(to) != here else {
         "room_id": room["room_id"], "user_id": to, "inviter": user["user_id"], "origin": here, "room_type": "dm",
@@ -185,7 +186,7 @@ async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any
 
 async def _invite_user(service: Service, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
     """Carry out an invite the rules allowed: chain it, then deliver it."""
-    server = server_of(to)
+    server = server_of(to) or ""  # a canonical user id (inputs.USER_ID): never empty
     event = await _append(service, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
     await service.store.set_membership(room["room_id"], to, "invite")
     if server == service.config.server_name:

@@ -83,11 +83,12 @@ class AdminClient:
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
     """The TLS error under an httpx error (httpx wraps httpcore, which wraps ssl), if any."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ssl.SSLError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -159,8 +160,8 @@ def _admin(args: argparse.Namespace, config: Config) -> None:
         data = c.call("POST", f"/v1/admin/federation/peers/{_seg(args.peer)}/retry")
         _print(args, data, f"{data['requeued']} queued transactions to {data['server_name']} due now")
     elif cmd == "descriptor":
-        path = "/v1/admin/federation/descriptor" + (f"?server={_seg(args.server)}" if args.server else "")
-        _print(args, c.call("GET", path))
+        target = "/v1/admin/federation/descriptor" + (f"?server={_seg(args.server)}" if args.server else "")
+        _print(args, c.call("GET", target))
     elif cmd == "refresh":
         data = c.call("POST", f"/v1/admin/federation/foreign/{_seg(args.participant_id)}/refresh")
         _print(args, data, f"{data['server_name']}: key {data['key_id']} (old: {', '.join(data['old_keys']) or '-'})")

@@ -409,6 +409,7 @@ def load_config(env: Mapping[str, str], toml_path: Path | None = None) -> Config
         if env.get(setting):  # an empty variable counts as unset
             value, base, origin = env[setting], None, ""
         elif key in file_values:
+            assert toml_path is not None  # file_values come from it
             value, base, origin = file_values[key], Path(toml_path).parent, f" (from '{key}' in {toml_path})"
         elif default is _REQUIRED:
             raise ConfigError(

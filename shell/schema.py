@@ -198,7 +198,7 @@ def _m2_proposals(db: sqlite_utils.Database) -> None:
     """Version 2: which chained event of a room carries which proposal, one
     per proposal (core/proposals.py: a proposal is chained at most once per
     room). Filled from the events already stored."""
-    from scaiwave_federation.core import decode_event
+    from scaiwave_federation.core import Refused, decode_event
 
     db.execute("""CREATE TABLE proposals (
         room_id      TEXT NOT NULL,
@@ -207,7 +207,9 @@ def _m2_proposals(db: sqlite_utils.Database) -> None:
         PRIMARY KEY (room_id, proposal_id)
     )""")
     for room_id, envelope in db.execute("SELECT room_id, envelope FROM events").fetchall():
-        record = decode_event(envelope).as_record()
+        event = decode_event(envelope)
+        assert not isinstance(event, Refused), event  # our own stored, verified events
+        record = event.as_record()
         if "proposal_id" in record:
             db.execute("INSERT INTO proposals VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                        [room_id, record["proposal_id"], record["event_id"]])

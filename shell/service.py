@@ -382,11 +382,11 @@ class Service:
             return refusal
         self.record("outbound", peer=effect.destination, method=effect.method, target=effect.target,
                     body=effect.body, status=resp.status, response=resp.body)
-        refusal = None if resp.status == 200 else decode_refusal(resp.status, resp.body)
-        if refusal is None or refusal.about_the_request:  # the peer read and answered us: the link works
+        answered: Refused | None = None if resp.status == 200 else decode_refusal(resp.status, resp.body)
+        if answered is None or answered.about_the_request:  # the peer read and answered us: the link works
             await self.peer_seen(effect.destination)
         else:
-            await self.peer_error(effect.destination, refusal)
+            await self.peer_error(effect.destination, answered)
         return resp.status, resp.body
 
     async def signed_request(self, peer: str, method: str, target: str, body: bytes) -> tuple[int, bytes] | Refused:

@@ -434,7 +434,7 @@ class Store(AdminRows):
             raise StorageError("invalid", f"event lacks {exc.args[0]!r}") from exc
         eid, depth = row["event_id"], row["depth"]
         if event.get("proposal_id") is not None:
-            self._insert_proposal(room_id, _blob(event["proposal_id"]), eid)
+            self._insert_proposal(room_id, bytes(event["proposal_id"]), eid)
         try:
             if self._insert("events", row, "ON CONFLICT DO NOTHING").rowcount == 1:
                 return True
