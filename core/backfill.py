@@ -44,13 +44,13 @@ only verified events, each depth once, together with a resume cursor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Mapping
 
 from .codes import Code, LocalProtocolError, Refused
 from .effects import Effect, Failed, SendRequest, StoreEvents
 from .events import Event, KeyLookup, NeedKeys, verify_events
 from .keycache import KeyCache
-from .keys import BatchVerifier, ServerKeys, SigningKey, verify_batch
+from .keys import BatchVerifier, SigningKey, verify_batch
 from .layouts import read_page
 from .requests import sign_request
 from .wire import decode, encode

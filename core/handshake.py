@@ -135,7 +135,8 @@ class Initiator:
             raise LocalProtocolError("handshake nonce must be 16-64 bytes")
         self._nonce = nonce
         if self.keyring.current is None:
-            return self._fail("start", Refused(Code.OWN_KEY_MISSING, "no federation key: run `scaiwave admin federation key generate`"))
+            return self._fail("start", Refused(Code.OWN_KEY_MISSING,
+                                               "no federation key: run `scaiwave admin federation key generate`"))
         refusal = self.policy.admits(self.peer)
         if refusal is not None:
             return self._fail("start", refusal)
@@ -189,12 +190,14 @@ class Initiator:
         if (value["initiator"], value["responder"], value["nonce"]) != (self.server_name, self.peer, self._nonce):
             return self._fail("reply_received", Refused(Code.HANDSHAKE_FAILED, "reply is for another handshake"))
         if value["version"] not in self.versions:
-            return self._fail("reply_received", Refused(Code.PROTOCOL_VERSION_MISMATCH, "peer chose a version we do not speak"))
+            return self._fail("reply_received",
+                              Refused(Code.PROTOCOL_VERSION_MISMATCH, "peer chose a version we do not speak"))
         peer_keys = self._peer_keys
         assert peer_keys is not None and peer_keys.public_key is not None  # set in descriptor_received
         transcript = _transcript(self.server_name, self.peer, value["version"], self._nonce)
         if not verify(peer_keys.public_key, Domain.HANDSHAKE, transcript, value["proof"]):
-            return self._fail("reply_received", Refused(Code.HANDSHAKE_FAILED, "peer's proof does not verify under its descriptor key"))
+            return self._fail("reply_received",
+                              Refused(Code.HANDSHAKE_FAILED, "peer's proof does not verify under its descriptor key"))
         self._move("reply_received", State.PEERED)
         self.version = value["version"]
         return [PeerAgreed(self.peer, value["version"], peer_keys.key_id or "")]

@@ -37,7 +37,7 @@ from .backfill import BackfillDone, BackfillPuller, decode_page
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
 from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest
-from .events import Event, NeedKeys
+from .events import NeedKeys
 from .handshake import HANDSHAKE_TARGET, Initiator
 from .keys import ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey
 from .layouts import read_accepting_reply
@@ -45,7 +45,6 @@ from .node import Federation
 from .policy import Policy
 from .requests import Authenticated, parse_authorization
 from .inbound import snapshot_from_context
-from .rooms import Head
 from .wire import decode
 
 __all__ = ["SUBSTITUTE_SEED", "UNKNOWN", "Outcome", "Decision", "ReplayResult", "Replayer", "replay_records"]

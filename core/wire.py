@@ -50,7 +50,8 @@ import cbor2
 
 from .codes import Code, LocalProtocolError, Refused
 
-__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "MAX_ENCODE_DEPTH", "CONTAINER_FLOOR", "BYTES_PER_CONTAINER", "PRESCAN_ABOVE"]
+__all__ = ["encode", "decode", "b64e", "b64d", "MAX_DEPTH", "MAX_ENCODE_DEPTH", "CONTAINER_FLOOR",
+           "BYTES_PER_CONTAINER", "PRESCAN_ABOVE"]
 
 #: Deepest nesting any protocol object needs (event content included).
 MAX_DEPTH = 16

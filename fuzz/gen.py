@@ -174,7 +174,8 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
     r = rng.random()
     if depth > 3 or r < 0.6:
         return rng.choice((
-            rng.choice(INTERESTING_INTS), rng.randint(-5, 5), rng.choice(_TEXTS), rng.randbytes(rng.choice((0, 31, 32, 33, 64))),
+            rng.choice(INTERESTING_INTS), rng.randint(-5, 5), rng.choice(_TEXTS),
+            rng.randbytes(rng.choice((0, 31, 32, 33, 64))),
             None, True, False, 1.0, float("nan"),
         ))
     if r < 0.8:

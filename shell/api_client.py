@@ -30,7 +30,6 @@ from scaiwave_federation.core.names import canonical_room_id, canonical_user_id,
 from scaiwave_federation.core.policy import ROOM_TYPES
 from scaiwave_federation.core.inbound import decode_txn_reply
 from scaiwave_federation.core.rooms import chain_event, encode_events_body
-from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.core import verify_events
 
 from . import responses as R

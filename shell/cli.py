@@ -73,7 +73,7 @@ class AdminClient:
         try:
             data = resp.json()
         except ValueError:
-            raise CliError("internal_error", f"HTTP {resp.status_code} without a JSON body")
+            raise CliError("internal_error", f"HTTP {resp.status_code} without a JSON body") from None
         if resp.status_code != 200:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             raise CliError(err.get("code", "error"), err.get("message", f"HTTP {resp.status_code}"))
@@ -118,8 +118,10 @@ def _peers_table(peers: list[dict]) -> str:
     rows = [("SERVER", "STATE", "VERSION", "KEY", "LAST_SEEN", "LAST_ERROR")]
     for p in peers:
         err = p["last_error"]
-        rows.append((p["server_name"], p["state"] + (", paused" if p.get("paused") else ""), p["protocol_version"] or "-", p["key_id"] or "-",
-                     _fmt_time(p["last_seen"]), f"{err['code']} at {_fmt_time(err['at'])}: {err['message']}" if err else "-"))
+        state = p["state"] + (", paused" if p.get("paused") else "")
+        error = f"{err['code']} at {_fmt_time(err['at'])}: {err['message']}" if err else "-"
+        rows.append((p["server_name"], state, p["protocol_version"] or "-", p["key_id"] or "-",
+                     _fmt_time(p["last_seen"]), error))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:5])) + "  " + r[5] for r in rows)
 

@@ -231,7 +231,7 @@ def _parse_networks(value: object, setting: str) -> tuple[Network, ...]:
     try:
         return parse_networks(entries)
     except ValueError as exc:
-        raise ConfigError(f"{setting}: {exc}", setting)
+        raise ConfigError(f"{setting}: {exc}", setting) from None
 
 
 def _parse_listen(value: object, setting: str) -> tuple[str, int]:
@@ -241,7 +241,7 @@ def _parse_listen(value: object, setting: str) -> tuple[str, int]:
         if not host or not _valid_host(host.lower()):
             raise ValueError
     except ValueError:
-        raise ConfigError(f"{setting}: expected host:port, got {text!r}", setting)
+        raise ConfigError(f"{setting}: expected host:port, got {text!r}", setting) from None
     return host, port
 
 
@@ -267,7 +267,7 @@ def _parse_resolve(value: object, setting: str) -> dict[tuple[str, int], str]:
             raise ConfigError(
                 f"{setting}: expected name:port:address (like peer.test:8449:127.0.0.1), got {entry!r}",
                 setting,
-            )
+            ) from None
         canonical = canonical_server_name(name)
         if canonical is None:
             raise ConfigError(f"{setting}: {name!r} is not a server name: {server_name_problem(name)}", setting)
@@ -375,11 +375,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"SCAIWAVE_CONFIG: file not found: {path}", "SCAIWAVE_CONFIG")
+        raise ConfigError(f"SCAIWAVE_CONFIG: file not found: {path}", "SCAIWAVE_CONFIG") from None
     except OSError as exc:
-        raise ConfigError(f"SCAIWAVE_CONFIG: cannot read {path}: {exc.strerror}", "SCAIWAVE_CONFIG")
+        raise ConfigError(f"SCAIWAVE_CONFIG: cannot read {path}: {exc.strerror}", "SCAIWAVE_CONFIG") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"SCAIWAVE_CONFIG: invalid TOML in {path}: {exc}", "SCAIWAVE_CONFIG")
+        raise ConfigError(f"SCAIWAVE_CONFIG: invalid TOML in {path}: {exc}", "SCAIWAVE_CONFIG") from None
     unknown = sorted(set(data) - set(_SETTINGS))
     if unknown:
         # Catch typos: a misspelt key would otherwise silently fall back to a default.
@@ -456,7 +456,7 @@ def client_ssl_context(config: Config) -> ssl.SSLContext:
             ctx.load_verify_locations(cafile=str(config.ca_bundle))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"SCAIWAVE_CA_BUNDLE: cannot load certificates from {config.ca_bundle}: {_reason(exc)}")
+                f"SCAIWAVE_CA_BUNDLE: cannot load certificates from {config.ca_bundle}: {_reason(exc)}") from None
     if config.insecure_skip_tls_verify:
         ctx.check_hostname = False  # must come before CERT_NONE
         ctx.verify_mode = ssl.CERT_NONE
@@ -484,7 +484,7 @@ def server_ssl_context(config: Config) -> ssl.SSLContext:
         # blamed on the key by load_cert_chain's generic "PEM lib" error.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert_pem)
     except ssl.SSLError as exc:
-        raise ConfigError(f"SCAIWAVE_TLS_CERT: not a valid PEM certificate: {cert_path} ({_reason(exc)})")
+        raise ConfigError(f"SCAIWAVE_TLS_CERT: not a valid PEM certificate: {cert_path} ({_reason(exc)})") from None
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -493,13 +493,13 @@ def server_ssl_context(config: Config) -> ssl.SSLContext:
         # A passphrase would make OpenSSL prompt on the terminal; refuse instead.
         ctx.load_cert_chain(str(cert_path), str(key_path), password=_no_password)
     except _EncryptedKey:
-        raise ConfigError(f"SCAIWAVE_TLS_KEY: key is encrypted (needs a passphrase): {key_path}")
+        raise ConfigError(f"SCAIWAVE_TLS_KEY: key is encrypted (needs a passphrase): {key_path}") from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(
                 f"SCAIWAVE_TLS_KEY: key {key_path} does not match the certificate in {cert_path}"
-            )
-        raise ConfigError(f"SCAIWAVE_TLS_KEY: cannot load key {key_path}: {_reason(exc)}")
+            ) from None
+        raise ConfigError(f"SCAIWAVE_TLS_KEY: cannot load key {key_path}: {_reason(exc)}") from None
 
     host = config.server_host
     # 1. The name, on its own: a client that trusts exactly this certificate
@@ -546,7 +546,7 @@ def _read_pem(path: Path, setting: str, marker: str, what: str) -> str:
     try:
         text = path.read_bytes().decode("ascii", "ignore")
     except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {_reason(exc)}")
+        raise ConfigError(f"{setting}: cannot read {path}: {_reason(exc)}") from None
     if marker not in text:
         raise ConfigError(f"{setting}: not a {what}: {path}")
     return text

@@ -128,7 +128,8 @@ class _Demo:
         else:
             _say(f"    <- {status} {text}")
         if expect is not None:
-            _check(status == expect, f"{method} {path} on {server.name}: expected HTTP {expect}, got {status}: {_short(data, 400)}")
+            _check(status == expect,
+                   f"{method} {path} on {server.name}: expected HTTP {expect}, got {status}: {_short(data, 400)}")
         return status, data
 
     def admin_get(self, server: Server, path: str) -> Any:
@@ -265,7 +266,9 @@ class _Demo:
         self.call(peer, "POST", f"/v1/rooms/{room}/messages", {"body": "hi alice, it does"}, user=bob)
         self.wait("alice's message to reach peer.test",
                   lambda: len(self.history(peer, bob, room)) == len(self.history(you, alice, room)))
-        show = lambda d: "\n".join(f"  depth {m['depth']:>3}  {m['sender']}: {m['body']}" for m in d["messages"])
+        def show(d: dict) -> str:
+            return "\n".join(f"  depth {m['depth']:>3}  {m['sender']}: {m['body']}" for m in d["messages"])
+
         _note("Both servers now hold the same history:")
         self.call(you, "GET", f"/v1/rooms/{room}/messages", user=alice, show=show)
         self.call(peer, "GET", f"/v1/rooms/{room}/messages", user=bob, show=show)

@@ -2,13 +2,14 @@
 
 The core decides (a :class:`Refused` with a code) and owns the one table
 from codes to HTTP statuses (``core.codes.HTTP_STATUS``), so every host (this
-daemon, the embedding examples) answers a refusal with the same status. Every refusal body is ``{"error": {"code", "message"}}``:
+daemon, the embedding examples) answers a refusal with the same status.
+Every refusal body is ``{"error": {"code", "message"}}``:
 JSON on client and admin endpoints, CBOR on federation endpoints.
 """
 
 from __future__ import annotations
 
-from scaiwave_federation.core import Code, Refused
+from scaiwave_federation.core import Refused
 from scaiwave_federation.core.codes import HTTP_STATUS
 from scaiwave_federation.core.handshake import refusal_body
 

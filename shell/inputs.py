@@ -284,7 +284,7 @@ def parse_json_body(raw: bytes, schema: Obj | None) -> dict[str, Any]:
         except BadInput:
             raise
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise BadInput("body", f"is not JSON ({str(exc)[:80]})")
+            raise BadInput("body", f"is not JSON ({str(exc)[:80]})") from None
     else:
         value = {}
     return (schema or Obj()).parse(value)

@@ -126,7 +126,8 @@ def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
         code = outcome_code(response.status, response.body, response.content_type)
         peer = claimed_peer(request)
         metrics.count_received(request.method, route, peer, code, seconds)
-        access_log.info("%s %s %s %s peer=%s remote=%s %.1f ms", request.method[:16], route, response.status, code, peer or "-", request.peer or "-", seconds * 1000,
+        access_log.info("%s %s %s %s peer=%s remote=%s %.1f ms", request.method[:16], route, response.status, code,
+                        peer or "-", request.peer or "-", seconds * 1000,
                         extra={"fields": {"event": "access", "method": request.method[:16], "route": route,
                                           "status": response.status, "code": code, "peer": peer,
                                           "remote": request.peer, "duration_ms": round(seconds * 1000, 3)}})

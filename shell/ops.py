@@ -25,7 +25,7 @@ from scaiwave_federation.core import Code, Refused
 from .backup import BackupError, backup_database, backup_path
 from .errors import json_error
 from .health import Health
-from .http import Request, Response
+from .http import Response
 from .metrics import Metrics
 from .selfcheck import run_check
 from .storage import DB_FILENAME

@@ -146,7 +146,7 @@ class RouteTable:
         try:
             segments = [unquote(s, errors="strict") for s in raw]
         except UnicodeDecodeError:
-            raise BadInput("path", "percent-encoding that is not UTF-8")
+            raise BadInput("path", "percent-encoding that is not UTF-8") from None
         allowed = []
         for route in self.routes:
             params = _bind(route.segments, segments)
@@ -204,7 +204,7 @@ def _query_pairs(target: str) -> list[tuple[str, str]]:
         return parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), errors="strict",
                          max_num_fields=20)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInput("query", f"not a valid query string ({str(exc)[:80]})")
+        raise BadInput("query", f"not a valid query string ({str(exc)[:80]})") from None
 
 
 #: The client and admin APIs' routes; api_client, api_admin and api_public add theirs.

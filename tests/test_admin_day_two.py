@@ -196,7 +196,7 @@ def test_a_refused_dm_leaves_nothing_behind(pair) -> None:
 
 def test_a_retried_send_is_stored_once(pair) -> None:
     a, b, room, alice, bob = pair
-    for server, user, other in ((a, alice, bob), (b, bob, alice)):  # hosted here, and a proposal to the host
+    for server, user in ((a, alice), (b, bob)):  # hosted here, and a proposal to the host
         path = f"/v1/rooms/{room}/send/retry-{server.name}"
         first = server.request("PUT", path, {"body": f"once from {server.name}"}, token=user["access_token"])
         again = server.request("PUT", path, {"body": f"once from {server.name}"}, token=user["access_token"])
@@ -204,7 +204,7 @@ def test_a_retried_send_is_stored_once(pair) -> None:
         # The same txn id for another text is a conflict; another user's same txn id is their own.
         assert server.request("PUT", path, {"body": "other"}, token=user["access_token"])[1]["error"]["code"] \
             == "conflict"
-        wait_until(lambda: f"once from {server.name}" in _bodies(a, room, alice["access_token"]))
+        wait_until(lambda name=server.name: f"once from {name}" in _bodies(a, room, alice["access_token"]))
         assert _bodies(a, room, alice["access_token"]).count(f"once from {server.name}") == 1
     # POST .../messages still works (and is not idempotent: each is a message).
     assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": "plain"}, token=alice["access_token"])[0] == 200

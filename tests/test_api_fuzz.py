@@ -3,7 +3,8 @@
 Every operation of the OpenAPI document is fuzzed with valid and invalid
 input (schemathesis' positive and negative modes) over real TLS, with its
 standard checks: no server error, status codes, content types and response
-bodies as documented, and 405 with ``Allow`` for a method a path does not take. Bounded and derandomized: ``SCAIWAVE_API_FUZZ_EXAMPLES``
+bodies as documented, and 405 with ``Allow`` for a method a path does not take.
+Bounded and derandomized: ``SCAIWAVE_API_FUZZ_EXAMPLES``
 examples per operation (default 12, well under a minute in all);
 ``make api-fuzz`` runs 500 with fresh randomness.
 

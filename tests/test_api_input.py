@@ -177,7 +177,8 @@ async def test_client_bodies(daemon: InMemory) -> None:
     refused(await user("POST", f"/v1/rooms/{room}/invite", {"user": 123}), "user", "string")
     refused(await user("POST", f"/v1/rooms/{room}/invite", {"user": "!room:peer.test"}), "user", "user id")
     for body, words in [({"body": ""}, ("body",)), ({"body": 5}, ("body", "string")), ({}, ("body", "required")),
-                        ({"body": "x" * 16_001}, ("body", "16000")), ({"body": "a\udfff"}, ("body", "surrogate")), ({"body": "hi", "sender": "@bob:x"}, ("sender",))]:
+                        ({"body": "x" * 16_001}, ("body", "16000")), ({"body": "a\udfff"}, ("body", "surrogate")),
+                        ({"body": "hi", "sender": "@bob:x"}, ("sender",))]:
         refused(await user("POST", f"/v1/rooms/{room}/messages", body), *words)
     refused(await user("POST", f"/v1/invites/{room}/accept", {"x": 1}), "x", "unknown")
     refused(await user("GET", "/v1/rooms/not-a-room/messages"), "room_id")

@@ -265,7 +265,7 @@ class Rooms(RuleBasedStateMachine):
 
     @invariant()
     def dms_have_two_parties(self) -> None:
-        for room_id, room in getattr(self, "rooms", {}).items():
+        for room in getattr(self, "rooms", {}).values():
             if room["type"] == "dm":
                 assert len(room["members"]) <= 2, room
 

@@ -215,7 +215,8 @@ def test_bad_pages(status, body, code):
 def test_transport_failure_ends_the_pull_resumably():
     link, chain, puller, request = _started()
     effects = puller.fail(Refused(Code.PEER_UNREACHABLE))
-    assert effects == [Failed(B, Refused(Code.PEER_UNREACHABLE)), BackfillDone(ROOM, B, 0, False, Refused(Code.PEER_UNREACHABLE))]
+    assert effects == [Failed(B, Refused(Code.PEER_UNREACHABLE)),
+                       BackfillDone(ROOM, B, 0, False, Refused(Code.PEER_UNREACHABLE))]
     assert puller.keys_updated(NOW) == [puller.done]
 
 

@@ -192,9 +192,9 @@ def test_a_host_given_lookup_verifies_proposals_its_own_users_made():
     def lookup(server):
         return a.keyring.public(A) if server == A else _keys().keys(server)
 
-    for given, needs in ((None, True), (lookup, False)):
+    for lookup_given, needs in ((None, True), (lookup, False)):
         puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys(),
-                                lookup=given)
+                                lookup=lookup_given)
         puller.start(NOW)
         effects = puller.page_received(200, _page(history, None, 10), NOW)
         assert any(type(e).__name__ == "NeedKeys" for e in effects) is needs

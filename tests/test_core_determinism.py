@@ -77,5 +77,6 @@ def test_the_scenario_does_what_it_says():
     effects, emitted = scenario()
     assert sum("PeerAgreed(" in e for e in effects) == 2
     assert any(e.startswith("InviteDecision(") for e in effects)
-    assert "BackfillDone(room_id='!room:peer.test:8449', peer='peer.test:8449', stored=30, reached_start=False, refusal=None)" in effects
+    assert ("BackfillDone(room_id='!room:peer.test:8449', peer='peer.test:8449', stored=30, reached_start=False, "
+            "refusal=None)") in effects
     assert len(emitted) > 50 and all(isinstance(x, bytes) for x in emitted)

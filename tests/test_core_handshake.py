@@ -297,7 +297,7 @@ INPUTS = ("start", "descriptor_received", "descriptor_failed", "reply_received",
 def test_table_shape():
     # Terminal states accept nothing; every state has a way to FAILED.
     assert {s for s, _ in TRANSITIONS} == {State.IDLE, State.AWAIT_DESCRIPTOR, State.AWAIT_REPLY}
-    for (state, _), targets in TRANSITIONS.items():
+    for (_state, _), targets in TRANSITIONS.items():
         assert set(targets) <= set(STATES) and State.FAILED in targets
 
 

@@ -81,8 +81,10 @@ def live(tmp_path_factory) -> Live:
         assert b.request("POST", f"/v1/rooms/{gid}/invite", {"user": alice["user_id"]}, token=bt)[0] == 200
         assert a.request("POST", f"/v1/invites/{gid}/accept", token=at)[0] == 200
         assert b.request("POST", f"/v1/rooms/{gid}/messages", {"body": "welcome"}, token=bt)[0] == 200
-        wait_until(lambda: any(m["body"] == "welcome" for m in a.request("GET", f"/v1/rooms/{gid}/messages", token=at)[1]["messages"]))
-        wait_until(lambda: any(m["body"] == "hi bob" for m in b.request("GET", f"/v1/rooms/{dm_id}/messages", token=bt)[1]["messages"]))
+        wait_until(lambda: any(m["body"] == "welcome"
+                               for m in a.request("GET", f"/v1/rooms/{gid}/messages", token=at)[1]["messages"]))
+        wait_until(lambda: any(m["body"] == "hi bob"
+                               for m in b.request("GET", f"/v1/rooms/{dm_id}/messages", token=bt)[1]["messages"]))
         # Backfills both ways: we pull the group room's start, peer.test pulls the DM's.
         a.cli("admin", "federation", "backfill", gid, "--from", b.server_name, check=True)
         b.cli("admin", "federation", "backfill", dm_id, "--from", a.server_name, check=True)

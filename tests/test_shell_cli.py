@@ -15,7 +15,8 @@ from scaiwave_federation.shell.testbed import free_port
 COMMANDS = [
     [], ["serve"], ["demo"], ["replay"], ["admin"], ["admin", "tenant", "create"], ["admin", "user", "create"],
     ["admin", "federation"], ["admin", "federation", "key"], ["admin", "federation", "policy"],
-    ["admin", "federation", "peers"], ["admin", "federation", "limits"], ["admin", "federation", "handshake"], ["admin", "federation", "retry"],
+    ["admin", "federation", "peers"], ["admin", "federation", "limits"], ["admin", "federation", "handshake"],
+    ["admin", "federation", "retry"],
     ["admin", "federation", "descriptor"], ["admin", "federation", "refresh"], ["admin", "federation", "backfill"],
 ]
 

@@ -223,7 +223,6 @@ async def test_strangers_cannot_fill_our_outbound_capacity(tmp_path: Path, ca: t
 
     from roguehost import now_ms
     from scaiwave_federation.core import Federation, KeyRing
-    from scaiwave_federation.shell.testbed import free_port
     from test_shell_client_limits import Rogue, serve
 
     authority, _ = ca

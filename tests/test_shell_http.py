@@ -102,7 +102,10 @@ def parse_raw(data: bytes) -> tuple[int, dict[str, str], Any]:
     return head.status_code, {k.decode(): v.decode() for k, v in head.headers}, json.loads(body)
 
 
-async def raw_exchange(raw: bytes, limits: Limits = Limits()) -> bytes:
+_DEFAULT_LIMITS = Limits()
+
+
+async def raw_exchange(raw: bytes, limits: Limits = _DEFAULT_LIMITS) -> bytes:
     """Send raw bytes, return everything the server wrote until it closed."""
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
