@@ -61,6 +61,7 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
         return cbor_error(auth)
     await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
     await service.peer_seen(auth.origin)
+    service.peer_inbound(auth.origin)
     if route.endpoint == "handshake":
         return await _handshake(service, auth, request)
     peer = await service.store.get_peer(auth.origin)

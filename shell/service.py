@@ -41,9 +41,10 @@ from scaiwave_federation.core import (
     StoreEvents,
 )
 from scaiwave_federation.core.authz import push_targets
+from scaiwave_federation.core.delivery import Deferred, Delivered, Delivery, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
-from scaiwave_federation.core.rooms import encode_events_body
+from scaiwave_federation.core.rooms import decode_events_body, encode_events_body
 
 from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
@@ -57,7 +58,8 @@ log = logging.getLogger("scaiwave.service")
 
 __all__ = ["Service", "BackfillJob"]
 
-OUTBOX_POLL_S = 0.5
+#: How long the outbox sleeps when nothing wakes it (every change does).
+OUTBOX_IDLE_S = 5.0
 
 
 def _refusal_of(exc: TransportError) -> Refused:
@@ -105,6 +107,8 @@ class Service:
         self._peer_locks: dict[str, trio.Lock] = {}
         self._room_locks: dict[str, trio.Lock] = {}
         self._wake_outbox = trio.Event()
+        #: What goes to which peer, in which order, when (the core decides; the outbox table mirrors it).
+        self.delivery = Delivery()
         self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
         self._wake_catch_up = trio.Event()
         self._timer_changed = trio.Event()
@@ -142,6 +146,7 @@ class Service:
                 node.keys.learn(peer["server_name"], peer["descriptor"].encode(), peer["descriptor_fetched_at"] or now)
         for _origin, nonce, expires in await store.live_nonces(now):
             node.requests.replay.remember(nonce, expires)
+        await service._load_outbox()
         if service.recorder:
             # The state the core starts from, so a replay starts from it too:
             # policy, our public keys, peers' cached descriptors, live nonces.
@@ -391,63 +396,97 @@ class Service:
 
     # -- pushing events to member servers -------------------------------------------------
 
-    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
-        """Queue chained events for every other server with joined members (durably,
-        then delivered by the outbox worker with per-peer backoff)."""
-        room = await self.store.get_room(room_id)
-        if room is None:
+    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None,
+                          facts: RoomFacts | None = None) -> None:
+        """Queue chained events for every other server with joined members:
+        durably (one write for all of them), then handed to the delivery
+        machine, which the outbox worker drives. ``facts``: the room's, when
+        the caller has them already."""
+        if facts is None:
+            room = await self.store.get_room(room_id)
+            if room is None:
+                return
+            facts = await self.room_facts(room)
+        servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
+        if not servers:
             return
-        servers = [s for s in push_targets(await self.room_facts(room), self.config.server_name) if s != exclude]
         now = self.now()
-        body = encode_events_body([e.envelope for e in events])
-        for server in servers:
-            txn_id = f"{now}-{os.urandom(6).hex()}"
-            await self.store.enqueue(server, txn_id, f"/_scaiwave/federation/v1/send/{txn_id}", body, now)
-        if servers:
+        envelopes = [e.envelope for e in events]
+        body = encode_events_body(envelopes)
+        # Outbox rows keep a unique name of their own; what goes on the wire is
+        # named by the delivery machine (the hash of each transaction's body).
+        tag = os.urandom(6).hex()
+        ids = await self.store.enqueue_many(
+            [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)],
+            now)
+        for server, item_id in zip(servers, ids):
+            self.delivery.handle_enqueue(server, item_id, envelopes)
+        self._wake_outbox.set()
+
+    async def _load_outbox(self) -> None:
+        """Hand the stored outbox to the delivery machine (at start, before serving)."""
+        unreadable = []
+        for row in await self.store.due(now=1 << 62, limit=1 << 40):
+            decoded = decode_events_body(bytes(row["body"]))
+            if isinstance(decoded, Refused):
+                log.warning("outbox entry %s for %s is unreadable, dropped: %s", row["id"], row["peer"], decoded)
+                unreadable.append(row["id"])
+                continue
+            self.delivery.handle_enqueue(row["peer"], row["id"], decoded[0], attempts=row.get("attempts") or 0,
+                                         retry_at=row["next_attempt_at"])
+        await self.store.delivered_many(unreadable)
+
+    def peer_inbound(self, server: str) -> None:
+        """A request from ``server`` verified: it is up, so a delivery waiting
+        on its backoff goes now (the core decides)."""
+        if self.delivery.handle_inbound(server, self.now()):
             self._wake_outbox.set()
 
     async def outbox_worker(self) -> None:
-        """Deliver queued transactions; failures back off per peer (visible in peers)."""
-        while True:
-            now = self.now()
-            stalled: set[str] = set()
-            # Every queued item, in queue order (due or not): a peer's
-            # transactions go strictly in order. Once one is not yet due or
-            # fails, the rest wait, or the peer would see a later event before
-            # the one it links to.
-            for item in await self.store.due(now=1 << 62, limit=1000):
-                if item["peer"] in stalled:
-                    continue
-                if item["next_attempt_at"] > now:
-                    stalled.add(item["peer"])
-                    continue
-                result = await self.signed_request(item["peer"], "PUT", item["path"], item["body"])
-                if isinstance(result, tuple) and result[0] == 200:
-                    await self.store.delivered(item["id"])
-                    continue
-                refusal = result if isinstance(result, Refused) else decode_refusal(*result)
-                if refusal.retryable:
-                    # Transport failures, and refusals of the moment (the peer has
-                    # not fetched our new key yet, is restarting, is not peered
-                    # yet): keep it, and everything after it, and back off.
-                    stalled.add(item["peer"])
-                    if refusal.code is Code.NOT_PEERED:
-                        # The peer lost our peering (a restored backup, say): peer
-                        # again now, so that the retry can succeed.
-                        await self.handshake(item["peer"])
-                    failures = (item.get("attempts") or 0) + 1
-                    await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
-                    continue
-                # A final refusal: the same bytes would get the same answer. (send()
-                # has already put it in the peer's last_error.)
-                log.warning("transaction to %s refused, dropped: %s", item["peer"], refusal)
-                await self.store.delivered(item["id"])
-            with trio.move_on_after(OUTBOX_POLL_S):
-                await self._wake_outbox.wait()
-            self._wake_outbox = trio.Event()
+        """Send what the delivery machine says, when it says: one transaction
+        in flight per peer, peers side by side. Each answer goes back to the
+        machine, and the next batch goes out at once while the outbox rows
+        of the last one are removed."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = self.now()
+                while (txn := self.delivery.poll_transmit(now)) is not None:
+                    nursery.start_soon(self._transmit, txn, nursery)
+                due = self.delivery.poll_timeout()
+                delay = OUTBOX_IDLE_S if due is None else min(OUTBOX_IDLE_S, max(0.0, (due - now) / 1000))
+                with trio.move_on_after(delay):
+                    await self._wake_outbox.wait()
+                self._wake_outbox = trio.Event()
+
+    async def _transmit(self, txn: SendTransaction, nursery: trio.Nursery) -> None:
+        result = await self.signed_request(txn.peer, "PUT", txn.target, txn.body)
+        self.delivery.handle_result(txn.peer, txn.txn_id, result, self.now())
+        self._wake_outbox.set()  # the peer's next batch goes now, while we update the outbox
+        while (event := self.delivery.poll()) is not None:
+            try:
+                if isinstance(event, Delivered):
+                    await self.store.delivered_many(event.item_ids)
+                elif isinstance(event, Dropped):
+                    # send() has already put the refusal in the peer's last_error.
+                    log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)
+                    await self.store.delivered_many(event.item_ids)
+                elif isinstance(event, Deferred):
+                    await self.store.mark_attempt(event.item_id, event.retry_at)
+                elif isinstance(event, Rehandshake):
+                    nursery.start_soon(self._rehandshake, event.peer)
+            except StorageError as exc:
+                # The machine has moved on; the outbox row catches up at the next
+                # start (a delivered item sent again is a duplicate the peer skips).
+                log.warning("outbox of %s not updated: %s", event.peer, exc)
+
+    async def _rehandshake(self, peer: str) -> None:
+        """The peer lost our peering (a restored backup, say): peer again, then retry at once."""
+        if not isinstance(await self.handshake(peer), Refused):
+            self.peer_inbound(peer)
 
     async def retry_now(self, peer: str) -> int:
         count = await self.store.reset_retry(peer, self.now())
+        self.delivery.retry_now(peer, self.now())
         self._wake_outbox.set()
         return count
 

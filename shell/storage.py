@@ -631,6 +631,23 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise StorageError("conflict", f"txn {txn_id!r} is already queued") from exc
 
+    def enqueue_many(self, items: Sequence[tuple[str, str, str, bytes]], now: int) -> list[int]:
+        """Queue several ``(peer, txn_id, path, body)`` requests in one
+        transaction (one event for every member server: one durable write);
+        return their outbox ids, in order. Raises ``conflict`` like
+        :meth:`enqueue`, and then none is queued."""
+        with self._write():
+            return [self.enqueue(peer, txn_id, path, body, now) for peer, txn_id, path, body in items]
+
+    def delivered_many(self, ids: Sequence[int]) -> int:
+        """Drop delivered requests (a whole transaction's) in one write; return
+        how many were still queued (a restart may have re-sent some)."""
+        if not ids:
+            return 0
+        marks = ", ".join("?" * len(ids))
+        with self._write():
+            return self._x(f"DELETE FROM outbox WHERE id IN ({marks})", *ids).rowcount
+
     def due(self, peer: str | None = None, *, now: int, limit: int = 100) -> list[Row]:
         """Return queued requests with ``next_attempt_at <= now``, for ``peer``
         or all peers, in queue order, at most ``limit``."""

@@ -114,6 +114,8 @@ class AsyncStore:
     store_txn = _offload(Store.store_txn)
     prune_txns = _offload(Store.prune_txns)
     enqueue = _offload(Store.enqueue)
+    enqueue_many = _offload(Store.enqueue_many)
+    delivered_many = _offload(Store.delivered_many)
     due = _offload(Store.due)
     next_due_at = _offload(Store.next_due_at)
     pending_count = _offload(Store.pending_count)

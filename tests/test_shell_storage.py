@@ -526,6 +526,18 @@ def test_outbox(store: Store) -> None:
         assert info.value.code == "not_found"
 
 
+
+def test_outbox_many_at_once(store: Store) -> None:
+    ids = store.enqueue_many([("a.test", "m1", "/send", b"x"), ("b.test", "m2", "/send", b"x")], 100)
+    assert [r["id"] for r in store.due(now=100)] == ids and ids == sorted(ids)
+    # One conflicting row: none of the batch is queued.
+    with pytest.raises(StorageError) as info:
+        store.enqueue_many([("c.test", "m3", "/send", b"y"), ("c.test", "m1", "/send", b"y")], 100)
+    assert info.value.code == "conflict" and store.pending_count("c.test") == 0
+    assert store.delivered_many([]) == 0
+    assert store.delivered_many([ids[0], ids[0] + 1000]) == 1  # an id already gone is no error
+    assert [r["id"] for r in store.due(now=100)] == [ids[1]]
+
 # ------------------------------------------------------------------- async
 
 

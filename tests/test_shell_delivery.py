@@ -1,0 +1,83 @@
+"""Delivery between two real daemons (separate processes, real TLS, real
+SQLite): what piled up while a peer was down goes out as one transaction, in
+order, and a request from the peer ends the backoff at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from scaiwave_federation.shell.recorder import read_recording
+from scaiwave_federation.shell.testbed import Server, Testbed, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def peered_dm(a: Server, b: Server) -> tuple[str, str, str]:
+    """Keys, policies, a handshake and a DM alice (on ``a``) -> bob (on ``b``), accepted."""
+    for server, other in ((a, b), (b, a)):
+        assert server.admin("POST", "/v1/admin/federation/key/generate")[0] == 200
+        policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
+        assert server.admin("PUT", "/v1/admin/federation/policy", policy)[0] == 200
+        assert server.admin("POST", "/v1/admin/tenants", {"name": "acme"})[0] == 200
+    assert a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake")[0] == 200
+    alice = a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"})[1]
+    bob = b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"})[1]
+    status, dm = a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
+    assert status == 200, dm
+    assert b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"])[0] == 200
+    return dm["room_id"], alice["access_token"], bob["access_token"]
+
+
+def _outbox(server: Server) -> list[tuple[int, int]]:
+    db = sqlite3.connect(f"file:{server.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT attempts, next_attempt_at FROM outbox ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path) -> None:
+    tb = Testbed(tmp_path)
+    a = tb.add("your-host.test", extra={"SCAIWAVE_RECORD": str(tmp_path / "a.cbor")})
+    b = tb.add("peer.test")
+    try:
+        a.start()
+        b.start()
+        room, at, bt = peered_dm(a, b)
+        b.stop()
+        texts = [f"while down {n}" for n in range(20)]
+        for text in texts:
+            assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at)[0] == 200
+        # The outbox backs off: wait until its next try is 8 s away.
+        backlog = wait_until(lambda: (rows := _outbox(a)) and rows[0][0] >= 4 and rows, timeout=30)
+        retry_at = backlog[0][1]
+        b.start()
+        # bob writes (a proposal to the host): the host hears from peer.test and
+        # retries at once instead of waiting out its backoff.
+        assert b.request("POST", f"/v1/rooms/{room}/messages", {"body": "I'm back"}, token=bt)[0] == 200
+
+        def bob_sees_all():
+            messages = b.get(f"/v1/rooms/{room}/messages", token=bt)["messages"]
+            return messages if len(messages) == len(texts) + 1 else None
+
+        messages = wait_until(bob_sees_all, timeout=30)
+        assert [m["body"] for m in messages] == texts + ["I'm back"]
+        wait_until(lambda: _outbox(a) == [], timeout=10)  # the chained "I'm back" too
+    finally:
+        tb.stop()
+    _header, records, _torn = read_recording(tmp_path / "a.cbor")
+    sends = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"]]
+    delivered = [r for r in sends if r.get("status") == 200]
+    backlog_txn = next(r for r in delivered if r["now"] > backlog[0][1] - 60_000 and
+                       len(cbor2.loads(r["body"])["events"]) > 1)
+    # The whole backlog in one transaction, sent before the backoff ran out.
+    assert len(cbor2.loads(backlog_txn["body"])["events"]) == len(texts)
+    assert backlog_txn["now"] < retry_at, (backlog_txn["now"], retry_at)
+    # The last tries while peer.test was down carried the very same transaction (content-named).
+    failed = [r["target"] for r in sends if r.get("error")]
+    assert len(failed) >= 4 and failed[-1] == failed[-2] == backlog_txn["target"]
