@@ -12,25 +12,9 @@ import cbor2
 import pytest
 
 from scaiwave_federation.shell.recorder import read_recording
-from scaiwave_federation.shell.testbed import Server, Testbed, wait_until
+from scaiwave_federation.shell.testbed import Server, Testbed, peered_dm, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def peered_dm(a: Server, b: Server) -> tuple[str, str, str]:
-    """Keys, policies, a handshake and a DM alice (on ``a``) -> bob (on ``b``), accepted."""
-    for server, other in ((a, b), (b, a)):
-        assert server.admin("POST", "/v1/admin/federation/key/generate")[0] == 200
-        policy = {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}
-        assert server.admin("PUT", "/v1/admin/federation/policy", policy)[0] == 200
-        assert server.admin("POST", "/v1/admin/tenants", {"name": "acme"})[0] == 200
-    assert a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake")[0] == 200
-    alice = a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"})[1]
-    bob = b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"})[1]
-    status, dm = a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
-    assert status == 200, dm
-    assert b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"])[0] == 200
-    return dm["room_id"], alice["access_token"], bob["access_token"]
 
 
 def _outbox(server: Server) -> list[tuple[int, int]]:
@@ -48,7 +32,8 @@ def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path)
     try:
         a.start()
         b.start()
-        room, at, bt = peered_dm(a, b)
+        room, alice, bob = peered_dm(a, b)
+        at, bt = alice["access_token"], bob["access_token"]
         b.stop()
         texts = [f"while down {n}" for n in range(20)]
         for text in texts:
