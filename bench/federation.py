@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="scaiwave-bench-"))
-    extra = {"SCAIWAVE_LOG_LEVEL": "WARNING"}
     tb = Testbed(root)
-    a = tb.add("your-host.test", extra=dict(extra))
-    b = tb.add("peer.test", extra=dict(extra))
+    # Default settings: access lines are written, durability is synchronous=FULL.
+    a = tb.add("your-host.test")
+    b = tb.add("peer.test")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         a.python_args = ["-m", "cProfile", "-o", str(args.profile.resolve() / "sender.prof")]

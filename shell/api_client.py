@@ -77,14 +77,16 @@ def _key(service: Service):
     return key
 
 
-async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict) -> Event:
-    """Chain an event in a room we host, store it, queue it for member servers."""
+async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict,
+                  facts: RoomFacts | None = None) -> Event:
+    """Chain an event in a room we host, then store it and queue it for member
+    servers in one write. ``facts``: the room's, if the caller just read them
+    and changed nothing since (else they are read again)."""
     async with service.room_lock(room["room_id"]):
         head = await service.head_of(room["room_id"])
         event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
                             sender=sender, type=type, ts=service.now(), content=content)
-        await service.store.store_events(room["room_id"], [event.as_record()])
-        await service.push_events(room["room_id"], [event])
+        await service.push_events(room["room_id"], [event], facts=facts, store=True)
     return event
 
 
@@ -109,10 +111,8 @@ async def _create_room(service: Service, user: dict[str, Any], body: dict[str, A
 
 
 async def _me(service: Service, user: dict[str, Any]) -> Party:
-    party = await service.local_party(user["user_id"])
-    if party is None:  # the user row went away under us
-        raise _Fail(Refused(Code.UNAUTHORIZED, "unknown user"))
-    return party
+    """The caller as the rules see it, from the row its token was found by in this request."""
+    return Party(user["user_id"], user["tenant"], await service.tenant_federates(user["tenant"]))
 
 
 def _user_id(value: object, field: str) -> str:
@@ -273,10 +273,10 @@ async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Respon
 
 async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str) -> Response:
     room = await _room(service, room_id)
-    _need(may_post(await service.room_facts(room), user=await _me(service, user),
-                   server_name=service.config.server_name))
+    facts = await service.room_facts(room)
+    _need(may_post(facts, user=await _me(service, user), server_name=service.config.server_name))
     if room["host"] == service.config.server_name:
-        event = await _append(service, room, user["user_id"], "m.message", {"body": text})
+        event = await _append(service, room, user["user_id"], "m.message", {"body": text}, facts)
     else:
         event = await _write_remote(service, room, user, "m.message", {"body": text})
     return Response.json(200, {"event_id": event.id_text, "depth": event.depth})

@@ -58,6 +58,8 @@ log = logging.getLogger("scaiwave.service")
 
 __all__ = ["Service", "BackfillJob"]
 
+#: ``last_seen`` is written at most this often per peer (see Service.peer_seen).
+SEEN_RESOLUTION_MS = 1000
 #: How long the outbox sleeps when nothing wakes it (every change does).
 OUTBOX_IDLE_S = 5.0
 
@@ -109,6 +111,8 @@ class Service:
         self._wake_outbox = trio.Event()
         #: What goes to which peer, in which order, when (the core decides; the outbox table mirrors it).
         self.delivery = Delivery()
+        self._descriptor: tuple[KeyRing, bytes] | None = None  # see descriptor_json
+        self._seen_written: dict[str, int] = {}  # peer -> when its last_seen was last written
         self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
         self._wake_catch_up = trio.Event()
         self._timer_changed = trio.Event()
@@ -200,6 +204,7 @@ class Service:
               "expired_at": o.expired_at} for o in ring.old],
         )
         self.node.keyring = ring
+        self._descriptor = None
         self._timer_changed.set()
         self.record("own_keys", public=self.node.descriptor(self.federation_endpoint))
 
@@ -297,11 +302,24 @@ class Service:
                          await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
 
     async def peer_seen(self, server: str) -> None:
-        await self.store.mark_seen(server, self.now())
+        """Record a good exchange with ``server`` (``last_seen``; clears its error).
+
+        Written at most once a second per peer while nothing went wrong in
+        between: each write is a durable commit, and a busy peer exchanges
+        hundreds of requests a second. So ``last_seen`` is exact to a second."""
+        now = self.now()
+        written = self._seen_written.get(server)
+        if written is not None and now - written < SEEN_RESOLUTION_MS:
+            return
+        if len(self._seen_written) >= 10_000:
+            self._seen_written.clear()  # bounded, whoever authenticates
+        await self.store.mark_seen(server, now)
+        self._seen_written[server] = now
 
     async def peer_error(self, server: str, refusal: Refused) -> None:
         if server == self.config.server_name:
             return
+        self._seen_written.pop(server, None)  # the next good exchange clears this error at once
         log.warning("peer %s: %s", server, refusal)
         peer = await self.store.get_peer(server)
         failures = (peer or {}).get("failures") or 0
@@ -397,31 +415,35 @@ class Service:
     # -- pushing events to member servers -------------------------------------------------
 
     async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None,
-                          facts: RoomFacts | None = None) -> None:
+                          facts: RoomFacts | None = None, store: bool = False) -> None:
         """Queue chained events for every other server with joined members:
-        durably (one write for all of them), then handed to the delivery
-        machine, which the outbox worker drives. ``facts``: the room's, when
-        the caller has them already."""
+        durably, in one write (with ``store``, the events themselves go in
+        that same write), then handed to the delivery machine, which the
+        outbox worker drives. ``facts``: the room's, when the caller has them."""
         if facts is None:
             room = await self.store.get_room(room_id)
             if room is None:
                 return
             facts = await self.room_facts(room)
         servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
-        if not servers:
-            return
         now = self.now()
         envelopes = [e.envelope for e in events]
         body = encode_events_body(envelopes)
         # Outbox rows keep a unique name of their own; what goes on the wire is
         # named by the delivery machine (the hash of each transaction's body).
         tag = os.urandom(6).hex()
-        ids = await self.store.enqueue_many(
-            [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)],
-            now)
+        items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)]
+        if store:
+            records = [e.as_record() for e in events]
+            ids = await self.store.store_events_and_enqueue(room_id, records, items, now)
+        elif items:
+            ids = await self.store.enqueue_many(items, now)
+        else:
+            return
         for server, item_id in zip(servers, ids):
             self.delivery.handle_enqueue(server, item_id, envelopes)
-        self._wake_outbox.set()
+        if ids:
+            self._wake_outbox.set()
 
     async def _load_outbox(self) -> None:
         """Hand the stored outbox to the delivery machine (at start, before serving)."""
@@ -684,4 +706,13 @@ def describe_keyring(ring: KeyRing) -> dict[str, Any]:
 
 
 def descriptor_json(service: Service) -> bytes:
-    return json.dumps(service.node.descriptor(service.federation_endpoint), indent=2).encode()
+    """``/.well-known/scaiwave``'s bytes. Signing and encoding them took about
+    15% of the daemon's time per request; they change only with the key ring
+    (a generate, a rotation), so they are cached on the ring: a new ring is a
+    new object (``KeyRing`` is immutable), and the cache follows it."""
+    ring = service.node.keyring
+    cached = service._descriptor
+    if cached is None or cached[0] is not ring:
+        data = json.dumps(service.node.descriptor(service.federation_endpoint), indent=2).encode()
+        cached = service._descriptor = (ring, data)
+    return cached[1]

@@ -637,7 +637,20 @@ class Store:
         return their outbox ids, in order. Raises ``conflict`` like
         :meth:`enqueue`, and then none is queued."""
         with self._write():
-            return [self.enqueue(peer, txn_id, path, body, now) for peer, txn_id, path, body in items]
+            return self._enqueue_in_tx(items, now)
+
+    def _enqueue_in_tx(self, items: Sequence[tuple[str, str, str, bytes]], now: int) -> list[int]:
+        return [self.enqueue(peer, txn_id, path, body, now) for peer, txn_id, path, body in items]
+
+    def store_events_and_enqueue(self, room_id: str, events: Sequence[Row],
+                                 items: Sequence[tuple[str, str, str, bytes]], now: int) -> list[int]:
+        """Store a room's new events and queue them for its member servers in
+        one transaction (one durable write for a client's post): both or
+        neither. Returns the outbox ids; raises like :meth:`store_events` and
+        :meth:`enqueue_many`."""
+        with self._write():
+            self._store_events_in_tx(room_id, events, None)
+            return self._enqueue_in_tx(items, now)
 
     def delivered_many(self, ids: Sequence[int]) -> int:
         """Drop delivered requests (a whole transaction's) in one write; return

@@ -115,6 +115,7 @@ class AsyncStore:
     prune_txns = _offload(Store.prune_txns)
     enqueue = _offload(Store.enqueue)
     enqueue_many = _offload(Store.enqueue_many)
+    store_events_and_enqueue = _offload(Store.store_events_and_enqueue)
     delivered_many = _offload(Store.delivered_many)
     due = _offload(Store.due)
     next_due_at = _offload(Store.next_due_at)
