@@ -75,6 +75,15 @@ def stored_messages(server: Server, room: str) -> int:
         db.close()
 
 
+def transactions(server: Server) -> int:
+    """Transactions the server has stored a reply to (one per transaction received)."""
+    db = sqlite3.connect(f"file:{server.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM txns").fetchone()[0]
+    finally:
+        db.close()
+
+
 def post_all(server: Server, token: str, room: str, texts: list[str], clients: int) -> float:
     """Post ``texts`` into ``room`` from ``clients`` keep-alive connections; the seconds it took."""
     conns = [Conn(server.port, server.name, str(server.ca_path)) for _ in range(clients)]
@@ -106,8 +115,10 @@ def measure_delivery(a: Server, b: Server, dm: str, alice: dict, messages: int, 
     assert status == 200, body
     alone = body["room_id"]
     post_all(a, token, alone, [f"warm-up {n}" for n in range(50)], clients)
+    cpu_local = cpu_seconds(a.proc.pid)
     local_s = post_all(a, token, alone, [f"local {n}" for n in range(messages)], clients)
-    before = stored_messages(b, dm)
+    cpu_local = cpu_seconds(a.proc.pid) - cpu_local
+    before, txns = stored_messages(b, dm), transactions(b)
     cpu_a, cpu_b = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)
     started = time.perf_counter()
     done = threading.Event()
@@ -129,7 +140,7 @@ def measure_delivery(a: Server, b: Server, dm: str, alice: dict, messages: int, 
         raise SystemExit(f"peer.test stored {stored_messages(b, dm) - before} of {messages} messages in 60 s")
     delivered_s = arrived[0] - started
     used_a, used_b = cpu_seconds(a.proc.pid) - cpu_a, cpu_seconds(b.proc.pid) - cpu_b
-    return {"local_rate": messages / local_s, "post_rate": messages / post_s, "delivered_rate": messages / delivered_s,
+    return {"cpu_local_ms": cpu_local / messages * 1000, "transactions": transactions(b) - txns, "local_rate": messages / local_s, "post_rate": messages / post_s, "delivered_rate": messages / delivered_s,
             "cpu_sender_ms": used_a / messages * 1000, "cpu_receiver_ms": used_b / messages * 1000}
 
 
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU per delivered DM message ({args.messages} messages, {args.clients} clients): "
               f"sender {d['cpu_sender_ms']:.2f} ms (client POST included), receiver {d['cpu_receiver_ms']:.2f} ms "
               f"(target <= {CPU_TARGET_MS:g} ms each) {verdict(ok_cpu)}")
+        print(f"  in {d['transactions']} transactions ({args.messages / max(1, d['transactions']):.1f} events each); "
+              f"a local post alone costs the sender {d['cpu_local_ms']:.2f} ms")
         keep_up = d["delivered_rate"] / d["local_rate"]
         print(f"delivered {d['delivered_rate']:.0f} msg/s (posted {d['post_rate']:.0f}/s) vs local posts "
               f"{d['local_rate']:.0f} msg/s: {keep_up:.2f} (target >= {KEEP_UP_TARGET}) {verdict(keep_up >= KEEP_UP_TARGET)}")

@@ -272,9 +272,11 @@ async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Respon
 
 
 async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str) -> Response:
-    room = await _room(service, room_id)
-    facts = await service.room_facts(room)
-    _need(may_post(facts, user=await _me(service, user), server_name=service.config.server_name))
+    view = await service.room_view(canonical_room_id(room_id) or room_id, user["tenant"])
+    if view is None:
+        raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
+    room, facts, federates = view
+    _need(may_post(facts, user=Party(user["user_id"], user["tenant"], federates), server_name=service.config.server_name))
     if room["host"] == service.config.server_name:
         event = await _append(service, room, user["user_id"], "m.message", {"body": text}, facts)
     else:

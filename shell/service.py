@@ -50,7 +50,7 @@ from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
 from .limits import Gate, fetch_cause, limits_of
 from .recorder import Recorder
-from .storage import AsyncStore, StorageError
+from .storage import AsyncStore, StorageError, Store
 from .timings import PageTimer, VerifyClock, Work
 from .verify_pool import threaded_verifier
 
@@ -282,12 +282,24 @@ class Service:
 
     async def tenant_federates(self, tenant: str | None) -> bool:
         """The tenant's federation switch (``True`` for no tenant: rooms hosted elsewhere)."""
-        row = await self.store.get_tenant(tenant) if tenant else None
-        return bool(row["federation_enabled"]) if row else True
+        return await self.store.run(lambda store: _federates(store, tenant))
 
     async def memberships(self, room_id: str) -> dict[str, str]:
         """The room's memberships as stored here: user id -> membership."""
-        return {m["user_id"]: m["membership"] for m in await self.store.members(room_id)}
+        return _memberships(await self.store.members(room_id))
+
+    async def room_view(self, room_id: str, tenant: str | None) -> tuple[dict[str, Any], RoomFacts, bool] | None:
+        """A stored room, its facts and the federation switch of ``tenant`` (the
+        caller's), read in one storage call (a client's post used to make
+        five); None if there is no such room."""
+        def read(store: Store) -> tuple[dict[str, Any], RoomFacts, bool] | None:
+            room = store.get_room(room_id)
+            if room is None:
+                return None
+            facts = _facts(store, room)
+            return room, facts, facts.tenant_federates if tenant == room["tenant"] else _federates(store, tenant)
+
+        return await self.store.run(read)
 
     async def local_party(self, user_id: str) -> Party | None:
         """What the rules know of one of our users, or ``None`` if there is no such user."""
@@ -297,9 +309,8 @@ class Service:
         return Party(user["user_id"], user["tenant"], await self.tenant_federates(user["tenant"]))
 
     async def room_facts(self, room: dict[str, Any]) -> RoomFacts:
-        """The facts of a stored room (see ``core.authz``)."""
-        return RoomFacts(room["room_id"], room["room_type"], room["tenant"],
-                         await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
+        """The facts of a stored room (see ``core.authz``), read in one storage call."""
+        return await self.store.run(lambda store: _facts(store, room))
 
     async def peer_seen(self, server: str) -> None:
         """Record a good exchange with ``server`` (``last_seen``; clears its error).
@@ -607,15 +618,39 @@ class Service:
         self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
                     cursor=puller.cursor())
         base = puller.stored
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._pull(job, puller, base, nursery)
+            finally:
+                nursery.cancel_scope.cancel()  # a page asked for ahead and not needed
+
+    async def _pull(self, job: BackfillJob, puller: BackfillPuller, base: int, nursery: trio.Nursery) -> None:
+        """Drive the puller. Fetching overlaps verifying: as a page arrives the
+        puller names the page after it (``prefetch``), which is requested at
+        once while this one is verified on a worker thread (its signatures on
+        the verify pool, as always) and stored in one write."""
         effects = puller.start(self.now())
         pages = PageTimer(self.verify_clock, self.record, puller)
+        ahead: _Ahead | None = None
         while effects:
             effect = effects.pop(0)
             if isinstance(effect, SendRequest):
                 pages.flush()
-                result = await self.send(effect)
-                effects += (puller.fail(result) if isinstance(result, Refused)
-                            else pages.received(puller.page_received, *result, self.now()))
+                if ahead is not None and ahead.request is effect:
+                    result = await ahead.result()
+                else:
+                    if ahead is not None:
+                        ahead.scope.cancel()  # the guess was wrong: its answer is not wanted
+                    result = await self.send(effect)
+                ahead = None
+                if isinstance(result, Refused):
+                    effects += puller.fail(result)
+                    continue
+                guess = puller.prefetch(*result, self.now())
+                if guess is not None:
+                    ahead = _Ahead(guess)
+                    nursery.start_soon(ahead.run, self.send)
+                effects += await trio.to_thread.run_sync(pages.received, puller.page_received, *result, self.now())
             elif isinstance(effect, StoreEvents) and job.until is not None:
                 # The whole gap at once, and only onto the head it was pulled for.
                 async with self.room_lock(job.room_id):
@@ -688,6 +723,39 @@ class Service:
                 if action == "rotate_key":
                     await self.rotate_key()
             await self.store.expire_nonces(now)
+
+
+class _Ahead:
+    """A page requested ahead (see ``Service._pull``): its answer, when it comes."""
+
+    def __init__(self, request: SendRequest) -> None:
+        self.request = request
+        self.scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._result: tuple[int, bytes] | Refused = Refused(Code.PEER_UNREACHABLE, "the request was not sent")
+
+    async def run(self, send: Any) -> None:
+        with self.scope:
+            self._result = await send(self.request)
+        self._done.set()
+
+    async def result(self) -> tuple[int, bytes] | Refused:
+        await self._done.wait()
+        return self._result
+
+
+def _federates(store: Store, tenant: str | None) -> bool:
+    row = store.get_tenant(tenant) if tenant else None
+    return bool(row["federation_enabled"]) if row else True
+
+
+def _facts(store: Store, room: dict[str, Any]) -> RoomFacts:
+    return RoomFacts(room["room_id"], room["room_type"], room["tenant"], _federates(store, room["tenant"]),
+                     _memberships(store.members(room["room_id"])))
+
+
+def _memberships(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {m["user_id"]: m["membership"] for m in rows}
 
 
 def describe_keyring(ring: KeyRing) -> dict[str, Any]:
