@@ -53,7 +53,7 @@ def test_backoff_schedule():
 
 
 def test_batches_everything_queued_while_one_is_in_flight():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     m.handle_enqueue("a.test", 1, _events(1, 1))
     first = m.poll_transmit(0)
     assert first is not None and first.item_ids == (1,)
@@ -69,8 +69,26 @@ def test_batches_everything_queued_while_one_is_in_flight():
     assert second.target == SEND_PREFIX + second.txn_id
 
 
+def test_one_transaction_per_pace_unless_a_full_batch_waits():
+    m = Delivery(pace_ms=20)
+    m.handle_enqueue("a.test", 1, [b"e1"])
+    t = m.poll_transmit(1000)  # the first after a quiet spell: at once
+    m.handle_enqueue("a.test", 2, [b"e2"])
+    m.handle_result("a.test", t.txn_id, OK, 1003)
+    assert m.poll_transmit(1003) is None and m.poll_timeout() == 1020
+    for i in range(3, 3 + BATCH_EVENTS):
+        m.handle_enqueue("a.test", i, [b"e%d" % i])
+    full = m.poll_transmit(1004)  # a full batch does not wait
+    assert full is not None and full.events == BATCH_EVENTS and full.item_ids[0] == 2
+    m.handle_result("a.test", full.txn_id, OK, 1005)
+    assert m.poll_transmit(1005) is None and m.poll_timeout() == 1024
+    assert m.poll_transmit(1024).item_ids == (2 + BATCH_EVENTS,)
+    with pytest.raises(LocalProtocolError):
+        Delivery(pace_ms=-1)
+
+
 def test_byte_cap_and_oversized_item_goes_alone():
-    m = Delivery(batch_bytes=100)
+    m = Delivery(batch_bytes=100, pace_ms=0)
     m.handle_enqueue("a.test", 1, [b"x" * 500])
     m.handle_enqueue("a.test", 2, [b"y" * 40])
     m.handle_enqueue("a.test", 3, [b"z" * 40])
@@ -93,7 +111,7 @@ def test_txn_id_names_the_contents():
 
 
 def test_retryable_refusal_backs_off_then_inbound_brings_retry_forward():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     m.handle_enqueue("a.test", 1, [b"e1"])
     m.handle_enqueue("a.test", 2, [b"e2"])
     t = m.poll_transmit(1000)
@@ -112,7 +130,7 @@ def test_retryable_refusal_backs_off_then_inbound_brings_retry_forward():
 
 
 def test_not_peered_asks_for_a_handshake():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     m.handle_enqueue("a.test", 1, [b"e1"])
     t = m.poll_transmit(0)
     m.handle_result("a.test", t.txn_id, (403, refusal_body(Refused(Code.NOT_PEERED))), 0)
@@ -121,7 +139,7 @@ def test_not_peered_asks_for_a_handshake():
 
 
 def test_final_refusal_of_a_batch_splits_it_and_drops_only_the_refused_item():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     for i in (1, 2, 3):
         m.handle_enqueue("a.test", i, [f"e{i}".encode()])
     t = m.poll_transmit(0)
@@ -140,7 +158,7 @@ def test_final_refusal_of_a_batch_splits_it_and_drops_only_the_refused_item():
 
 
 def test_restart_resumes_the_stored_backoff():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     m.handle_enqueue("a.test", 5, [b"e"], attempts=3, retry_at=9000)
     m.handle_enqueue("a.test", 6, [b"f"])
     assert m.backoff("a.test") == (3, 9000) and m.poll_transmit(8999) is None
@@ -148,7 +166,7 @@ def test_restart_resumes_the_stored_backoff():
 
 
 def test_misuse_raises():
-    m = Delivery()
+    m = Delivery(pace_ms=0)
     with pytest.raises(LocalProtocolError):
         m.handle_enqueue("a.test", 1, [])
     with pytest.raises(LocalProtocolError):
@@ -280,7 +298,7 @@ TestDeliveryMachine.settings = settings(max_examples=150, stateful_step_count=60
 
 @given(st.lists(st.tuples(st.sampled_from(PEERS), st.integers(1, 4)), min_size=1, max_size=40))
 def test_any_queue_is_delivered_in_order_in_batches(items):
-    m = Delivery(batch_events=7)
+    m = Delivery(batch_events=7, pace_ms=0)
     expected: dict[str, list[int]] = {}
     for i, (peer, n) in enumerate(items):
         m.handle_enqueue(peer, i, _events(i, n))
