@@ -492,7 +492,13 @@ class Service:
                 self._wake_outbox = trio.Event()
 
     async def _transmit(self, txn: SendTransaction, nursery: trio.Nursery) -> None:
-        result = await self.signed_request(txn.peer, "PUT", txn.target, txn.body)
+        try:
+            result = await self.signed_request(txn.peer, "PUT", txn.target, txn.body)
+        except Exception as exc:  # a storage failure recording the outcome, say
+            # The machine must hear an answer, or the peer's queue waits for ever:
+            # an internal error is one of the moment, so the batch is retried.
+            log.exception("delivery to %s failed", txn.peer)
+            result = Refused(Code.INTERNAL_ERROR, f"delivery failed here: {type(exc).__name__}")
         self.delivery.handle_result(txn.peer, txn.txn_id, result, self.now())
         self._wake_outbox.set()  # the peer's next batch goes now, while we update the outbox
         while (event := self.delivery.poll()) is not None:

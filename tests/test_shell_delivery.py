@@ -66,3 +66,26 @@ def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path)
     # The last tries while peer.test was down carried the very same transaction (content-named).
     failed = [r["target"] for r in sends if r.get("error")]
     assert len(failed) >= 4 and failed[-1] == failed[-2] == backlog_txn["target"]
+
+
+async def test_a_failure_while_sending_is_a_retry_not_a_stuck_queue(daemon, nursery) -> None:
+    """Whatever goes wrong in the shell while a transaction is out (here: the
+    storage refusing to record the peer's error, as a full disk does), the
+    machine hears an answer (``internal_error``, retried after a backoff), so
+    the peer's queue does not wait for ever and nothing is dropped."""
+    from scaiwave_federation.shell.storage import StorageError
+
+    service = daemon.service
+    item = await service.store.enqueue("peer.test:8449", "t1", "/send", b"body", service.now())
+    service.delivery.handle_enqueue("peer.test:8449", item, [b"envelope"])
+
+    async def full_disk(*_args, **_kwargs):
+        raise StorageError("io", "database or disk is full")
+
+    service.signed_request = full_disk
+    txn = service.delivery.poll_transmit(service.now())
+    await service._transmit(txn, nursery)
+    assert service.delivery.in_flight("peer.test:8449") is None
+    failures, retry_at = service.delivery.backoff("peer.test:8449")
+    assert failures == 1 and retry_at > service.now()
+    assert [(r["id"], r["attempts"]) for r in await service.store.due(now=1 << 62)] == [(item, 1)]
