@@ -453,7 +453,10 @@ class Service:
             return
         for server, item_id in zip(servers, ids):
             self.delivery.handle_enqueue(server, item_id, envelopes)
-        if ids:
+        due = self.delivery.poll_timeout()
+        if due is not None and due <= now:
+            # Only when something can go now: a peer with a transaction in flight,
+            # in backoff or paced is woken for by its answer or its time.
             self._wake_outbox.set()
 
     async def _load_outbox(self) -> None:
