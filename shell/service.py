@@ -627,24 +627,32 @@ class Service:
         self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
                     cursor=puller.cursor())
         base = puller.stored
+        refused: StorageError | None = None
         async with trio.open_nursery() as nursery:
             try:
                 await self._pull(job, puller, base, nursery)
+            except StorageError as exc:
+                refused = exc  # raised below, not wrapped in the nursery's exception group
             finally:
                 nursery.cancel_scope.cancel()  # a page asked for ahead and not needed
+        if refused is not None:
+            raise refused
 
     async def _pull(self, job: BackfillJob, puller: BackfillPuller, base: int, nursery: trio.Nursery) -> None:
-        """Drive the puller. Fetching overlaps verifying: as a page arrives the
-        puller names the page after it (``prefetch``), which is requested at
-        once while this one is verified on a worker thread (its signatures on
-        the verify pool, as always) and stored in one write."""
+        """Drive the puller. Fetching, verifying and storing overlap: as a page
+        arrives the puller names the page after it (``prefetch``), which is
+        requested at once; the page is verified on a worker thread (its
+        signatures on the verify pool, as always) while the page before it is
+        stored (one durable write with its cursor, in page order)."""
         effects = puller.start(self.now())
         pages = PageTimer(self.verify_clock, self.record, puller)
         ahead: _Ahead | None = None
+        pending: _PageStore | None = None  # the last page's events, stored while the next is verified
         while effects:
             effect = effects.pop(0)
+            if not isinstance(effect, (SendRequest, StoreEvents)) or job.until is not None:
+                pending = await self._store_now(pending)
             if isinstance(effect, SendRequest):
-                pages.flush()
                 if ahead is not None and ahead.request is effect:
                     result = await ahead.result()
                 else:
@@ -653,13 +661,25 @@ class Service:
                     result = await self.send(effect)
                 ahead = None
                 if isinstance(result, Refused):
+                    pending = await self._store_now(pending)
+                    pages.flush()
                     effects += puller.fail(result)
                     continue
                 guess = puller.prefetch(*result, self.now())
                 if guess is not None:
                     ahead = _Ahead(guess)
                     nursery.start_soon(ahead.run, self.send)
-                effects += await trio.to_thread.run_sync(pages.received, puller.page_received, *result, self.now())
+                work = Work(stored=0)
+                more = await trio.to_thread.run_sync(work.core, self.verify_clock, puller.page_received,
+                                                     *result, self.now())
+                pending = await self._store_now(pending)  # (under way since the page was checked)
+                pages.begin(work)  # the last page's record, its store included
+                effects += more
+            elif isinstance(effect, StoreEvents) and job.until is None:
+                pending = _PageStore(job, effect, pages.page, puller.stored, base, self.now())
+                nursery.start_soon(pending.run, self.store)  # while the next page comes and is checked
+                if not (effects and isinstance(effects[0], SendRequest)):
+                    pending = await self._store_now(pending)  # no next page to overlap with
             elif isinstance(effect, StoreEvents) and job.until is not None:
                 # The whole gap at once, and only onto the head it was pulled for.
                 async with self.room_lock(job.room_id):
@@ -669,14 +689,6 @@ class Service:
                         await self.store.store_events(job.room_id, [e.as_record() for e in effect.events])
                         pages.stored(started, len(effect.events))
                         job.stored = len(effect.events)
-            elif isinstance(effect, StoreEvents):
-                started = Work.store_started()
-                await self.store.store_events(
-                    job.room_id, [e.as_record() for e in effect.events],
-                    cursor={"peer": job.peer, "cursor": effect.cursor, "stored": puller.stored,
-                            "updated_at": self.now()})
-                pages.stored(started, len(effect.events))
-                job.stored = puller.stored - base
             elif isinstance(effect, NeedKeys):
                 # Another pull may be fetching the same descriptor (catch-ups run side
                 # by side): its answer is ours too.
@@ -703,6 +715,13 @@ class Service:
                     if job.until is None:
                         await self.store.clear_cursor(job.room_id, job.peer)
                 return
+
+    async def _store_now(self, pending: _PageStore | None) -> None:
+        """Finish a page's store (if not done yet) and raise what it met."""
+        if pending is not None:
+            await pending.run(self.store)
+            if pending.failure is not None:
+                raise pending.failure
 
     def node_event(self, envelope: bytes) -> Event:
         """Decode an envelope from our own storage (already verified when stored)."""
@@ -732,6 +751,37 @@ class Service:
                 if action == "rotate_key":
                     await self.rotate_key()
             await self.store.expire_nonces(now)
+
+
+class _PageStore:
+    """One backfill page's events and cursor, stored in one write (see ``Service._pull``)."""
+
+    def __init__(self, job: BackfillJob, effect: StoreEvents, work: Work | None, stored: int, base: int,
+                 now: int) -> None:
+        self.job, self.effect, self.work, self.stored, self.base, self.now = job, effect, work, stored, base, now
+        self.failure: StorageError | None = None
+        self._started = False
+        self._done = trio.Event()
+
+    async def run(self, store: AsyncStore) -> None:
+        """Store it once; a second call waits for the first."""
+        if self._started:
+            await self._done.wait()
+            return
+        self._started = True
+        try:
+            started = Work.store_started()
+            await store.store_events(
+                self.job.room_id, [e.as_record() for e in self.effect.events],
+                cursor={"peer": self.job.peer, "cursor": self.effect.cursor, "stored": self.stored,
+                        "updated_at": self.now})
+            if self.work is not None:
+                self.work.store_done(started, len(self.effect.events))
+            self.job.stored = self.stored - self.base
+        except StorageError as exc:
+            self.failure = exc  # raised by whoever waits for it (not in a nursery's group)
+        finally:
+            self._done.set()
 
 
 class _Ahead:
