@@ -23,7 +23,7 @@ measures:
 4. **Admin backfill of 1,000 events over TLS vs verifying and storing them in
    process**: your-host.test hosts a group room with 1,000 messages; bob joins;
    peer.test's admin pulls 1,000 events (``wait``: the call returns when the
-   job is done). The baseline is the same pull in this process: the core's
+   job is done), best of R (peer.test forgets them in between). The baseline is the same pull in this process: the core's
    puller over the same pages, signatures on a thread pool as in the daemon,
    each page stored in a real SQLite file with the same durability.
    Target: <= 1.5x (aim 1.2x).
@@ -185,6 +185,21 @@ def _connects(port: int) -> bool:
         return False
 
 
+def forget_history(server: Server, room: str) -> None:
+    """Delete the server's events of ``room`` below the one it joined with, and its
+    backfill cursor (the daemon keeps no cache of either), so a pull can run again."""
+    db = sqlite3.connect(server.root / "data" / "scaiwave.db", timeout=10)
+    try:
+        with db:
+            lowest = db.execute("SELECT max(depth) FROM events WHERE room_id = ?", (room,)).fetchone()[0]
+            db.execute("DELETE FROM events WHERE room_id = ? AND depth < ?", (room, lowest))
+            db.execute("DELETE FROM proposals WHERE room_id = ? AND event_id NOT IN"
+                       " (SELECT event_id FROM events WHERE room_id = ?)", (room, room))
+            db.execute("DELETE FROM backfill_cursors WHERE room_id = ?", (room,))
+    finally:
+        db.close()
+
+
 def measure_backfill(a: Server, b: Server, alice: dict, bob: dict, clients: int, rounds: int) -> dict:
     token = alice["access_token"]
     status, body = a.request("POST", "/v1/rooms", {"room_type": "group"}, token=token)
@@ -192,12 +207,15 @@ def measure_backfill(a: Server, b: Server, alice: dict, bob: dict, clients: int,
     post_all(a, token, room, [f"history {n}" for n in range(BACKFILL_EVENTS)], clients)
     assert a.request("POST", f"/v1/rooms/{room}/invite", {"user": bob["user_id"]}, token=token)[0] == 200
     assert b.request("POST", f"/v1/invites/{room}/accept", token=bob["access_token"])[0] == 200
-    started = time.perf_counter()
-    status, job = b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
-                          {"peer": a.server_name, "limit": BACKFILL_EVENTS, "wait": True})
-    over_tls = time.perf_counter() - started
-    if status != 200 or job.get("state") != "done" or job.get("stored") != BACKFILL_EVENTS:
-        raise SystemExit(f"backfill: {status} {job}")
+    over_tls = float("inf")
+    for _ in range(rounds):  # best of R, as the baseline: peer.test forgets the pulled events in between
+        forget_history(b, room)
+        started = time.perf_counter()
+        status, job = b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
+                              {"peer": a.server_name, "limit": BACKFILL_EVENTS, "wait": True})
+        over_tls = min(over_tls, time.perf_counter() - started)
+        if status != 200 or job.get("state") != "done" or job.get("stored") != BACKFILL_EVENTS:
+            raise SystemExit(f"backfill: {status} {job}")
     conn = Conn(a.port, a.name, str(a.ca_path))
     descriptor = conn.request("GET", "/.well-known/scaiwave")[1]
     conn.close()
