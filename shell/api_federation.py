@@ -257,11 +257,12 @@ def _head(event: Event):
 
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
                     context: dict[str, Any]) -> Response:
-    room = await service.store.get_room(room_id)
+    view = await service.room_view(room_id, None)  # the room and its facts in one storage call
+    room, facts = (view[0], view[1]) if view else (None, None)
     ctx = {
         "room_type": room["room_type"] if room and room["host"] == service.config.server_name else None,
-        "tenant_federates": await service.tenant_federates(room["tenant"] if room else None),
-        "members": await service.memberships(room_id) if room else {},
+        "tenant_federates": facts.tenant_federates if facts else True,
+        "members": dict(facts.members) if facts else {},
     }
     context.update(ctx)
     decision = service.node.on_backfill(auth, room_id, request.query, **ctx)
