@@ -3,7 +3,8 @@
 It owns the running state that ties the core to the world: the
 :class:`~scaiwave_federation.core.Federation` node, storage, the outbound
 client, the clock and the recorder. It makes no protocol decision: it asks the
-core, then fetches, sends and stores what the core says.
+core, then fetches, sends and stores what the core says. Delivery to peers
+(:mod:`.outbox`) and backfill jobs (:mod:`.backfill_jobs`) are its mixins.
 """
 
 from __future__ import annotations
@@ -13,15 +14,11 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from scaiwave_federation.core import (
-    MAX_PULL,
-    BackfillDone,
-    BackfillPuller,
     Code,
     Event,
     Failed,
@@ -30,7 +27,6 @@ from scaiwave_federation.core import (
     Head,
     Initiator,
     KeyRing,
-    NeedKeys,
     Party,
     PeerAgreed,
     Policy,
@@ -38,21 +34,20 @@ from scaiwave_federation.core import (
     RoomFacts,
     SendRequest,
     SigningKey,
-    StoreEvents,
 )
-from scaiwave_federation.core.authz import push_targets
-from scaiwave_federation.core.delivery import Deferred, Delivered, Delivery, Dropped, Rehandshake, SendTransaction
+from scaiwave_federation.core.delivery import Delivery
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
-from scaiwave_federation.core.rooms import decode_events_body, encode_events_body
 
 from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
-from .limits import Gate, fetch_cause, limits_of
+from .limits import Gate, limits_of
 from .recorder import Recorder
-from .storage import AsyncStore, StorageError, Store
-from .timings import PageTimer, VerifyClock, Work
+from .storage import AsyncStore, Store
+from .timings import VerifyClock
 from .verify_pool import threaded_verifier
+from .outbox import Outbox
+from .backfill_jobs import BackfillJob, BackfillJobs
 
 log = logging.getLogger("scaiwave.service")
 
@@ -60,8 +55,6 @@ __all__ = ["Service", "BackfillJob"]
 
 #: ``last_seen`` is written at most this often per peer (see Service.peer_seen).
 SEEN_RESOLUTION_MS = 1000
-#: How long the outbox sleeps when nothing wakes it (every change does).
-OUTBOX_IDLE_S = 5.0
 
 
 def _refusal_of(exc: TransportError) -> Refused:
@@ -71,30 +64,7 @@ def _refusal_of(exc: TransportError) -> Refused:
         return Refused(Code.PEER_UNREACHABLE, exc.message)
 
 
-@dataclass
-class BackfillJob:
-    """A running or finished backfill, as the admin API shows it."""
-
-    id: int
-    room_id: str
-    peer: str
-    limit: int
-    stored: int = 0
-    state: str = "running"
-    error: dict | None = None
-    refused: list[dict] = field(default_factory=list)
-    reached_start: bool = False
-    #: Catching up: our head of the room when the gap was seen (see BackfillPuller's ``until``).
-    until: tuple[int, bytes] | None = None
-    done: trio.Event = field(default_factory=trio.Event, repr=False)
-
-    def view(self) -> dict[str, Any]:
-        return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
-                "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
-                "reached_start": self.reached_start, "catch_up": self.until is not None}
-
-
-class Service:
+class Service(Outbox, BackfillJobs):
     """Everything the HTTP handlers need. Build with :meth:`open`."""
 
     def __init__(self, config: Config, store: AsyncStore, node: Federation, client: PeerClient,
@@ -423,306 +393,6 @@ class Service:
         queues the event holds it, so concurrent writers never chain at one depth."""
         return self._room_locks.setdefault(room_id, trio.Lock())
 
-    # -- pushing events to member servers -------------------------------------------------
-
-    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None,
-                          facts: RoomFacts | None = None, store: bool = False) -> None:
-        """Queue chained events for every other server with joined members:
-        durably, in one write (with ``store``, the events themselves go in
-        that same write), then handed to the delivery machine, which the
-        outbox worker drives. ``facts``: the room's, when the caller has them."""
-        if facts is None:
-            room = await self.store.get_room(room_id)
-            if room is None:
-                return
-            facts = await self.room_facts(room)
-        servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
-        now = self.now()
-        envelopes = [e.envelope for e in events]
-        body = encode_events_body(envelopes)
-        # Outbox rows keep a unique name of their own; what goes on the wire is
-        # named by the delivery machine (the hash of each transaction's body).
-        tag = os.urandom(6).hex()
-        items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)]
-        if store:
-            records = [e.as_record() for e in events]
-            ids = await self.store.store_events_and_enqueue(room_id, records, items, now)
-        elif items:
-            ids = await self.store.enqueue_many(items, now)
-        else:
-            return
-        for server, item_id in zip(servers, ids):
-            self.delivery.handle_enqueue(server, item_id, envelopes)
-        due = self.delivery.poll_timeout()
-        if due is not None and due <= now:
-            # Only when something can go now: a peer with a transaction in flight,
-            # in backoff or paced is woken for by its answer or its time.
-            self._wake_outbox.set()
-
-    async def _load_outbox(self) -> None:
-        """Hand the stored outbox to the delivery machine (at start, before serving)."""
-        unreadable = []
-        for row in await self.store.due(now=1 << 62, limit=1 << 40):
-            decoded = decode_events_body(bytes(row["body"]))
-            if isinstance(decoded, Refused):
-                log.warning("outbox entry %s for %s is unreadable, dropped: %s", row["id"], row["peer"], decoded)
-                unreadable.append(row["id"])
-                continue
-            self.delivery.handle_enqueue(row["peer"], row["id"], decoded[0], attempts=row.get("attempts") or 0,
-                                         retry_at=row["next_attempt_at"])
-        await self.store.delivered_many(unreadable)
-
-    def peer_inbound(self, server: str) -> None:
-        """A request from ``server`` verified: it is up, so a delivery waiting
-        on its backoff goes now (the core decides)."""
-        if self.delivery.handle_inbound(server, self.now()):
-            self._wake_outbox.set()
-
-    async def outbox_worker(self) -> None:
-        """Send what the delivery machine says, when it says: one transaction
-        in flight per peer, peers side by side. Each answer goes back to the
-        machine, and the next batch goes out at once while the outbox rows
-        of the last one are removed."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                now = self.now()
-                while (txn := self.delivery.poll_transmit(now)) is not None:
-                    nursery.start_soon(self._transmit, txn, nursery)
-                due = self.delivery.poll_timeout()
-                delay = OUTBOX_IDLE_S if due is None else min(OUTBOX_IDLE_S, max(0.0, (due - now) / 1000))
-                with trio.move_on_after(delay):
-                    await self._wake_outbox.wait()
-                self._wake_outbox = trio.Event()
-
-    async def _transmit(self, txn: SendTransaction, nursery: trio.Nursery) -> None:
-        try:
-            result = await self.signed_request(txn.peer, "PUT", txn.target, txn.body)
-        except Exception as exc:  # a storage failure recording the outcome, say
-            # The machine must hear an answer, or the peer's queue waits for ever:
-            # an internal error is one of the moment, so the batch is retried.
-            log.exception("delivery to %s failed", txn.peer)
-            result = Refused(Code.INTERNAL_ERROR, f"delivery failed here: {type(exc).__name__}")
-        self.delivery.handle_result(txn.peer, txn.txn_id, result, self.now())
-        self._wake_outbox.set()  # the peer's next batch goes now, while we update the outbox
-        while (event := self.delivery.poll()) is not None:
-            try:
-                if isinstance(event, Delivered):
-                    await self.store.delivered_many(event.item_ids)
-                elif isinstance(event, Dropped):
-                    # send() has already put the refusal in the peer's last_error.
-                    log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)
-                    await self.store.delivered_many(event.item_ids)
-                elif isinstance(event, Deferred):
-                    await self.store.mark_attempt(event.item_id, event.retry_at)
-                elif isinstance(event, Rehandshake):
-                    nursery.start_soon(self._rehandshake, event.peer)
-            except StorageError as exc:
-                # The machine has moved on; the outbox row catches up at the next
-                # start (a delivered item sent again is a duplicate the peer skips).
-                log.warning("outbox of %s not updated: %s", event.peer, exc)
-
-    async def _rehandshake(self, peer: str) -> None:
-        """The peer lost our peering (a restored backup, say): peer again, then retry at once."""
-        if not isinstance(await self.handshake(peer), Refused):
-            self.peer_inbound(peer)
-
-    async def retry_now(self, peer: str) -> int:
-        count = await self.store.reset_retry(peer, self.now())
-        self.delivery.retry_now(peer, self.now())
-        self._wake_outbox.set()
-        return count
-
-    # -- catching up: a member server that missed events fills the gap -----------------
-
-    def request_catch_up(self, room_id: str, host: str, head: Head) -> None:
-        """A chained event arrived above a gap over our ``head``: pull the
-        missing events from the room's host (once per room at a time)."""
-        if room_id in self._catch_ups:
-            return
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=host, limit=MAX_PULL,
-                          until=(head.depth, head.event_id))
-        self.jobs[job.id] = job
-        self._catch_ups[room_id] = job
-        log.info("%s: events missing above depth %s; catching up from %s (job %s)", room_id, head.depth, host, job.id)
-        self._wake_catch_up.set()
-
-    async def catch_up_worker(self) -> None:
-        """Run requested catch-ups side by side, at most ``catch_ups_per_peer``
-        from one host at once (the daemon starts this): a host that trickles
-        its pages holds up only its own rooms, never another host's."""
-        started: set[int] = set()
-        async with trio.open_nursery() as nursery:
-            while True:
-                await self._wake_catch_up.wait()
-                self._wake_catch_up = trio.Event()
-                for job in list(self._catch_ups.values()):
-                    if job.id not in started:
-                        started.add(job.id)
-                        nursery.start_soon(self._catch_up, job, started)
-
-    async def _catch_up(self, job: BackfillJob, started: set[int]) -> None:
-        slots = self._catch_up_slots.setdefault(job.peer, trio.CapacityLimiter(self.config.catch_ups_per_peer))
-        try:
-            async with slots:
-                # Descriptor fetches this pull causes are charged to the host.
-                fetch_cause.set(job.peer)
-                await self._run_backfill(job)
-        finally:
-            self._catch_ups.pop(job.room_id, None)
-            started.discard(job.id)
-            if not slots.borrowed_tokens and slots.statistics().tasks_waiting == 0:
-                self._catch_up_slots.pop(job.peer, None)
-
-    # -- backfill ------------------------------------------------------------------
-
-    def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=peer, limit=limit)
-        self.jobs[job.id] = job
-        nursery.start_soon(self._run_backfill, job)
-        return job
-
-    async def _run_backfill(self, job: BackfillJob) -> None:
-        try:
-            await self._backfill(job)
-        except StorageError as exc:
-            # A page the store refuses (say a host that chained one proposal twice:
-            # core/proposals.py): the pull stops there; what was stored stays.
-            log.warning("backfill %s stopped: %s", job.id, exc)
-            code = Code.CONFLICT if exc.code == "conflict" else Code.INTERNAL_ERROR
-            job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
-        except Exception as exc:  # an unexpected failure must not kill the daemon
-            log.exception("backfill %s failed", job.id)
-            job.state, job.error = "failed", {"code": "internal_error", "message": str(exc)[:200]}
-        finally:
-            job.done.set()
-
-    async def _backfill(self, job: BackfillJob) -> None:
-        key = self.node.keyring.current
-        if key is None:
-            job.state, job.error = "failed", Refused(Code.OWN_KEY_MISSING).as_dict()
-            return
-        refusal = await self.ensure_peered(job.peer)
-        if refusal is not None:
-            job.state, job.error = "failed", refusal.as_dict()
-            return
-        saved = None if job.until is not None else await self.store.get_cursor(job.room_id, job.peer)
-        if job.until is not None:
-            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
-                                    key=key, keys=self.node.keys, limit=job.limit, until=job.until,
-                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
-        elif saved is not None:
-            puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
-                                           keys=self.node.keys, verifier=self.node.batch_verifier, lookup=self.node.lookup)
-            if puller.done is not None or puller.limit != job.limit:
-                saved = None
-        if saved is None and job.until is None:
-            lowest = await self.store.events_after(job.room_id, None, 1)
-            anchor = None
-            if lowest:
-                event = self.node_event(lowest[0]["envelope"])
-                anchor = (event.depth, event.prev)
-            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
-                                    key=key, keys=self.node.keys, limit=job.limit, anchor=anchor,
-                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
-        self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
-                    cursor=puller.cursor())
-        base = puller.stored
-        refused: StorageError | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                await self._pull(job, puller, base, nursery)
-            except StorageError as exc:
-                refused = exc  # raised below, not wrapped in the nursery's exception group
-            finally:
-                nursery.cancel_scope.cancel()  # a page asked for ahead and not needed
-        if refused is not None:
-            raise refused
-
-    async def _pull(self, job: BackfillJob, puller: BackfillPuller, base: int, nursery: trio.Nursery) -> None:
-        """Drive the puller. Fetching, verifying and storing overlap: as a page
-        arrives the puller names the page after it (``prefetch``), which is
-        requested at once; the page is verified on a worker thread (its
-        signatures on the verify pool, as always) while the page before it is
-        stored (one durable write with its cursor, in page order)."""
-        effects = puller.start(self.now())
-        pages = PageTimer(self.verify_clock, self.record, puller)
-        ahead: _Ahead | None = None
-        pending: _PageStore | None = None  # the last page's events, stored while the next is verified
-        while effects:
-            effect = effects.pop(0)
-            if not isinstance(effect, (SendRequest, StoreEvents)) or job.until is not None:
-                pending = await self._store_now(pending)
-            if isinstance(effect, SendRequest):
-                if ahead is not None and ahead.request is effect:
-                    result = await ahead.result()
-                else:
-                    if ahead is not None:
-                        ahead.scope.cancel()  # the guess was wrong: its answer is not wanted
-                    result = await self.send(effect)
-                ahead = None
-                if isinstance(result, Refused):
-                    pending = await self._store_now(pending)
-                    pages.flush()
-                    effects += puller.fail(result)
-                    continue
-                guess = puller.prefetch(*result, self.now())
-                if guess is not None:
-                    ahead = _Ahead(guess)
-                    nursery.start_soon(ahead.run, self.send)
-                work = Work(stored=0)
-                more = await trio.to_thread.run_sync(work.core, self.verify_clock, puller.page_received,
-                                                     *result, self.now())
-                pending = await self._store_now(pending)  # (under way since the page was checked)
-                pages.begin(work)  # the last page's record, its store included
-                effects += more
-            elif isinstance(effect, StoreEvents) and job.until is None:
-                pending = _PageStore(job, effect, pages.page, puller.stored, base, self.now())
-                nursery.start_soon(pending.run, self.store)  # while the next page comes and is checked
-                if not (effects and isinstance(effects[0], SendRequest)):
-                    pending = await self._store_now(pending)  # no next page to overlap with
-            elif isinstance(effect, StoreEvents) and job.until is not None:
-                # The whole gap at once, and only onto the head it was pulled for.
-                async with self.room_lock(job.room_id):
-                    head = await self.head_of(job.room_id)
-                    if head is not None and (head.depth, head.event_id) == job.until:
-                        started = Work.store_started()
-                        await self.store.store_events(job.room_id, [e.as_record() for e in effect.events])
-                        pages.stored(started, len(effect.events))
-                        job.stored = len(effect.events)
-            elif isinstance(effect, NeedKeys):
-                # Another pull may be fetching the same descriptor (catch-ups run side
-                # by side): its answer is ours too.
-                await self.limits.fetch_settled(effect.server)
-                keys = self.node.lookup(effect.server)
-                if keys is None or effect.key_id is None or not keys.knows(effect.key_id):
-                    await self.learn_descriptor(effect.server, key_id=effect.key_id)
-                effects += pages.more(puller.keys_updated, self.now())
-            elif isinstance(effect, Failed):
-                await self.peer_error(effect.server, effect.refusal)
-            elif isinstance(effect, BackfillDone):
-                pages.flush()
-                log.info("backfill of %s from %s: %s events stored%s", job.room_id, job.peer, puller.stored - base,
-                         f", stopped: {effect.refusal}" if effect.refusal else "")
-                self.record("backfill_end", room_id=job.room_id, peer=job.peer, stored=effect.stored,
-                            reached_start=effect.reached_start,
-                            error=effect.refusal.as_dict() if effect.refusal else None)
-                job.reached_start = effect.reached_start
-                job.refused = [{"position": pos, **r.as_dict()} for pos, r in puller.refusals]
-                if effect.refusal is not None:
-                    job.state, job.error = "failed", effect.refusal.as_dict()
-                else:
-                    job.state = "done"
-                    if job.until is None:
-                        await self.store.clear_cursor(job.room_id, job.peer)
-                return
-
-    async def _store_now(self, pending: _PageStore | None) -> None:
-        """Finish a page's store (if not done yet) and raise what it met."""
-        if pending is not None:
-            await pending.run(self.store)
-            if pending.failure is not None:
-                raise pending.failure
-
     def node_event(self, envelope: bytes) -> Event:
         """Decode an envelope from our own storage (already verified when stored)."""
         from scaiwave_federation.core import decode_event
@@ -751,56 +421,6 @@ class Service:
                 if action == "rotate_key":
                     await self.rotate_key()
             await self.store.expire_nonces(now)
-
-
-class _PageStore:
-    """One backfill page's events and cursor, stored in one write (see ``Service._pull``)."""
-
-    def __init__(self, job: BackfillJob, effect: StoreEvents, work: Work | None, stored: int, base: int,
-                 now: int) -> None:
-        self.job, self.effect, self.work, self.stored, self.base, self.now = job, effect, work, stored, base, now
-        self.failure: StorageError | None = None
-        self._started = False
-        self._done = trio.Event()
-
-    async def run(self, store: AsyncStore) -> None:
-        """Store it once; a second call waits for the first."""
-        if self._started:
-            await self._done.wait()
-            return
-        self._started = True
-        try:
-            started = Work.store_started()
-            await store.store_events(
-                self.job.room_id, [e.as_record() for e in self.effect.events],
-                cursor={"peer": self.job.peer, "cursor": self.effect.cursor, "stored": self.stored,
-                        "updated_at": self.now})
-            if self.work is not None:
-                self.work.store_done(started, len(self.effect.events))
-            self.job.stored = self.stored - self.base
-        except StorageError as exc:
-            self.failure = exc  # raised by whoever waits for it (not in a nursery's group)
-        finally:
-            self._done.set()
-
-
-class _Ahead:
-    """A page requested ahead (see ``Service._pull``): its answer, when it comes."""
-
-    def __init__(self, request: SendRequest) -> None:
-        self.request = request
-        self.scope = trio.CancelScope()
-        self._done = trio.Event()
-        self._result: tuple[int, bytes] | Refused = Refused(Code.PEER_UNREACHABLE, "the request was not sent")
-
-    async def run(self, send: Any) -> None:
-        with self.scope:
-            self._result = await send(self.request)
-        self._done.set()
-
-    async def result(self) -> tuple[int, bytes] | Refused:
-        await self._done.wait()
-        return self._result
 
 
 def _federates(store: Store, tenant: str | None) -> bool:
