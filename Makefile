@@ -36,8 +36,9 @@ api-fuzz: $(STAMP)
 openapi: $(STAMP)
 	$(PY) -m scaiwave_federation.shell.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
 
+## make bench: every benchmark (each prints PASS/FAIL per target); exits 1 if any target is missed
 bench: $(STAMP)
-	$(PY) -m bench.ingest; ingest=$$?; $(PY) -m bench.replay; replay=$$?; exit $$((ingest || replay))
+	status=0; for b in ingest pipeline replay federation; do echo "== bench.$$b"; $(PY) -m bench.$$b || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache demo-run

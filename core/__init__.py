@@ -22,6 +22,7 @@ Modules, by what they own:
 - :mod:`.rooms` -- chaining, proposals, invites and transactions
 - :mod:`.authz` -- room authorization: who may enter, speak in and read a room
 - :mod:`.backfill` -- paged history pulls and serving
+- :mod:`.delivery` -- what goes to each peer, batched and in order; retries and backoff
 - :mod:`.limits` -- per-origin rate and concurrency, caps on descriptor fetches peers cause
 - :mod:`.proposals` -- each proposal chained at most once per room
 - :mod:`.effects` -- what the core asks its host to do

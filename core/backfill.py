@@ -207,6 +207,8 @@ class BackfillPuller:
         self._fresh = 0  # events the page being processed added to the buffer
         self.done: BackfillDone | None = None
         self.requests = 0  # page requests made so far
+        self._prefetched: SendRequest | None = None  # asked for ahead (see prefetch)
+        self._decoded: tuple[bytes, Page | Refused] | None = None  # the page prefetch decoded
         self.budget = request_budget(limit, page_size)
         if anchor is not None and (anchor[0] <= 1 or anchor[1] is None):
             self.done = BackfillDone(room_id, peer, 0, True)
@@ -271,19 +273,50 @@ class BackfillPuller:
                 return self._finish(None)
             return self._finish(Refused(Code.NO_PROGRESS, f"{self.peer} answered page {self.requests} "
                                                           f"with nothing that moves the chain"))
+        ahead, self._prefetched = self._prefetched, None
+        wanted = backfill_target(self.room_id, self._current_before(), min(self.page_size, self.limit - self._p.stored))
+        if ahead is not None and ahead.target == wanted:
+            return [ahead]  # asked for already (counted then)
         if self.requests >= self.budget:
             return self._finish(Refused(Code.NO_PROGRESS, f"{self.peer} needed more than {self.budget} pages "
                                                           f"for {self.limit} events"))
         return [self._request(now)]
 
     def _request(self, now: int) -> SendRequest:
+        return self._request_for(self._current_before(), self.limit - self._p.stored, now)
+
+    def _request_for(self, before: int | None, remaining: int, now: int) -> SendRequest:
         self.requests += 1
-        remaining = self.limit - self._p.stored
-        before = None if self._p.next_depth is None else self._p.next_depth + 1
         target = backfill_target(self.room_id, before, min(self.page_size, remaining))
         auth = sign_request(self.key, origin=self.server_name, destination=self.peer, method="GET",
                             target=target, body=b"", now=now)
         return SendRequest(self.peer, "GET", target, b"", auth)
+
+    def prefetch(self, status: int, body: bytes, now: int) -> SendRequest | None:
+        """Ask for the next page while this one is verified: call with a page
+        that just arrived, *before* :meth:`page_received`.
+
+        Returns the request for the page that follows ``body`` if the chain
+        links all of it (what an honest host's page does), or None: an error,
+        a page of nothing, the last page the pull needs, a catch-up (it stops
+        at our head), the budget spent, or a request already ahead. The
+        request counts against the budget. Send it at once; when the
+        :class:`SendRequest` that comes out next *is* this object, answer
+        with its reply (it was the right guess). When another request or the
+        end comes out instead, drop its reply: the page did not link as it
+        said, and the pull asks again for what it needs, within its budget.
+        """
+        if self.done is not None or self.until is not None or status != 200 or self._prefetched is not None:
+            return None
+        page = decode_page(body)
+        self._decoded = (body, page)
+        if isinstance(page, Refused) or page.room_id != self.room_id or not page.events or page.next is None:
+            return None
+        remaining = self.limit - self._p.stored - len(page.events)
+        if remaining <= 0 or self.requests >= self.budget:
+            return None
+        self._prefetched = self._request_for(page.next, remaining, now)
+        return self._prefetched
 
     def page_received(self, status: int, body: bytes, now: int) -> list[Effect]:
         """A page (or an error reply) arrived. Returns what to store and what next."""
@@ -293,7 +326,8 @@ class BackfillPuller:
             from .handshake import decode_refusal
 
             return self._finish(decode_refusal(status, body))
-        page = decode_page(body)
+        decoded, self._decoded = self._decoded, None
+        page = decoded[1] if decoded is not None and decoded[0] is body else decode_page(body)
         if isinstance(page, Refused):
             return self._finish(page)
         if page.room_id != self.room_id:
@@ -314,6 +348,7 @@ class BackfillPuller:
     # -- internals ---------------------------------------------------------------------
 
     def _finish(self, refusal: Refused | None) -> list[Effect]:
+        self._prefetched = None  # a page asked for ahead is not needed any more
         if self.until is not None and not self._joined:
             # Catching up ends here without reaching our head: nothing was stored.
             if refusal is None:

@@ -80,16 +80,17 @@ def _key(service: Service):
 
 
 async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict,
-                  answer: Callable[[Event], dict[str, Any]] | None = None) -> Event:
-    """Chain an event in a room we host, store it, queue it for member servers.
-    ``answer``: the client txn row for this event, stored in the same transaction."""
+                  answer: Callable[[Event], dict[str, Any]] | None = None, facts: RoomFacts | None = None) -> Event:
+    """Chain an event in a room we host, then store it and queue it for member
+    servers in one write. ``answer``: the client txn row for this event, stored
+    in that same write. ``facts``: the room's, if the caller just read them
+    and changed nothing since (else they are read again)."""
     async with service.room_lock(room["room_id"]):
         head = await service.head_of(room["room_id"])
         event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
                             sender=sender, type=type, ts=service.now(), content=content)
-        await service.store.store_events(room["room_id"], [event.as_record()],
-                                         client_txn=answer(event) if answer else None)
-        await service.push_events(room["room_id"], [event])
+        await service.push_events(room["room_id"], [event], facts=facts, store=True,
+                                  client_txn=answer(event) if answer else None)
     return event
 
 
@@ -115,10 +116,8 @@ async def _create_room(service: Service, user: dict[str, Any], body: dict[str, A
 
 
 async def _me(service: Service, user: dict[str, Any]) -> Party:
-    party = await service.local_party(user["user_id"])
-    if party is None:  # the user row went away under us
-        raise _Fail(Refused(Code.UNAUTHORIZED, "unknown user"))
-    return party
+    """The caller as the rules see it, from the row its token was found by in this request."""
+    return Party(user["user_id"], user["tenant"], await service.tenant_federates(user["tenant"]))
 
 
 def _user_id(value: object, field: str) -> str:
@@ -293,8 +292,11 @@ async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Respon
 
 async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str,
                         txn_id: str | None = None) -> Response:
-    room = await _room(service, room_id)
-    _need(may_post(await service.room_facts(room), user=await _me(service, user),
+    view = await service.room_view(canonical_room_id(room_id) or room_id, user["tenant"])
+    if view is None:
+        raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
+    room, facts, federates = view
+    _need(may_post(facts, user=Party(user["user_id"], user["tenant"], federates),
                    server_name=service.config.server_name))
     record = None
     if txn_id is not None:
@@ -302,7 +304,7 @@ async def _post_message(service: Service, user: dict[str, Any], room_id: str, te
             return {"user_id": user["user_id"], "txn_id": txn_id, "room_id": room["room_id"],
                     "body_hash": _text_hash(text), "created_at": service.now(), "response": json.dumps(_posted(event))}
     if room["host"] == service.config.server_name:
-        event = await _append(service, room, user["user_id"], "m.message", {"body": text}, record)
+        event = await _append(service, room, user["user_id"], "m.message", {"body": text}, record, facts)
     else:
         fed_txn = None if txn_id is None else "c" + hashlib.sha256(f"{user['user_id']}\0{txn_id}".encode()).hexdigest()[:40]
         event = await _write_remote(service, room, user, "m.message", {"body": text}, fed_txn)

@@ -61,6 +61,7 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
         return cbor_error(auth)
     await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
     await service.peer_seen(auth.origin)
+    service.peer_inbound(auth.origin)
     if route.endpoint == "handshake":
         return await _handshake(service, auth, request)
     peer = await service.store.get_peer(auth.origin)
@@ -180,10 +181,11 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
 
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
                     context: dict[str, Any]) -> Response:
-    room = await service.store.get_room(room_id)
+    view = await service.room_view(room_id, None)  # the room and its facts in one storage call
+    room, facts = (view[0], view[1]) if view else (None, None)
     room_type = room["room_type"] if room and room["host"] == service.config.server_name else None
-    federates = await service.tenant_federates(room["tenant"] if room else None)
-    members = await service.memberships(room_id) if room else {}
+    federates = facts.tenant_federates if facts else True
+    members = dict(facts.members) if facts else {}
     context.update({"room_type": room_type, "tenant_federates": federates, "members": members})
     decision = service.node.on_backfill(auth, room_id, request.query, room_type=room_type,
                                         tenant_federates=federates, members=members)

@@ -20,7 +20,7 @@ only at an address ``core.netguard`` allows: no loopback, private or
 link-local address unless ``SCAIWAVE_OUTBOUND_ALLOW`` names its range
 (``address_blocked`` otherwise).
 
-:func:`backoff_ms` is the pure retry schedule for the outbox worker.
+:func:`backoff_ms` (the retry schedule) lives in ``core.delivery``; it is re-exported here.
 
 Two bounds keep one peer from stalling or starving the others (issue 16):
 
@@ -50,6 +50,7 @@ import httpcore
 import httpx
 import trio
 
+from scaiwave_federation.core.delivery import backoff_ms
 from scaiwave_federation.core.names import split_server_name as _core_split_server_name
 from scaiwave_federation.core.netguard import Network, address_refusal
 
@@ -146,32 +147,6 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 
 class _AddressBlocked(httpcore.ConnectError):
     """A name that leads only to addresses outbound federation may not reach."""
-
-
-def backoff_ms(
-    failures: int, *, base_ms: int = 1000, cap_ms: int = 300_000, jitter: float = 0.0
-) -> int:
-    """Delay in milliseconds before the next retry after ``failures`` failures.
-
-    Exponential: ``base_ms * 2**(failures - 1)`` capped at ``cap_ms`` (1 s,
-    2 s, 4 s, ... 5 min by default); 0 failures means no wait. Pure and
-    deterministic: there is no randomness inside. A caller that wants jitter
-    draws it itself and passes ``jitter`` in [0, 1]: that fraction of the
-    delay is taken off (``jitter=0.25`` turns 4000 into 3000).
-    Raises ValueError for negative ``failures`` or ``jitter`` outside [0, 1].
-    """
-    if failures < 0:
-        raise ValueError(f"failures must be >= 0, got {failures}")
-    if not 0.0 <= jitter <= 1.0:
-        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
-    if failures == 0:
-        return 0
-    # Compare exponents first so a huge failure count never builds a huge int.
-    if base_ms <= 0 or (failures - 1) >= cap_ms.bit_length():
-        delay = cap_ms if base_ms > 0 else 0
-    else:
-        delay = min(base_ms << (failures - 1), cap_ms)
-    return delay - round(delay * jitter)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -16,6 +16,7 @@ when a request is not read in time, 503 when the handler is too slow),
 from __future__ import annotations
 
 import errno
+import functools
 import http
 import json
 import logging
@@ -33,6 +34,7 @@ __all__ = ["Request", "Response", "Handler", "Limits", "handle_connection", "ser
 log = logging.getLogger("scaiwave.http")
 
 RECEIVE_SIZE = 65536
+_REASONS = {status.value: status.phrase.encode("ascii") for status in http.HTTPStatus}
 #: How long the final close (TLS close_notify) may take.
 CLOSE_TIMEOUT = 2.0
 #: After an error reply, how much unread input we drain before closing (see _linger).
@@ -58,9 +60,10 @@ class Request:
                 found = value
         return found
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
-        """The target without its query string (still percent-encoded)."""
+        """The target without its query string (still percent-encoded); split once
+        (the handler, the route table, the access line and the metrics all ask)."""
         return urlsplit(self.target).path
 
     @property
@@ -162,7 +165,6 @@ class _Connection:
         self.stream, self.handler, self.limits, self.peer = stream, handler, limits, peer
         self.drain = drain or _Drain()
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        self.send_lock = trio.Lock()
         self.idle = True  # waiting for the first byte of a request
         self.deadline = 0.0
 
@@ -274,24 +276,25 @@ class _Connection:
             log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
             return Response.error(500, "internal_error", "internal error", path=request.path)
 
-    async def _send(self, event: Any) -> None:
-        data = self.h11.send(event)
+    async def _send(self, *events: Any) -> None:
+        # The connection's one task is the only sender (requests are served
+        # one after another), so no lock: one send_all per call, and a whole
+        # response is one call, so one TLS record for a small reply.
+        data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
-            async with self.send_lock:
-                await self.stream.send_all(data)
+            await self.stream.send_all(data)
 
     async def _send_response(self, response: Response, *, head: bool = False, close: bool = False) -> None:
-        try:
-            reason = http.HTTPStatus(response.status).phrase
-        except ValueError:  # an unregistered status is allowed, just unnamed
-            reason = ""
+        reason = _REASONS.get(response.status, b"")  # an unregistered status is allowed, just unnamed
         # 204 and 304 carry no body, and so no content headers (RFC 9110).
         bodiless = response.status in (204, 304)
-        headers = [] if bodiless else [("content-type", response.content_type)]
-        headers += [] if bodiless else [("content-length", str(len(response.body)))]
-        headers += response.headers
+        if bodiless:
+            headers = [*response.headers]
+        else:
+            headers = [(b"content-type", response.content_type.encode("latin-1")),
+                       (b"content-length", b"%d" % len(response.body)), *response.headers]
         if close:
-            headers.append(("connection", "close"))
+            headers.append((b"connection", b"close"))
         try:
             event = h11.Response(status_code=response.status, headers=headers, reason=reason)
         except h11.LocalProtocolError:
@@ -299,10 +302,10 @@ class _Connection:
             log.exception("invalid response headers for %s: %r", self.peer, response.headers)
             event = h11.Response(status_code=500, headers=[("content-length", "0"), ("connection", "close")])
             bodiless = True
-        await self._send(event)
         if response.body and not head and not bodiless:
-            await self._send(h11.Data(data=response.body))
-        await self._send(h11.EndOfMessage())
+            await self._send(event, h11.Data(data=response.body), h11.EndOfMessage())
+        else:
+            await self._send(event, h11.EndOfMessage())
 
     async def _reply_and_linger(self, response: Response) -> None:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

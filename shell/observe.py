@@ -62,7 +62,10 @@ ROUTES: tuple[str, ...] = (
     f"{_ADMIN}/federation/check", f"{_ADMIN}/tenants", f"{_ADMIN}/tenants/{{name}}", f"{_ADMIN}/users",
     f"{_ADMIN}/db/backup",
 )
-_SPLIT = [tuple(t.split("/")) for t in ROUTES]
+# Templates by segment count, fewest parameters first (literals win over parameters).
+_BY_LENGTH: dict[int, list[tuple[str, tuple[str, ...]]]] = {}
+for _template in sorted(ROUTES, key=lambda t: sum(part.startswith("{") for part in t.split("/"))):
+    _BY_LENGTH.setdefault(_template.count("/") + 1, []).append((_template, tuple(_template.split("/"))))
 
 
 def route_template(path: str) -> str:
@@ -72,14 +75,24 @@ def route_template(path: str) -> str:
     must match exactly, and literals win over parameters.
     """
     parts = path.split("/")
-    best: tuple[str, ...] | None = None
-    for template in _SPLIT:
-        if len(template) != len(parts):
-            continue
-        if all(t == p or (t.startswith("{") and p) for t, p in zip(template, parts)):
-            if best is None or sum(t.startswith("{") for t in template) < sum(t.startswith("{") for t in best):
-                best = template
-    return "/".join(best) if best is not None else "other"
+    for template, split in _BY_LENGTH.get(len(parts), ()):
+        if all(t == p or (p and t[:1] == "{") for t, p in zip(split, parts)):
+            return template
+    return "other"
+
+
+class _HttpDate:
+    """The Date header's text, formatted once per second (not per request)."""
+
+    second = -1
+    text = ""
+
+    @classmethod
+    def at(cls, now_ms: int) -> str:
+        second = now_ms // 1000
+        if second != cls.second:
+            cls.second, cls.text = second, email.utils.formatdate(second, usegmt=True)
+        return cls.text
 
 
 def outcome_code(status: int, body: bytes, content_type: str) -> str:
@@ -134,7 +147,7 @@ def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
         if audit is not None:
             audit.end(service, response, code)
             ops.admin_changed()
-        date = email.utils.formatdate(service.now() / 1000, usegmt=True)
+        date = _HttpDate.at(service.now())
         return dataclasses.replace(response, headers=(*response.headers, ("date", date)))
 
     return observe

@@ -123,6 +123,9 @@ class RouteTable:
 
     def __init__(self) -> None:
         self.routes: list[Route] = []
+        # Routes by segment count, each with its split template: a request is
+        # matched against the few of its length, not against every template.
+        self._by_length: dict[int, list[tuple[Route, tuple[str, ...]]]] = {}
 
     def add(self, method: str, template: str, handler: Handler, *, auth: Auth, summary: str,
             response: Mapping[str, Any], **options: Any) -> None:
@@ -136,6 +139,7 @@ class RouteTable:
         if any(r.operation_id == route.operation_id for r in self.routes):
             raise ValueError(f"{route.operation_id} names two routes")
         self.routes.append(route)
+        self._by_length.setdefault(len(route.segments), []).append((route, route.segments))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route for ``method path`` and its decoded path parameters (still text).
@@ -148,8 +152,8 @@ class RouteTable:
         except UnicodeDecodeError:
             raise BadInput("path", "percent-encoding that is not UTF-8") from None
         allowed = []
-        for route in self.routes:
-            params = _bind(route.segments, segments)
+        for route, template in self._by_length.get(len(segments), ()):
+            params = _bind(template, segments)
             if params is None:
                 continue
             # HEAD is GET without the body (the HTTP layer drops it).

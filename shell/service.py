@@ -3,7 +3,8 @@
 It owns the running state that ties the core to the world: the
 :class:`~scaiwave_federation.core.Federation` node, storage, the outbound
 client, the clock and the recorder. It makes no protocol decision: it asks the
-core, then fetches, sends and stores what the core says.
+core, then fetches, sends and stores what the core says. Delivery to peers
+(:mod:`.outbox`) and backfill jobs (:mod:`.backfill_jobs`) are its mixins.
 """
 
 from __future__ import annotations
@@ -12,17 +13,13 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import trio
 
 from scaiwave_federation.core import (
-    MAX_PULL,
-    BackfillDone,
-    BackfillPuller,
     Code,
     Event,
     Failed,
@@ -32,7 +29,6 @@ from scaiwave_federation.core import (
     Initiator,
     KeyRing,
     KeyRotated,
-    NeedKeys,
     Party,
     PeerAgreed,
     Policy,
@@ -40,30 +36,31 @@ from scaiwave_federation.core import (
     RoomFacts,
     SendRequest,
     SigningKey,
-    StoreEvents,
 )
-from scaiwave_federation.core.authz import push_targets
+from scaiwave_federation.core.delivery import Delivery
 from scaiwave_federation.core.drive import answer
 from scaiwave_federation.core.inbound import RoomState, TxnSnapshot, held_needed, proposals_needed, rooms_needed
 from scaiwave_federation.core.handshake import decode_refusal
 from scaiwave_federation.core.keys import OldKey
-from scaiwave_federation.core.rooms import encode_events_body
 
 from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
-from .limits import Gate, fetch_cause, limits_of
+from .limits import Gate, limits_of
 from .recorder import Recorder
-from .storage import AsyncStore, StorageError
-from .timings import PageTimer, VerifyClock, Work
+from .storage import AsyncStore, Store, StorageError
+from .timings import VerifyClock
 from .verify_pool import threaded_verifier
+from .outbox import Outbox
+from .backfill_jobs import BackfillJob, BackfillJobs
 
 log = logging.getLogger("scaiwave.service")
 
 __all__ = ["Service", "BackfillJob"]
 
+#: ``last_seen`` is written at most this often per peer (see Service.peer_seen).
+SEEN_RESOLUTION_MS = 1000
 #: How long a background loop waits after a full or failing disk before it tries again.
 STORAGE_RETRY_S = 1.0
-OUTBOX_POLL_S = 0.5
 
 
 def _refusal_of(exc: TransportError) -> Refused:
@@ -73,33 +70,7 @@ def _refusal_of(exc: TransportError) -> Refused:
         return Refused(Code.PEER_UNREACHABLE, exc.message)
 
 
-@dataclass
-class BackfillJob:
-    """A running or finished backfill, as the admin API shows it."""
-
-    id: int
-    room_id: str
-    peer: str
-    limit: int
-    stored: int = 0
-    state: str = "running"
-    error: dict | None = None
-    refused: list[dict] = field(default_factory=list)
-    reached_start: bool = False
-    #: How many events this pull will store in all, once a page has shown how
-    #: deep the room goes (None before): the progress bar's total.
-    expected: int | None = None
-    #: Catching up: our head of the room when the gap was seen (see BackfillPuller's ``until``).
-    until: tuple[int, bytes] | None = None
-    done: trio.Event = field(default_factory=trio.Event, repr=False)
-
-    def view(self) -> dict[str, Any]:
-        return {"id": self.id, "room_id": self.room_id, "peer": self.peer, "limit": self.limit,
-                "stored": self.stored, "state": self.state, "error": self.error, "refused": self.refused,
-                "reached_start": self.reached_start, "catch_up": self.until is not None, "expected": self.expected}
-
-
-class Service:
+class Service(Outbox, BackfillJobs):
     """Everything the HTTP handlers need. Build with :meth:`open`."""
 
     def __init__(self, config: Config, store: AsyncStore, node: Federation, client: PeerClient,
@@ -118,6 +89,10 @@ class Service:
         #: two admins' edits never lose one another.
         self.policy_lock = trio.Lock()
         self._wake_outbox = trio.Event()
+        #: What goes to which peer, in which order, when (the core decides; the outbox table mirrors it).
+        self.delivery = Delivery()
+        self._descriptor: tuple[KeyRing, bytes] | None = None  # see descriptor_json
+        self._seen_written: dict[str, int] = {}  # peer -> when its last_seen was last written
         self._catch_ups: dict[str, BackfillJob] = {}  # room -> its catch-up, queued or running
         self._wake_catch_up = trio.Event()
         self._timer_changed = trio.Event()
@@ -155,6 +130,7 @@ class Service:
                 node.keys.learn(peer["server_name"], peer["descriptor"].encode(), peer["descriptor_fetched_at"] or now)
         for _origin, nonce, expires in await store.live_nonces(now):
             node.requests.replay.remember(nonce, expires)
+        await service._load_outbox()
         if service.recorder:
             # The state the core starts from, so a replay starts from it too:
             # policy, our public keys, peers' cached descriptors, live nonces.
@@ -208,6 +184,7 @@ class Service:
               "expired_at": o.expired_at} for o in ring.old],
         )
         self.node.keyring = ring
+        self._descriptor = None
         self._timer_changed.set()
         self.record("own_keys", public=self.node.descriptor(self.federation_endpoint))
 
@@ -285,12 +262,24 @@ class Service:
 
     async def tenant_federates(self, tenant: str | None) -> bool:
         """The tenant's federation switch (``True`` for no tenant: rooms hosted elsewhere)."""
-        row = await self.store.get_tenant(tenant) if tenant else None
-        return bool(row["federation_enabled"]) if row else True
+        return await self.store.run(lambda store: _federates(store, tenant))
 
     async def memberships(self, room_id: str) -> dict[str, str]:
         """The room's memberships as stored here: user id -> membership."""
-        return {m["user_id"]: m["membership"] for m in await self.store.members(room_id)}
+        return _memberships(await self.store.members(room_id))
+
+    async def room_view(self, room_id: str, tenant: str | None) -> tuple[dict[str, Any], RoomFacts, bool] | None:
+        """A stored room, its facts and the federation switch of ``tenant`` (the
+        caller's), read in one storage call (a client's post used to make
+        five); None if there is no such room."""
+        def read(store: Store) -> tuple[dict[str, Any], RoomFacts, bool] | None:
+            room = store.get_room(room_id)
+            if room is None:
+                return None
+            facts = _facts(store, room)
+            return room, facts, facts.tenant_federates if tenant == room["tenant"] else _federates(store, tenant)
+
+        return await self.store.run(read)
 
     async def local_party(self, user_id: str) -> Party | None:
         """What the rules know of one of our users, or ``None`` if there is no
@@ -301,9 +290,8 @@ class Service:
         return Party(user["user_id"], user["tenant"], await self.tenant_federates(user["tenant"]))
 
     async def room_facts(self, room: dict[str, Any]) -> RoomFacts:
-        """The facts of a stored room (see ``core.authz``)."""
-        return RoomFacts(room["room_id"], room["room_type"], room["tenant"],
-                         await self.tenant_federates(room["tenant"]), await self.memberships(room["room_id"]))
+        """The facts of a stored room (see ``core.authz``), read in one storage call."""
+        return await self.store.run(lambda store: _facts(store, room))
 
     async def txn_snapshot(self, results: list[Any]) -> TxnSnapshot:
         """The stored state a transaction's decision reads (core.inbound says which)."""
@@ -314,11 +302,12 @@ class Service:
                 rooms[room_id] = RoomState(known=False)
                 continue
             hosted = row["host"] == self.config.server_name
+            facts = await self.room_facts(row) if hosted else None
             rooms[room_id] = RoomState(
                 known=True, host=row["host"], head=await self.head_of(room_id),
                 room_type=row["room_type"] if hosted else None,
-                tenant_federates=await self.tenant_federates(row["tenant"]) if hosted else True,
-                members=await self.memberships(room_id) if hosted else {})
+                tenant_federates=facts.tenant_federates if facts else True,
+                members=dict(facts.members) if facts else {})
         held = {}
         for room_id, depth, text in held_needed(results, rooms):
             row = await self.store.event_at(room_id, depth)
@@ -328,11 +317,24 @@ class Service:
         return TxnSnapshot(rooms, held, chained)
 
     async def peer_seen(self, server: str) -> None:
+        """Record a good exchange with ``server`` (``last_seen``; clears its error).
+
+        Written at most once a second per peer while nothing went wrong in
+        between: each write is a durable commit, and a busy peer exchanges
+        hundreds of requests a second. So ``last_seen`` is exact to a second."""
+        now = self.now()
+        written = self._seen_written.get(server)
+        if written is not None and now - written < SEEN_RESOLUTION_MS:
+            return
+        if len(self._seen_written) >= 10_000:
+            self._seen_written.clear()  # bounded, whoever authenticates
         try:
-            await self.store.mark_seen(server, self.now())
+            await self.store.mark_seen(server, now)
         except StorageError as exc:  # bookkeeping: the traffic itself went through
             if exc.code != "unavailable":
                 raise
+            return
+        self._seen_written[server] = now
 
     async def peer_error(self, server: str, refusal: Refused) -> None:
         """Record a failure of traffic with ``server`` in its ``last_error``;
@@ -340,6 +342,7 @@ class Service:
         not exist, say) is no failure of the link and is not recorded."""
         if server == self.config.server_name or refusal.about_the_request:
             return
+        self._seen_written.pop(server, None)  # the next good exchange clears this error at once
         log.warning("peer %s: %s", server, refusal)
         try:
             peer = await self.store.get_peer(server)
@@ -451,235 +454,6 @@ class Service:
         queues the event holds it, so concurrent writers never chain at one depth."""
         return self._room_locks.setdefault(room_id, trio.Lock())
 
-    # -- pushing events to member servers -------------------------------------------------
-
-    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None) -> None:
-        """Queue chained events for every other server with joined members (durably,
-        then delivered by the outbox worker with per-peer backoff)."""
-        room = await self.store.get_room(room_id)
-        if room is None:
-            return
-        servers = [s for s in push_targets(await self.room_facts(room), self.config.server_name) if s != exclude]
-        now = self.now()
-        body = encode_events_body([e.envelope for e in events])
-        for server in servers:
-            txn_id = f"{now}-{os.urandom(6).hex()}"
-            await self.store.enqueue(server, txn_id, f"/_scaiwave/federation/v1/send/{txn_id}", body, now)
-        if servers:
-            self._wake_outbox.set()
-
-    async def outbox_worker(self) -> None:
-        """Deliver queued transactions; failures back off per peer (visible in peers)."""
-        while True:
-            now = self.now()
-            # A paused peer's queue waits, whole and in order, for `peers resume`.
-            stalled: set[str] = await self.store.paused_peers()
-            # Every queued item, in queue order (due or not): a peer's
-            # transactions go strictly in order. Once one is not yet due or
-            # fails, the rest wait, or the peer would see a later event before
-            # the one it links to.
-            for item in await self.store.due(now=1 << 62, limit=1000):
-                if item["peer"] in stalled:
-                    continue
-                if item["next_attempt_at"] > now:
-                    stalled.add(item["peer"])
-                    continue
-                result = await self.signed_request(item["peer"], "PUT", item["path"], item["body"])
-                if isinstance(result, tuple) and result[0] == 200:
-                    await self.store.delivered(item["id"])
-                    continue
-                refusal = result if isinstance(result, Refused) else decode_refusal(*result)
-                if refusal.retryable:
-                    # Transport failures, and refusals of the moment (the peer has
-                    # not fetched our new key yet, is restarting, is not peered
-                    # yet): keep it, and everything after it, and back off.
-                    stalled.add(item["peer"])
-                    if refusal.code is Code.NOT_PEERED:
-                        # The peer lost our peering (a restored backup, say): peer
-                        # again now, so that the retry can succeed.
-                        await self.handshake(item["peer"])
-                    failures = (item.get("attempts") or 0) + 1
-                    await self.store.mark_attempt(item["id"], self.now() + backoff_ms(failures))
-                    continue
-                # A final refusal: the same bytes would get the same answer. (send()
-                # has already put it in the peer's last_error.)
-                log.warning("transaction to %s refused, dropped: %s", item["peer"], refusal)
-                await self.store.delivered(item["id"])
-            with trio.move_on_after(OUTBOX_POLL_S):
-                await self._wake_outbox.wait()
-            self._wake_outbox = trio.Event()
-
-    async def set_paused(self, peer: str, paused: bool) -> dict[str, Any]:
-        """Pause or resume delivery to ``peer`` (its queue is kept, and goes out
-        in order on resume). Raises StorageError ``not_found`` for a peer we
-        never dealt with."""
-        row = await self.store.set_paused(peer, paused)
-        self._wake_outbox.set()
-        return row
-
-    async def forget_peer(self, peer: str, *, force: bool) -> int:
-        """Delete ``peer``'s row, cached keys and (with ``force``) queued
-        transactions; return how many were dropped. See Store.forget_peer."""
-        dropped = await self.store.forget_peer(peer, drop_queued=force)
-        self.node.keys.forget(peer)
-        return dropped
-
-    async def retry_now(self, peer: str) -> int:
-        count = await self.store.reset_retry(peer, self.now())
-        self._wake_outbox.set()
-        return count
-
-    # -- catching up: a member server that missed events fills the gap -----------------
-
-    def request_catch_up(self, room_id: str, host: str, head: Head) -> None:
-        """A chained event arrived above a gap over our ``head``: pull the
-        missing events from the room's host (once per room at a time)."""
-        if room_id in self._catch_ups:
-            return
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=host, limit=MAX_PULL,
-                          until=(head.depth, head.event_id))
-        self.jobs[job.id] = job
-        self._catch_ups[room_id] = job
-        log.info("%s: events missing above depth %s; catching up from %s (job %s)", room_id, head.depth, host, job.id)
-        self._wake_catch_up.set()
-
-    async def catch_up_worker(self) -> None:
-        """Run requested catch-ups side by side, at most ``catch_ups_per_peer``
-        from one host at once (the daemon starts this): a host that trickles
-        its pages holds up only its own rooms, never another host's."""
-        started: set[int] = set()
-        async with trio.open_nursery() as nursery:
-            while True:
-                await self._wake_catch_up.wait()
-                self._wake_catch_up = trio.Event()
-                for job in list(self._catch_ups.values()):
-                    if job.id not in started:
-                        started.add(job.id)
-                        nursery.start_soon(self._catch_up, job, started)
-
-    async def _catch_up(self, job: BackfillJob, started: set[int]) -> None:
-        slots = self._catch_up_slots.setdefault(job.peer, trio.CapacityLimiter(self.config.catch_ups_per_peer))
-        try:
-            async with slots:
-                # Descriptor fetches this pull causes are charged to the host.
-                fetch_cause.set(job.peer)
-                await self._run_backfill(job)
-        finally:
-            self._catch_ups.pop(job.room_id, None)
-            started.discard(job.id)
-            if not slots.borrowed_tokens and slots.statistics().tasks_waiting == 0:
-                self._catch_up_slots.pop(job.peer, None)
-
-    # -- backfill ------------------------------------------------------------------
-
-    def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=peer, limit=limit)
-        self.jobs[job.id] = job
-        nursery.start_soon(self._run_backfill, job)
-        return job
-
-    async def _run_backfill(self, job: BackfillJob) -> None:
-        try:
-            await self._backfill(job)
-        except StorageError as exc:
-            # A page the store refuses (say a host that chained one proposal twice:
-            # core/proposals.py): the pull stops there; what was stored stays.
-            log.warning("backfill %s stopped: %s", job.id, exc)
-            code = {"conflict": Code.CONFLICT, "unavailable": Code.STORAGE_UNAVAILABLE}.get(exc.code,
-                                                                                          Code.INTERNAL_ERROR)
-            job.state, job.error = "failed", Refused(code, str(exc)[:200]).as_dict()
-        except Exception as exc:  # an unexpected failure must not kill the daemon
-            log.exception("backfill %s failed", job.id)
-            job.state, job.error = "failed", {"code": "internal_error", "message": str(exc)[:200]}
-        finally:
-            job.done.set()
-
-    async def _backfill(self, job: BackfillJob) -> None:
-        key = self.node.keyring.current
-        if key is None:
-            job.state, job.error = "failed", Refused(Code.OWN_KEY_MISSING).as_dict()
-            return
-        refusal = await self.ensure_peered(job.peer)
-        if refusal is not None:
-            job.state, job.error = "failed", refusal.as_dict()
-            return
-        saved = None if job.until is not None else await self.store.get_cursor(job.room_id, job.peer)
-        if job.until is not None:
-            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
-                                    key=key, keys=self.node.keys, limit=job.limit, until=job.until,
-                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
-        elif saved is not None:
-            puller = BackfillPuller.resume(saved["cursor"], server_name=self.config.server_name, key=key,
-                                           keys=self.node.keys, verifier=self.node.batch_verifier, lookup=self.node.lookup)
-            if puller.done is not None or puller.limit != job.limit:
-                saved = None
-        if saved is None and job.until is None:
-            lowest = await self.store.events_after(job.room_id, None, 1)
-            anchor = None
-            if lowest:
-                event = self.node_event(lowest[0]["envelope"])
-                anchor = (event.depth, event.prev)
-            puller = BackfillPuller(server_name=self.config.server_name, room_id=job.room_id, peer=job.peer,
-                                    key=key, keys=self.node.keys, limit=job.limit, anchor=anchor,
-                                    verifier=self.node.batch_verifier, lookup=self.node.lookup)
-        self.record("backfill_start", room_id=job.room_id, peer=job.peer, limit=job.limit,
-                    cursor=puller.cursor())
-        base = puller.stored
-        effects = puller.start(self.now())
-        pages = PageTimer(self.verify_clock, self.record, puller)
-        while effects:
-            effect = effects.pop(0)
-            if isinstance(effect, SendRequest):
-                pages.flush()
-                result = await self.send(effect)
-                effects += (puller.fail(result) if isinstance(result, Refused)
-                            else pages.received(puller.page_received, *result, self.now()))
-            elif isinstance(effect, StoreEvents) and job.until is not None:
-                # The whole gap at once, and only onto the head it was pulled for.
-                async with self.room_lock(job.room_id):
-                    head = await self.head_of(job.room_id)
-                    if head is not None and (head.depth, head.event_id) == job.until:
-                        started = Work.store_started()
-                        await self.store.store_events(job.room_id, [e.as_record() for e in effect.events])
-                        pages.stored(started, len(effect.events))
-                        job.stored = len(effect.events)
-            elif isinstance(effect, StoreEvents):
-                started = Work.store_started()
-                await self.store.store_events(
-                    job.room_id, [e.as_record() for e in effect.events],
-                    cursor={"peer": job.peer, "cursor": effect.cursor, "stored": puller.stored,
-                            "updated_at": self.now()})
-                pages.stored(started, len(effect.events))
-                job.stored = puller.stored - base
-                if effect.events:  # the events below this page's lowest are still to come
-                    job.expected = min(job.limit, job.stored + min(e.depth for e in effect.events))
-            elif isinstance(effect, NeedKeys):
-                # Another pull may be fetching the same descriptor (catch-ups run side
-                # by side): its answer is ours too.
-                await self.limits.fetch_settled(effect.server)
-                keys = self.node.lookup(effect.server)
-                if keys is None or effect.key_id is None or not keys.knows(effect.key_id):
-                    await self.learn_descriptor(effect.server, key_id=effect.key_id)
-                effects += pages.more(puller.keys_updated, self.now())
-            elif isinstance(effect, Failed):
-                await self.peer_error(effect.server, effect.refusal)
-            elif isinstance(effect, BackfillDone):
-                pages.flush()
-                log.info("backfill of %s from %s: %s events stored%s", job.room_id, job.peer, puller.stored - base,
-                         f", stopped: {effect.refusal}" if effect.refusal else "")
-                self.record("backfill_end", room_id=job.room_id, peer=job.peer, stored=effect.stored,
-                            reached_start=effect.reached_start,
-                            error=effect.refusal.as_dict() if effect.refusal else None)
-                job.reached_start = effect.reached_start
-                job.refused = [{"position": pos, **r.as_dict()} for pos, r in puller.refusals]
-                if effect.refusal is not None:
-                    job.state, job.error = "failed", effect.refusal.as_dict()
-                else:
-                    job.state, job.expected = "done", job.stored
-                    if job.until is None:
-                        await self.store.clear_cursor(job.room_id, job.peer)
-                return
-
     def node_event(self, envelope: bytes) -> Event:
         """Decode an envelope from our own storage (already verified when stored)."""
         from scaiwave_federation.core import decode_event
@@ -712,6 +486,20 @@ class Service:
             await self.store.expire_nonces(now)
 
 
+def _federates(store: Store, tenant: str | None) -> bool:
+    row = store.get_tenant(tenant) if tenant else None
+    return bool(row["federation_enabled"]) if row else True
+
+
+def _facts(store: Store, room: dict[str, Any]) -> RoomFacts:
+    return RoomFacts(room["room_id"], room["room_type"], room["tenant"], _federates(store, room["tenant"]),
+                     _memberships(store.members(room["room_id"])))
+
+
+def _memberships(rows: list[dict[str, Any]]) -> dict[str, str]:
+    return {m["user_id"]: m["membership"] for m in rows}
+
+
 def describe_keyring(ring: KeyRing) -> dict[str, Any]:
     """The admin view of our keys (no private material)."""
     from scaiwave_federation.core.wire import b64e
@@ -728,4 +516,13 @@ def describe_keyring(ring: KeyRing) -> dict[str, Any]:
 
 
 def descriptor_json(service: Service) -> bytes:
-    return json.dumps(service.node.descriptor(service.federation_endpoint), indent=2).encode()
+    """``/.well-known/scaiwave``'s bytes. Signing and encoding them took about
+    15% of the daemon's time per request; they change only with the key ring
+    (a generate, a rotation), so they are cached on the ring: a new ring is a
+    new object (``KeyRing`` is immutable), and the cache follows it."""
+    ring = service.node.keyring
+    cached = service._descriptor
+    if cached is None or cached[0] is not ring:
+        data = json.dumps(service.node.descriptor(service.federation_endpoint), indent=2).encode()
+        cached = service._descriptor = (ring, data)
+    return cached[1]

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Testbed", "Server", "free_port", "wait_until"]
+__all__ = ["Testbed", "Server", "free_port", "wait_until", "peered_dm"]
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
@@ -52,6 +52,8 @@ class Server:
     ca_path: Path
     admin_token: str
     env: dict[str, str] = field(default_factory=dict)
+    #: Interpreter options before ``-m ...cli serve`` (``["-m", "cProfile", "-o", FILE]`` to profile).
+    python_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     _http: httpx.Client | None = None
 
@@ -66,7 +68,8 @@ class Server:
     def start(self, extra_env: dict[str, str] | None = None, wait: float = 20.0) -> None:
         env = {**os.environ, **self.env, **(extra_env or {})}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "scaiwave_federation.shell.cli", "serve"], env=env,
+        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "scaiwave_federation.shell.cli", "serve"],
+                                     env=env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -192,3 +195,30 @@ class Testbed:
     def stop(self) -> None:
         for s in self.servers.values():
             s.stop()
+
+
+def peered_dm(a: Server, b: Server, tenant: str = "acme") -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Keys, policies allowing each other, a handshake, and a DM from alice (on
+    ``a``) that bob (on ``b``) accepted: ``(room_id, alice, bob)``, each user
+    as ``admin user create`` answered (``user_id``, ``access_token``)."""
+    for server, other in ((a, b), (b, a)):
+        for method, path, body in (
+                ("POST", "/v1/admin/federation/key/generate", None),
+                ("PUT", "/v1/admin/federation/policy",
+                 {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}),
+                ("POST", "/v1/admin/tenants", {"name": tenant})):
+            status, answer = server.admin(method, path, body)
+            if status != 200:
+                raise RuntimeError(f"{server.server_name}: {method} {path}: {status} {answer}")
+    status, answer = a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake")
+    if status != 200:
+        raise RuntimeError(f"handshake: {status} {answer}")
+    alice = a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": tenant})[1]
+    bob = b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": tenant})[1]
+    status, dm = a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
+    if status != 200:
+        raise RuntimeError(f"dm: {status} {dm}")
+    status, answer = b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"])
+    if status != 200:
+        raise RuntimeError(f"accept: {status} {answer}")
+    return dm["room_id"], alice, bob

@@ -117,6 +117,11 @@ class PageTimer:
         self.page = Work(stored=0)
         return self.page.core(self.clock, call, *args)
 
+    def begin(self, work: Work) -> None:
+        """Write the current page's record, then time ``work`` as the new page."""
+        self.flush()
+        self.page = work
+
     def more(self, call: Callable[..., T], *args: Any) -> T:
         """A core call that still works on the current page (``keys_updated``)."""
         return self.page.core(self.clock, call, *args) if self.page is not None else call(*args)

@@ -86,9 +86,14 @@ def _answer(data, history, request, sent):
     return 200, data.draw(st.binary(max_size=40), label="garbage")
 
 
-def _drive(data, puller, history):
+def _drive(data, puller, history, ahead=False):
+    """Answer the puller's requests as the drawn host would; with ``ahead``,
+    also ask for each next page while a page is processed (``prefetch``), as
+    the daemon does, and count every request the host got."""
     stored, sent = [], []
     effects = puller.start(NOW)
+    puller.host_got = 0
+    prefetched = None
     for _ in range(10_000):
         request = None
         for effect in effects:
@@ -98,9 +103,17 @@ def _drive(data, puller, history):
                 request = effect
         if request is None:
             break
-        status, body = _answer(data, history, request, sent)
+        if prefetched is not None and prefetched[0] is request:
+            status, body = prefetched[1]  # the right guess: its answer is the one
+        else:
+            status, body = _answer(data, history, request, sent)  # (a wrong guess's answer is dropped)
+            puller.host_got += 1
+        prefetched = None
         if status == 200:
             sent.append(body)
+        if ahead and (guess := puller.prefetch(status, body, NOW)) is not None:
+            prefetched = (guess, _answer(data, history, guess, sent))
+            puller.host_got += 1
         effects = puller.page_received(status, body, NOW)
     return stored
 
@@ -114,9 +127,9 @@ def test_any_host_gets_at_most_the_budget_of_requests_and_no_event_is_stored_twi
     a = make_node(A, 1)
     puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys(),
                             limit=limit, page_size=page_size)
-    stored = _drive(data, puller, history)
+    stored = _drive(data, puller, history, ahead=data.draw(st.booleans(), label="ahead"))
     assert puller.done is not None, "the pull ended"
-    assert puller.requests <= puller.budget == request_budget(limit, page_size)
+    assert puller.host_got == puller.requests <= puller.budget == request_budget(limit, page_size)
     ids = [e.event_id for e in stored]
     assert len(ids) == len(set(ids)), "no event stored twice"
     # What was stored is the newest part of the chain, linked, and stays.
@@ -198,3 +211,45 @@ def test_a_host_given_lookup_verifies_proposals_its_own_users_made():
         puller.start(NOW)
         effects = puller.page_received(200, _page(history, None, 10), NOW)
         assert any(type(e).__name__ == "NeedKeys" for e in effects) is needs
+
+
+class _Honest:
+    """Stands for hypothesis' ``data``: the host always answers honestly."""
+
+    @staticmethod
+    def draw(strategy, label=None):
+        assert label == "answer"
+        return "honest"
+
+
+def test_asking_ahead_an_honest_host_costs_no_extra_request():
+    """The daemon asks for page k+1 while it verifies page k: every guess is
+    right with an honest host, so the pull makes the same requests and stores
+    the same events as one that waits."""
+    history = list(reversed(_chain()[:250]))
+    a = make_node(A, 1)
+    runs = []
+    for ahead in (False, True):
+        puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys(),
+                                limit=230, page_size=50)
+        stored = _drive(_Honest, puller, history, ahead=ahead)
+        runs.append(([e.event_id for e in stored], puller.requests, puller.host_got, puller.done.refusal))
+    assert runs[0] == runs[1] and runs[1][1] == 5 and len(runs[1][0]) == 230 and runs[1][3] is None
+
+
+def test_asking_ahead_never_goes_past_the_budget():
+    """One event a page, asked for ahead each time: the pull still makes at
+    most its budget of requests (the guess that would be one more is not made)."""
+    history = list(reversed(_chain()[:250]))
+    a = make_node(A, 1)
+    puller = BackfillPuller(server_name=A, room_id=ROOM, peer=B, key=a.keyring.current, keys=_keys(), limit=200)
+    effects, requests = puller.start(NOW), 1
+    while not isinstance(effects[-1], BackfillDone):
+        before, _ = _asked(effects[-1])
+        page = _page(history, before, 1)
+        guess = puller.prefetch(200, page, NOW)
+        requests += guess is not None
+        effects = puller.page_received(200, page, NOW)
+        assert not isinstance(effects[-1], SendRequest) or effects[-1] is guess
+    assert effects[-1].refusal.code is Code.NO_PROGRESS
+    assert requests == puller.requests == puller.budget == 4

@@ -402,3 +402,28 @@ async def test_request_in_flight_is_answered_during_shutdown(tmp_path: Path, ca:
     resp = answer["resp"]
     assert resp.status_code == 200 and resp.json()["server_name"] == slow_name
     assert resp.headers["connection"] == "close"
+
+
+async def test_the_descriptor_is_signed_once_per_key_ring(daemon: InMemory) -> None:
+    """``/.well-known/scaiwave`` is served from bytes cached on the key ring:
+    signed once, and never stale after a key event."""
+    node = daemon.service.node
+    built = []
+    original = node.descriptor
+    node.descriptor = lambda endpoint: built.append(endpoint) or original(endpoint)  # type: ignore[method-assign]
+    empty = (await daemon.request("GET", "/.well-known/scaiwave"))[1]
+    assert empty["key_id"] == ""
+    first = (await daemon.admin("POST", "/v1/admin/federation/key/generate"))[1]
+    bodies = [await daemon.exchange("GET", "/.well-known/scaiwave") for _ in range(3)]
+    assert len({body for _status, _headers, body in bodies}) == 1
+    assert json.loads(bodies[0][2])["key_id"] == first["key_id"]
+    rotated = (await daemon.admin("POST", "/v1/admin/federation/key/rotate"))[1]
+    desc = (await daemon.request("GET", "/.well-known/scaiwave"))[1]
+    assert desc["key_id"] == rotated["key_id"] and desc["old_keys"][0]["key_id"] == first["key_id"]
+    # A ring swapped in any other way (the core's own timer, a test) is followed too.
+    daemon.service.node.keyring = daemon.service.node.keyring.rotate(bytes(32), daemon.service.now())
+    assert (await daemon.request("GET", "/.well-known/scaiwave"))[1]["key_id"] == node.keyring.current.key_id
+    # Built once per ring (the admin key views may build it too; the GETs add nothing).
+    gets = len(built)
+    await daemon.exchange("GET", "/.well-known/scaiwave")
+    assert len(built) == gets

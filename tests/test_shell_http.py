@@ -455,3 +455,40 @@ async def test_bad_handler_headers_and_bodiless_statuses(caplog: pytest.LogCaptu
         assert (status, body, headers["connection"]) == (500, b"", "close")
         assert await read_to_eof(client_stream) == b""
     assert "invalid response headers" in caplog.text
+
+
+class _CountingStream(trio.abc.Stream):
+    """A memory stream that counts the writes the server makes (one TLS record each over TLS)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner, self.writes = inner, 0
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_response_is_one_write() -> None:
+    """Head, body and end of a response leave in one send (over TLS: one
+    record, not two), on every request of a keep-alive connection."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    counting = _CountingStream(server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_connection, counting, echo)
+        client = Client(client_stream)
+        for n in range(1, 4):
+            status, _headers, body = await client.request("POST", f"/x{n}", b"payload")
+            assert status == 200 and json.loads(body)["length"] == 7
+            assert counting.writes == n
+        status, headers, body = await client.request("HEAD", "/y")
+        assert status == 200 and body == b"" and counting.writes == 4
+        await client_stream.aclose()

@@ -519,6 +519,28 @@ def test_outbox(store: Store) -> None:
         assert info.value.code == "not_found"
 
 
+
+def test_outbox_many_at_once(store: Store) -> None:
+    ids = store.enqueue_many([("a.test", "m1", "/send", b"x"), ("b.test", "m2", "/send", b"x")], 100)
+    assert [r["id"] for r in store.due(now=100)] == ids and ids == sorted(ids)
+    # One conflicting row: none of the batch is queued.
+    with pytest.raises(StorageError) as info:
+        store.enqueue_many([("c.test", "m3", "/send", b"y"), ("c.test", "m1", "/send", b"y")], 100)
+    assert info.value.code == "conflict" and store.pending_count("c.test") == 0
+    assert store.delivered_many([]) == 0
+    assert store.delivered_many([ids[0], ids[0] + 1000]) == 1  # an id already gone is no error
+    assert [r["id"] for r in store.due(now=100)] == [ids[1]]
+
+
+def test_a_post_is_stored_and_queued_in_one_write(store: Store) -> None:
+    ids = store.store_events_and_enqueue(ROOM, [ev(0), ev(1)], [("a.test", "p1", "/send", b"x")], 100)
+    assert [r["id"] for r in store.due(now=100)] == ids and store.depths(ROOM) == [0, 1]
+    assert store.store_events_and_enqueue(ROOM, [ev(2)], [], 100) == []  # no member server: stored only
+    # A fork (another event at depth 2): neither the event nor its queue entry is kept.
+    with pytest.raises(StorageError) as info:
+        store.store_events_and_enqueue(ROOM, [ev(2, tag="fork")], [("a.test", "p2", "/send", b"y")], 100)
+    assert info.value.code == "conflict" and store.pending_count() == 1 and store.depths(ROOM) == [0, 1, 2]
+
 # ------------------------------------------------------------------- async
 
 
