@@ -20,7 +20,9 @@ import pytest
 
 from scaiwave_federation.core import Event, KeyRing, decode_event, parse_descriptor, verify_events
 from scaiwave_federation.core.wire import b64d
-from scaiwave_federation.shell.testbed import Testbed, wait_until, free_port
+from scaiwave_federation.shell.testbed import wait_until
+
+from examplehelpers import example_bed, host_a_room
 
 pytestmark = pytest.mark.e2e
 
@@ -40,24 +42,12 @@ print(json.dumps({"envelopes": [b64e(e.envelope) for e in events], "replies": re
 
 
 def test_asyncio_host_peers_and_backfills_over_tls(tmp_path):
-    tb = Testbed(tmp_path / "tb")
-    port = free_port()
-    name = f"asyncio.test:{port}"
-    cert = tb.ca.issue_cert("asyncio.test")
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    d = tb.add("peer.test")
-    d.env["SCAIWAVE_RESOLVE"] += f",asyncio.test:{port}:127.0.0.1"
+    tb, d, name, port = example_bed(tmp_path, "asyncio.test")
     proc = None
     try:
         d.start()
-        d.cli("admin", "federation", "key", "generate", check=True)
-        d.cli("admin", "federation", "policy", "set", "--mode", "invite_only", "--allow", name, check=True)
-        d.cli("admin", "tenant", "create", "acme", check=True)
-        bob = d.cli_json("admin", "user", "create", "bob", "--tenant", "acme")
-        status, room = d.request("POST", "/v1/rooms", {"room_type": "group"}, token=bob["access_token"])
-        assert status == 200, room
-        room_id = room["room_id"]
+        token, room_id = host_a_room(d, name)
+        bob = {"access_token": token}
         for i in range(5):
             assert d.request("POST", f"/v1/rooms/{room_id}/messages", {"body": f"m{i}"}, token=bob["access_token"])[0] == 200
         proc = subprocess.Popen(

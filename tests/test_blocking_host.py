@@ -19,7 +19,9 @@ import pytest
 
 from scaiwave_federation.core import Event, KeyRing, decode_event, parse_descriptor, verify_events
 from scaiwave_federation.core.wire import b64d
-from scaiwave_federation.shell.testbed import Testbed, free_port, wait_until
+from scaiwave_federation.shell.testbed import wait_until
+
+from examplehelpers import example_bed, host_a_room
 
 pytestmark = pytest.mark.e2e
 
@@ -38,22 +40,11 @@ print(json.dumps({"room_id": out["room_id"], "chain": [b64e(e) for e in out["cha
 
 
 def test_blocking_host_peers_exchanges_messages_both_ways_and_backfills(tmp_path):
-    tb = Testbed(tmp_path / "tb")
-    port = free_port()
-    name = f"blocking.test:{port}"
-    cert = tb.ca.issue_cert("blocking.test")
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    d = tb.add("peer.test")
-    d.env["SCAIWAVE_RESOLVE"] += f",blocking.test:{port}:127.0.0.1"
+    tb, d, name, port = example_bed(tmp_path, "blocking.test")
     proc = None
     try:
         d.start()
-        d.cli("admin", "federation", "key", "generate", check=True)
-        d.cli("admin", "federation", "policy", "set", "--mode", "invite_only", "--allow", name, check=True)
-        d.cli("admin", "tenant", "create", "acme", check=True)
-        bob = d.cli_json("admin", "user", "create", "bob", "--tenant", "acme")["access_token"]
-        room_id = d.request("POST", "/v1/rooms", {"room_type": "group"}, token=bob)[1]["room_id"]
+        bob, room_id = host_a_room(d, name)
         for text in ("first", "second"):
             assert d.request("POST", f"/v1/rooms/{room_id}/messages", {"body": text}, token=bob)[0] == 200
         proc = subprocess.Popen(
