@@ -35,7 +35,7 @@ The rules, per event, in transaction order:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 from .codes import Code, Refused
 from .events import Event, NeedKeys
@@ -235,7 +235,7 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
     rooms = snapshot.rooms
     for result in results:
         if type(result) is not Event:  # (the hot path: one type check per event)
-            refuse(unverifiable(result) if isinstance(result, NeedKeys) else result, None)
+            refuse(unverifiable(result) if isinstance(result, NeedKeys) else cast(Refused, result), None)
             continue
         event = result
         state = rooms.get(event.room_id) or _UNKNOWN
