@@ -46,7 +46,44 @@ from .policy import Policy, room_refusal
 from .requests import Authenticated, RequestVerifier, sign_request
 from .rooms import Head, chain_event, check_proposal, link
 
+# The host API beyond the machines: what a host (the daemon, an embedder, the
+# replay) needs to carry out decisions, encode and decode protocol objects.
+from .authz import may_answer, may_invite, may_leave, may_post, may_read, push_targets
+from .codes import HTTP_STATUS
+from .delivery import Deferred, Delivered, Delivery, Dropped, Rehandshake, SendTransaction, backoff_ms
+from .handshake import decode_refusal, refusal_body
+from .inbound import (
+    RoomState, TxnSnapshot, decode_txn_reply, held_needed, proposals_needed, rooms_needed, snapshot_context,
+)
+from .keys import BatchVerifier, OldKey
+from .limits import Limits, OriginLimiter
+from .names import (
+    canonical_room_id, canonical_server_name, canonical_user_id, server_name_problem, server_of, split_server_name,
+    user_id, valid_server_name,
+)
+from .netguard import Network, address_refusal, parse_networks
+from .policy import EDITS, MODES, ROOM_TYPES, edit_policy, policy_change
+from .replay import Decision, Outcome, ReplayResult, SUBSTITUTE_SEED, replay_records
+from .requests import DEFAULT_SKEW_MS, parse_authorization
+from .rooms import decode_events_body, encode_events_body, invitee_of
+from .wire import b64e, decode, encode
+
 __all__ = [
+    "may_answer", "may_invite", "may_leave", "may_post", "may_read", "push_targets",
+    "HTTP_STATUS",
+    "Deferred", "Delivered", "Delivery", "Dropped", "Rehandshake", "SendTransaction", "backoff_ms",
+    "decode_refusal", "refusal_body",
+    "RoomState", "TxnSnapshot", "decode_txn_reply", "held_needed", "proposals_needed", "rooms_needed", "snapshot_context",
+    "BatchVerifier", "OldKey",
+    "Limits", "OriginLimiter",
+    "canonical_room_id", "canonical_server_name", "canonical_user_id", "server_name_problem", "server_of",
+    "split_server_name", "user_id", "valid_server_name",
+    "Network", "address_refusal", "parse_networks",
+    "EDITS", "MODES", "ROOM_TYPES", "edit_policy", "policy_change",
+    "Decision", "Outcome", "ReplayResult", "SUBSTITUTE_SEED", "replay_records",
+    "DEFAULT_SKEW_MS", "parse_authorization",
+    "decode_events_body", "encode_events_body", "invitee_of",
+    "b64e", "decode", "encode",
     "MAX_PULL", "PAGE_CAP", "BackfillDone", "BackfillPuller", "build_page", "decode_page",
     "DESCRIPTIONS", "Code", "LocalProtocolError", "Refused",
     "PROTOCOL_VERSIONS", "build_descriptor", "parse_descriptor",

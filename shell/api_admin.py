@@ -12,10 +12,10 @@ import os
 from typing import Any
 
 from scaiwave_federation.core import Code, Policy, Refused
-from scaiwave_federation.core.backfill import MAX_PULL
-from scaiwave_federation.core.descriptor import parse_descriptor
-from scaiwave_federation.core.names import server_of, user_id, valid_server_name
-from scaiwave_federation.core.policy import EDITS, MODES, edit_policy, policy_change
+from scaiwave_federation.core import MAX_PULL
+from scaiwave_federation.core import parse_descriptor
+from scaiwave_federation.core import server_of, user_id, valid_server_name
+from scaiwave_federation.core import EDITS, MODES, edit_policy, policy_change
 
 from . import responses as R
 from .api_client import token_hash

@@ -23,13 +23,13 @@ from typing import Any
 import trio
 
 from scaiwave_federation.core import Code, Event, Head, NeedKeys, Refused, decode_event, make_event
-from scaiwave_federation.core.handshake import decode_refusal
+from scaiwave_federation.core import decode_refusal
 from scaiwave_federation.core import Party, RoomFacts
-from scaiwave_federation.core.authz import may_answer, may_invite, may_leave, may_post, may_read
-from scaiwave_federation.core.names import canonical_room_id, canonical_user_id, server_of
-from scaiwave_federation.core.policy import ROOM_TYPES
-from scaiwave_federation.core.inbound import decode_txn_reply
-from scaiwave_federation.core.rooms import chain_event, encode_events_body
+from scaiwave_federation.core import may_answer, may_invite, may_leave, may_post, may_read
+from scaiwave_federation.core import canonical_room_id, canonical_user_id, server_of
+from scaiwave_federation.core import ROOM_TYPES
+from scaiwave_federation.core import decode_txn_reply
+from scaiwave_federation.core import chain_event, encode_events_body
 from scaiwave_federation.core import verify_events
 
 from . import responses as R

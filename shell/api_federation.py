@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
-from scaiwave_federation.core.backfill import build_page
-from scaiwave_federation.core.inbound import snapshot_context
-from scaiwave_federation.core.rooms import invitee_of
-from scaiwave_federation.core.wire import encode
+from scaiwave_federation.core import build_page
+from scaiwave_federation.core import snapshot_context
+from scaiwave_federation.core import invitee_of
+from scaiwave_federation.core import encode
 
 from . import timings
 from .errors import cbor_error

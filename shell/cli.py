@@ -212,7 +212,7 @@ def _commands(parser: argparse.ArgumentParser, dest: str, what: str = "COMMAND")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scaiwave_federation.core.backfill import MAX_PULL
+    from scaiwave_federation.core import MAX_PULL
 
     p = argparse.ArgumentParser(prog="scaiwave", description="ScaiWave Federation daemon and admin tool.",
                                 formatter_class=_Help)

@@ -50,9 +50,9 @@ import httpcore
 import httpx
 import trio
 
-from scaiwave_federation.core.delivery import backoff_ms
-from scaiwave_federation.core.names import split_server_name as _core_split_server_name
-from scaiwave_federation.core.netguard import Network, address_refusal
+from scaiwave_federation.core import backoff_ms
+from scaiwave_federation.core import split_server_name as _core_split_server_name
+from scaiwave_federation.core import Network, address_refusal
 
 __all__ = [
     "DESCRIPTOR_PATH",

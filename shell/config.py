@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaiwave_federation.core.names import canonical_server_name, server_name_problem, split_server_name
-from scaiwave_federation.core.netguard import Network, parse_networks
+from scaiwave_federation.core import canonical_server_name, server_name_problem, split_server_name
+from scaiwave_federation.core import Network, parse_networks
 
 from .logs import parse_format, parse_level
 

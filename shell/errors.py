@@ -10,8 +10,8 @@ JSON on client and admin endpoints, CBOR on federation endpoints.
 from __future__ import annotations
 
 from scaiwave_federation.core import Refused
-from scaiwave_federation.core.codes import HTTP_STATUS
-from scaiwave_federation.core.handshake import refusal_body
+from scaiwave_federation.core import HTTP_STATUS
+from scaiwave_federation.core import refusal_body
 
 from .http import Response
 

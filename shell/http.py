@@ -103,7 +103,7 @@ class Response:
         or CBOR when ``path`` is a federation path (peers read CBOR only, so a
         500 there must be CBOR too or the peer sees an unreadable answer)."""
         if path.startswith(FEDERATION_PREFIX):
-            from scaiwave_federation.core.wire import encode
+            from scaiwave_federation.core import encode
 
             return cls.cbor(status, encode({"error": {"code": code, "message": message}}))
         return cls.json(status, {"error": {"code": code, "message": message}})

@@ -28,12 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaiwave_federation.core import Code, Refused
-from scaiwave_federation.core.names import (
-    canonical_room_id,
-    canonical_server_name,
-    canonical_user_id,
-    server_name_problem,
-)
+from scaiwave_federation.core import canonical_room_id, canonical_server_name, canonical_user_id, server_name_problem
 
 __all__ = [
     "BadInput", "Field", "Str", "Int", "Bool", "Enum", "Array", "Obj", "parse_json_body", "parse_query",

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import trio
 from scaiwave_federation.core import Refused
-from scaiwave_federation.core.limits import Limits, OriginLimiter
-from scaiwave_federation.core.requests import parse_authorization
+from scaiwave_federation.core import Limits, OriginLimiter
+from scaiwave_federation.core import parse_authorization
 
 from .config import Config
 

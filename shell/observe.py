@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from scaiwave_federation.core import Code, Refused
-from scaiwave_federation.core.handshake import decode_refusal
-from scaiwave_federation.core.names import valid_server_name
-from scaiwave_federation.core.requests import parse_authorization
+from scaiwave_federation.core import decode_refusal
+from scaiwave_federation.core import valid_server_name
+from scaiwave_federation.core import parse_authorization
 
 from .http import Request, Response
 from .ops import json_object

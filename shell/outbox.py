@@ -17,9 +17,9 @@ from typing import Any
 import trio
 
 from scaiwave_federation.core import Code, Event, Refused, RoomFacts
-from scaiwave_federation.core.authz import push_targets
-from scaiwave_federation.core.delivery import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
-from scaiwave_federation.core.rooms import decode_events_body, encode_events_body
+from scaiwave_federation.core import push_targets
+from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
+from scaiwave_federation.core import decode_events_body, encode_events_body
 
 from .storage import StorageError
 

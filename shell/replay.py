@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping
 
 
 from scaiwave_federation.core import LocalProtocolError, Policy
-from scaiwave_federation.core.replay import SUBSTITUTE_SEED, Decision, Outcome, ReplayResult, replay_records
+from scaiwave_federation.core import SUBSTITUTE_SEED, Decision, Outcome, ReplayResult, replay_records
 
 from .config import ConfigError, parse_duration_ms
 from .recorder import RecordingError, read_recording

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scaiwave_federation.core.policy import MODES, ROOM_TYPES
+from scaiwave_federation.core import MODES, ROOM_TYPES
 
 __all__ = [
     "obj", "DESCRIPTOR", "PEERS", "HANDSHAKE", "RETRY", "POLICY", "REFRESH", "KEYRING", "BACKFILL_JOB",

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from scaiwave_federation.core import Code, PeerAgreed, Refused
-from scaiwave_federation.core.codes import DESCRIPTIONS
-from scaiwave_federation.core.descriptor import parse_descriptor
-from scaiwave_federation.core.requests import DEFAULT_SKEW_MS
+from scaiwave_federation.core import DESCRIPTIONS
+from scaiwave_federation.core import parse_descriptor
+from scaiwave_federation.core import DEFAULT_SKEW_MS
 
 from .client import DESCRIPTOR_PATH, TransportError, _chain
 from .config import client_ssl_context

@@ -37,11 +37,11 @@ from scaiwave_federation.core import (
     SendRequest,
     SigningKey,
 )
-from scaiwave_federation.core.delivery import Delivery
-from scaiwave_federation.core.drive import answer
-from scaiwave_federation.core.inbound import RoomState, TxnSnapshot, held_needed, proposals_needed, rooms_needed
-from scaiwave_federation.core.handshake import decode_refusal
-from scaiwave_federation.core.keys import OldKey
+from scaiwave_federation.core import Delivery
+from scaiwave_federation.core import answer
+from scaiwave_federation.core import RoomState, TxnSnapshot, held_needed, proposals_needed, rooms_needed
+from scaiwave_federation.core import decode_refusal
+from scaiwave_federation.core import OldKey
 
 from .client import PeerClient, TransportError, backoff_ms
 from .config import Config, client_ssl_context
@@ -502,7 +502,7 @@ def _memberships(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 def describe_keyring(ring: KeyRing) -> dict[str, Any]:
     """The admin view of our keys (no private material)."""
-    from scaiwave_federation.core.wire import b64e
+    from scaiwave_federation.core import b64e
 
     cur = ring.current
     return {

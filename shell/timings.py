@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-from scaiwave_federation.core.keys import BatchVerifier
+from scaiwave_federation.core import BatchVerifier
 
 __all__ = ["VerifyClock", "Work", "begin", "current", "PageTimer"]
 

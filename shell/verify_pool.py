@@ -29,7 +29,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from typing import Sequence
 
-from scaiwave_federation.core.keys import BatchVerifier, verify_batch
+from scaiwave_federation.core import BatchVerifier, verify_batch
 
 __all__ = ["threaded_verifier", "MIN_CHUNK"]
 

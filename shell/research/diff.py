@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from scaiwave_federation.core.replay import Decision, ReplayResult
+from scaiwave_federation.core import Decision, ReplayResult
 
 from .export import endpoint_of
 

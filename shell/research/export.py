@@ -30,9 +30,9 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 from urllib.parse import urlsplit
 
-from scaiwave_federation.core.replay import Decision, ReplayResult
-from scaiwave_federation.core.requests import parse_authorization
-from scaiwave_federation.core.codes import Refused
+from scaiwave_federation.core import Decision, ReplayResult
+from scaiwave_federation.core import parse_authorization
+from scaiwave_federation.core import Refused
 
 __all__ = [
     "DECISION_COLUMNS", "RECORD_COLUMNS", "Filter", "decision_rows", "record_rows", "plain",
@@ -211,7 +211,7 @@ def _error_code(value: Any) -> str | None:
 def _response_code(status: Any, response: Any) -> str | None:
     if status == 200 or not isinstance(response, bytes) or len(response) > 65536:
         return None
-    from scaiwave_federation.core.wire import decode
+    from scaiwave_federation.core import decode
 
     value = decode(response, max_size=65536)
     return _error_code(value.get("error")) if isinstance(value, dict) else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from scaiwave_federation.core.replay import Decision
+from scaiwave_federation.core import Decision
 
 from .export import peer_key
 

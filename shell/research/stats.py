@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-from scaiwave_federation.core.replay import Decision, ReplayResult
+from scaiwave_federation.core import Decision, ReplayResult
 
 from .export import TIMING_KEYS, count_of, peer_key
 
