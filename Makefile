@@ -34,7 +34,7 @@ api-fuzz: $(STAMP)
 
 ## make openapi: rewrite docs/openapi.json from the route table (tests/test_openapi.py fails when it is stale)
 openapi: $(STAMP)
-	$(PY) -m scaiwave_federation.shell.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
+	$(PY) -m scaiwave_federation.shell.http.openapi > docs/openapi.json.tmp && mv docs/openapi.json.tmp docs/openapi.json
 
 ## make bench: every benchmark (each prints PASS/FAIL per target); exits 1 if any target is missed
 bench: $(STAMP)

@@ -21,8 +21,8 @@ from scaiwave_federation.core import (
     BackfillDone, BackfillPuller, Event, Federation, KeyRing, Policy, SendRequest, StoreEvents, build_page,
     Refused, decode_event,
 )
-from scaiwave_federation.shell.storage import Store
-from scaiwave_federation.shell.verify_pool import threaded_verifier
+from scaiwave_federation.shell.store.store import Store
+from scaiwave_federation.shell.runtime.verify_pool import threaded_verifier
 
 LOCAL = "bench-local.test"
 

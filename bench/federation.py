@@ -50,7 +50,7 @@ from pathlib import Path
 
 from bench.backfill_local import verify_and_store
 from bench.httpload import Conn
-from scaiwave_federation.shell.testbed import Server, Testbed, free_port, peered_dm, wait_until
+from scaiwave_federation.shell.demo.testbed import Server, Testbed, free_port, peered_dm, wait_until
 
 CPU_TARGET_MS = 1.0
 KEEP_UP_TARGET = 0.9

@@ -45,7 +45,7 @@ from scaiwave_federation.core.backfill import build_page
 from scaiwave_federation.core.events import verify_events
 from scaiwave_federation.core.keys import Domain, verify_batch
 from scaiwave_federation.core.rooms import link_run
-from scaiwave_federation.shell.verify_pool import threaded_verifier
+from scaiwave_federation.shell.runtime.verify_pool import threaded_verifier
 
 HOST = "peer.test"
 LOCAL = "your-host.test"

@@ -44,8 +44,8 @@ from bench.ingest import HOST, ROOM, build_batch
 from scaiwave_federation.core import Event, Federation
 from scaiwave_federation.core.events import verify_events
 from scaiwave_federation.core.rooms import link_run
-from scaiwave_federation.shell.storage import Store
-from scaiwave_federation.shell.verify_pool import threaded_verifier
+from scaiwave_federation.shell.store.store import Store
+from scaiwave_federation.shell.runtime.verify_pool import threaded_verifier
 
 TARGET = 1.3
 

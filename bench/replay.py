@@ -34,7 +34,7 @@ from scaiwave_federation.core.replay import replay_records
 from scaiwave_federation.core.requests import parse_authorization
 from scaiwave_federation.core.wire import decode, encode
 from scaiwave_federation.shell.recorder import Recorder
-from scaiwave_federation.shell.replay import open_recording
+from scaiwave_federation.shell.research.replay import open_recording
 
 HOST, PEER = "your-host.test", "peer.test:8449"
 NOW = 1_764_000_000_000

@@ -7,7 +7,7 @@ record to a *fresh* :class:`~.node.Federation` and returns one
 endpoint's decision, reading stored state from the record's ``context``),
 and the ``handshake`` / ``backfill`` machines we started, answered with the
 recorded descriptors, replies and pages. It mirrors the daemon's glue around
-each core call step by step (``shell/api_federation.py``,
+each core call step by step (``shell/api/federation.py``,
 ``Service.handshake``, ``Service._backfill``), so a drift between the two
 shows up as a mismatch. docs/replay.md explains the matching rules.
 

@@ -29,8 +29,8 @@ import httpx
 
 from . import cli_admin
 from .config import Config, ConfigError, client_ssl_context, load_config
-from .logs import parse_format, parse_level, setup_logging
-from .selfcheck import check_report
+from .observe.logs import parse_format, parse_level, setup_logging
+from .observe.selfcheck import check_report
 
 __all__ = ["main", "AdminClient"]
 
@@ -307,7 +307,7 @@ def _leaves(exc: BaseException):
 
 def _start_failure(exc: BaseException, config: Config) -> str | None:
     """One line for a failure an admin can fix (port taken, unusable database), else None."""
-    from .schema import StorageError
+    from .store.schema import StorageError
 
     for leaf in _leaves(exc):
         if isinstance(leaf, StorageError):
@@ -356,7 +356,7 @@ def _main(argv: list[str] | None) -> int:
         level = parse_level(os.environ.get("SCAIWAVE_LOG_LEVEL"))
         setup_logging(level, parse_format(os.environ.get("SCAIWAVE_LOG_FORMAT") or "text"))
         if args.top == "demo":
-            from .demo import run_demo
+            from .demo.guide import run_demo
 
             return run_demo(args.dir)
         if args.top == "replay":
@@ -368,7 +368,7 @@ def _main(argv: list[str] | None) -> int:
         if args.top == "serve":
             import trio
 
-            from .daemon import serve
+            from .runtime.daemon import serve
 
             try:
                 trio.run(serve, config)

@@ -29,7 +29,7 @@ from typing import Any
 from scaiwave_federation.core import canonical_server_name, server_name_problem, split_server_name
 from scaiwave_federation.core import Network, parse_networks
 
-from .logs import parse_format, parse_level
+from .observe.logs import parse_format, parse_level
 
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",

@@ -16,7 +16,7 @@ item is a header ``{"format": "scaiwave-recording", "version": 1,
   received_at, timings, stored?}``: a federation request that reached the core,
   the stored state its decision read (``context``: ``peered``, ``local_users``,
   ``heads``, ``held``, ``rooms``, ``proposals``, the room fields of a
-  backfill...), our reply, and the live processing times (``shell/timings.py``);
+  backfill...), our reply, and the live processing times (``shell/runtime/timings.py``);
 - ``outbound`` ``{peer, method, target, body, status, response | error}``;
 - ``handshake_start`` ``{peer, nonce}`` ... ``handshake_end`` ``{peer, protocol_version | error}``;
 - ``backfill_start`` ``{room_id, peer, limit, cursor}``, a ``backfill_page``

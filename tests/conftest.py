@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, settings
 
 from shellhelpers import InMemory, make_env
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.service import Service
-from scaiwave_federation.shell.storage import Store
+from scaiwave_federation.shell.runtime.service import Service
+from scaiwave_federation.shell.store.store import Store
 
 settings.register_profile(
     "ci",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scaiwave_federation.shell.testbed import Testbed, free_port
+from scaiwave_federation.shell.demo.testbed import Testbed, free_port
 
 
 def example_bed(tmp_path: Path, host: str) -> tuple[Testbed, Any, str, int]:

@@ -32,10 +32,10 @@ from scaiwave_federation.core.backfill import build_page, parse_query
 from scaiwave_federation.core.handshake import refusal_body
 from scaiwave_federation.core.rooms import decode_events_body, encode_events_body
 from scaiwave_federation.core.wire import decode, encode
-from scaiwave_federation.shell.client import PeerClient
+from scaiwave_federation.shell.http.client import PeerClient
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.daemon import serve
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.runtime.daemon import serve
+from scaiwave_federation.shell.demo.testbed import free_port
 
 FED = "/_scaiwave/federation/v1/"
 

@@ -20,12 +20,12 @@ import trustme
 from jsonschema import Draft202012Validator
 
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.daemon import make_handler, serve
-from scaiwave_federation.shell.http import handle_connection
-from scaiwave_federation.shell.openapi import ERROR_SCHEMA, document_bytes
-from scaiwave_federation.shell.routes import all_routes
-from scaiwave_federation.shell.service import Service
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.runtime.daemon import make_handler, serve
+from scaiwave_federation.shell.http.server import handle_connection
+from scaiwave_federation.shell.http.openapi import ERROR_SCHEMA, document_bytes
+from scaiwave_federation.shell.http.routes import all_routes
+from scaiwave_federation.shell.runtime.service import Service
+from scaiwave_federation.shell.demo.testbed import free_port
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 FED = "/_scaiwave/federation/v1"

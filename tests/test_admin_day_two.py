@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from scaiwave_federation.shell.testbed import Testbed, wait_until
+from scaiwave_federation.shell.demo.testbed import Testbed, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from scaiwave_federation.core.names import local_of, server_of, valid_server_name
-from scaiwave_federation.shell.errors import STATUS
-from scaiwave_federation.shell.openapi import document_bytes
-from scaiwave_federation.shell.testbed import Server, Testbed, free_port
+from scaiwave_federation.shell.http.errors import STATUS
+from scaiwave_federation.shell.http.openapi import document_bytes
+from scaiwave_federation.shell.demo.testbed import Server, Testbed, free_port
 
 EXAMPLES = int(os.environ.get("SCAIWAVE_API_FUZZ_EXAMPLES", "12"))
 RANDOM = os.environ.get("SCAIWAVE_API_FUZZ_RANDOM") == "1"

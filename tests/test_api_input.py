@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shellhelpers import ADMIN_TOKEN, InMemory, error_code
-from scaiwave_federation.shell.inputs import BadInput, Bool, Int, Obj, Str, parse_json_body, parse_query
+from scaiwave_federation.shell.http.inputs import BadInput, Bool, Int, Obj, Str, parse_json_body, parse_query
 
 POLICY = "/v1/admin/federation/policy"
 GOOD_POLICY = {"default_mode": "invite_only", "allowed_peers": ["peer.test:8449"], "blocked_peers": ["evil.test"]}

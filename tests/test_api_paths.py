@@ -14,7 +14,7 @@ import pytest
 import trustme
 
 from shellhelpers import Remote, peered_dm, two_daemons, wait_for
-from scaiwave_federation.shell.routes import all_routes
+from scaiwave_federation.shell.http.routes import all_routes
 
 
 def spellings(value: str) -> list[str]:
@@ -179,8 +179,8 @@ async def _ok_handler(call) -> object:  # pragma: no cover - never awaited here
 
 def test_route_table_rules() -> None:
     from scaiwave_federation.core import Code
-    from scaiwave_federation.shell.inputs import ROOM_ID, BadInput
-    from scaiwave_federation.shell.routes import PUBLIC, ApiFailure, RouteTable
+    from scaiwave_federation.shell.http.inputs import ROOM_ID, BadInput
+    from scaiwave_federation.shell.http.routes import PUBLIC, ApiFailure, RouteTable
 
     table = RouteTable()
     table.add("GET", "/v1/rooms/{room_id}/x", _ok_handler, auth=PUBLIC, summary="x", response={},

@@ -20,7 +20,7 @@ import pytest
 
 from scaiwave_federation.core import Event, KeyRing, decode_event, parse_descriptor, verify_events
 from scaiwave_federation.core.wire import b64d
-from scaiwave_federation.shell.testbed import wait_until
+from scaiwave_federation.shell.demo.testbed import wait_until
 
 from examplehelpers import example_bed, host_a_room
 

@@ -19,7 +19,7 @@ import pytest
 
 from scaiwave_federation.shell.cli import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from scaiwave_federation.shell.cli_admin import Progress
-from scaiwave_federation.shell.testbed import Testbed
+from scaiwave_federation.shell.demo.testbed import Testbed
 
 CLI = [sys.executable, "-m", "scaiwave_federation.shell.cli"]
 

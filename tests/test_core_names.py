@@ -184,7 +184,7 @@ def test_contract_codes_exist_with_their_strings():
 
 def test_every_code_has_one_http_status_in_the_core():
     from scaiwave_federation.core.codes import HTTP_STATUS
-    from scaiwave_federation.shell.errors import STATUS
+    from scaiwave_federation.shell.http.errors import STATUS
 
     assert set(HTTP_STATUS) == set(Code) and all(400 <= s <= 599 for s in HTTP_STATUS.values())
     assert STATUS is HTTP_STATUS  # the daemon uses the core's table, not its own

@@ -10,8 +10,8 @@ import pytest
 from corehelpers import A, B, NOW, build_chain, make_node
 from scaiwave_federation.core import Code, Head, chain_event, make_event
 from scaiwave_federation.core.proposals import chained_once, may_chain, proposal_id
-from scaiwave_federation.shell import schema
-from scaiwave_federation.shell.storage import Store, StorageError
+from scaiwave_federation.shell.store import schema
+from scaiwave_federation.shell.store.store import Store, StorageError
 
 ROOM = f"!grp:{B}"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from scaiwave_federation.core import backfill, descriptor, events, handshake, keycache, keys, requests, rooms, wire
 from scaiwave_federation.core.codes import DESCRIPTIONS, RETRYABLE, Code
 from scaiwave_federation.core.handshake import TRANSITIONS
-from scaiwave_federation.shell.errors import STATUS
+from scaiwave_federation.shell.http.errors import STATUS
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 

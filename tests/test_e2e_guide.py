@@ -24,7 +24,7 @@ import trustme
 
 from scaiwave_federation.core import Event, SigningKey, decode_event, parse_descriptor, sign_request, verify_events
 from scaiwave_federation.core.wire import encode
-from scaiwave_federation.shell.testbed import Testbed, wait_until
+from scaiwave_federation.shell.demo.testbed import Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -315,7 +315,7 @@ def test_what_cannot_be_federated(w):
 
 def test_replay_of_the_walkthrough_matches_the_live_decisions(w):
     """scaiwave replay drives a fresh core with each recording: same decisions as live."""
-    from scaiwave_federation.shell.replay import open_recording, replay
+    from scaiwave_federation.shell.research.replay import open_recording, replay
 
     for server, path in ((w.a, w.tb.root / "your-host.cbor"), (w.b, w.tb.root / "peer.cbor")):
         recording = open_recording(path)

@@ -14,9 +14,9 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from shellhelpers import InMemory
 from scaiwave_federation.core import Code
-from scaiwave_federation.shell.errors import STATUS
-from scaiwave_federation.shell.openapi import document_bytes
-from scaiwave_federation.shell.routes import all_routes
+from scaiwave_federation.shell.http.errors import STATUS
+from scaiwave_federation.shell.http.openapi import document_bytes
+from scaiwave_federation.shell.http.routes import all_routes
 
 COMMITTED = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
@@ -33,7 +33,7 @@ def test_document_is_valid_openapi_3_1() -> None:
 
 def test_committed_copy_is_current() -> None:
     assert COMMITTED.read_bytes() == document_bytes(), \
-        "docs/openapi.json is stale: python -m scaiwave_federation.shell.openapi > docs/openapi.json"
+        "docs/openapi.json is stale: python -m scaiwave_federation.shell.http.openapi > docs/openapi.json"
 
 
 def test_document_and_route_table_list_the_same_operations() -> None:

@@ -24,8 +24,8 @@ from scaiwave_federation.core import Policy, sign_request
 from scaiwave_federation.core.replay import replay_records
 from scaiwave_federation.core.wire import encode
 from scaiwave_federation.shell.recorder import Recorder
-from scaiwave_federation.shell.replay import load_policy, open_recording, render, replay, replay_main
-from scaiwave_federation.shell.testbed import Testbed, wait_until
+from scaiwave_federation.shell.research.replay import load_policy, open_recording, render, replay, replay_main
+from scaiwave_federation.shell.demo.testbed import Testbed, wait_until
 
 from corehelpers import A, B, NOW, build_chain, descriptor_bytes, endpoint, make_node, tamper_envelope
 

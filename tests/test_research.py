@@ -28,7 +28,7 @@ from scaiwave_federation.shell.research.export import (
     DECISION_COLUMNS, RECORD_COLUMNS, Filter, decision_rows, parse_time, plain, record_rows,
 )
 from scaiwave_federation.shell.research.stats import percentile
-from scaiwave_federation.shell.replay import open_recording, replay
+from scaiwave_federation.shell.research.replay import open_recording, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -303,6 +303,6 @@ def test_hostile_and_old_recordings_never_crash_the_tools(demo, tmp_path):
            if r.get("kind") != "backfill_page"]
     result = replay_records(rec.server_name, old)
     assert "holds no live processing times" in render_stats(result, result.decisions, 0.01)
-    from scaiwave_federation.shell.replay import render
+    from scaiwave_federation.shell.research.replay import render
 
     assert re.search(r"live: stored \d+, echoed \d+, refused 0, not told \d+", render(result))

@@ -8,8 +8,8 @@ import stat
 import threading
 from pathlib import Path
 
-from scaiwave_federation.shell.schema import SCHEMA_VERSION
-from scaiwave_federation.shell.testbed import Testbed, wait_until
+from scaiwave_federation.shell.store.schema import SCHEMA_VERSION
+from scaiwave_federation.shell.demo.testbed import Testbed, wait_until
 
 
 def _peer_and_dm(a, b) -> tuple[str, str, str]:
@@ -45,7 +45,7 @@ def test_backup_while_writing_then_restore(tmp_path: Path) -> None:
         stop, posted = threading.Event(), []
 
         def writer() -> None:
-            from scaiwave_federation.shell.testbed import Server
+            from scaiwave_federation.shell.demo.testbed import Server
 
             me = Server(a.name, a.port, a.root, a.ca_path, a.admin_token)
             while not stop.is_set():

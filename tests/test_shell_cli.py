@@ -10,7 +10,7 @@ import sys
 import pytest
 import trustme
 
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.demo.testbed import free_port
 
 COMMANDS = [
     [], ["serve"], ["demo"], ["replay"], ["admin"], ["admin", "tenant", "create"], ["admin", "user", "create"],
@@ -100,7 +100,7 @@ def test_limits_text_names_who_is_limited():
 def test_cli_encodes_what_it_puts_in_a_path(tmp_path):
     """A value with "/", "?" or "#" stays one path segment: the daemon answers
     about that value (bad_request naming the field), not about another URL."""
-    from scaiwave_federation.shell.testbed import Testbed
+    from scaiwave_federation.shell.demo.testbed import Testbed
 
     bed = Testbed(tmp_path)
     server = bed.add("your-host.test")

@@ -14,7 +14,7 @@ import trio
 import trustme
 
 from roguehost import read_request
-from scaiwave_federation.shell.client import (
+from scaiwave_federation.shell.http.client import (
     PeerClient,
     PeerResponse,
     TransportError,

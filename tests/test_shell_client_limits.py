@@ -14,7 +14,7 @@ import trio
 import trustme
 
 from roguehost import read_request
-from scaiwave_federation.shell.client import PeerClient, TransportError
+from scaiwave_federation.shell.http.client import PeerClient, TransportError
 
 
 class Rogue:
@@ -106,7 +106,7 @@ async def test_one_peer_holding_requests_cannot_take_the_connections_of_another(
 
 
 async def test_a_trickled_descriptor_gets_its_own_shorter_deadline(nursery, ca, monkeypatch):
-    from scaiwave_federation.shell import client as client_module
+    from scaiwave_federation.shell.http import client as client_module
 
     monkeypatch.setattr(client_module, "DESCRIPTOR_DEADLINE_S", 0.5)
     port = await serve(nursery, ca, Rogue(0.1), "slow.test")

@@ -410,7 +410,7 @@ def test_expired_certificate(env: dict[str, str], files: dict[str, Path], ca: tr
 
 
 def test_limits_have_sane_defaults_and_reach_the_core(env: dict[str, str]) -> None:
-    from scaiwave_federation.shell.limits import limits_of
+    from scaiwave_federation.shell.http.limits import limits_of
 
     config = load_config(env)
     assert (config.federation_rate, config.federation_burst, config.federation_concurrent) == (50, 100, 8)

@@ -27,10 +27,10 @@ from shellhelpers import ADMIN_TOKEN, FED, InMemory, Remote, error_code, make_en
 from scaiwave_federation.core import Code, KeyRing, Refused, SigningKey, build_descriptor, parse_descriptor
 from scaiwave_federation.core.keys import DAY_MS, ROTATION_PERIOD_MS
 from scaiwave_federation.shell.config import Config, load_config
-from scaiwave_federation.shell.daemon import serve
-from scaiwave_federation.shell.http import Request, Response, serve_http
-from scaiwave_federation.shell.service import Service
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.runtime.daemon import serve
+from scaiwave_federation.shell.http.server import Request, Response, serve_http
+from scaiwave_federation.shell.runtime.service import Service
+from scaiwave_federation.shell.demo.testbed import free_port
 
 # -- 1. the handler in memory, a real Service and SQLite ----------------------------------
 

@@ -12,7 +12,7 @@ import cbor2
 import pytest
 
 from scaiwave_federation.shell.recorder import read_recording
-from scaiwave_federation.shell.testbed import Server, Testbed, peered_dm, wait_until
+from scaiwave_federation.shell.demo.testbed import Server, Testbed, peered_dm, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ async def test_a_failure_while_sending_is_a_retry_not_a_stuck_queue(daemon, nurs
     storage refusing to record the peer's error, as a full disk does), the
     machine hears an answer (``internal_error``, retried after a backoff), so
     the peer's queue does not wait for ever and nothing is dropped."""
-    from scaiwave_federation.shell.storage import StorageError
+    from scaiwave_federation.shell.store.store import StorageError
 
     service = daemon.service
     item = await service.store.enqueue("peer.test:8449", "t1", "/send", b"body", service.now())

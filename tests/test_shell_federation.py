@@ -17,8 +17,8 @@ import trustme
 
 from shellhelpers import Remote, error_code, make_env, peered_dm, trusting, two_daemons, wait_for
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.daemon import serve
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.runtime.daemon import serve
+from scaiwave_federation.shell.demo.testbed import free_port
 
 
 async def test_two_daemons_walk_the_guide(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
@@ -208,7 +208,7 @@ async def test_a_member_server_that_missed_events_catches_up_from_the_host(
     events from the host (a catch-up: stored all at once, linked to its head)
     and bob sees the whole conversation, in order. A replay of peer.test's
     recording makes the same decisions, the catch-up included."""
-    from scaiwave_federation.shell.replay import open_recording, replay
+    from scaiwave_federation.shell.research.replay import open_recording, replay
 
     recording = tmp_path / "b" / "recording.cbor"
     (tmp_path / "b").mkdir()

@@ -151,7 +151,7 @@ async def test_a_member_cannot_cut_the_hosts_history_short(tmp_path: Path, ca: t
     newcomer's backfill from the host used to stop at ``expired_key`` on the
     first event whose ``source`` the member signed; the host's signature
     vouches for those proposals, so the whole history now arrives."""
-    from scaiwave_federation.shell.testbed import free_port
+    from scaiwave_federation.shell.demo.testbed import free_port
 
     authority, _ = ca
     port_a, port_b = free_port(), free_port()

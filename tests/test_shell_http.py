@@ -15,7 +15,7 @@ import trio
 import trio.testing
 import trustme
 
-from scaiwave_federation.shell.http import Limits, Request, Response, handle_connection, serve_http
+from scaiwave_federation.shell.http.server import Limits, Request, Response, handle_connection, serve_http
 
 # -- helpers -----------------------------------------------------------------------
 

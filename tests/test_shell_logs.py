@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from scaiwave_federation.shell.config import ConfigError, load_config
-from scaiwave_federation.shell.logs import JsonFormatter, parse_level
-from scaiwave_federation.shell.testbed import Testbed
+from scaiwave_federation.shell.observe.logs import JsonFormatter, parse_level
+from scaiwave_federation.shell.demo.testbed import Testbed
 
 
 def _lines(path: Path) -> list[dict]:

@@ -21,10 +21,10 @@ from shellhelpers import ADMIN_TOKEN, FED, Remote, error_code, make_env, peered_
 from scaiwave_federation.core import KeyRing, Policy
 from scaiwave_federation.core.requests import sign_request
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.metrics import MAX_OPEN_PEER_LABELS, OTHER, labelled_peers, peer_label
-from scaiwave_federation.shell.observe import ROUTES, route_template
-from scaiwave_federation.shell.ops import Ops
-from scaiwave_federation.shell.service import Service
+from scaiwave_federation.shell.observe.metrics import MAX_OPEN_PEER_LABELS, OTHER, labelled_peers, peer_label
+from scaiwave_federation.shell.observe.requests import ROUTES, route_template
+from scaiwave_federation.shell.runtime.ops import Ops
+from scaiwave_federation.shell.runtime.service import Service
 
 
 async def scrape(server: Remote, token: str | None = ADMIN_TOKEN) -> httpx.Response:

@@ -15,9 +15,9 @@ import trustme
 from shellhelpers import Remote, make_env, trusting, write_cert
 from scaiwave_federation.core import Code
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.daemon import serve
-from scaiwave_federation.shell.selfcheck import clock_step, fix_for
-from scaiwave_federation.shell.testbed import Testbed, free_port
+from scaiwave_federation.shell.runtime.daemon import serve
+from scaiwave_federation.shell.observe.selfcheck import clock_step, fix_for
+from scaiwave_federation.shell.demo.testbed import Testbed, free_port
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 

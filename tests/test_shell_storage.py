@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from scaiwave_federation.shell import schema
-from scaiwave_federation.shell.storage import (
+from scaiwave_federation.shell.store import schema
+from scaiwave_federation.shell.store.async_store import AsyncStore
+from scaiwave_federation.shell.store.store import (
     DB_FILENAME,
     DEFAULT_POLICY,
     SCHEMA_VERSION,
-    AsyncStore,
     StorageError,
     Store,
     TxnOutcome,
@@ -386,7 +386,7 @@ CRASH_CHILD = textwrap.dedent(
     """
     import hashlib, json, os, signal, sys
     from pathlib import Path
-    from scaiwave_federation.shell.storage import Store
+    from scaiwave_federation.shell.store.store import Store
 
     room = sys.argv[2]
 

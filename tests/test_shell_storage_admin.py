@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from scaiwave_federation.shell.storage import Store, StorageError
+from scaiwave_federation.shell.store.store import Store, StorageError
 
 
 def test_pause_and_forget_need_a_known_peer_and_forget_guards_the_queue(store: Store) -> None:
@@ -72,7 +72,7 @@ def test_a_version_2_file_upgrades_keeping_its_users_and_peers(tmp_path) -> None
 
     import sqlite_utils
 
-    from scaiwave_federation.shell import schema
+    from scaiwave_federation.shell.store import schema
 
     data = tmp_path / "old"
     data.mkdir()

@@ -21,8 +21,8 @@ import cbor2
 import pytest
 import trustme
 
-from scaiwave_federation.shell import storage as storage_module
-from scaiwave_federation.shell.storage_async import storage_fault
+from scaiwave_federation.shell.store import store as storage_module
+from scaiwave_federation.shell.store.async_store import storage_fault
 
 from shellhelpers import FED, InMemory, error_code, peered_dm, two_daemons, wait_for
 
@@ -154,8 +154,8 @@ async def test_federation_paths_answer_every_failure_in_cbor(daemon, nursery, mo
     """A peer reads CBOR only: a 500 (a bug) or a 503 (a full disk) on a
     federation path is CBOR too, so the peer sees the real code (not an
     unreadable body it would report as handshake_failed). Client paths stay JSON."""
-    from scaiwave_federation.shell import daemon as daemon_module
-    from scaiwave_federation.shell.schema import StorageError
+    from scaiwave_federation.shell.runtime import daemon as daemon_module
+    from scaiwave_federation.shell.store.schema import StorageError
 
     failures = iter([RuntimeError("a bug"), StorageError("unavailable", "disk full")])
 
@@ -169,7 +169,7 @@ async def test_federation_paths_answer_every_failure_in_cbor(daemon, nursery, mo
         assert got == status and headers["content-type"] == "application/cbor"
         assert cbor2.loads(body)["error"]["code"] == code
     # The HTTP layer's own 500 (the handler itself failing) on a federation path is CBOR as well.
-    from scaiwave_federation.shell.http import Response
+    from scaiwave_federation.shell.http.server import Response
 
     answer = Response.error(500, "internal_error", "internal error", path=f"{FED}/send/x")
     assert answer.content_type == "application/cbor" and cbor2.loads(answer.body)["error"]["code"] == "internal_error"
@@ -179,8 +179,8 @@ async def test_federation_paths_answer_every_failure_in_cbor(daemon, nursery, mo
 async def test_background_loops_start_over_after_a_storage_fault(daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """The outbox and the timers run through Service.keep_running: a full disk
     pauses the loop and starts it again; any other failure still surfaces."""
-    from scaiwave_federation.shell import service as service_module
-    from scaiwave_federation.shell.schema import StorageError
+    from scaiwave_federation.shell.runtime import service as service_module
+    from scaiwave_federation.shell.store.schema import StorageError
 
     monkeypatch.setattr(service_module, "STORAGE_RETRY_S", 0.01)
     runs = []

@@ -28,7 +28,7 @@ from scaiwave_federation.core import Head, SigningKey, chain_event, sign_request
 from scaiwave_federation.core.handshake import HANDSHAKE_TARGET
 from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.wire import decode, encode
-from scaiwave_federation.shell.testbed import free_port
+from scaiwave_federation.shell.demo.testbed import free_port
 
 from shellhelpers import FED, Remote, error_code, peer_up, peered_dm, two_daemons, wait_for
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import ConfigError, parse_duration_ms
 from ..recorder import RecordingError
-from ..replay import Recording, load_policy, open_recording, render, replay
+from .replay import Recording, load_policy, open_recording, render, replay
 from .export import DECISION_COLUMNS, RECORD_COLUMNS, Filter, decision_rows, parse_time, record_rows, write_csv, write_jsonl
 
 __all__ = ["add_replay_options", "run"]

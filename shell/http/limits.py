@@ -25,7 +25,7 @@ from scaiwave_federation.core import Refused
 from scaiwave_federation.core import Limits, OriginLimiter
 from scaiwave_federation.core import parse_authorization
 
-from .config import Config
+from ..config import Config
 
 __all__ = ["Gate", "fetch_cause", "limits_of"]
 

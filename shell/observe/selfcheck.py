@@ -39,11 +39,11 @@ from scaiwave_federation.core import DESCRIPTIONS
 from scaiwave_federation.core import parse_descriptor
 from scaiwave_federation.core import DEFAULT_SKEW_MS
 
-from .client import DESCRIPTOR_PATH, TransportError, _chain
-from .config import client_ssl_context
+from ..http.client import DESCRIPTOR_PATH, TransportError, _chain
+from ..config import client_ssl_context
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..runtime.service import Service
 
 __all__ = ["Step", "run_check", "clock_step", "fix_for", "check_report"]
 

@@ -4,7 +4,7 @@ The engine is pure and lives in the core (:mod:`scaiwave_federation.core.replay`
 this module reads recording files and policy files, renders the decisions as
 text and runs the command::
 
-    from scaiwave_federation.shell.replay import open_recording, replay, render
+    from scaiwave_federation.shell.research.replay import open_recording, replay, render
 
     recording = open_recording("rec.cbor")
     for record in recording.records:          # plain dicts, see shell/recorder.py
@@ -33,8 +33,8 @@ from typing import Any, Iterator, Mapping
 from scaiwave_federation.core import LocalProtocolError, Policy
 from scaiwave_federation.core import SUBSTITUTE_SEED, Decision, Outcome, ReplayResult, replay_records
 
-from .config import ConfigError, parse_duration_ms
-from .recorder import RecordingError, read_recording
+from ..config import ConfigError, parse_duration_ms
+from ..recorder import RecordingError, read_recording
 
 __all__ = [
     "Recording", "open_recording", "load_policy", "replay", "render", "replay_main",

@@ -35,8 +35,8 @@ from typing import Any
 import sqlite_utils
 
 from .schema import SCHEMA_VERSION, StorageError, migrate
-from .storage_admin import AdminRows
-from .storage_outbox import OutboxRows
+from .admin_rows import AdminRows
+from .outbox_rows import OutboxRows
 
 __all__ = [
     "DB_FILENAME",
@@ -686,6 +686,3 @@ def _blob(value: Any) -> bytes | None:
 
 def _tenant(row: Row) -> Row:
     return {"name": row["name"], "federation_enabled": bool(row["federation_enabled"])}
-
-
-from .storage_async import AsyncStore  # noqa: E402  (re-exported; it wraps Store)

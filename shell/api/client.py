@@ -32,11 +32,11 @@ from scaiwave_federation.core import decode_txn_reply
 from scaiwave_federation.core import chain_event, encode_events_body
 from scaiwave_federation.core import verify_events
 
-from . import responses as R
-from .http import Request, Response
-from .inputs import ROOM_ID, USER_ID, Enum, Obj, Str
-from .routes import API, ApiFailure, Auth, Call
-from .service import Service
+from ..http import responses as R
+from ..http.server import Request, Response
+from ..http.inputs import ROOM_ID, USER_ID, Enum, Obj, Str
+from ..http.routes import API, ApiFailure, Auth, Call
+from ..runtime.service import Service
 
 log = logging.getLogger(__name__)
 #: How long a user's write to a remote room waits before its one retry after a

@@ -12,17 +12,17 @@ import signal
 
 import trio
 
-from .api_federation import handle_federation
-from .config import Config, server_ssl_context
+from ..api.federation import handle_federation
+from ..config import Config, server_ssl_context
 from scaiwave_federation.core import Code, Refused
 
-from .errors import INTERNAL, cbor_error, json_error
-from .http import FEDERATION_PREFIX, Request, Response, serve_http
-from .observe import observed, outcome_code, route_template
+from ..http.errors import INTERNAL, cbor_error, json_error
+from ..http.server import FEDERATION_PREFIX, Request, Response, serve_http
+from ..observe.requests import observed, outcome_code, route_template
 from .ops import Ops
-from .routes import all_routes
+from ..http.routes import all_routes
 from .service import Service
-from .storage import StorageError
+from ..store.store import StorageError
 
 log = logging.getLogger("scaiwave.daemon")
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from scaiwave_federation.core import Code
 
-from .api_admin import ADMIN
-from .http import Response
-from .inputs import SERVER_NAME, Obj, Str
-from .metrics import CONTENT_TYPE
-from .routes import API, PUBLIC, Call
+from .admin import ADMIN
+from ..http.server import Response
+from ..http.inputs import SERVER_NAME, Obj, Str
+from ..observe.metrics import CONTENT_TYPE
+from ..http.routes import API, PUBLIC, Call
 
 __all__: list[str] = []
 

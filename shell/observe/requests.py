@@ -34,12 +34,12 @@ from scaiwave_federation.core import decode_refusal
 from scaiwave_federation.core import valid_server_name
 from scaiwave_federation.core import parse_authorization
 
-from .http import Request, Response
-from .ops import json_object
+from ..http.server import Request, Response
+from ..runtime.ops import json_object
 
 if TYPE_CHECKING:
-    from .ops import Ops
-    from .service import Service
+    from ..runtime.ops import Ops
+    from ..runtime.service import Service
 
 __all__ = ["observed", "route_template", "outcome_code", "ROUTES"]
 
@@ -199,7 +199,7 @@ def _path_params(request: Request) -> dict[str, str]:
     """The request's path parameters as its route reads them: percent-decoded,
     names in their canonical spelling (``peer.test%3A8449`` is ``peer.test:8449``).
     A value its route refuses is shown decoded, as sent."""
-    from .routes import all_routes
+    from ..http.routes import all_routes
 
     try:
         route, texts = all_routes().match(request.method, request.path)

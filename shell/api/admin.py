@@ -17,13 +17,13 @@ from scaiwave_federation.core import parse_descriptor
 from scaiwave_federation.core import server_of, user_id, valid_server_name
 from scaiwave_federation.core import EDITS, MODES, edit_policy, policy_change
 
-from . import responses as R
-from .api_client import token_hash
-from .errors import json_error
-from .http import Request, Response
-from .inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, USER_ID, Array, Bool, Enum, Int, Obj, Str
-from .routes import API, ApiFailure, Auth, Call
-from .service import Service, describe_keyring
+from ..http import responses as R
+from .client import token_hash
+from ..http.errors import json_error
+from ..http.server import Request, Response
+from ..http.inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, USER_ID, Array, Bool, Enum, Int, Obj, Str
+from ..http.routes import API, ApiFailure, Auth, Call
+from ..runtime.service import Service, describe_keyring
 
 __all__ = ["peer_views", "ADMIN"]
 

@@ -38,7 +38,7 @@ def parse_level(value: str | None, setting: str = "SCAIWAVE_LOG_LEVEL") -> int:
 
     Raises :class:`~.config.ConfigError` naming ``setting`` for anything else.
     """
-    from .config import ConfigError
+    from ..config import ConfigError
 
     text = (value if isinstance(value, str) else "" if value is None else "?").strip().upper() or "INFO"
     if text not in _LEVELS:
@@ -49,7 +49,7 @@ def parse_level(value: str | None, setting: str = "SCAIWAVE_LOG_LEVEL") -> int:
 
 def parse_format(value: object, setting: str = "SCAIWAVE_LOG_FORMAT") -> str:
     """``text`` or ``json`` in any case; raises ConfigError naming ``setting`` otherwise."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     text = str(value).strip().lower() if isinstance(value, str) else None
     if text not in LOG_FORMATS:

@@ -18,10 +18,10 @@ from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
 from scaiwave_federation.core import encode
 
-from . import timings
-from .errors import cbor_error
-from .http import Request, Response
-from .service import Service
+from ..runtime import timings
+from ..http.errors import cbor_error
+from ..http.server import Request, Response
+from ..runtime.service import Service
 
 log = logging.getLogger("scaiwave.federation")
 

@@ -16,7 +16,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import trio
 
 from .schema import StorageError
-from .storage import Store
+from .store import Store
 
 __all__ = ["AsyncStore", "storage_fault"]
 

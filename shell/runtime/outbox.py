@@ -21,7 +21,7 @@ from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import decode_events_body, encode_events_body
 
-from .storage import StorageError
+from ..store.store import StorageError
 
 log = logging.getLogger("scaiwave.service")
 

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from scaiwave_federation.core import Code, NeedKeys, Policy, Refused
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..runtime.service import Service
 
 __all__ = ["Metrics", "labelled_peers", "peer_label", "MAX_OPEN_PEER_LABELS", "OTHER", "CONTENT_TYPE"]
 
@@ -166,7 +166,7 @@ class Metrics:
         request = client.request
 
         async def counted_request(server_name: str, method: str, target: str, *args, **kwargs):
-            from .client import TransportError
+            from ..http.client import TransportError
 
             route, start = route_of(target.split("?", 1)[0]), time.perf_counter()
             try:

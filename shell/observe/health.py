@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from .service import Service
-    from .storage import Store
+    from ..runtime.service import Service
+    from ..store.store import Store
 
 __all__ = ["Health", "probe_write"]
 

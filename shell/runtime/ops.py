@@ -22,13 +22,13 @@ import trio
 
 from scaiwave_federation.core import Code, Refused
 
-from .backup import BackupError, backup_database, backup_path
-from .errors import json_error
-from .health import Health
-from .http import Response
-from .metrics import Metrics
-from .selfcheck import run_check
-from .storage import DB_FILENAME
+from ..store.backup import BackupError, backup_database, backup_path
+from ..http.errors import json_error
+from ..observe.health import Health
+from ..http.server import Response
+from ..observe.metrics import Metrics
+from ..observe.selfcheck import run_check
+from ..store.store import DB_FILENAME
 
 if TYPE_CHECKING:
     from .service import Service

@@ -13,7 +13,7 @@ from scaiwave_federation.core import Refused
 from scaiwave_federation.core import HTTP_STATUS
 from scaiwave_federation.core import refusal_body
 
-from .http import Response
+from .server import Response
 
 __all__ = ["STATUS", "status_for", "json_error", "cbor_error", "INTERNAL"]
 

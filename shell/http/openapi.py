@@ -8,7 +8,7 @@ statuses of :data:`.errors.STATUS`. So the document says exactly what the
 daemon enforces; the daemon serves it at ``GET /v1/openapi.json``.
 
 The repository keeps a copy, ``docs/openapi.json``, for readers and tools
-that have no daemon at hand; ``python -m scaiwave_federation.shell.openapi``
+that have no daemon at hand; ``python -m scaiwave_federation.shell.http.openapi``
 rewrites it, and tests/test_openapi.py fails when it is stale.
 """
 
@@ -45,7 +45,7 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 #: Answers any route may give: its input refused, a path that names nothing,
-#: and the HTTP layer's own refusals (shell/http.py): a request too slow to
+#: and the HTTP layer's own refusals (shell/http/server.py): a request too slow to
 #: arrive or too large, a handler too slow, an unexpected failure, a full or failing disk (storage_unavailable).
 _ANY_ROUTE = (Code.BAD_REQUEST, Code.NOT_FOUND, Code.TOO_LARGE, Code.TIMEOUT, Code.INTERNAL_ERROR,
               Code.STORAGE_UNAVAILABLE)

@@ -11,7 +11,7 @@ Usage::
 
     from concurrent.futures import ThreadPoolExecutor
     from scaiwave_federation.core import Federation
-    from scaiwave_federation.shell.verify_pool import threaded_verifier
+    from scaiwave_federation.shell.runtime.verify_pool import threaded_verifier
 
     pool = ThreadPoolExecutor(2, thread_name_prefix="verify")
     node = Federation(name, keyring=ring, verifier=threaded_verifier(pool))

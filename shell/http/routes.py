@@ -34,14 +34,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from scaiwave_federation.core import Code, LocalProtocolError, Refused
 
 from .errors import json_error
-from .http import Request, Response
+from .server import Request, Response
 from .inputs import BadInput, Field, Obj, parse_json_body, parse_query
-from .schema import StorageError
+from ..store.schema import StorageError
 
 if TYPE_CHECKING:
     import trio
 
-    from .service import Service
+    from ..runtime.service import Service
 
 __all__ = ["API", "Auth", "ApiFailure", "Call", "Route", "RouteTable", "PUBLIC", "all_routes"]
 
@@ -217,6 +217,6 @@ API = RouteTable()
 
 def all_routes() -> RouteTable:
     """:data:`API` with every module's routes registered."""
-    from . import api_admin, api_client, api_ops, api_public  # noqa: F401  (they register on import)
+    from ..api import admin, client, ops, public  # noqa: F401  (they register on import)
 
     return API

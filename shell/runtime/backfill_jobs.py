@@ -27,8 +27,9 @@ from scaiwave_federation.core import (
     StoreEvents,
 )
 
-from .limits import fetch_cause
-from .storage import AsyncStore, StorageError
+from ..http.limits import fetch_cause
+from ..store.async_store import AsyncStore
+from ..store.store import StorageError
 from .timings import PageTimer, Work
 
 log = logging.getLogger("scaiwave.service")

@@ -43,11 +43,12 @@ from scaiwave_federation.core import RoomState, TxnSnapshot, held_needed, propos
 from scaiwave_federation.core import decode_refusal
 from scaiwave_federation.core import OldKey
 
-from .client import PeerClient, TransportError, backoff_ms
-from .config import Config, client_ssl_context
-from .limits import Gate, limits_of
-from .recorder import Recorder
-from .storage import AsyncStore, Store, StorageError
+from ..http.client import PeerClient, TransportError, backoff_ms
+from ..config import Config, client_ssl_context
+from ..http.limits import Gate, limits_of
+from ..recorder import Recorder
+from ..store.async_store import AsyncStore
+from ..store.store import Store, StorageError
 from .timings import VerifyClock
 from .verify_pool import threaded_verifier
 from .outbox import Outbox

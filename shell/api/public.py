@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import responses as R
-from .http import Response
-from .routes import API, PUBLIC, Call
-from .service import descriptor_json
+from ..http import responses as R
+from ..http.server import Response
+from ..http.routes import API, PUBLIC, Call
+from ..runtime.service import descriptor_json
 
 __all__: list[str] = []
 
@@ -15,7 +15,7 @@ async def _descriptor_public(call: Call) -> Response:
 
 
 async def _openapi_document(call: Call) -> Response:
-    from .openapi import document_bytes
+    from ..http.openapi import document_bytes
 
     return Response(200, document_bytes(), "application/json")
 
