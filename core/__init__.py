@@ -27,6 +27,7 @@ Modules, by what they own:
 - :mod:`.proposals` -- each proposal chained at most once per room
 - :mod:`.effects` -- what the core asks its host to do
 - :mod:`.drive` -- one answer for every effect, the reference driver, conformance checks
+- :mod:`.receive` -- one inbound request routed and authenticated, its key fetch an effect
 - :mod:`.inbound` -- a verified transaction decided whole from a snapshot
 - :mod:`.node` -- :class:`Federation`, the per-server facade
 """
@@ -35,13 +36,14 @@ from .authz import Party, RoomFacts
 from .backfill import MAX_PULL, PAGE_CAP, BackfillDone, BackfillPuller, build_page, decode_page
 from .codes import DESCRIPTIONS, Code, LocalProtocolError, Refused
 from .descriptor import PROTOCOL_VERSIONS, build_descriptor, parse_descriptor
-from .drive import HostError, answer, check_driver, check_timer_host, drive
+from .drive import HostError, Machine, answer, check_driver, check_timer_host, drive
 from .effects import Failed, FetchDescriptor, KeyRotated, PeerAgreed, SendRequest, StoreEvents
 from .events import Event, NeedKeys, decode_event, make_event, verify_events
 from .handshake import Initiator, answer_hello
 from .keycache import KeyCache
 from .keys import GRACE_MS, ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey, verify_batch
 from .node import Federation, InviteDecision, Route
+from .receive import Receive
 from .policy import Policy, room_refusal
 from .requests import Authenticated, RequestVerifier, sign_request
 from .rooms import Head, chain_event, check_proposal, link
@@ -88,7 +90,7 @@ __all__ = [
     "DESCRIPTIONS", "Code", "LocalProtocolError", "Refused",
     "PROTOCOL_VERSIONS", "build_descriptor", "parse_descriptor",
     "Failed", "FetchDescriptor", "KeyRotated", "PeerAgreed", "SendRequest", "StoreEvents",
-    "HostError", "answer", "check_driver", "check_timer_host", "drive",
+    "HostError", "Machine", "answer", "check_driver", "check_timer_host", "drive", "Receive",
     "Event", "NeedKeys", "decode_event", "make_event", "verify_events",
     "Initiator", "answer_hello", "KeyCache",
     "GRACE_MS", "ROTATION_PERIOD_MS", "KeyRing", "ServerKeys", "SigningKey", "verify_batch",

@@ -1,7 +1,8 @@
 """One way to answer every machine, the reference driver, and a conformance check.
 
-The core's outbound machines (:class:`~.handshake.Initiator`,
-:class:`~.backfill.BackfillPuller`) ask their host for I/O with effects.
+The core's machines (:class:`~.handshake.Initiator` and
+:class:`~.backfill.BackfillPuller` outbound, :class:`~.receive.Receive` for
+each inbound request) ask their host for I/O with effects.
 Following matrix-sdk-crypto (``outgoing_requests()`` answered through one
 ``mark_request_as_sent(id, response)``) every effect that needs an answer is
 answered through one function, :func:`answer`, whatever the machine:
@@ -13,13 +14,17 @@ effect                 the host does                             and answers wit
                        TLS)                                      failure as a ``Refused``
 ``SendRequest``        send the signed request                   ``(status, body)``, or the
                                                                  failure as a ``Refused``
-``NeedKeys``           fetch that server's descriptor into the   ``None`` (whether or not the
-                       key cache (``Federation.learn_descriptor``)  fetch worked)
+``NeedKeys``           fetch that server's descriptor into the   ``None``, or the fetch's
+                       key cache (``Federation.learn_descriptor``)  failure as a ``Refused``
 =====================  ========================================  ==========================
 
 The other effects need no answer: the host carries them out
 (``StoreEvents``: store durably; ``PeerAgreed``: record the peer;
 ``Failed``: record the peer's ``last_error``; ``BackfillDone``: report).
+``NeedKeys`` is the only way the core asks for keys: it comes from a machine
+(answered as above) or in a decision's ``prefetch`` (a transaction's events
+refused ``unknown_key``: fetch so that the sender's retry verifies; nothing
+waits for that answer). No core call returns it for the host to interpret.
 
 :func:`drive` is the reference driver: the synchronous loop every host runs
 (the asyncio and blocking examples are this loop with ``await`` or threads
@@ -38,18 +43,22 @@ from .codes import LocalProtocolError, Refused
 from .effects import Effect, Failed, FetchDescriptor, PeerAgreed, SendRequest, StoreEvents
 from .events import Event, NeedKeys
 from .handshake import HANDSHAKE_TARGET, Initiator, State
+from .receive import Receive
 
-__all__ = ["Answer", "answer", "is_done", "drive", "HostError", "check_driver", "check_timer_host"]
+__all__ = ["Answer", "Machine", "answer", "is_done", "drive", "HostError", "check_driver", "check_timer_host"]
 
 #: What the host hands back for an effect (see the table above).
 Answer = bytes | tuple[int, bytes] | Refused | None
+
+#: Every machine the host drives.
+Machine = Initiator | BackfillPuller | Receive
 
 
 class HostError(Exception):
     """The host drove a machine wrongly (an effect dropped, a wrong answer type)."""
 
 
-def answer(machine: Initiator | BackfillPuller, effect: Effect, result: Answer, now: int) -> list[Effect]:
+def answer(machine: Machine, effect: Effect, result: Answer, now: int) -> list[Effect]:
     """Answer ``effect`` (asked by ``machine``) with ``result``; returns the next effects.
 
     Raises :class:`~.codes.LocalProtocolError` for an effect that needs no
@@ -67,9 +76,12 @@ def answer(machine: Initiator | BackfillPuller, effect: Effect, result: Answer, 
             if isinstance(machine, Initiator):
                 return machine.reply_received(*result)
             return machine.page_received(result[0], result[1], now)
+    elif isinstance(effect, NeedKeys) and isinstance(machine, Receive):
+        if result is None or isinstance(result, Refused):
+            return machine.keys_updated(now, result)
     elif isinstance(effect, NeedKeys) and isinstance(machine, BackfillPuller):
-        if result is None:
-            return machine.keys_updated(now)
+        if result is None or isinstance(result, Refused):
+            return machine.keys_updated(now)  # a page's events whose keys stay unknown are refused
     else:
         raise LocalProtocolError(f"{type(effect).__name__} needs no answer from the host")
     raise LocalProtocolError(f"{type(effect).__name__} is answered with {_expected(effect)}, "
@@ -81,17 +93,19 @@ def _expected(effect: Effect) -> str:
         return "bytes or a Refused"
     if isinstance(effect, SendRequest):
         return "(status, body) or a Refused"
-    return "None"
+    return "None or a Refused"
 
 
-def is_done(machine: Initiator | BackfillPuller) -> bool:
+def is_done(machine: Machine) -> bool:
     """Has ``machine`` ended (nothing more to ask)?"""
+    if isinstance(machine, Receive):
+        return machine.done
     if isinstance(machine, Initiator):
         return machine.state in (State.PEERED, State.FAILED)
     return machine.done is not None
 
 
-def drive(machine: Initiator | BackfillPuller, effects: list[Effect], perform: Callable[[Effect], Answer],
+def drive(machine: Machine, effects: list[Effect], perform: Callable[[Effect], Answer],
           clock: Callable[[], int]) -> list[Effect]:
     """The reference driver: carry out ``effects`` (a machine's ``start``) in
     order with ``perform`` (the host's I/O), answering each through
@@ -121,7 +135,7 @@ def drive(machine: Initiator | BackfillPuller, effects: list[Effect], perform: C
 
 
 class _Host(Protocol):
-    def __call__(self, machine: Initiator | BackfillPuller, effects: list[Effect],
+    def __call__(self, machine: Machine, effects: list[Effect],
                  perform: Callable[[Effect], Answer]) -> Any: ...
 
 
@@ -143,6 +157,9 @@ def check_driver(host_loop: _Host) -> None:
     them = Federation("them.test", keyring=KeyRing().generate(b"\x12" * 32, now),
                       policy=Policy("invite_only", frozenset({"us.test"})))
     descriptor = json.dumps(them.descriptor("https://them.test/_scaiwave/federation/v1")).encode()
+    descriptors = {"them.test": descriptor,
+                   "us.test": json.dumps(us.descriptor("https://us.test/_scaiwave/federation/v1")).encode()}
+    learner = [us]  # whose key cache the host's NeedKeys fetches fill
     room = "!conformance:them.test"
     chain: list[Event] = []
     key = them.keyring.current
@@ -161,23 +178,20 @@ def check_driver(host_loop: _Host) -> None:
         if isinstance(effect, FetchDescriptor):
             return descriptor
         if isinstance(effect, NeedKeys):
-            us.learn_descriptor(effect.server, descriptor, now)
-            return None
+            learned = learner[0].learn_descriptor(effect.server, descriptors[effect.server], now)
+            return learned if isinstance(learned, Refused) else None
         if isinstance(effect, StoreEvents):
             stored.extend(effect.events)
             return None
         if isinstance(effect, SendRequest):
             sent.append(effect)
             if effect.target == HANDSHAKE_TARGET:
-                auth = them.authenticate(method="POST", target=effect.target, authorization=effect.authorization,
-                                         body=effect.body, now=now)
-                if isinstance(auth, NeedKeys):
-                    them.learn_descriptor("us.test", json.dumps(
-                        us.descriptor("https://us.test/_scaiwave/federation/v1")).encode(), now)
-                    auth = them.authenticate(method="POST", target=effect.target,
-                                             authorization=effect.authorization, body=effect.body, now=now)
-                assert not isinstance(auth, (Refused, NeedKeys)), auth
-                reply = them.on_handshake(auth, effect.body)
+                # them.test's side, driven by the reference driver.
+                inbound = them.receive(method="POST", target=effect.target, authorization=effect.authorization,
+                                       body=effect.body)
+                drive(inbound, inbound.start(now), lambda need: _learn(them, need, descriptors, now), lambda: now)
+                assert inbound.auth is not None, inbound.refusal
+                reply = them.on_handshake(inbound.auth, effect.body)
                 assert not isinstance(reply, Refused), reply
                 return 200, reply[0]
             query = dict(p.split("=", 1) for p in effect.target.partition("?")[2].split("&") if "=" in p)
@@ -207,6 +221,28 @@ def check_driver(host_loop: _Host) -> None:
         raise HostError(f"the host stored {len(stored)} of {len(chain)} events (StoreEvents dropped?)")
     if not any(isinstance(e, BackfillDone) for e in seen) or any(isinstance(e, Failed) for e in seen):
         raise HostError("the backfill did not end cleanly with BackfillDone")
+    # An inbound request from a server whose keys a fresh node does not hold yet.
+    fresh = Federation("us.test", keyring=KeyRing().generate(b"\x14" * 32, now),
+                       policy=Policy("invite_only", frozenset({"them.test"})))
+    learner[0] = fresh
+    target = "/_scaiwave/federation/v1/handshake"
+    signed = them.sign(destination="us.test", method="POST", target=target, body=b"", now=now)
+    assert isinstance(signed, str)
+    inbound = fresh.receive(method="POST", target=target, authorization=signed, body=b"")
+    asked = len(seen)
+    host_loop(inbound, inbound.start(now), perform)
+    if not any(isinstance(e, NeedKeys) for e in seen[asked:]):
+        raise HostError("the host never carried out NeedKeys of an inbound request")
+    if inbound.auth is None:
+        raise HostError(f"the inbound request was left {'waiting' if not inbound.done else inbound.refusal}")
+
+
+def _learn(node: Any, need: NeedKeys, descriptors: dict[str, bytes], now: int) -> Answer:
+    """The reference host's NeedKeys: fetch (here: look up) and learn the descriptor."""
+    if not isinstance(need, NeedKeys):
+        return None
+    learned = node.learn_descriptor(need.server, descriptors[need.server], now)
+    return learned if isinstance(learned, Refused) else None
 
 
 def check_timer_host(tick: Callable[[Any, int], list[Effect]]) -> None:

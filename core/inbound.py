@@ -127,6 +127,10 @@ class TxnDecision:
     refused: tuple[Refused, ...]
     stored: int
     echoed: int
+    #: Keys to fetch (deduplicated, only of servers whose words we verify) so that
+    #: the sender's retry of the events refused ``unknown_key`` verifies. Carry
+    #: them out like any ``NeedKeys``; nothing waits for their answer.
+    prefetch: tuple[NeedKeys, ...] = ()
 
     @property
     def reply(self) -> bytes:
@@ -232,10 +236,17 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
         if not refusal.retryable:
             refused.append(refusal)
 
+    prefetch: dict[NeedKeys, None] = {}
     rooms = snapshot.rooms
     for result in results:
         if type(result) is not Event:  # (the hot path: one type check per event)
-            refuse(unverifiable(result) if isinstance(result, NeedKeys) else cast(Refused, result), None)
+            if isinstance(result, NeedKeys):
+                refusal = unverifiable(result)
+                if refusal.code is Code.UNKNOWN_KEY:
+                    prefetch[result] = None
+                refuse(refusal, None)
+            else:
+                refuse(cast(Refused, result), None)
             continue
         event = result
         state = rooms.get(event.room_id) or _UNKNOWN
@@ -297,7 +308,7 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
             room_members[event.sender] = membership
             memberships.append((event.room_id, event.sender, membership))
     return TxnDecision(tuple(replies), tuple(outcomes), tuple(store), tuple(created), tuple(memberships),
-                       tuple(catch_ups.values()), tuple(refused), len(store), echoed)
+                       tuple(catch_ups.values()), tuple(refused), len(store), echoed, tuple(prefetch))
 
 
 def snapshot_of_chains(results: Sequence[Result], chains: Mapping[str, Sequence[Event]]) -> TxnSnapshot:

@@ -5,9 +5,9 @@ policy, peers' keys, the replay window, the clock readings passed in) and
 answers the questions the host asks for each federation request:
 
 1. :meth:`Federation.route` -- which endpoint is this (``not_found`` otherwise)?
-2. :meth:`Federation.authenticate` -- is it signed by who it claims, now?
-   (:class:`~.events.NeedKeys` means: fetch that descriptor, feed it to
-   :meth:`Federation.learn_descriptor`, ask again.)
+2. :meth:`Federation.receive` -- is it signed by who it claims, now? A
+   machine (:mod:`.receive`) whose key fetch is a :class:`~.events.NeedKeys`
+   effect answered through :func:`~.drive.answer`.
 3. the endpoint's own decision: :meth:`on_handshake`, :meth:`on_invite`,
    :meth:`on_events`, :meth:`on_backfill`.
 
@@ -32,6 +32,7 @@ from .keycache import DEFAULT_REFETCH_INTERVAL_MS, KeyCache, PeerDescriptor
 from .keys import BatchVerifier, KeyRing, ServerKeys, verify_batch
 from .authz import Party, RoomFacts, may_receive_invite, server_may_read_history
 from .policy import Policy, room_refusal
+from .receive import Receive
 from .requests import DEFAULT_SKEW_MS, Authenticated, RequestVerifier, sign_request
 from . import backfill
 from .names import server_of
@@ -165,6 +166,11 @@ class Federation:
                 return Route(name, next(iter(params.values()), None))
         return Refused(Code.NOT_FOUND, f"no federation endpoint {path[:120]}")
 
+    def receive(self, *, method: str, target: str, authorization: str | None, body: bytes) -> Receive:
+        """The machine that routes and authenticates one inbound request (its
+        key fetch an effect): what every host drives, see :mod:`.receive`."""
+        return Receive(self, method=method, target=target, authorization=authorization, body=body)
+
     def authenticate(self, *, method: str, target: str, authorization: str | None, body: bytes,
                      now: int) -> Authenticated | Refused | NeedKeys:
         """Check the request signature (see :mod:`.requests`) and our own state.
@@ -245,7 +251,7 @@ class Federation:
 
     def on_invite(self, auth: Authenticated, room_id: str, body: bytes, *,
                   local_user: Callable[[str], Party | None],
-                  members: Mapping[str, str] | None = None) -> InviteDecision | Refused | NeedKeys:
+                  members: Mapping[str, str] | None = None) -> InviteDecision | Refused:
         """An invite of one of our users into ``room_id`` hosted by the origin.
 
         ``local_user(user_id)`` answers what we know of a user of ours (``None``:
@@ -260,6 +266,10 @@ class Federation:
         if len(decoded[0]) != 1:
             return Refused(Code.MALFORMED, "an invite carries exactly one event: the m.member invite")
         invite = verify_events(decoded[0], self.lookup, verifier=self.batch_verifier)[0]
+        if isinstance(invite, NeedKeys):
+            # The request was signed with a key we hold; an invite signed with
+            # another is refused, not fetched for (the host re-sends).
+            return self.unverifiable(invite)
         if not isinstance(invite, Event):
             return invite
         if invite.room_id != room_id or invite.depth < 1:

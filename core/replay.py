@@ -36,12 +36,13 @@ from .authz import Party
 from .backfill import BackfillDone, BackfillPuller, decode_page
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
+from .drive import answer
 from .effects import Failed, FetchDescriptor, PeerAgreed, SendRequest
 from .events import NeedKeys
 from .handshake import HANDSHAKE_TARGET, Initiator
 from .keys import ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey
 from .layouts import read_accepting_reply
-from .node import Federation
+from .node import Federation, Route
 from .policy import Policy
 from .requests import Authenticated, parse_authorization
 from .inbound import snapshot_from_context
@@ -231,6 +232,13 @@ def _result_code(result: object) -> str:
     return "ok" if isinstance(result, dict) and result.get("ok") else code if isinstance(code, str) else "?"
 
 
+def _sent_answer(rec: Mapping[str, Any]) -> tuple[int, bytes] | Refused:
+    """A recorded outbound request's answer, as :func:`~.drive.answer` takes it."""
+    if "error" in rec:
+        return _error_refusal(rec["error"])
+    return _field(rec, "status", int), _field(rec, "response", bytes)
+
+
 def _error_refusal(err: object) -> Refused:
     """A recorded ``{"code", "message"}`` as a refusal (unknown codes: ``peer_unreachable``)."""
     if isinstance(err, Mapping) and err.get("code") in Code._value2member_map_:
@@ -394,10 +402,12 @@ class Replayer:
 
     def _learn(self, server: str, now: int, window: tuple[int, int] | None,
                key_id: str | None = None) -> tuple[Refused | None, int]:
-        """Mirror of ``Service.learn_descriptor`` (not forced): the refusal if any,
-        and the clock reading after the fetch."""
-        if not self.node.keys.may_fetch(server, now, key_id):
-            return Refused(Code.UNKNOWN_KEY, f"{server} was asked for its keys moments ago"), now
+        """A fetch of ``server``'s keys for traffic, answered from the recording:
+        the refusal if any, and the clock reading after the fetch. Whether to
+        fetch is the node's (:meth:`~.node.Federation.may_fetch_keys`)."""
+        refusal = self.node.may_fetch_keys(server, now, key_id)
+        if refusal is not None:
+            return refusal, now
         self.node.keys.fetch_attempted(server, now, key_id)
         if window is None:  # an inbound request: the fetch was recorded before it
             pending = self._pending.pop(server, None)
@@ -451,31 +461,27 @@ class Replayer:
         return Outcome("accepted", status=status)
 
     def _authenticate(self, method: str, target: str, authorization: str | None, body: bytes,
-                      now: int) -> Authenticated | Refused:
-        """Mirror of ``api_federation._authenticate``."""
-        def authenticate(at: int) -> Authenticated | Refused | NeedKeys:
-            return self.node.authenticate(method=method, target=target, authorization=authorization, body=body,
-                                          now=at)
-
-        result = authenticate(now)
-        if isinstance(result, NeedKeys):
-            fetched, after = self._learn(result.server, now, None, result.key_id)
-            if fetched is not None and fetched.code is not Code.UNKNOWN_KEY:
-                return fetched
-            result = authenticate(after)
-            if isinstance(result, NeedKeys):
-                return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
-        return result
+                      now: int) -> tuple[Route, Authenticated] | Refused:
+        """The inbound request's :class:`~.receive.Receive` machine, its
+        ``NeedKeys`` answered from the recording."""
+        machine = self.node.receive(method=method, target=target, authorization=authorization, body=body)
+        effects = machine.start(now)
+        while effects:
+            need = effects.pop(0)
+            assert isinstance(need, NeedKeys), need
+            failure, now = self._learn(need.server, now, None, need.key_id)
+            effects += answer(machine, need, failure, now)
+        if machine.route is None or machine.auth is None:
+            return machine.refusal or Refused(Code.INTERNAL_ERROR, "the request was not decided")
+        return machine.route, machine.auth
 
     def _decide_inbound(self, method: str, target: str, authorization: str | None, body: bytes,
                         context: Mapping[str, Any], now: int, live: Outcome) -> Outcome:
         node = self.node
-        route = node.route(method, urlsplit(target).path)
-        if isinstance(route, Refused):
-            return _refused(route)
-        auth = self._authenticate(method, target, authorization, body, now)
-        if isinstance(auth, Refused):
-            return _refused(auth)
+        received = self._authenticate(method, target, authorization, body, now)
+        if isinstance(received, Refused):
+            return _refused(received)
+        route, auth = received
         if route.endpoint == "handshake":
             welcome = node.on_handshake(auth, body)
             if isinstance(welcome, Refused):
@@ -488,8 +494,6 @@ class Replayer:
         if route.endpoint == "invite":
             decision = node.on_invite(auth, param, body, local_user=_local_users(context),
                                       members=_mapping(context.get("members")))
-            if isinstance(decision, NeedKeys):
-                decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
             if isinstance(decision, Refused):
                 return _refused(decision)
             return Outcome("accepted", detail=f"invite of {decision.invitee} would be stored")
@@ -523,10 +527,9 @@ class Replayer:
         results = node.on_events(auth, body)
         if isinstance(results, Refused):
             return _refused(results)
-        for result in results:
-            if isinstance(result, NeedKeys):
-                self._learn(result.server, now, None)
         decision = node.on_transaction(auth, results, snapshot_from_context(context, results), now)
+        for need in decision.prefetch:
+            self._learn(need.server, now, None)
         stored = decision.stored
         outcome = Outcome("accepted", detail=f"{stored} event{'s' if stored != 1 else ''} would be stored",
                           events=decision.outcomes, stored=stored, echoed=decision.echoed)
@@ -536,7 +539,8 @@ class Replayer:
     # -- outbound: handshakes and backfills we started -------------------------------
 
     def _handshake(self, index: int, rec: Mapping[str, Any]) -> Decision:
-        """Mirror of ``Service.handshake``."""
+        """The daemon's :class:`~.handshake.Initiator`, its effects answered
+        through :func:`~.drive.answer` from the recording."""
         peer, nonce, now = _field(rec, "peer", str), _field(rec, "nonce", bytes), self._now(rec)
         end, end_rec = self._window(index, ("handshake_start", "handshake_end"), {"peer": peer})
         live = _live_end(end_rec, "peered")
@@ -553,18 +557,13 @@ class Replayer:
                 if found is None:
                     replay = Outcome("diverged", detail=f"the recording holds no fetch of {peer}'s descriptor")
                     break
-                data = self._descriptor_data(found)
-                effects += (machine.descriptor_failed(data) if isinstance(data, Refused)
-                            else machine.descriptor_received(data, now))
+                effects += answer(machine, effect, self._descriptor_data(found), now)
             elif isinstance(effect, SendRequest):
-                answer = self._lookahead(index, end, kind="outbound", peer=peer, method="POST", target=HANDSHAKE_TARGET)
-                if answer is None:
+                sent = self._lookahead(index, end, kind="outbound", peer=peer, method="POST", target=HANDSHAKE_TARGET)
+                if sent is None:
                     replay = Outcome("diverged", detail="the recording holds no answer to the hello")
                     break
-                if "error" in answer:
-                    effects += machine.reply_failed(_error_refusal(answer["error"]))
-                else:
-                    effects += machine.reply_received(_field(answer, "status", int), _field(answer, "response", bytes))
+                effects += answer(machine, effect, _sent_answer(sent), now)
             elif isinstance(effect, PeerAgreed):
                 replay = Outcome("peered", detail=effect.protocol_version)
                 break
@@ -574,7 +573,9 @@ class Replayer:
         return Decision(index, "handshake", "POST", HANDSHAKE_TARGET, peer, replay, live, now=now)
 
     def _backfill(self, index: int, rec: Mapping[str, Any]) -> Decision:
-        """Mirror of ``Service._backfill`` from the recorded resume cursor on."""
+        """The daemon's :class:`~.backfill.BackfillPuller` from the recorded
+        resume cursor on, its effects answered through :func:`~.drive.answer`
+        from the recording."""
         room_id, peer = _field(rec, "room_id", str), _field(rec, "peer", str)
         cursor, now = _field(rec, "cursor", bytes), self._now(rec)
         end, end_rec = self._window(index, ("backfill_start", "backfill_end"), {"room_id": room_id, "peer": peer})
@@ -599,17 +600,16 @@ class Replayer:
         while effects:
             effect = effects.pop(0)
             if isinstance(effect, SendRequest):
-                answer = self._lookahead(index, end, kind="outbound", peer=peer, method="GET", target=effect.target)
-                if answer is None:
+                sent = self._lookahead(index, end, kind="outbound", peer=peer, method="GET", target=effect.target)
+                if sent is None:
                     replay = Outcome("diverged", count=puller.stored,
                                      detail=f"the recording holds no answer to GET {effect.target}")
                     break
-                now = self._now(answer)
-                effects += (puller.fail(_error_refusal(answer["error"])) if "error" in answer else
-                            puller.page_received(_field(answer, "status", int), _field(answer, "response", bytes), now))
+                now = self._now(sent)
+                effects += answer(puller, effect, _sent_answer(sent), now)
             elif isinstance(effect, NeedKeys):
-                _refusal, now = self._learn(effect.server, now, (index, end), effect.key_id)
-                effects += puller.keys_updated(now)
+                failure, now = self._learn(effect.server, now, (index, end), effect.key_id)
+                effects += answer(puller, effect, failure, now)
             elif isinstance(effect, BackfillDone):
                 refused = len(puller.refusals)
                 replay = (_refused(effect.refusal, count=effect.stored, refused=refused) if effect.refusal else

@@ -162,11 +162,20 @@ class AsyncioHost:
         if isinstance(effect, SendRequest):
             return await self.send(effect)
         if isinstance(effect, NeedKeys):
-            data = await self.fetch_descriptor(effect.server)
-            self.node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
-            if isinstance(data, bytes):
-                self.node.learn_descriptor(effect.server, data, now_ms())
+            return await self.fetch_keys(effect)
         return None
+
+    async def fetch_keys(self, need: NeedKeys) -> Refused | None:
+        """``NeedKeys``: fetch the server's descriptor into the node's key cache
+        (if the node allows a fetch now); ``None`` or why it failed."""
+        node = self.node
+        refusal = node.may_fetch_keys(need.server, now_ms(), need.key_id)
+        if refusal is not None:
+            return refusal
+        node.keys.fetch_attempted(need.server, now_ms(), need.key_id)
+        data = await self.fetch_descriptor(need.server)
+        learned = data if isinstance(data, Refused) else node.learn_descriptor(need.server, data, now_ms())
+        return learned if isinstance(learned, Refused) else None
 
     async def drive(self, machine: Any, effects: list[Any]) -> list[Any]:
         """The core's reference driver (core.drive.drive) with ``await`` around the I/O:
@@ -285,27 +294,23 @@ class AsyncioHost:
             return route
         if route.endpoint not in ("invite", "send"):
             return Refused(Code.NOT_FOUND, f"this host answers invites and transactions only, not {route.endpoint}")
-        args = dict(method=method, target=target, authorization=authorization, body=body)
-        auth = node.authenticate(**args, now=now_ms())
-        if isinstance(auth, NeedKeys):
-            node.keys.fetch_attempted(auth.server, now_ms(), auth.key_id)
-            data = await self.fetch_descriptor(auth.server)
-            learned = data if isinstance(data, Refused) else node.learn_descriptor(auth.server, data, now_ms())
-            if isinstance(learned, Refused):
-                return learned
-            auth = node.authenticate(**args, now=now_ms())
-            if isinstance(auth, NeedKeys):
-                return Refused(Code.UNKNOWN_KEY, f"{auth.server} does not publish key {auth.key_id}")
-        if isinstance(auth, Refused):
-            return auth
+        # Authenticate: the core's Receive machine; its one effect, NeedKeys,
+        # is a fetch of the origin's descriptor, answered like any effect.
+        inbound = node.receive(method=method, target=target, authorization=authorization, body=body)
+        effects = inbound.start(now_ms())
+        while effects:
+            need = effects.pop(0)
+            effects += answer(inbound, need, await self.fetch_keys(need), now_ms())
+        auth = inbound.auth
+        if auth is None:
+            return inbound.refusal or Refused(Code.INTERNAL_ERROR, "undecided")
         refusal = node.admit(auth, peered=auth.origin in self.peered)
         if refusal is not None:
             return refusal
         if route.endpoint == "send":
             return self._transaction(auth, route.param or "", body)
-        decision = node.on_invite(auth, route.param or "", body,
-                                  local_user=lambda u: Party(u) if u in self.local_users else None)
-        return node.unverifiable(decision) if isinstance(decision, NeedKeys) else decision
+        return node.on_invite(auth, route.param or "", body,
+                              local_user=lambda u: Party(u) if u in self.local_users else None)
 
     def _transaction(self, auth: Any, txn_id: str, body: bytes) -> bytes | Refused:
         """The two core calls (verify, then decide on a snapshot of our store), then store."""

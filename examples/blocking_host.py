@@ -34,7 +34,7 @@ from typing import Any
 
 from scaiwave_federation.core import (
     BackfillPuller, Code, Event, Federation, FetchDescriptor, Initiator, InviteDecision, KeyRing, NeedKeys, Party,
-    PeerAgreed, Policy, Refused, SendRequest, StoreEvents, drive, make_event, verify_events,
+    PeerAgreed, Policy, Refused, SendRequest, StoreEvents, answer, drive, make_event, verify_events,
 )
 from scaiwave_federation.core.codes import HTTP_STATUS
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
@@ -106,13 +106,18 @@ class BlockingHost:
                 return self.http(effect.destination, effect.method, effect.target,
                                  {"Authorization": effect.authorization, "Content-Type": "application/cbor"},
                                  effect.body)
-            if isinstance(effect, NeedKeys):
-                status, body = self.http(effect.server, "GET", "/.well-known/scaiwave")
-                if status == 200:
-                    with self.lock:
-                        self.node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
-                        self.node.learn_descriptor(effect.server, body, now_ms())
-                return None
+            if isinstance(effect, NeedKeys):  # into the key cache, if the node allows a fetch now
+                with self.lock:
+                    refusal = self.node.may_fetch_keys(effect.server, now_ms(), effect.key_id)
+                    if refusal is not None:
+                        return refusal
+                    self.node.keys.fetch_attempted(effect.server, now_ms(), effect.key_id)
+                status, body = self.http(effect.server, "GET", "/.well-known/scaiwave")  # no lock held during I/O
+                if status != 200:
+                    return Refused(Code.NO_DESCRIPTOR, f"HTTP {status}")
+                with self.lock:
+                    learned = self.node.learn_descriptor(effect.server, body, now_ms())
+                return learned if isinstance(learned, Refused) else None
         except ssl.SSLError as exc:
             return Refused(Code.TLS_FAILURE, str(exc)[:200])
         except (OSError, http.client.HTTPException) as exc:
@@ -173,17 +178,19 @@ class BlockingHost:
         route = node.route(method, target.split("?", 1)[0])
         if isinstance(route, Refused):
             return _refusal(route)
-        args = dict(method=method, target=target, authorization=authorization, body=body)
+        # Authenticate: the core's Receive machine, its one effect (NeedKeys: fetch
+        # the origin's descriptor) carried out like any other, no lock held during I/O.
+        inbound = node.receive(method=method, target=target, authorization=authorization, body=body)
         with self.lock:
-            auth = node.authenticate(**args, now=now_ms())
-        if isinstance(auth, NeedKeys):  # fetch the origin's descriptor (no lock held during I/O), ask again
-            self.perform(auth)
+            effects = inbound.start(now_ms())
+        while effects:
+            need = effects.pop(0)
+            failure = self.perform(need)
             with self.lock:
-                auth = node.authenticate(**args, now=now_ms())
-        if isinstance(auth, NeedKeys):
-            auth = Refused(Code.UNKNOWN_KEY, f"{auth.server} does not publish key {auth.key_id}")
-        if isinstance(auth, Refused):
-            return _refusal(auth)
+                effects += answer(inbound, need, failure, now_ms())
+        auth = inbound.auth
+        if auth is None:
+            return _refusal(inbound.refusal or Refused(Code.INTERNAL_ERROR, "undecided"))
         with self.changed:
             refusal = node.admit(auth, peered=auth.origin in self.peered)
             if refusal is not None:
@@ -191,8 +198,8 @@ class BlockingHost:
             if route.endpoint == "invite":
                 decision = node.on_invite(auth, route.param or "", body,
                                           local_user=lambda u: Party(u) if u == self.user else None)
-                if not isinstance(decision, InviteDecision):
-                    return _refusal(decision if isinstance(decision, Refused) else node.unverifiable(decision))
+                if isinstance(decision, Refused):
+                    return _refusal(decision)
                 self.invites.append(decision)
                 self.changed.notify_all()
                 return 200, "application/cbor", encode({"ok": True})

@@ -34,7 +34,9 @@ from scaiwave_federation.core import (
     SigningKey,
     StoreEvents,
     chain_event,
+    drive,
 )
+from scaiwave_federation.core.inbound import snapshot_of_chains
 from scaiwave_federation.core.backfill import build_page
 from scaiwave_federation.core.handshake import refusal_body
 from scaiwave_federation.core.rooms import encode_events_body
@@ -187,6 +189,10 @@ class FakeServer:
     peered: dict[str, PeerAgreed] = field(default_factory=dict)
     invites: list = field(default_factory=list)
     received: list = field(default_factory=list)
+    #: The chains of rooms hosted elsewhere that this server knows (invited to), oldest first.
+    chains: dict[str, list[Event]] = field(default_factory=dict)
+    #: (origin, txn id) -> the reply given (a repeated transaction gets it again).
+    txns: dict[tuple[str, str], bytes] = field(default_factory=dict)
     #: Served at /.well-known/scaiwave instead of our own descriptor.
     descriptor_override: bytes | None = None
 
@@ -261,20 +267,23 @@ class FakeLink:
             if isinstance(decision, Refused):
                 return error_reply(decision)
             srv.invites.append(decision)
+            srv.chains.setdefault(decision.room_id, [])
             return 200, encode({})
         if route.endpoint == "send":
+            # The same two core calls as the daemon: verify, then decide on a
+            # snapshot of what this server holds; store what the decision says.
+            txn = (auth.origin, route.param or "")
+            if txn in srv.txns:
+                return 200, srv.txns[txn]
             results = node.on_events(auth, req.body)
             if isinstance(results, Refused):
                 return error_reply(results)
-            out = []
-            for result in results:
-                if isinstance(result, Event):
-                    srv.received.append(result)
-                    out.append({"ok": True})
-                else:
-                    code = result.code if isinstance(result, Refused) else Code.UNKNOWN_KEY
-                    out.append({"error": code.value})
-            return 200, encode({"results": out})
+            decision = node.on_transaction(auth, results, snapshot_of_chains(results, srv.chains), now)
+            for event in decision.store:
+                srv.chains[event.room_id].append(event)
+                srv.received.append(event)
+            srv.txns[txn] = decision.reply
+            return 200, decision.reply
         assert route.endpoint == "backfill"
         room = srv.rooms.get(route.param)
         answer = node.on_backfill(
@@ -291,21 +300,24 @@ class FakeLink:
         return 200, build_page(route.param, before, envelopes, [e.depth for e in chosen])
 
     def authenticate(self, srv: FakeServer, req: SendRequest, now: int):
-        """``authenticate``, fetching the origin's descriptor once on :class:`NeedKeys`."""
+        """The core's :class:`~scaiwave_federation.core.Receive` machine, driven by
+        the reference driver; its ``NeedKeys`` fetches the origin's descriptor."""
         node = srv.node
-        for _ in range(2):
-            auth = node.authenticate(method=req.method, target=req.target, authorization=req.authorization,
-                                     body=req.body, now=now)
-            if not isinstance(auth, NeedKeys):
-                return auth
-            data = self.fetch_descriptor(auth.server)
-            if isinstance(data, Refused):
-                node.keys.fetch_attempted(auth.server, now)
-                return data
-            learned = node.learn_descriptor(auth.server, data, now)
-            if isinstance(learned, Refused):
-                return learned
-        return Refused(Code.UNKNOWN_KEY, "still unknown after a fetch")
+
+        def fetch_keys(need):
+            if not isinstance(need, NeedKeys):
+                return None
+            refusal = node.may_fetch_keys(need.server, now, need.key_id)
+            if refusal is not None:
+                return refusal
+            node.keys.fetch_attempted(need.server, now, need.key_id)
+            data = self.fetch_descriptor(need.server)
+            learned = data if isinstance(data, Refused) else node.learn_descriptor(need.server, data, now)
+            return learned if isinstance(learned, Refused) else None
+
+        inbound = node.receive(method=req.method, target=req.target, authorization=req.authorization, body=req.body)
+        drive(inbound, inbound.start(now), fetch_keys, lambda: now)
+        return inbound.auth if inbound.auth is not None else inbound.refusal
 
 
 # -- drivers ----------------------------------------------------------------------------

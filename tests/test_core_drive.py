@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from corehelpers import NOW, pair
-from scaiwave_federation.core import Code, FetchDescriptor, Initiator, LocalProtocolError, Refused, SendRequest
+from corehelpers import B, NOW, descriptor_bytes, pair
+from scaiwave_federation.core import (
+    Code, FetchDescriptor, Initiator, LocalProtocolError, NeedKeys, Policy, Receive, Refused, SendRequest,
+)
 from scaiwave_federation.core.drive import HostError, answer, check_driver, check_timer_host, drive
+
+P = "/_scaiwave/federation/v1/"
 
 
 def reference(machine, effects, perform):
@@ -80,3 +84,60 @@ def test_timer_hosts():
         check_timer_host(lambda node, now: [])
     with pytest.raises(HostError, match="before its timer"):
         check_timer_host(lambda node, now: node.handle_timeout(now + 400 * 86_400_000, seed=b"\x22" * 32))
+
+
+# -- Receive: an inbound request's key fetch is an effect -----------------------------------
+
+
+def test_a_host_that_drops_an_inbound_requests_key_fetch_fails():
+    def ignores_need_keys(machine, effects, perform):
+        pending = list(effects)
+        while pending:
+            effect = pending.pop(0)
+            result = perform(effect)
+            if isinstance(effect, (FetchDescriptor, SendRequest)):
+                pending += answer(machine, effect, result, NOW)
+            elif isinstance(effect, NeedKeys) and not isinstance(machine, Receive):
+                pending += answer(machine, effect, result, NOW)
+
+    with pytest.raises(HostError, match="inbound request was left waiting"):
+        check_driver(ignores_need_keys)
+
+
+def _signed(sender, receiver, target=P + "handshake", now=NOW):
+    return sender.sign(destination=receiver.server_name, method="POST", target=target, body=b"", now=now)
+
+
+def test_receive_asks_once_for_keys_then_authenticates():
+    a, b = pair()
+    machine = a.receive(method="POST", target=P + "handshake", authorization=_signed(b, a), body=b"")
+    effects = machine.start(NOW)
+    assert effects == [NeedKeys(B, b.keyring.current.key_id)] and not machine.done
+    assert a.learn_descriptor(B, descriptor_bytes(b), NOW) is not None
+    assert answer(machine, effects[0], None, NOW) == []
+    assert machine.auth is not None and machine.auth.origin == B and machine.route.endpoint == "handshake"
+    with pytest.raises(LocalProtocolError):
+        machine.keys_updated(NOW)  # nothing is waiting any more
+    with pytest.raises(LocalProtocolError):
+        machine.start(NOW)
+
+
+def test_receive_a_failed_fetch_is_the_answer_unless_the_key_is_merely_unknown():
+    a, b = pair()
+    unreachable = Refused(Code.PEER_UNREACHABLE, "connection refused")
+    machine = a.receive(method="POST", target=P + "handshake", authorization=_signed(b, a), body=b"")
+    assert answer(machine, machine.start(NOW)[0], unreachable, NOW) == []
+    assert machine.refusal == unreachable and machine.auth is None
+    # Keys fetched, but the signing key is not among them: unknown_key, and no second fetch.
+    machine = a.receive(method="POST", target=P + "handshake", authorization=_signed(b, a, now=NOW + 1), body=b"")
+    assert answer(machine, machine.start(NOW + 1)[0], Refused(Code.UNKNOWN_KEY, "x"), NOW + 1) == []
+    assert machine.refusal.code is Code.UNKNOWN_KEY and machine.auth is None
+
+
+def test_receive_refuses_strangers_and_unknown_paths_without_asking_for_keys():
+    a, b = pair()
+    a.policy = Policy("closed")
+    machine = a.receive(method="POST", target=P + "handshake", authorization=_signed(b, a), body=b"")
+    assert machine.start(NOW) == [] and machine.refusal.code is Code.FEDERATION_CLOSED
+    machine = a.receive(method="GET", target=P + "nowhere", authorization=_signed(b, a), body=b"")
+    assert machine.start(NOW) == [] and machine.refusal.code is Code.NOT_FOUND and machine.route is None

@@ -201,11 +201,13 @@ def test_invite_refusals():
         assert isinstance(result, Refused) and result.code is code, (result, code)
 
 
-def test_invite_from_a_server_whose_keys_we_lack_needs_keys():
+def test_invite_signed_with_a_key_we_lack_is_refused_not_returned_as_need_keys():
+    # NeedKeys is only ever an effect: on_invite decides (unknown_key, retryable).
     a, b = pair()
     room_id = f"!r1:{B}"
     invite = invite_event(b.keyring.current, build_chain(b.keyring.current, room_id, 1), BOB_A)
-    assert _decide(a, room_id, events_body([invite])) == NeedKeys(B, b.keyring.current.key_id)
+    decision = _decide(a, room_id, events_body([invite]))
+    assert isinstance(decision, Refused) and decision.code is Code.UNKNOWN_KEY and decision.retryable
 
 
 def test_invite_without_handshake_is_not_peered():
@@ -232,10 +234,30 @@ def _send(link, origin_node, destination, body, now=NOW, txn="t1"):
 
 def test_transaction_of_the_hosts_events_is_accepted():
     link, a, b, room_id, chain = _invite_setup()
+    assert _send_invite(link, b, room_id, events_body([invite_event(b.keyring.current, chain, BOB_A)]))[0] == 200
     status, reply = _send(link, b, A, events_body(chain))
     assert status == 200
-    assert decode(reply, max_size=4096) == {"results": [{"ok": True}, {"ok": True}]}
+    assert decode(reply, max_size=4096) == {
+        "results": [{"ok": True, "event_id": e.id_text} for e in chain], "events": []}
     assert link.server(A).received == chain
+    # The same transaction again (a new signed request): the same reply, nothing stored twice.
+    assert _send(link, b, A, events_body(chain), now=NOW + 1) == (200, reply)
+    assert link.server(A).received == chain
+
+
+def test_transaction_decided_by_the_core_refuses_a_gap_and_an_unknown_room():
+    # The fake link runs the daemon's two core calls (on_events, on_transaction):
+    # an event after a gap is chain_broken and a room we do not know is not_found,
+    # both in the reply, neither stored.
+    link, a, b, room_id, chain = _invite_setup()
+    longer = build_chain(b.keyring.current, room_id, 4, room_type="group", sender=f"@alice:{B}")
+    other = build_chain(b.keyring.current, f"!other:{B}", 1, room_type="group", sender=f"@alice:{B}")
+    assert _send_invite(link, b, room_id, events_body([invite_event(b.keyring.current, longer, BOB_A)]))[0] == 200
+    status, reply = _send(link, b, A, events_body([longer[0], longer[2], other[0]]))
+    results = decode(reply, max_size=4096)["results"]
+    assert status == 200 and results[0] == {"ok": True, "event_id": longer[0].id_text}
+    assert [r["error"]["code"] for r in results[1:]] == ["chain_broken", "not_found"]
+    assert link.server(A).received == [longer[0]]
 
 
 def test_on_events_refuses_rooms_the_origin_does_not_host():

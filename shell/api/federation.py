@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
-from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused
+from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused, answer
 from scaiwave_federation.core import build_page
 from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
@@ -50,15 +50,23 @@ async def handle_federation(service: Service, request: Request) -> Response:
 
 async def _handle(service: Service, request: Request, context: dict[str, Any]) -> Response:
     node = service.node
-    route = node.route(request.method, request.path)
-    if isinstance(route, Refused):
-        return cbor_error(route)
-    # The core admits the *claimed* origin by policy before any descriptor
-    # fetch: a stranger's request leaves no trace but its refusal.
-    auth = await _authenticate(service, request)
-    if isinstance(auth, Refused):
-        log.info("refused %s %s: %s", request.method, request.path[:120], auth)
-        return cbor_error(auth)
+    # The core routes and authenticates, admitting the *claimed* origin by
+    # policy before any descriptor fetch: a stranger's request leaves no trace
+    # but its refusal. Its one effect, NeedKeys, is a fetch of the origin's keys.
+    inbound = node.receive(method=request.method, target=request.target,
+                           authorization=request.header("authorization"), body=request.body)
+    effects = inbound.start(service.now())
+    while effects:
+        need = effects.pop(0)
+        assert isinstance(need, NeedKeys), need
+        failure = await service.learn_descriptor(need.server, key_id=need.key_id)
+        effects += answer(inbound, need, failure, service.now())
+    route, auth = inbound.route, inbound.auth
+    if route is None or auth is None:
+        refusal = inbound.refusal or Refused(Code.INTERNAL_ERROR, "the request was not decided")
+        if route is not None:
+            log.info("refused %s %s: %s", request.method, request.path[:120], refusal)
+        return cbor_error(refusal)
     await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
     await service.peer_seen(auth.origin)
     service.peer_inbound(auth.origin)
@@ -74,23 +82,6 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
     if route.endpoint == "send":
         return await _send(service, auth, route.param or "", request, context)
     return await _backfill(service, auth, route.param or "", request, context)
-
-
-async def _authenticate(service: Service, request: Request) -> Authenticated | Refused:
-    def authenticate() -> Authenticated | Refused | NeedKeys:
-        return service.node.authenticate(method=request.method, target=request.target,
-                                         authorization=request.header("authorization"), body=request.body,
-                                         now=service.now())
-
-    result = authenticate()
-    if isinstance(result, NeedKeys):
-        fetched = await service.learn_descriptor(result.server, key_id=result.key_id)
-        if fetched is not None and fetched.code not in (Code.UNKNOWN_KEY,):
-            return fetched
-        result = authenticate()
-        if isinstance(result, NeedKeys):
-            return Refused(Code.UNKNOWN_KEY, f"{result.server} does not publish key {result.key_id}")
-    return result
 
 
 async def _handshake(service: Service, auth: Authenticated, request: Request) -> Response:
@@ -115,8 +106,6 @@ async def _invite(service: Service, auth: Authenticated, room_id: str, request: 
     context["local_users"], context["members"] = local_users, members
     decision = service.node.on_invite(auth, room_id, request.body, members=members,
                                       local_user=lambda user: party if party and user == party.user_id else None)
-    if isinstance(decision, NeedKeys):
-        decision = Refused(Code.UNKNOWN_KEY, f"{decision.server} key {decision.key_id} is unknown")
     if isinstance(decision, Refused):
         return cbor_error(decision)
     if await service.store.get_room(room_id) is None:
@@ -149,11 +138,11 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
 async def _apply(service: Service, auth: Authenticated, txn_id: str, results: list[Any],
                  context: dict[str, Any]) -> Response:
     """Read the state the core's decision needs, ask it, carry out the answer."""
-    for need in dict.fromkeys(r for r in results if isinstance(r, NeedKeys)):
-        await service.learn_descriptor(need.server)  # for the sender's retry; this answer is decided below
     snapshot = await service.txn_snapshot(results)
     context.update(snapshot_context(snapshot))
     decision = service.node.on_transaction(auth, results, snapshot, service.now())
+    for need in decision.prefetch:
+        await service.learn_descriptor(need.server)  # for the sender's retry; this answer is decided
     for refusal in decision.refused:
         log.info("refused an event of a transaction from %s: %s", auth.origin, refusal)
     if decision.refused:
