@@ -356,6 +356,11 @@ def _main(argv: list[str] | None) -> int:
         level = parse_level(os.environ.get("SCAIWAVE_LOG_LEVEL"))
         setup_logging(level, parse_format(os.environ.get("SCAIWAVE_LOG_FORMAT") or "text"))
         if args.top == "demo":
+            try:
+                import trustme  # noqa: F401  (the demo's throwaway CA)
+            except ImportError:
+                raise CliError("missing_extra", "scaiwave demo makes a throwaway CA with trustme: "
+                                                "pip install 'scaiwave-federation[demo]'") from None
             from .demo.guide import run_demo
 
             return run_demo(args.dir)

@@ -73,7 +73,6 @@ class Config:
     clock_offset_ms: int = 0
     key_refetch_interval_ms: int = DEFAULT_KEY_REFETCH_INTERVAL_MS
     insecure_skip_tls_verify: bool = False
-    test_tamper_backfill: str | None = None
     outbound_allow: tuple[Network, ...] = ()
     log_format: str = "text"
     log_level: int = 20  # logging.INFO
@@ -126,11 +125,6 @@ class Config:
             )
         for (name, port), address in sorted(self.resolve.items()):
             lines.append(f"SCAIWAVE_RESOLVE: {name}:{port} is sent to {address} instead of DNS")
-        if self.test_tamper_backfill:
-            lines.append(
-                f"SCAIWAVE_TEST_TAMPER_BACKFILL is set: this server deliberately serves a tampered "
-                f"event ({self.test_tamper_backfill}) in backfill pages (a test setting)"
-            )
         if self.record_path is not None:
             lines.append(
                 f"SCAIWAVE_RECORD is set: every federation exchange is recorded to {self.record_path}"
@@ -359,9 +353,6 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "outbound_deadline": (_plain(_parse_interval), 30_000),
     "outbound_per_peer": (_plain(_parse_count), 8),
     "catch_ups_per_peer": (_plain(_parse_count), 2),
-    # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
-    # puller's refusal against a deliberately broken peer). Logged loudly.
-    "test_tamper_backfill": (_plain(_expect_str), None),
     "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
     "log_level": (_plain(lambda v, s: parse_level(v, s)), 20),
 }

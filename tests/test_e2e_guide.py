@@ -12,6 +12,7 @@ each is one step of federation-guide.txt.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import ssl
 import time
@@ -195,6 +196,12 @@ def test_step6_backfill(w):
     _chain_intact(events)
 
 
+def _with_tests_on_path() -> str:
+    """PYTHONPATH with tests/ first: the fault lives in the tests, never in the package."""
+    here = str(Path(__file__).resolve().parent)
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def test_step6_tampered_event_refused(w):
     bob, alice = w.users["bob"]["access_token"], w.users["alice"]["access_token"]
     status, room = w.b.request("POST", "/v1/rooms", {"room_type": "group"}, token=bob)
@@ -205,7 +212,8 @@ def test_step6_tampered_event_refused(w):
     assert w.a.request("POST", f"/v1/invites/{room}/accept", token=alice)[0] == 200
     # peer.test turns deliberately broken: it serves the event at depth 20 tampered.
     w.b.stop()
-    w.b.start(extra_env={"SCAIWAVE_TEST_TAMPER_BACKFILL": f"{room}@20"})
+    w.b.start(extra_env={"TAMPERED_EVENT": f"{room}@20", "PYTHONPATH": _with_tests_on_path()},
+              module="faulty_daemon")
     proc = w.a.cli("admin", "federation", "backfill", room, "--json")
     assert _err(proc).startswith("error: bad_signature")
     events = _events(w.a, room)

@@ -117,3 +117,15 @@ def test_cli_encodes_what_it_puts_in_a_path(tmp_path):
         assert server.admin("GET", "/v1/admin/federation/key")[1]["key_id"] is None  # nothing rotated or made
     finally:
         bed.stop()
+
+
+def test_demo_without_its_extra_names_the_extra(tmp_path):
+    # trustme is the `demo` extra, not a server dependency: without it, one line.
+    code = ("import sys; sys.modules['trustme'] = None\n"
+            "from scaiwave_federation.shell.cli import main\n"
+            f"sys.exit(main(['demo', '--dir', {str(tmp_path / 'run')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == ("error: missing_extra: scaiwave demo makes a throwaway CA with trustme: "
+                                   "pip install 'scaiwave-federation[demo]'")
+    assert not (tmp_path / "run").exists()

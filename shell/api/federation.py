@@ -182,20 +182,5 @@ async def _backfill(service: Service, auth: Authenticated, room_id: str, request
         return cbor_error(decision)
     before, limit = decision
     rows = await service.store.events_before(room_id, before, limit)
-    envelopes = [_tampered(service, room_id, r) for r in rows]
-    page = build_page(room_id, before, envelopes, [r["depth"] for r in rows])
+    page = build_page(room_id, before, [r["envelope"] for r in rows], [r["depth"] for r in rows])
     return Response.cbor(200, page)
-
-
-def _tampered(service: Service, room_id: str, row: dict[str, Any]) -> bytes:
-    """The SCAIWAVE_TEST_TAMPER_BACKFILL fault: change one event's content, keep its signature."""
-    spec = service.config.test_tamper_backfill
-    if not spec or spec != f"{room_id}@{row['depth']}":
-        return row["envelope"]
-    import cbor2
-
-    body, key_id, sig = cbor2.loads(row["envelope"])
-    fields = cbor2.loads(body)
-    fields["content"] = {**fields["content"], "body": "tampered in transit"}
-    log.warning("serving tampered event at depth %s of %s (test setting)", row["depth"], room_id)
-    return encode([encode(fields), key_id, sig])

@@ -65,10 +65,13 @@ class Server:
     def log_path(self) -> Path:
         return self.root / "server.log"
 
-    def start(self, extra_env: dict[str, str] | None = None, wait: float = 20.0) -> None:
+    def start(self, extra_env: dict[str, str] | None = None, wait: float = 20.0, *,
+              module: str = "scaiwave_federation.shell.cli") -> None:
+        """Start ``python -m MODULE serve`` (another ``module`` runs the daemon
+        with something of its own around it: a test's fault, a profiler)."""
         env = {**os.environ, **self.env, **(extra_env or {})}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "scaiwave_federation.shell.cli", "serve"],
+        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", module, "serve"],
                                      env=env,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + wait
