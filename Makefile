@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo fuzz fuzz-long api-fuzz openapi bench clean
+.PHONY: test lint demo fuzz fuzz-long api-fuzz openapi bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## make test: the whole suite, a short fuzz run, and core line coverage (>= 90%)
-test: $(STAMP)
+## make test: types and lint, the whole suite, a short fuzz run, and core line coverage (>= 90%)
+test: $(STAMP) lint
 	HYPOTHESIS_PROFILE=ci $(PY) -m coverage erase
 	HYPOTHESIS_PROFILE=ci $(PY) -m coverage run -m pytest -q
 	$(PY) -m coverage report
 	$(PY) -m fuzz.run --seconds 20
+
+## make lint: mypy (strict on core/, default on shell/) and ruff, both clean
+# mypy sees the installed layout (scaiwave_federation.core -> core/) through a
+# tree of two symbolic links under .venv.
+MYPY_TREE := $(VENV)/mypy-tree
+lint: $(STAMP)
+	mkdir -p $(MYPY_TREE)/scaiwave_federation
+	ln -sfn $(CURDIR)/core $(MYPY_TREE)/scaiwave_federation/core
+	ln -sfn $(CURDIR)/shell $(MYPY_TREE)/scaiwave_federation/shell
+	cd $(MYPY_TREE) && MYPYPATH=. $(CURDIR)/$(PY) -m mypy --strict --namespace-packages --explicit-package-bases \
+		--cache-dir $(CURDIR)/.mypy_cache -p scaiwave_federation.core
+	cd $(MYPY_TREE) && MYPYPATH=. $(CURDIR)/$(PY) -m mypy --namespace-packages --explicit-package-bases \
+		--cache-dir $(CURDIR)/.mypy_cache -p scaiwave_federation.shell
+	$(PY) -m ruff check core shell tests fuzz bench examples
 
 ## make demo: two federating servers on loopback with real TLS, the guide end to end
 demo: $(STAMP)
@@ -41,4 +55,4 @@ bench: $(STAMP)
 	status=0; for b in ingest pipeline replay federation; do echo "== bench.$$b"; $(PY) -m bench.$$b || status=1; done; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache demo-run
+	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache .mypy_cache .ruff_cache demo-run

@@ -140,7 +140,8 @@ def measure_delivery(a: Server, b: Server, dm: str, alice: dict, messages: int, 
         raise SystemExit(f"peer.test stored {stored_messages(b, dm) - before} of {messages} messages in 60 s")
     delivered_s = arrived[0] - started
     used_a, used_b = cpu_seconds(a.proc.pid) - cpu_a, cpu_seconds(b.proc.pid) - cpu_b
-    return {"cpu_local_ms": cpu_local / messages * 1000, "transactions": transactions(b) - txns, "local_rate": messages / local_s, "post_rate": messages / post_s, "delivered_rate": messages / delivered_s,
+    return {"cpu_local_ms": cpu_local / messages * 1000, "transactions": transactions(b) - txns,
+            "local_rate": messages / local_s, "post_rate": messages / post_s, "delivered_rate": messages / delivered_s,
             "cpu_sender_ms": used_a / messages * 1000, "cpu_receiver_ms": used_b / messages * 1000}
 
 
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
               f"a local post alone costs the sender {d['cpu_local_ms']:.2f} ms")
         keep_up = d["delivered_rate"] / d["local_rate"]
         print(f"delivered {d['delivered_rate']:.0f} msg/s (posted {d['post_rate']:.0f}/s) vs local posts "
-              f"{d['local_rate']:.0f} msg/s: {keep_up:.2f} (target >= {KEEP_UP_TARGET}) {verdict(keep_up >= KEEP_UP_TARGET)}")
+              f"{d['local_rate']:.0f} msg/s: {keep_up:.2f} (target >= {KEEP_UP_TARGET}) "
+              f"{verdict(keep_up >= KEEP_UP_TARGET)}")
         failed = not ok_cpu or keep_up < KEEP_UP_TARGET
 
         h = measure_http(a, args.rounds, args.requests)

@@ -87,7 +87,8 @@ def matrix_ingest(pdus: list[bytes], verify_key: Any) -> list[dict[str, Any]]:
             raise SystemExit("content hash mismatch")
         verify_signed_json(pdu, pdu["origin"], verify_key)
         event_id = _reference_hash(pdu)
-        if pdu["depth"] != prev_depth + 1 or (prev_id and pdu["prev_events"] != ["$" + encode_base64(prev_id, urlsafe=True)]):
+        expected_prev = ["$" + encode_base64(prev_id, urlsafe=True)] if prev_id else None
+        if pdu["depth"] != prev_depth + 1 or (prev_id and pdu["prev_events"] != expected_prev):
             raise SystemExit("chain broken")
         rows.append({"event_id": event_id, "depth": pdu["depth"], "sender": pdu["sender"], "origin": pdu["origin"],
                      "type": pdu["type"], "ts": pdu["origin_server_ts"], "envelope": raw})

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> float:
         started = time.perf_counter()
         recording = open_recording(path)
         read_s = time.perf_counter() - started
-    envelopes = [e for r in recording.records if r["kind"] == "inbound" for e in decode(r["body"], max_size=1 << 24)["events"]]
+    envelopes = [e for r in recording.records if r["kind"] == "inbound"
+                 for e in decode(r["body"], max_size=1 << 24)["events"]]
     best_replay = best_raw = best_decode = float("inf")
     for _ in range(args.rounds):
         # Interleaved, best of each: the fairest figures on a busy machine.
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> float:
     assert stored == args.events and not result.differing, "the benchmark recording must replay cleanly"
     replay_eps, raw_eps = args.events / best_replay, args.events / best_raw
     ratio = replay_eps / raw_eps
-    print(f"recording: {args.events} events in {len(result.decisions)} transactions, {size} bytes, read in {read_s * 1000:.1f} ms")
+    print(f"recording: {args.events} events in {len(result.decisions)} transactions, {size} bytes, "
+          f"read in {read_s * 1000:.1f} ms")
     print(f"replay: {replay_eps:,.0f} events/s ({best_replay * 1000:.1f} ms, best of {args.rounds})")
     print(f"  of which decoding the envelopes (core.events.decode_event, no verify): {best_decode * 1000:.1f} ms")
     print(f"raw pynacl verify of the same {len(signatures)} signatures: {raw_eps:,.0f} events/s ({best_raw * 1000:.1f} ms)")

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .codes import Code, LocalProtocolError, Refused
-from .effects import Effect, Failed, SendRequest, StoreEvents
+from .effects import BackfillDone, Effect, Failed, SendRequest, StoreEvents
 from .events import Event, KeyLookup, NeedKeys, verify_events
 from .keycache import KeyCache
 from .keys import BatchVerifier, SigningKey, verify_batch
@@ -97,7 +97,7 @@ def parse_query(query: Mapping[str, str]) -> tuple[int | None, int] | Refused:
     sign, space, ``_`` or other script's digits (which ``int()`` would take),
     and no number too large for storage (``before=10**20`` is ``malformed``).
     """
-    values = []
+    values: list[int | None] = []
     for name, default in (("before", None), ("limit", str(PAGE_CAP))):
         text = query.get(name, default)
         if text is None:
@@ -107,6 +107,7 @@ def parse_query(query: Mapping[str, str]) -> tuple[int | None, int] | Refused:
             return Refused(Code.MALFORMED, f"{name} is an integer from 1 to {_MAX_CURSOR}")
         values.append(int(text))
     before, limit = values
+    assert limit is not None  # it has a default
     return before, min(limit, PAGE_CAP)
 
 
@@ -149,17 +150,6 @@ def decode_page(body: bytes) -> Page | Refused:
             and all(type(e) is bytes for e in events)):
         return Refused(Code.MALFORMED, "backfill page fields have the wrong types")
     return Page(value["room_id"], value["before"], tuple(events), value["next"])
-
-
-@dataclass(frozen=True, slots=True)
-class BackfillDone:
-    """Effect: the pull ended. ``refusal`` is set when it stopped at a bad event or error."""
-
-    room_id: str
-    peer: str
-    stored: int
-    reached_start: bool
-    refusal: Refused | None = None
 
 
 @dataclass
@@ -217,8 +207,8 @@ class BackfillPuller:
 
     def cursor(self) -> bytes:
         """Opaque resume state, saved with each stored page."""
-        fields = {"room_id": self.room_id, "peer": self.peer, "next_depth": self._p.next_depth,
-                  "expected_id": self._p.expected_id, "stored": self._p.stored, "limit": self.limit}
+        fields: dict[str, object] = {"room_id": self.room_id, "peer": self.peer, "next_depth": self._p.next_depth,
+                                     "expected_id": self._p.expected_id, "stored": self._p.stored, "limit": self.limit}
         if self.until is not None:
             # Catching up stores all or nothing, so it resumes from the top.
             fields.update(next_depth=None, expected_id=None, stored=0, until=list(self.until))
@@ -385,7 +375,7 @@ class BackfillPuller:
                 self._take(result, position)
         return self._link(now, answered)
 
-    def _anchor_at_head(self, results: list) -> None:
+    def _anchor_at_head(self, results: list[Event | Refused | NeedKeys]) -> None:
         heads = [r for r in results if isinstance(r, Event) and r.depth > 0]
         if heads:
             top = max(heads, key=lambda e: e.depth)
@@ -399,7 +389,8 @@ class BackfillPuller:
         if not isinstance(result, Event):
             return
         if result.room_id != self.room_id or result.depth == 0:
-            self._p.refusals.append((position, Refused(Code.WRONG_ROOM, f"event {result.id_text} is not a chained event of {self.room_id}")))
+            self._p.refusals.append((position, Refused(
+                Code.WRONG_ROOM, f"event {result.id_text} is not a chained event of {self.room_id}")))
             return
         remaining = self.limit - self._p.stored
         # Buffer only what the chain can still reach: bounded by the pull's limit.

@@ -69,7 +69,7 @@ def answer(machine: Machine, effect: Effect, result: Answer, now: int) -> list[E
             return machine.descriptor_failed(result)
         if isinstance(result, bytes):
             return machine.descriptor_received(result, now)
-    elif isinstance(effect, SendRequest):
+    elif isinstance(effect, SendRequest) and isinstance(machine, (Initiator, BackfillPuller)):
         if isinstance(result, Refused):
             return machine.reply_failed(result) if isinstance(machine, Initiator) else machine.fail(result)
         if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], int) and isinstance(result[1], bytes):
@@ -82,6 +82,8 @@ def answer(machine: Machine, effect: Effect, result: Answer, now: int) -> list[E
     elif isinstance(effect, NeedKeys) and isinstance(machine, BackfillPuller):
         if result is None or isinstance(result, Refused):
             return machine.keys_updated(now)  # a page's events whose keys stay unknown are refused
+    elif isinstance(effect, (FetchDescriptor, SendRequest, NeedKeys)):
+        raise LocalProtocolError(f"{type(machine).__name__} never asks for {type(effect).__name__}")
     else:
         raise LocalProtocolError(f"{type(effect).__name__} needs no answer from the host")
     raise LocalProtocolError(f"{type(effect).__name__} is answered with {_expected(effect)}, "
@@ -189,7 +191,7 @@ def check_driver(host_loop: _Host) -> None:
                 # them.test's side, driven by the reference driver.
                 inbound = them.receive(method="POST", target=effect.target, authorization=effect.authorization,
                                        body=effect.body)
-                drive(inbound, inbound.start(now), lambda need: _learn(them, need, descriptors, now), lambda: now)
+                drive(inbound, inbound.start(now), lambda asked: _learn(them, asked, descriptors, now), lambda: now)
                 assert inbound.auth is not None, inbound.refusal
                 reply = them.on_handshake(inbound.auth, effect.body)
                 assert not isinstance(reply, Refused), reply
@@ -237,7 +239,7 @@ def check_driver(host_loop: _Host) -> None:
         raise HostError(f"the inbound request was left {'waiting' if not inbound.done else inbound.refusal}")
 
 
-def _learn(node: Any, need: NeedKeys, descriptors: dict[str, bytes], now: int) -> Answer:
+def _learn(node: Any, need: Effect, descriptors: dict[str, bytes], now: int) -> Answer:
     """The reference host's NeedKeys: fetch (here: look up) and learn the descriptor."""
     if not isinstance(need, NeedKeys):
         return None

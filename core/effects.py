@@ -13,7 +13,10 @@ from typing import Any
 from .codes import Refused
 from .events import Event, NeedKeys
 
-__all__ = ["FetchDescriptor", "SendRequest", "StoreEvents", "PeerAgreed", "Failed", "NeedKeys", "KeyRotated", "Effect"]
+__all__ = [
+    "FetchDescriptor", "SendRequest", "StoreEvents", "PeerAgreed", "Failed", "NeedKeys", "KeyRotated", "BackfillDone",
+    "Effect",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,4 +74,15 @@ class KeyRotated:
     keyring: Any
 
 
-Effect = FetchDescriptor | SendRequest | StoreEvents | PeerAgreed | Failed | NeedKeys | KeyRotated
+@dataclass(frozen=True, slots=True)
+class BackfillDone:
+    """Effect: the pull ended. ``refusal`` is set when it stopped at a bad event or error."""
+
+    room_id: str
+    peer: str
+    stored: int
+    reached_start: bool
+    refusal: Refused | None = None
+
+
+Effect = FetchDescriptor | SendRequest | StoreEvents | PeerAgreed | Failed | NeedKeys | KeyRotated | BackfillDone

@@ -241,10 +241,10 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
     for result in results:
         if type(result) is not Event:  # (the hot path: one type check per event)
             if isinstance(result, NeedKeys):
-                refusal = unverifiable(result)
-                if refusal.code is Code.UNKNOWN_KEY:
+                unknown = unverifiable(result)
+                if unknown.code is Code.UNKNOWN_KEY:
                     prefetch[result] = None
-                refuse(refusal, None)
+                refuse(unknown, None)
             else:
                 refuse(cast(Refused, result), None)
             continue

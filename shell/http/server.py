@@ -23,7 +23,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -209,7 +209,7 @@ class _Connection:
             # The request has begun: from now on it must arrive within read_timeout.
             self.idle = False
             self.deadline = trio.current_time() + self.limits.read_timeout
-        return data
+        return cast(bytes, data)  # a bytearray from the TLS stream: h11 takes it as is (no copy)
 
     async def _next_event(self) -> Any:
         while True:
@@ -217,8 +217,8 @@ class _Connection:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
-                    raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes")
-                raise _Reply(400, "malformed", f"malformed HTTP request: {exc}")
+                    raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes") from None
+                raise _Reply(400, "malformed", f"malformed HTTP request: {exc}") from None
             if event is not h11.NEED_DATA:
                 return event
             self.h11.receive_data(await self._receive())
@@ -288,6 +288,7 @@ class _Connection:
         reason = _REASONS.get(response.status, b"")  # an unregistered status is allowed, just unnamed
         # 204 and 304 carry no body, and so no content headers (RFC 9110).
         bodiless = response.status in (204, 304)
+        headers: list[Any]  # (name, value) pairs, str or bytes: h11 takes either
         if bodiless:
             headers = [*response.headers]
         else:

@@ -161,7 +161,7 @@ class Metrics:
             self.authentications.labels(self.peer(origin), code).inc()
             return result
 
-        node.authenticate = counted_authenticate  # type: ignore[method-assign]
+        node.authenticate = counted_authenticate
         client = service.client
         request = client.request
 

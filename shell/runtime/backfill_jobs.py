@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -19,6 +19,7 @@ from scaiwave_federation.core import (
     BackfillDone,
     BackfillPuller,
     Code,
+    Event,
     Failed,
     Head,
     NeedKeys,
@@ -27,10 +28,10 @@ from scaiwave_federation.core import (
     StoreEvents,
 )
 
-from ..http.limits import fetch_cause
+from ..http.limits import Gate, fetch_cause
 from ..store.async_store import AsyncStore
 from ..store.store import StorageError
-from .timings import PageTimer, Work
+from .timings import PageTimer, VerifyClock, Work
 
 log = logging.getLogger("scaiwave.service")
 
@@ -66,10 +67,29 @@ class BackfillJob:
 class BackfillJobs:
     """Admin backfills and catch-ups (see the module doc)."""
 
+    # What its host, Service, provides (declared so that types are checked).
     store: Any
     node: Any
     config: Any
     jobs: dict[int, BackfillJob]
+    limits: Gate
+    _catch_ups: dict[str, BackfillJob]
+    _wake_catch_up: trio.Event
+    _catch_up_slots: dict[str, trio.CapacityLimiter]
+
+    if TYPE_CHECKING:
+        @property
+        def verify_clock(self) -> VerifyClock | None: ...
+        def now(self) -> int: ...
+        def record(self, kind: str, **fields: Any) -> None: ...
+        def node_event(self, envelope: bytes) -> Event: ...
+        def room_lock(self, room_id: str) -> trio.Lock: ...
+        async def ensure_peered(self, peer: str) -> Refused | None: ...
+        async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused: ...
+        async def head_of(self, room_id: str) -> Head | None: ...
+        async def learn_descriptor(self, server: str, *, force: bool = False,
+                                   key_id: str | None = None) -> Refused | None: ...
+        async def peer_error(self, server: str, refusal: Refused) -> None: ...
 
     # -- catching up: a member server that missed events fills the gap -----------------
 
@@ -258,12 +278,14 @@ class BackfillJobs:
                         await self.store.clear_cursor(job.room_id, job.peer)
                 return
 
-    async def _store_now(self, pending: _PageStore | None) -> None:
-        """Finish a page's store (if not done yet) and raise what it met."""
+    async def _store_now(self, pending: _PageStore | None) -> _PageStore | None:
+        """Finish a page's store (if not done yet) and raise what it met;
+        ``None``: nothing is pending any more."""
         if pending is not None:
             await pending.run(self.store)
             if pending.failure is not None:
                 raise pending.failure
+        return None
 
 
 class _PageStore:

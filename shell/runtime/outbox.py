@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from scaiwave_federation.core import Code, Event, Refused, RoomFacts
+from scaiwave_federation.core import Code, Event, PeerAgreed, Refused, RoomFacts
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import decode_events_body, encode_events_body
@@ -34,11 +34,19 @@ OUTBOX_IDLE_S = 5.0
 class Outbox:
     """Queueing and delivering chained events to member servers (see the module doc)."""
 
+    # What its host, Service, provides (declared so that types are checked).
     store: Any
     delivery: Any
     config: Any
     node: Any
     _wake_outbox: trio.Event
+
+    if TYPE_CHECKING:
+        def now(self) -> int: ...
+        async def room_facts(self, room: dict[str, Any]) -> RoomFacts: ...
+        async def signed_request(self, peer: str, method: str, target: str,
+                                 body: bytes) -> tuple[int, bytes] | Refused: ...
+        async def handshake(self, peer: str) -> PeerAgreed | Refused: ...
 
     # -- pushing events to member servers -------------------------------------------------
 

@@ -42,7 +42,6 @@ __all__ = [
     "DB_FILENAME",
     "DEFAULT_POLICY",
     "SCHEMA_VERSION",
-    "AsyncStore",
     "Store",
     "StorageError",
     "TxnOutcome",
