@@ -48,9 +48,10 @@ from scaiwave_federation.core.codes import HTTP_STATUS
 from scaiwave_federation.core.drive import answer  # the core's one code -> status table
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
 from scaiwave_federation.core.inbound import snapshot_of_chains
+from scaiwave_federation.core.invites import INVITE_ACCEPTED
 from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.names import split_server_name
-from scaiwave_federation.core.wire import b64e, decode, encode
+from scaiwave_federation.core.wire import b64e, decode
 
 MAX_BODY = 8 * 1024 * 1024
 IO_TIMEOUT = 30.0
@@ -284,7 +285,7 @@ class AsyncioHost:
             return 200, "application/cbor", decision
         self.invites.append(decision)
         self.invited.set()
-        return 200, "application/cbor", encode({"ok": True})
+        return 200, "application/cbor", INVITE_ACCEPTED
 
     async def _inbound(self, method: str, target: str, authorization: str | None,
                        body: bytes) -> InviteDecision | bytes | Refused:

@@ -39,9 +39,10 @@ from scaiwave_federation.core import (
 from scaiwave_federation.core.codes import HTTP_STATUS
 from scaiwave_federation.core.handshake import decode_refusal, refusal_body
 from scaiwave_federation.core.inbound import snapshot_of_chains
+from scaiwave_federation.core.invites import INVITE_ACCEPTED
 from scaiwave_federation.core.names import split_server_name
 from scaiwave_federation.core.rooms import encode_events_body
-from scaiwave_federation.core.wire import decode, encode
+from scaiwave_federation.core.wire import decode
 
 MAX_BODY = 8 * 1024 * 1024
 IO_TIMEOUT = 30.0
@@ -202,7 +203,7 @@ class BlockingHost:
                     return _refusal(decision)
                 self.invites.append(decision)
                 self.changed.notify_all()
-                return 200, "application/cbor", encode({"ok": True})
+                return 200, "application/cbor", INVITE_ACCEPTED
             if route.endpoint == "send":
                 return self._transaction(auth, route.param or "", body)
         return _refusal(Refused(Code.NOT_FOUND, f"this host does not serve {route.endpoint}"))

@@ -16,7 +16,7 @@ from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refus
 from scaiwave_federation.core import build_page
 from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
-from scaiwave_federation.core import encode
+from scaiwave_federation.core.invites import INVITE_ACCEPTED
 
 from ..runtime import timings
 from ..http.errors import cbor_error
@@ -115,7 +115,7 @@ async def _invite(service: Service, auth: Authenticated, room_id: str, request: 
                                     origin=auth.origin, room_type=decision.room_type, state="pending",
                                     payload=decision.event.envelope, created_at=service.now())
     await service.store.set_membership(room_id, decision.invitee, "invite")
-    return Response.cbor(200, encode({"ok": True}))
+    return Response.cbor(200, INVITE_ACCEPTED)
 
 
 async def _send(service: Service, auth: Authenticated, txn_id: str, request: Request,
