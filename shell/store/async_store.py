@@ -56,8 +56,11 @@ def _offload(
     """Make a ``Store`` method into an ``AsyncStore`` coroutine method with the
     same name, docs and (for type checkers, through ParamSpec) signature."""
 
+    name = method.__name__
+
     async def call(self: AsyncStore, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await self.run(lambda store: method(store, *args, **kwargs))
+        # Looked up on the store, not bound to Store's: a backend may override it.
+        return await self.run(lambda store: getattr(store, name)(*args, **kwargs))
 
     return functools.wraps(method)(call)
 
