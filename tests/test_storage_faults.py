@@ -200,3 +200,36 @@ async def test_background_loops_start_over_after_a_storage_fault(daemon, monkeyp
 
     with pytest.raises(StorageError, match="a bug"):
         await daemon.service.keep_running(broken)
+
+
+async def test_a_postgresql_server_gone_is_unavailable_then_reconnected(pg) -> None:
+    """PostgreSQL's "full disk": the server drops our connection (a restart, a
+    failover, an admin's pg_terminate_backend). The call in flight is refused
+    retryably (``unavailable``: nothing of it was stored), and the next call
+    connects again by itself, with everything acknowledged before still there."""
+    import psycopg
+
+    from scaiwave_federation.shell.store.async_store import AsyncStore
+    from scaiwave_federation.shell.store.schema import StorageError
+
+    url = pg.migrated()
+    async with await AsyncStore.open(url) as astore:
+        await astore.create_tenant("acme")
+        pid = await astore.run(lambda s: s.db.execute("SELECT pg_backend_pid()").fetchone()[0])
+        with psycopg.connect(url, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+        with pytest.raises(StorageError) as info:
+            await astore.create_tenant("globex")
+        assert info.value.code == "unavailable"
+        assert await astore.get_tenant("acme") == {"name": "acme", "federation_enabled": True}
+        assert await astore.get_tenant("globex") is None
+        assert await astore.run(lambda s: s.db.execute("SELECT pg_backend_pid()").fetchone()[0]) != pid
+        assert await astore.probe_write(1) == "ok"
+
+
+def test_postgresql_errors_are_told_apart() -> None:
+    import psycopg
+
+    assert storage_fault(psycopg.OperationalError("server closed the connection unexpectedly")).code == "unavailable"
+    assert storage_fault(psycopg.errors.UniqueViolation("duplicate key")) is None
+    assert storage_fault(psycopg.errors.SyntaxError("syntax error")) is None

@@ -68,7 +68,8 @@ class PgDatabase:
 
     @property
     def in_transaction(self) -> bool:
-        return self.conn.info.transaction_status != pq.TransactionStatus.IDLE
+        # A connection the server dropped has no transaction left: the server rolled it back.
+        return not self.conn.closed and self.conn.info.transaction_status != pq.TransactionStatus.IDLE
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
         """Run one statement (SQLite dialect, ``?`` placeholders) and return its cursor."""
