@@ -646,7 +646,7 @@ class Store(AdminRows, OutboxRows):
         self, origin: str, txn_id: str, response: bytes, now: int, room_id: str | None,
         events: Sequence[Row],
     ) -> TxnOutcome:
-        """Store a transaction's events and its response in one SQLite transaction.
+        """Store a transaction's events and its response in one database transaction.
 
         If (origin, txn_id) is stored already nothing is written and the first
         response comes back (``replayed=True``). Raises like
