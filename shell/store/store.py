@@ -26,6 +26,7 @@ times as integer milliseconds. Failures a caller can act on raise
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,7 +86,7 @@ class TxnOutcome:
     new_events: int
 
 
-class Store(AdminRows, OutboxRows):
+class Store(AdminRows, OutboxRows, abc.ABC):
     """The daemon's storage interface, and its queries, written once for both backends.
 
     :meth:`open` picks the backend: a data directory opens
@@ -101,7 +102,7 @@ class Store(AdminRows, OutboxRows):
     thread at a time.
     """
 
-    #: ``"sqlite"`` or ``"postgresql"``: what ``self-test`` and ``/readyz`` report.
+    #: ``"sqlite"`` or ``"postgresql"``: what ``federation check`` reports.
     backend = "sqlite"
 
     def __init__(self, db: Any, path: Path | None, location: str = "") -> None:
@@ -142,21 +143,22 @@ class Store(AdminRows, OutboxRows):
         """``{"backend", "location", "schema_version"}`` for health and self-test."""
         return {"backend": self.backend, "location": self.location, "schema_version": self.schema_version()}
 
+    # -- what each backend provides
+
+    @abc.abstractmethod
     def probe_write(self, now: int) -> str:
         """Commit one small write, waiting at most a second for another
         writer; ``"ok"`` or the database's reason (``/readyz``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _in_transaction(self) -> bool:
-        raise NotImplementedError
+        """True while a transaction is open on the connection."""
 
-    @contextlib.contextmanager
-    def _lazily(self) -> Iterator[None]:
+    @abc.abstractmethod
+    def _lazily(self) -> contextlib.AbstractContextManager[None]:
         """Commit the block without waiting for the disk: atomic still, and
         made durable by the next durable commit. Only for writes whose loss in
         a power cut is harmless (see the backends)."""
-        raise NotImplementedError
-        yield  # pragma: no cover
 
     def schema_version(self) -> int:
         """Return the schema version of the open file."""
