@@ -17,9 +17,6 @@ import pytest
 
 from scaiwave_federation.shell.demo.testbed import Testbed, peered_dm, wait_until
 
-pytestmark = pytest.mark.e2e
-
-
 def _bodies(server, room: str, token: str) -> list[str]:
     status, body = server.request("GET", f"/v1/rooms/{room}/messages", token=token)
     assert status == 200, body
@@ -36,6 +33,7 @@ def _sqlite_counts(data_dir: Path) -> dict[str, int]:
         db.close()
 
 
+@pytest.mark.e2e
 def test_a_stopped_server_moves_to_postgresql_and_serves_the_same(tmp_path: Path, pg) -> None:
     bed = Testbed(tmp_path)
     a, b = bed.add("your-host.test"), bed.add("peer.test")
@@ -93,3 +91,21 @@ def test_a_stopped_server_moves_to_postgresql_and_serves_the_same(tmp_path: Path
         assert status == 400 and "pg_dump" in answer["error"]["message"]
     finally:
         bed.stop()
+
+
+def test_outbox_ids_go_on_after_the_highest_sqlite_ever_gave_out(tmp_path: Path, pg) -> None:
+    """A delivered id is never reused (a late delivered(id) must not hit a newer
+    request): after the move, PostgreSQL's identity continues past every id
+    SQLite handed out, including those already delivered and deleted."""
+    from scaiwave_federation.shell.store.move import move_to_postgres
+    from scaiwave_federation.shell.store.store import Store
+
+    with Store.open(tmp_path / "data") as s:
+        s.create_tenant("acme")
+        ids = s.enqueue_many([("peer.test", f"t{i}", "/x", b"body") for i in range(3)], 1)
+        s.delivered_many(ids)
+    url = pg.fresh()
+    assert move_to_postgres(tmp_path / "data", url)["tables"]["outbox"] == 0
+    with Store.open(url) as moved:
+        assert moved.enqueue("peer.test", "t9", "/x", b"body", 2) == ids[-1] + 1
+        assert moved.get_tenant("acme") == {"name": "acme", "federation_enabled": True}
