@@ -233,3 +233,35 @@ def test_postgresql_errors_are_told_apart() -> None:
     assert storage_fault(psycopg.OperationalError("server closed the connection unexpectedly")).code == "unavailable"
     assert storage_fault(psycopg.errors.UniqueViolation("duplicate key")) is None
     assert storage_fault(psycopg.errors.SyntaxError("syntax error")) is None
+
+
+async def test_a_daemon_on_postgresql_rides_out_a_dropped_connection(
+        tmp_path: Path, ca: tuple[trustme.CA, Path], pg) -> None:
+    """The daemon on PostgreSQL when the server drops its connection (a restart,
+    a failover): a write in flight is refused retryably, the daemon reconnects
+    by itself, and everything acknowledged reaches the peer."""
+    import psycopg
+
+    url = pg.fresh()
+    async with two_daemons(tmp_path, ca, SCAIWAVE_DATABASE_URL=url) as (a, b):
+        room, alice, bob = await peered_dm(a, b)
+        path = f"/v1/rooms/{room}/messages"
+        assert (await a.request("POST", path, {"body": "before"}, token=alice))[0] == 200
+        database = url.split("?")[0].rsplit("/", 1)[1]
+        with psycopg.connect(pg.url("postgres"), autocommit=True) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                   " WHERE datname = %s", (database,)).fetchone()[0]
+        assert killed == 1  # the daemon's one connection
+        acknowledged = ["before"]
+        for i in range(3):
+            answer = await a.request("POST", path, {"body": f"after {i}"}, token=alice)
+            assert answer[0] == 200 or (answer[0] == 503 and error_code(answer) == "storage_unavailable"), answer
+            if answer[0] == 200:
+                acknowledged.append(f"after {i}")
+        assert acknowledged[-1] == "after 2"  # connected again by then
+
+        async def delivered():
+            status, body = await b.request("GET", path, token=bob)
+            return status == 200 and all(text in [m["body"] for m in body["messages"]] for text in acknowledged)
+
+        await wait_for(delivered, timeout=20)
