@@ -7,6 +7,10 @@ raises on a full disk. Either way the test does what an admin meets: users
 keep writing until the disk is full, get a retryable ``storage_unavailable``
 (503), the daemon keeps answering, and once space returns every acknowledged
 message is there and delivered to the peer.
+
+On PostgreSQL the same fault is a server that drops the connection (a restart,
+a failover): the tests at the end kill the daemon's real backend on the run's
+server and check the same promises.
 """
 
 from __future__ import annotations
