@@ -135,6 +135,21 @@ def _limits_text(data: dict) -> str:
     return "\n".join(lines if len(lines) > 1 else lines + ["nobody is being limited"])
 
 
+def _move(args: argparse.Namespace, config: Config) -> None:
+    """``admin db migrate --to URL`` (shell/store/move.py)."""
+    from .store.dialect import redact_url
+    from .store.move import MoveError, move_to_postgres
+
+    try:
+        data = move_to_postgres(config.data_dir, args.to)
+    except MoveError as exc:
+        raise CliError(exc.code, str(exc)) from None
+    rows = "\n".join(f"  {table}: {count} rows" for table, count in data["tables"].items())
+    _print(args, data, f"moved {data['from']} to {data['to']} (schema version {data['schema_version']}), "
+                       f"every count checked:\n{rows}\nnow set SCAIWAVE_DATABASE_URL={redact_url(args.to)} "
+                       "and start the daemon; keep the SQLite file until it serves as before")
+
+
 def _admin(args: argparse.Namespace, config: Config) -> None:
     c = AdminClient(config)
     cmd = args.cmd if args.area in ("federation", "db") else args.area
@@ -292,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_db = _commands(add(admin, "db", "the daemon's database"), "cmd")
     bk = add(admin_db, "backup", "an online backup (SQLite backup API) while the daemon runs")
     bk.add_argument("name", nargs="?", help="the new file's name in DATA_DIR/backups/ (default: scaiwave-TIME.db)")
-    for parser in (t, u, ul, ud, ut, key, ps, *edits, peers, lim, hs, rt, ds, rf, bf, ck, bk):
+    mv = add(admin_db, "migrate", "copy a STOPPED server's SQLite data (DATA_DIR/scaiwave.db) into an empty "
+                                  "PostgreSQL database, every table, counts checked")
+    mv.add_argument("--to", dest="to", required=True, metavar="postgresql://…",
+                    help="the empty target database (then set SCAIWAVE_DATABASE_URL to it)")
+    for parser in (t, u, ul, ud, ut, key, ps, *edits, peers, lim, hs, rt, ds, rf, bf, ck, bk, mv):
         parser.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -311,7 +330,7 @@ def _start_failure(exc: BaseException, config: Config) -> str | None:
 
     for leaf in _leaves(exc):
         if isinstance(leaf, StorageError):
-            return f"SCAIWAVE_DATA_DIR: {leaf}"
+            return f"{'SCAIWAVE_DATABASE_URL' if config.database_url else 'SCAIWAVE_DATA_DIR'}: {leaf}"
         if isinstance(leaf, ConfigError):
             return str(leaf)
         if isinstance(leaf, OSError) and leaf.errno is not None:
@@ -385,6 +404,9 @@ def _main(argv: list[str] | None) -> int:
                     raise
                 print(f"scaiwave: {line}", file=sys.stderr)
                 return 2
+            return 0
+        if args.top == "admin" and args.area == "db" and args.cmd == "migrate":
+            _move(args, config)  # offline: the daemon must be stopped, so no admin API
             return 0
         _admin(args, config)
         return 0

@@ -30,6 +30,7 @@ from scaiwave_federation.core import canonical_server_name, server_name_problem,
 from scaiwave_federation.core import Network, parse_networks
 
 from .observe.logs import parse_format, parse_level
+from .store.dialect import is_postgres_url, redact_url
 
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_duration_ms", "server_ssl_context", "client_ssl_context",
@@ -85,6 +86,14 @@ class Config:
     outbound_deadline_ms: int = 30_000
     outbound_per_peer: int = 8
     catch_ups_per_peer: int = 2
+    #: ``postgresql://…`` (several workers, or PostgreSQL's operations); None:
+    #: SQLite in ``data_dir`` (the default). Hidden from repr: it may hold a password.
+    database_url: str | None = field(default=None, repr=False)
+
+    @property
+    def database(self) -> Path | str:
+        """Where the store lives: :attr:`database_url`, else :attr:`data_dir` (SQLite)."""
+        return self.database_url or self.data_dir
 
     @property
     def server_host(self) -> str:
@@ -269,6 +278,15 @@ def _parse_resolve(value: object, setting: str) -> dict[tuple[str, int], str]:
     return table
 
 
+def _parse_database_url(value: object, setting: str) -> str:
+    """A ``postgresql://`` URL (or ``postgres://``); SQLite needs no URL (unset: ``data_dir``)."""
+    text = _expect_str(value, setting).strip()
+    if not is_postgres_url(text) or len(text) > 2000:
+        raise ConfigError(f"{setting}: expected a postgresql:// URL (leave it unset for SQLite in "
+                          f"SCAIWAVE_DATA_DIR), got {redact_url(text)[:80]!r}", setting)
+    return text
+
+
 def _parse_bool(value: object, setting: str) -> bool:
     text = str(value).strip().lower()
     if isinstance(value, bool):
@@ -332,6 +350,8 @@ _REQUIRED = object()
 _SETTINGS: dict[str, tuple[Any, Any]] = {
     "server_name": (_plain(_parse_server_name), _REQUIRED),
     "data_dir": (_path_of("dir"), Path(DEFAULT_DATA_DIR)),
+    # postgresql://user:password@host/db: the store on PostgreSQL (shell/store/postgres_store.py).
+    "database_url": (_plain(_parse_database_url), None),
     "listen": (_plain(_parse_listen), _parse_listen(DEFAULT_LISTEN, "")),
     "tls_cert": (_path_of("file"), _REQUIRED),
     "tls_key": (_path_of("file"), _REQUIRED),

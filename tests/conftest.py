@@ -1,7 +1,9 @@
 """Shared test configuration: hypothesis profiles, the ``ca`` fixture
 (a throwaway trustme CA and its PEM file) of the shell tests, and ``daemon``
 (the daemon's handler over memory streams, in front of a real Service on a
-real SQLite file).
+real SQLite file), ``pg`` (one real PostgreSQL server for the whole run, see
+pghelpers.py) and ``store`` (a real store on each backend: the storage tests
+run twice, on SQLite and on PostgreSQL).
 
 ``HYPOTHESIS_PROFILE=ci`` (what CI sets) is derandomized, keeps no example
 database and runs 60 examples per property; ``dev`` (the default) runs 100
@@ -18,6 +20,7 @@ import trio
 import trustme
 from hypothesis import HealthCheck, settings
 
+import pghelpers
 from shellhelpers import InMemory, make_env
 from scaiwave_federation.shell.config import load_config
 from scaiwave_federation.shell.runtime.service import Service
@@ -53,9 +56,35 @@ async def daemon(tmp_path: Path, ca: tuple[trustme.CA, Path], nursery: trio.Nurs
     await service.aclose()
 
 
+@pytest.fixture(scope="session")
+def pg():
+    """One real PostgreSQL server for the run (started on first use, < 1 s)."""
+    server = pghelpers.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    """Each backend in turn: a test that takes it runs once on each."""
+    return request.param
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    """A real SQLite store in a fresh data directory."""
-    s = Store.open(tmp_path / "data")
+def store_target(backend: str, tmp_path: Path, request) -> str | Path:
+    """Where a fresh, empty store lives: a data directory, or a new PostgreSQL database's URL."""
+    if backend == "sqlite":
+        return tmp_path / "data"
+    return request.getfixturevalue("pg").fresh()
+
+
+@pytest.fixture
+def store(backend: str, tmp_path: Path, request):
+    """A real store in a fresh database, on each backend: a SQLite file in a
+    fresh data directory, a fresh PostgreSQL database (already migrated)."""
+    if backend == "sqlite":
+        s = Store.open(tmp_path / "data")
+    else:
+        s = Store.open(request.getfixturevalue("pg").migrated())
     yield s
     s.close()

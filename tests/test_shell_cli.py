@@ -18,6 +18,7 @@ COMMANDS = [
     ["admin", "federation", "peers"], ["admin", "federation", "limits"], ["admin", "federation", "handshake"],
     ["admin", "federation", "retry"],
     ["admin", "federation", "descriptor"], ["admin", "federation", "refresh"], ["admin", "federation", "backfill"],
+    ["admin", "db", "backup"], ["admin", "db", "migrate"],
 ]
 
 
@@ -73,6 +74,18 @@ def test_unusable_database_is_one_line_and_left_alone(env, tmp_path):
     (data / "scaiwave.db").write_bytes(b"not a database at all" * 100)
     _one_line(_run(["serve"], env), 2, "scaiwave: SCAIWAVE_DATA_DIR: cannot open")
     assert (data / "scaiwave.db").read_bytes() == b"not a database at all" * 100
+
+
+def test_unreachable_postgresql_is_one_line_without_the_password(env, pg):
+    url = pg.url("no_such_database").replace("postgres:@", "postgres:s3cret@")
+    proc = _run(["serve"], {**env, "SCAIWAVE_DATABASE_URL": url})
+    _one_line(proc, 2, "scaiwave: SCAIWAVE_DATABASE_URL: cannot connect to postgresql://postgres:***@")
+    assert "s3cret" not in proc.stderr
+
+
+def test_db_migrate_refusals_are_one_line(env, pg):
+    _one_line(_run(["admin", "db", "migrate", "--to", pg.fresh()], env), 1, "error: not_found: no SQLite database at")
+    _one_line(_run(["admin", "db", "migrate", "--to", "sqlite:///x.db"], env), 1, "error: bad_request: --to takes")
 
 
 def test_admin_command_without_daemon_is_one_line(env):

@@ -437,3 +437,12 @@ def test_limits_from_toml(env: dict[str, str], tmp_path: Path) -> None:
     path.write_text("federation_concurrent = 3\noutbound_deadline = \"45s\"\n")
     config = load_config(env, path)
     assert config.federation_concurrent == 3 and config.outbound_deadline_ms == 45_000
+
+
+def test_database_url_is_postgresql_or_unset(env: dict[str, str]) -> None:
+    assert load_config(env).database is not None and load_config(env).database_url is None
+    url = "postgresql://scaiwave:s3cret@db.internal:5432/scaiwave"
+    config = load_config({**env, "SCAIWAVE_DATABASE_URL": url})
+    assert config.database == url and "s3cret" not in repr(config)
+    message = config_error({**env, "SCAIWAVE_DATABASE_URL": "mysql://root:s3cret@db/x"})
+    assert message.startswith("SCAIWAVE_DATABASE_URL: expected a postgresql:// URL") and "s3cret" not in message

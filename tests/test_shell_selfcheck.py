@@ -17,6 +17,7 @@ from scaiwave_federation.core import Code
 from scaiwave_federation.shell.config import load_config
 from scaiwave_federation.shell.runtime.daemon import serve
 from scaiwave_federation.shell.observe.selfcheck import clock_step, fix_for
+from scaiwave_federation.shell.store.schema import SCHEMA_VERSION
 from scaiwave_federation.shell.demo.testbed import Testbed, free_port
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -65,14 +66,16 @@ def test_cli_check_against_real_daemons(tmp_path: Path) -> None:
         assert proc.returncode == 1
         lines = _steps(proc.stdout)
         assert lines[0] == f"federation check of {A}"
-        assert lines[1] == f"resolve     ok    {A} -> 127.0.0.1 (SCAIWAVE_RESOLVE, not DNS)"
-        assert lines[2].startswith(f"tls         ok    chain and name verified for your-host.test at 127.0.0.1:{a.port}")
-        assert lines[3:6] == [
+        assert lines[1] == (f"storage     ok    sqlite at {Path(a.env['SCAIWAVE_DATA_DIR']) / 'scaiwave.db'}, schema version "
+                            f"{SCHEMA_VERSION}, a write commits")
+        assert lines[2] == f"resolve     ok    {A} -> 127.0.0.1 (SCAIWAVE_RESOLVE, not DNS)"
+        assert lines[3].startswith(f"tls         ok    chain and name verified for your-host.test at 127.0.0.1:{a.port}")
+        assert lines[4:7] == [
             "descriptor  FAIL  own_key_missing: /.well-known/scaiwave has no key: peers cannot verify anything we sign",
             "what to do: run `scaiwave admin federation key generate`",
             "clock       skip  name a PEER to compare clocks with",
         ]
-        assert lines[-1] == "1 of 5 steps failed"
+        assert lines[-1] == "1 of 6 steps failed"
         assert proc.stderr == "error: own_key_missing: the descriptor step failed (see above)\n"
         for server in (a, b):
             server.cli("admin", "federation", "key", "generate", check=True)
@@ -144,7 +147,7 @@ async def test_check_names_a_certificate_for_another_name(tmp_path: Path, ca: tu
     body = await _check_with_name_at_stray(tmp_path, ca, ca[0], "old-host.test")
     port = body["server_name"].rsplit(":", 1)[1]
     assert body["ok"] is False
-    tls = body["steps"][1]
+    tls = body["steps"][2]
     assert tls == {
         "step": "tls", "ok": False, "code": "tls_failure",
         "detail": f"TLS with your-host.test at 127.0.0.2:{port}: certificate verify failed: Hostname mismatch, "
@@ -152,13 +155,13 @@ async def test_check_names_a_certificate_for_another_name(tmp_path: Path, ca: tu
         "fix": f"the certificate served at 127.0.0.2:{port} does not cover your-host.test: serve one that does "
                f"(SCAIWAVE_TLS_CERT), or point your-host.test at this server",
     }
-    assert body["steps"][2] == {"step": "descriptor", "ok": None, "detail": "not run: the TLS step failed",
+    assert body["steps"][3] == {"step": "descriptor", "ok": None, "detail": "not run: the TLS step failed",
                                 "code": None, "fix": None}
 
 
 async def test_check_names_an_untrusted_chain(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
     body = await _check_with_name_at_stray(tmp_path, ca, trustme.CA(), "your-host.test")
-    tls = body["steps"][1]
+    tls = body["steps"][2]
     assert tls["ok"] is False and tls["code"] == "tls_failure"
     assert tls["detail"].endswith("certificate verify failed: unable to get local issuer certificate")
     assert tls["fix"].startswith("serve the whole chain (leaf first, then intermediates) from a CA peers trust")
@@ -229,11 +232,11 @@ async def test_behind_a_tls_pass_through_proxy(tmp_path: Path, ca: tuple[trustme
             assert status == 200, body
             status, body = await a.admin("POST", "/v1/admin/federation/check", {"peer": name_b})
             assert status == 200 and body["ok"] is True, body
-            assert body["steps"][1]["detail"].startswith(f"chain and name verified for your-host.test at "
+            assert body["steps"][2]["detail"].startswith(f"chain and name verified for your-host.test at "
                                                         f"127.0.0.1:{proxy_port}")
             proxy.cancel()
             status, body = await a.admin("POST", "/v1/admin/federation/check", {})
-            tls = body["steps"][1]
+            tls = body["steps"][2]
             assert tls["ok"] is False and tls["code"] == "peer_unreachable"
             assert tls["detail"] == f"cannot connect to 127.0.0.1:{proxy_port}: Connection refused"
             assert tls["fix"] == (f"check that the daemon listens there (SCAIWAVE_LISTEN is 127.0.0.1:{listen_port}), "

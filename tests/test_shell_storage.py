@@ -1,8 +1,9 @@
 """Storage: schema and migrations, every table's methods, atomicity (including
 a real process crash in the middle of a write), and the Trio wrapper.
 
-Every test uses a real SQLite file under tmp_path: WAL, fsync and crash
-recovery are what is under test, so no in-memory database.
+Every test runs on both backends: a real SQLite file under tmp_path (WAL,
+fsync and crash recovery are what is under test, so no in-memory database)
+and a real PostgreSQL database on the server the run starts (conftest.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 
 from scaiwave_federation.shell.store import schema
 from scaiwave_federation.shell.store.async_store import AsyncStore
+from scaiwave_federation.shell.store.dialect import INTEGRITY_ERRORS
 from scaiwave_federation.shell.store.store import (
     DB_FILENAME,
     DEFAULT_POLICY,
@@ -55,34 +57,49 @@ def ev(depth: int, room: str = ROOM, tag: str = "") -> dict:
 # ------------------------------------------------------------------ schema
 
 
-def test_schema_on_new_file(tmp_path: Path) -> None:
-    data_dir = tmp_path / "fresh" / "data"
-    with Store.open(data_dir) as s:
+def _ddl(s: Store) -> list:
+    """The schema as the database describes it (to see that nothing changed)."""
+    if s.backend == "sqlite":
+        return s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    return s.db.execute("SELECT table_name, column_name, data_type, is_nullable, column_default"
+                        " FROM information_schema.columns WHERE table_schema = current_schema()"
+                        " ORDER BY 1, 2").fetchall()
+
+
+def test_schema_on_new_database(store_target) -> None:
+    with Store.open(store_target) as s:
         assert s.schema_version() == SCHEMA_VERSION == len(schema.MIGRATIONS)
         tables = set(s.db.table_names())
         assert {"meta", "keys", "policy", "peers", "tenants", "users", "rooms", "members",
                 "events", "invites", "backfill_cursors", "nonces", "txns", "outbox"} <= tables
+        assert s.describe() == {"backend": s.backend, "location": s.location, "schema_version": SCHEMA_VERSION}
+        if s.backend == "postgresql":
+            # Every commit waits for the server's disk, whatever its default.
+            assert s.db.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+            assert ":***@" in s.location or "@" not in s.location.split("//", 1)[1].split("/")[0]
+            return
         assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert s.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    data_dir = Path(store_target)
     assert stat.S_IMODE(data_dir.stat().st_mode) & 0o077 == 0
     assert stat.S_IMODE((data_dir / DB_FILENAME).stat().st_mode) & 0o077 == 0
 
 
-def test_reopen_is_idempotent(tmp_path: Path) -> None:
-    with Store.open(tmp_path) as s:
+def test_reopen_is_idempotent(store_target) -> None:
+    with Store.open(store_target) as s:
         s.create_tenant("acme")
-        ddl = s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
-    with Store.open(tmp_path) as s:
+        ddl = _ddl(s)
+    with Store.open(store_target) as s:
         assert s.schema_version() == SCHEMA_VERSION
-        assert s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == ddl
+        assert _ddl(s) == ddl
         assert s.get_tenant("acme") == {"name": "acme", "federation_enabled": True}
-        # Running the migrations again on an up-to-date file changes nothing.
+        # Running the migrations again on an up-to-date database changes nothing.
         assert schema.migrate(s.db) == SCHEMA_VERSION
-        assert s.db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall() == ddl
+        assert _ddl(s) == ddl
 
 
-def test_migrations_apply_in_order_and_a_failure_rolls_back_all(tmp_path: Path) -> None:
+def test_migrations_apply_in_order_and_a_failure_rolls_back_all(store_target) -> None:
     calls = []
 
     def m2(db) -> None:
@@ -93,7 +110,7 @@ def test_migrations_apply_in_order_and_a_failure_rolls_back_all(tmp_path: Path) 
         db.execute("CREATE TABLE more (x INTEGER)")
         raise RuntimeError("boom")
 
-    with Store.open(tmp_path) as s:
+    with Store.open(store_target) as s:
         with pytest.raises(StorageError) as info:
             schema.migrate(s.db, [*schema.MIGRATIONS, m2, m3_broken])
         assert info.value.code == "schema"
@@ -106,23 +123,27 @@ def test_migrations_apply_in_order_and_a_failure_rolls_back_all(tmp_path: Path) 
         assert "extra" in s.db.table_names() and s.schema_version() == SCHEMA_VERSION + 1
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    Store.open(tmp_path).close()
-    with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+def test_newer_schema_is_refused(store_target) -> None:
+    with Store.open(store_target) as s:
+        s.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StorageError) as info:
-        Store.open(tmp_path)
+        Store.open(store_target)
     assert info.value.code == "schema"
     assert str(info.value) == (
         f"database schema version 99 is newer than this scaiwave (max {SCHEMA_VERSION})"
     )
 
 
-def test_not_a_database_is_refused(tmp_path: Path) -> None:
-    (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
+def test_not_a_database_is_refused(tmp_path: Path, backend: str, request) -> None:
+    if backend == "sqlite":
+        (tmp_path / DB_FILENAME).write_bytes(b"this is not sqlite" * 100)
+        target = tmp_path
+    else:  # no such database on the server; and a wrong password never shows
+        target = request.getfixturevalue("pg").url("no_such_database").replace("postgres:@", "postgres:s3cret@")
     with pytest.raises(StorageError) as info:
-        Store.open(tmp_path)
+        Store.open(target)
     assert info.value.code == "open"
+    assert "s3cret" not in str(info.value)
 
 
 # ----------------------------------------------------------- keys, policy
@@ -159,8 +180,8 @@ def test_keyring(store: Store) -> None:
 
 def test_keyring_file_allows_one_current_key(store: Store) -> None:
     store.save_keyring(key("k1", 1), [])
-    with pytest.raises(sqlite3.IntegrityError):
-        store.db.execute("INSERT INTO keys VALUES ('k2', x'00', x'00', 2, NULL)")
+    with pytest.raises(INTEGRITY_ERRORS):
+        store.db.execute("INSERT INTO keys VALUES ('k2', ?, ?, 2, NULL)", [b"\0", b"\0"])
 
 
 def test_policy(store: Store) -> None:
@@ -399,13 +420,17 @@ CRASH_CHILD = textwrap.dedent(
                 "origin": "host.test", "type": "m.message", "ts": depth,
                 "envelope": eid * 200}
 
-    store = Store.open(Path(sys.argv[1]))
-    store.db.execute("PRAGMA cache_size=1")
-    wal = Path(sys.argv[1]) / "scaiwave.db-wal"
+    store = Store.open(sys.argv[1])
+    if store.backend == "sqlite":
+        store.db.execute("PRAGMA cache_size=1")
+        wal = Path(sys.argv[1]) / "scaiwave.db-wal"
+        size = lambda: wal.stat().st_size
+    else:  # PostgreSQL: the server holds the open transaction when the client dies
+        size = lambda: store.db.execute("SELECT count(*) FROM events").fetchone()[0]
     store.store_events(room, [ev(d) for d in range(100, 90, -1)],
                        cursor={"peer": "peer.test", "cursor": b"page-1", "stored": 10,
                                "updated_at": 1})
-    after_page_1 = wal.stat().st_size
+    after_page_1 = size()
 
     inserted = 0
     real_insert = Store._insert_event
@@ -415,8 +440,8 @@ CRASH_CHILD = textwrap.dedent(
         new = real_insert(self, room_id, event)
         inserted += 1
         if inserted == 7:  # page 2 is 10 events: die with 7 of them written
-            print(json.dumps({"after_page_1": after_page_1, "at_crash": wal.stat().st_size,
-                              "in_transaction": self.db.conn.in_transaction}), flush=True)
+            print(json.dumps({"after_page_1": after_page_1, "at_crash": size(),
+                              "in_transaction": self._in_transaction()}), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
             os._exit(1)  # where SIGKILL is not available
         return new
@@ -430,22 +455,26 @@ CRASH_CHILD = textwrap.dedent(
 )
 
 
-def test_crash_between_pages_keeps_page_1_and_nothing_of_page_2(tmp_path: Path) -> None:
+def test_crash_between_pages_keeps_page_1_and_nothing_of_page_2(store_target) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", CRASH_CHILD, str(tmp_path), ROOM],
+        [sys.executable, "-c", CRASH_CHILD, str(store_target), ROOM],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode in (-signal.SIGKILL, 1), proc.stderr
     report = json.loads(proc.stdout.splitlines()[0])
     assert report["in_transaction"] is True
-    assert report["at_crash"] > report["after_page_1"]  # page 2 frames reached the disk
-    assert (tmp_path / f"{DB_FILENAME}-wal").exists()  # not checkpointed: recovery runs
+    # SQLite: page 2's frames reached the WAL file; PostgreSQL: the 7 rows
+    # were written in the server, visible to the dying transaction.
+    assert report["at_crash"] > report["after_page_1"]
+    if isinstance(store_target, Path):
+        assert (store_target / f"{DB_FILENAME}-wal").exists()  # not checkpointed: recovery runs
 
-    with Store.open(tmp_path) as s:
+    with Store.open(store_target) as s:
         assert s.depths(ROOM) == list(range(91, 101))
         cursor = s.get_cursor(ROOM, "peer.test")
         assert (cursor["cursor"], cursor["stored"], cursor["updated_at"]) == (b"page-1", 10, 1)
-        assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        if s.backend == "sqlite":
+            assert s.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         # The pull resumes from the cursor: page 2 again stores all of it, once.
         assert s.store_events(ROOM, [ev(d) for d in range(90, 80, -1)]) == 10
         assert s.event_count(ROOM) == 20
@@ -553,8 +582,8 @@ def test_async_store_has_every_store_method() -> None:
         assert method.__doc__ == getattr(Store, name).__doc__
 
 
-async def test_async_store_runs_off_the_loop(tmp_path: Path) -> None:
-    astore = await AsyncStore.open(tmp_path)
+async def test_async_store_runs_off_the_loop(store_target) -> None:
+    astore = await AsyncStore.open(store_target)
     loop_thread = threading.get_ident()
     assert await astore.run(lambda s: threading.get_ident()) != loop_thread
 
@@ -586,8 +615,8 @@ async def test_async_store_runs_off_the_loop(tmp_path: Path) -> None:
     await astore.close()
 
 
-async def test_async_store_concurrent_calls_all_complete(tmp_path: Path) -> None:
-    async with await AsyncStore.open(tmp_path) as astore:
+async def test_async_store_concurrent_calls_all_complete(store_target) -> None:
+    async with await AsyncStore.open(store_target) as astore:
         results: dict[int, int] = {}
 
         async def write(depth: int) -> None:
@@ -602,8 +631,8 @@ async def test_async_store_concurrent_calls_all_complete(tmp_path: Path) -> None
             await astore.create_user("@x:host.test", "x", "nope", "h")
 
 
-async def test_cancelled_call_still_finishes_its_write(tmp_path: Path) -> None:
-    async with await AsyncStore.open(tmp_path) as astore:
+async def test_cancelled_call_still_finishes_its_write(store_target) -> None:
+    async with await AsyncStore.open(store_target) as astore:
 
         def slow_write(s: Store) -> int:
             time.sleep(0.2)
@@ -618,12 +647,13 @@ async def test_cancelled_call_still_finishes_its_write(tmp_path: Path) -> None:
         assert await astore.event_count(ROOM) == 1
 
 
-def test_store_usable_without_trio_after_async_use(tmp_path: Path) -> None:
+def test_store_usable_without_trio_after_async_use(store_target) -> None:
     async def main() -> None:
-        async with await AsyncStore.open(tmp_path) as astore:
+        async with await AsyncStore.open(store_target) as astore:
             await astore.create_tenant("acme")
 
     trio.run(main)
-    with Store.open(tmp_path) as s:
+    with Store.open(store_target) as s:
         assert s.get_tenant("acme") is not None
-    assert os.path.exists(tmp_path / DB_FILENAME)
+    if isinstance(store_target, Path):
+        assert os.path.exists(store_target / DB_FILENAME)

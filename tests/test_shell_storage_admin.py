@@ -67,23 +67,25 @@ def test_a_room_with_its_first_rows_is_stored_all_or_nothing(store: Store) -> No
     assert store.get_room("!r:h.test") is not None and store.get_invite("!r:h.test", "@b:h.test") is not None
 
 
-def test_a_version_2_file_upgrades_keeping_its_users_and_peers(tmp_path) -> None:
+def test_a_version_2_database_upgrades_keeping_its_users_and_peers(store_target) -> None:
     import sqlite3
 
     import sqlite_utils
 
     from scaiwave_federation.shell.store import schema
+    from scaiwave_federation.shell.store.postgres_store import PgDatabase
 
-    data = tmp_path / "old"
-    data.mkdir()
-    conn = sqlite3.connect(data / "scaiwave.db", isolation_level=None)
-    db = sqlite_utils.Database(conn)
+    if isinstance(store_target, str):  # PostgreSQL: the same migrations, on the server
+        db = PgDatabase(store_target)
+    else:
+        store_target.mkdir()
+        db = sqlite_utils.Database(sqlite3.connect(store_target / "scaiwave.db", isolation_level=None))
     assert schema.migrate(db, schema.MIGRATIONS[:2]) == 2
     db.execute("INSERT INTO tenants (name) VALUES ('acme')")
     db.execute("INSERT INTO users VALUES ('@a:h.test', 'a', 'acme', 'h1')")
     db.execute("INSERT INTO peers (server_name, state) VALUES ('peer.test', 'active')")
-    conn.close()
-    with Store.open(data) as store:
-        assert store.schema_version() == 3
+    db.close()
+    with Store.open(store_target) as store:
+        assert store.schema_version() == schema.SCHEMA_VERSION
         assert store.user_by_token_hash("h1")["deactivated_at"] is None
         assert store.get_peer("peer.test")["paused"] == 0 and store.paused_peers() == set()

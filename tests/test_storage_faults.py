@@ -7,6 +7,10 @@ raises on a full disk. Either way the test does what an admin meets: users
 keep writing until the disk is full, get a retryable ``storage_unavailable``
 (503), the daemon keeps answering, and once space returns every acknowledged
 message is there and delivered to the peer.
+
+On PostgreSQL the same fault is a server that drops the connection (a restart,
+a failover): the tests at the end kill the daemon's real backend on the run's
+server and check the same promises.
 """
 
 from __future__ import annotations
@@ -200,3 +204,68 @@ async def test_background_loops_start_over_after_a_storage_fault(daemon, monkeyp
 
     with pytest.raises(StorageError, match="a bug"):
         await daemon.service.keep_running(broken)
+
+
+async def test_a_postgresql_server_gone_is_unavailable_then_reconnected(pg) -> None:
+    """PostgreSQL's "full disk": the server drops our connection (a restart, a
+    failover, an admin's pg_terminate_backend). The call in flight is refused
+    retryably (``unavailable``: nothing of it was stored), and the next call
+    connects again by itself, with everything acknowledged before still there."""
+    import psycopg
+
+    from scaiwave_federation.shell.store.async_store import AsyncStore
+    from scaiwave_federation.shell.store.schema import StorageError
+
+    url = pg.migrated()
+    async with await AsyncStore.open(url) as astore:
+        await astore.create_tenant("acme")
+        pid = await astore.run(lambda s: s.db.execute("SELECT pg_backend_pid()").fetchone()[0])
+        with psycopg.connect(url, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+        with pytest.raises(StorageError) as info:
+            await astore.create_tenant("globex")
+        assert info.value.code == "unavailable"
+        assert await astore.get_tenant("acme") == {"name": "acme", "federation_enabled": True}
+        assert await astore.get_tenant("globex") is None
+        assert await astore.run(lambda s: s.db.execute("SELECT pg_backend_pid()").fetchone()[0]) != pid
+        assert await astore.probe_write(1) == "ok"
+
+
+def test_postgresql_errors_are_told_apart() -> None:
+    import psycopg
+
+    assert storage_fault(psycopg.OperationalError("server closed the connection unexpectedly")).code == "unavailable"
+    assert storage_fault(psycopg.errors.UniqueViolation("duplicate key")) is None
+    assert storage_fault(psycopg.errors.SyntaxError("syntax error")) is None
+
+
+async def test_a_daemon_on_postgresql_rides_out_a_dropped_connection(
+        tmp_path: Path, ca: tuple[trustme.CA, Path], pg) -> None:
+    """The daemon on PostgreSQL when the server drops its connection (a restart,
+    a failover): a write in flight is refused retryably, the daemon reconnects
+    by itself, and everything acknowledged reaches the peer."""
+    import psycopg
+
+    url = pg.fresh()
+    async with two_daemons(tmp_path, ca, SCAIWAVE_DATABASE_URL=url) as (a, b):
+        room, alice, bob = await peered_dm(a, b)
+        path = f"/v1/rooms/{room}/messages"
+        assert (await a.request("POST", path, {"body": "before"}, token=alice))[0] == 200
+        database = url.split("?")[0].rsplit("/", 1)[1]
+        with psycopg.connect(pg.url("postgres"), autocommit=True) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                   " WHERE datname = %s", (database,)).fetchone()[0]
+        assert killed == 1  # the daemon's one connection
+        acknowledged = ["before"]
+        for i in range(3):
+            answer = await a.request("POST", path, {"body": f"after {i}"}, token=alice)
+            assert answer[0] == 200 or (answer[0] == 503 and error_code(answer) == "storage_unavailable"), answer
+            if answer[0] == 200:
+                acknowledged.append(f"after {i}")
+        assert acknowledged[-1] == "after 2"  # connected again by then
+
+        async def delivered():
+            status, body = await b.request("GET", path, token=bob)
+            return status == 200 and all(text in [m["body"] for m in body["messages"]] for text in acknowledged)
+
+        await wait_for(delivered, timeout=20)

@@ -10,7 +10,8 @@ both cases ``{"ready", "checks": {name: "ok" or the reason}}`` (and
 
 - ``storage``: a real write (one row of ``meta``, in a transaction with a
   1 s lock wait) commits. A full disk, a read-only file system or another
-  process holding the write lock all fail it, with SQLite's reason;
+  process holding the write lock all fail it, with the database's reason
+  (SQLite's, or PostgreSQL's: a server that is down, full or read-only);
 - ``key``: a federation key exists (peers cannot verify anything we sign
   without one);
 - ``listener``: the HTTPS listener is up and not shutting down.
@@ -24,7 +25,6 @@ most once a second and the others share its answer.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,30 +38,9 @@ __all__ = ["Health", "probe_write"]
 
 #: How long a readiness answer is reused.
 CACHE_S = 1.0
-#: How long the storage probe waits for another writer's lock.
-PROBE_BUSY_MS = 1000
-
-
 def probe_write(store: Store, now: int) -> str:
-    """Commit one small write; ``"ok"`` or SQLite's reason. Runs on the storage thread."""
-    db = store.db
-    (busy,) = db.execute("PRAGMA busy_timeout").fetchone()
-    try:
-        db.execute(f"PRAGMA busy_timeout = {PROBE_BUSY_MS}")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("INSERT INTO meta (key, value) VALUES ('ready_probe_at', ?)"
-                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", [str(now)])
-            db.execute("COMMIT")
-        except BaseException:
-            if db.conn.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return "ok"
-    except sqlite3.Error as exc:
-        return f"not writable: {exc}"
-    finally:
-        db.execute(f"PRAGMA busy_timeout = {int(busy)}")
+    """Commit one small write; ``"ok"`` or the database's reason. Runs on the storage thread."""
+    return store.probe_write(now)
 
 
 class Health:

@@ -4,6 +4,9 @@ The daemon runs each step against its own public name, over the network, as
 a peer would, and reports for each one ``ok`` and what it found, or the
 exact reason it failed and what to do about it:
 
+0. ``storage``: which database the daemon stores in (``sqlite`` and its
+   file, or ``postgresql`` and its URL without the password), its schema
+   version, and that a write commits there;
 1. ``resolve``: our server name resolves (DNS, or ``SCAIWAVE_RESOLVE``);
 2. ``tls``: a TLS connection to that address verifies our certificate chain
    and name, with verification on even under the test setting that turns it
@@ -133,7 +136,7 @@ async def run_check(service: Service, peer: str | None) -> list[Step]:
     """Run every step (see the module docs) and return them in order."""
     config = service.config
     us = config.server_name
-    steps: list[Step] = []
+    steps: list[Step] = [await _storage(service)]
     address = await _resolve(service, steps)
     if address is None:
         steps.append(Step("tls", None, "not run: the name does not resolve"))
@@ -171,6 +174,21 @@ def _transport_refusal(exc: Exception, where: str) -> Refused:
         except ValueError:
             return Refused(Code.PEER_UNREACHABLE, exc.message)
     return Refused(Code.PEER_UNREACHABLE, f"{where} did not answer within {STEP_TIMEOUT_S:g} s")
+
+
+async def _storage(service: Service) -> Step:
+    """Which database this daemon stores in, and that a write commits there."""
+    try:
+        where = await service.store.describe()
+        probe = await service.store.probe_write(service.now())
+    except Exception as exc:  # a closed database or a server that went away: a failed step, not a crash
+        where, probe = None, f"not writable: {' '.join(str(exc).split())[:200]}"
+    if where is None or probe != "ok":
+        refusal = Refused(Code.STORAGE_UNAVAILABLE, probe)
+        return _failed("storage", refusal, "free disk space (SQLite) or check that the PostgreSQL server is up "
+                                           "and accepts writes (SCAIWAVE_DATABASE_URL)")
+    return Step("storage", True, f"{where['backend']} at {where['location']}, schema version "
+                                 f"{where['schema_version']}, a write commits")
 
 
 async def _resolve(service: Service, steps: list[Step]) -> tuple[str, int] | None:

@@ -53,6 +53,9 @@ class Ops:
     async def backup(self, name: str | None) -> Response:
         """``POST /v1/admin/db/backup``: an online backup into ``DATA_DIR/backups/``."""
         config = self.service.config
+        if config.database_url is not None:
+            return json_error(Refused(Code.BAD_REQUEST, "the database is PostgreSQL: back it up with PostgreSQL's "
+                                      "own tools (pg_dump, pg_basebackup or your provider's snapshots)"))
         try:
             dest = backup_path(config.data_dir, name, self.service.now())
             result = await trio.to_thread.run_sync(backup_database, config.data_dir / DB_FILENAME, dest)

@@ -106,7 +106,7 @@ class Service(Outbox, BackfillJobs):
     @classmethod
     async def open(cls, config: Config) -> "Service":
         """Open storage and restore the core's state from it."""
-        store = await AsyncStore.open(config.data_dir)
+        store = await AsyncStore.open(config.database)
         current, old = await store.load_keyring()
         keyring = KeyRing(
             current=SigningKey.from_seed(current["seed"], current["created_at"]) if current else None,

@@ -1,7 +1,8 @@
 """Async access to storage for the Trio daemon: every :class:`Store` method as a coroutine.
 
 Each call runs on a worker thread through a ``CapacityLimiter(1)``, so the
-event loop never blocks on SQLite and there is exactly one writer.
+event loop never blocks on the database (SQLite or PostgreSQL: both drivers
+block) and there is exactly one user of the connection.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
 
+from .dialect import DB_ERRORS, OPERATIONAL_ERRORS
 from .schema import StorageError
 from .store import Store
 
@@ -30,7 +32,10 @@ _FAULTS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, s
 
 def storage_fault(exc: BaseException) -> StorageError | None:
     """``exc`` as a retryable :class:`StorageError` (``unavailable``) if it is a
-    disk that is full or failing (or an OS error under SQLite), else ``None``."""
+    disk that is full or failing (or an OS error under SQLite), or a
+    PostgreSQL server that is gone, full or shutting down, else ``None``."""
+    if isinstance(exc, OPERATIONAL_ERRORS):
+        return StorageError("unavailable", f"storage unavailable (database server): {str(exc)[:160]}")
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         if code is None or code & 0xFF not in _FAULTS:
@@ -51,8 +56,11 @@ def _offload(
     """Make a ``Store`` method into an ``AsyncStore`` coroutine method with the
     same name, docs and (for type checkers, through ParamSpec) signature."""
 
+    name = method.__name__
+
     async def call(self: AsyncStore, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await self.run(lambda store: method(store, *args, **kwargs))
+        # Looked up on the store, not bound to Store's: a backend may override it.
+        return await self.run(lambda store: getattr(store, name)(*args, **kwargs))
 
     return functools.wraps(method)(call)
 
@@ -73,9 +81,10 @@ class AsyncStore:
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, data_dir: Path | str) -> AsyncStore:
-        """Open the database on a worker thread; raises like :meth:`Store.open`."""
-        return cls(await trio.to_thread.run_sync(Store.open, data_dir))
+    async def open(cls, target: Path | str) -> AsyncStore:
+        """Open the database (a data directory or a ``postgresql://`` URL) on
+        a worker thread; raises like :meth:`Store.open`."""
+        return cls(await trio.to_thread.run_sync(Store.open, target))
 
     async def run(self, fn: Callable[[Store], R]) -> R:
         """Run ``fn(store)`` on the storage thread and return its result: for
@@ -85,7 +94,7 @@ class AsyncStore:
         (the transaction was rolled back: nothing of it is stored)."""
         try:
             return await trio.to_thread.run_sync(fn, self.sync, limiter=self._limiter)
-        except (sqlite3.Error, OSError) as exc:
+        except (*DB_ERRORS, OSError) as exc:
             fault = storage_fault(exc)
             if fault is None:
                 raise
@@ -99,6 +108,8 @@ class AsyncStore:
         await self.close()
 
     close = _offload(Store.close)
+    describe = _offload(Store.describe)
+    probe_write = _offload(Store.probe_write)
     schema_version = _offload(Store.schema_version)
     save_keyring = _offload(Store.save_keyring)
     load_keyring = _offload(Store.load_keyring)

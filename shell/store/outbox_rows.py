@@ -8,10 +8,10 @@ durable mirror.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from .dialect import INTEGRITY_ERRORS
 from .schema import StorageError
 
 __all__ = ["OutboxRows"]
@@ -41,8 +41,9 @@ class OutboxRows:
         row = {"peer": peer, "txn_id": txn_id, "path": path, "body": bytes(body),
                "created_at": now, "next_attempt_at": now}
         try:
-            return int(self._insert("outbox", row).lastrowid or 0)
-        except sqlite3.IntegrityError as exc:
+            # RETURNING, not lastrowid: PostgreSQL's cursors have no lastrowid.
+            return int(self._insert("outbox", row, "RETURNING id").fetchone()[0])
+        except INTEGRITY_ERRORS as exc:
             raise StorageError("conflict", f"txn {txn_id!r} is already queued") from exc
 
     def enqueue_many(self, items: Sequence[tuple[str, str, str, bytes]], now: int) -> list[int]:

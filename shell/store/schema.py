@@ -1,4 +1,4 @@
-"""The SQLite schema and its migrations.
+"""The schema and its migrations, one list for both backends.
 
 The database records its schema version in ``meta.schema_version``. Opening a
 database runs, in one transaction, every migration in :data:`MIGRATIONS` that
@@ -10,7 +10,9 @@ Rules for migrations, because a released one runs on files in the field:
 
 - never edit a released migration; append a new one;
 - write plain SQL, not sqlite-utils' table helpers, so the DDL a migration
-  runs cannot change when the library does;
+  runs cannot change when the library does; write it in SQLite's dialect with
+  ``?`` placeholders: the same text runs on PostgreSQL (:mod:`.dialect`
+  rewrites the few words that differ there, in one place);
 - run statements one by one through ``db.execute``: ``executescript`` would
   COMMIT the surrounding transaction first and break the all-or-nothing upgrade.
 """
@@ -18,6 +20,7 @@ Rules for migrations, because a released one runs on files in the field:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import sqlite_utils
 
@@ -33,7 +36,8 @@ class StorageError(Exception):
     ``not_found`` the row to change does not exist (404)
     ``invalid``   the caller passed a value the schema cannot hold (400)
     ``schema``    the file's schema is newer than this code, or a migration failed
-    ``open``      the database file cannot be opened (not SQLite, no WAL, no access)
+    ``open``      the database cannot be opened (not SQLite, no WAL, no access,
+                  no PostgreSQL server at the URL, wrong password)
     ``unavailable`` the disk is full or failing (SQLITE_FULL, SQLITE_IOERR, ...):
                   nothing of the call was stored; retry later (HTTP 503
                   ``storage_unavailable``)
@@ -238,16 +242,28 @@ Migration = Callable[[sqlite_utils.Database], None]
 #: Applied in order; migration ``i`` (0-based) takes a file to version ``i + 1``.
 MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two]
 
+#: PostgreSQL advisory lock key held while migrating ("scaiwave" in ASCII, as a bigint).
+MIGRATION_LOCK = 0x73636169776176
+
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def schema_version(db: sqlite_utils.Database) -> int:
-    """Return the file's schema version, 0 for a file without a ``meta`` table."""
-    row = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-    ).fetchone()
-    if row is None:
+def _is_postgres(db: Any) -> bool:
+    return getattr(db, "dialect", "sqlite") == "postgresql"
+
+
+def _in_transaction(db: Any) -> bool:
+    return bool(db.in_transaction if _is_postgres(db) else db.conn.in_transaction)
+
+
+def schema_version(db: Any) -> int:
+    """Return the database's schema version, 0 for one without a ``meta`` table."""
+    if _is_postgres(db):
+        sql = "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'meta'"
+    else:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    if db.execute(sql).fetchone() is None:
         return 0
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return 0 if row is None else int(row[0])
@@ -269,8 +285,12 @@ def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration] | None = 
     newest = len(steps)
     # IMMEDIATE: take the write lock before reading the version, so two
     # processes opening a fresh file cannot both decide to run migration 1.
+    # On PostgreSQL a transaction-scoped advisory lock does the same for
+    # several workers starting against one database.
     db.execute("BEGIN IMMEDIATE")
     try:
+        if _is_postgres(db):
+            db.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK])
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         current = schema_version(db)
         if current > newest:
@@ -295,7 +315,7 @@ def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration] | None = 
             )
         db.execute("COMMIT")
     except BaseException:
-        if db.conn.in_transaction:
+        if _in_transaction(db):
             db.execute("ROLLBACK")
         raise
     return newest

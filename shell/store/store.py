@@ -1,20 +1,23 @@
-"""Durable storage for the daemon: one SQLite file, behind a small interface.
+"""Durable storage for the daemon: one interface, on SQLite (the default) or PostgreSQL.
 
 :class:`Store` is synchronous: plain methods, usable from the CLI, scripts and
-tests without Trio. :class:`AsyncStore` is what the daemon uses: the same
-methods as coroutines, each run on a worker thread through a
-``trio.CapacityLimiter(1)``, so the event loop never blocks on disk and there
-is exactly one writer at a time.
+tests without Trio. :class:`.async_store.AsyncStore` is what the daemon uses:
+the same methods as coroutines, each run on a worker thread through a
+``trio.CapacityLimiter(1)``, so the event loop never blocks on the database.
 
-Nothing is acknowledged to a peer before it is durably stored:
+The queries live here, once; the backends (:mod:`.sqlite_store`,
+:mod:`.postgres_store`) only connect, begin transactions and say how to
+commit lazily. Nothing is acknowledged to a peer before it is durably stored:
 
-- ``<data_dir>/scaiwave.db`` runs in WAL mode with ``synchronous=FULL``: a
-  commit survives power loss, not just a process crash;
+- SQLite: ``<data_dir>/scaiwave.db`` in WAL mode with ``synchronous=FULL``
+  (a commit survives power loss, not just a process crash), created mode 0600
+  (it holds the signing key's seed);
+- PostgreSQL: ``synchronous_commit=on`` for every durable commit, whatever
+  the server's default;
 - every multi-row write (a page of events and its backfill cursor, a
-  transaction's events and its response) is one SQLite transaction, so a crash
-  leaves all of it or none of it;
-- the file is created mode 0600 (it holds the signing key's seed); SQLite gives
-  its ``-wal`` and ``-shm`` files the same mode.
+  transaction's events and its response) is one database transaction, so a
+  crash leaves all of it or none of it; unique constraints refuse duplicate
+  events, transactions and nonces on both backends.
 
 Rows come back as plain dicts keyed by column name, BLOB columns as ``bytes``,
 times as integer milliseconds. Failures a caller can act on raise
@@ -23,18 +26,16 @@ times as integer milliseconds. Failures a caller can act on raise
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
-import os
-import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from .schema import SCHEMA_VERSION, StorageError, migrate
+from .dialect import INTEGRITY_ERRORS, is_postgres_url
+from .schema import SCHEMA_VERSION, StorageError
 from .admin_rows import AdminRows
 from .outbox_rows import OutboxRows
 
@@ -84,60 +85,51 @@ class TxnOutcome:
     new_events: int
 
 
-class Store(AdminRows, OutboxRows):
-    """Synchronous access to the scaiwave database.
+class Store(AdminRows, OutboxRows, abc.ABC):
+    """The daemon's storage interface, and its queries, written once for both backends.
+
+    :meth:`open` picks the backend: a data directory opens
+    :class:`.sqlite_store.SqliteStore` (``<data_dir>/scaiwave.db``, the
+    default), a ``postgresql://`` URL :class:`.postgres_store.PostgresStore`.
+    Every query here runs on both: SQLite's dialect with ``?`` placeholders,
+    rewritten for PostgreSQL in one place (:mod:`.dialect`). A backend
+    provides the connection (``db.execute(sql, params)``), how a write
+    transaction begins, and :meth:`_lazily`.
 
     Not safe for use from several threads at the same time: the daemon goes
-    through :class:`AsyncStore`, which serialises every call. The connection
-    has ``check_same_thread=False`` because those calls run, one at a time, on
-    whichever worker thread Trio hands out.
+    through :class:`AsyncStore`, which serialises every call on one worker
+    thread at a time.
     """
 
-    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+    #: ``"sqlite"`` or ``"postgresql"``: what ``federation check`` reports.
+    backend = "sqlite"
+
+    def __init__(self, db: Any, path: Path | None, location: str = "") -> None:
         """Wrap an open, migrated database; use :meth:`open` instead."""
         self.db = db
         self.path = path
+        #: Where the data is, for an admin: the file, or the URL without its password.
+        self.location = location or str(path)
 
     @classmethod
-    def open(cls, data_dir: Path | str) -> Store:
-        """Open (creating if needed) ``<data_dir>/scaiwave.db`` and migrate it.
+    def open(cls, target: Path | str) -> Store:
+        """Open (creating if needed) the database and migrate it.
 
-        Creates ``data_dir`` (mode 0700) and the file (mode 0600) if missing.
-        Raises :class:`StorageError` ``schema`` for a file from a newer
-        scaiwave or a failed migration, ``open`` for a file that cannot be used.
+        ``target``: a data directory (SQLite, ``<target>/scaiwave.db``) or a
+        ``postgresql://`` URL. Raises :class:`StorageError` ``schema`` for a
+        database from a newer scaiwave or a failed migration, ``open`` for
+        one that cannot be used.
         """
-        data_dir = Path(data_dir)
-        path = data_dir / DB_FILENAME
-        try:
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file ourselves so it never exists world-readable.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            # isolation_level=None: the sqlite3 module issues no implicit BEGIN;
-            # our transactions are explicit (_write). timeout: a second process
-            # (the CLI while the daemon runs) waits for the write lock.
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError("open", f"cannot open {path}: {exc}") from exc
-        try:
-            db = sqlite_utils.Database(conn, execute_plugins=False)
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StorageError("open", f"cannot use WAL for {path} (journal mode {mode})")
-            # FULL fsyncs the WAL at every commit; NORMAL could lose the last
-            # commits on power loss, after we already answered the peer.
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            migrate(db)
-        except StorageError:
-            conn.close()
-            raise
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StorageError("open", f"cannot open {path}: {exc}") from exc
-        return cls(db, path)
+        if is_postgres_url(target):
+            from .postgres_store import PostgresStore
+
+            return PostgresStore.open(str(target))
+        from .sqlite_store import SqliteStore
+
+        return SqliteStore.open(target)
 
     def close(self) -> None:
-        """Close the connection (the last one out checkpoints the WAL). Idempotent."""
+        """Close the connection. Idempotent."""
         self.db.close()
 
     def __enter__(self) -> Store:
@@ -145,6 +137,27 @@ class Store(AdminRows, OutboxRows):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def describe(self) -> Row:
+        """``{"backend", "location", "schema_version"}`` for health and self-test."""
+        return {"backend": self.backend, "location": self.location, "schema_version": self.schema_version()}
+
+    # -- what each backend provides
+
+    @abc.abstractmethod
+    def probe_write(self, now: int) -> str:
+        """Commit one small write, waiting at most a second for another
+        writer; ``"ok"`` or the database's reason (``/readyz``)."""
+
+    @abc.abstractmethod
+    def _in_transaction(self) -> bool:
+        """True while a transaction is open on the connection."""
+
+    @abc.abstractmethod
+    def _lazily(self) -> contextlib.AbstractContextManager[None]:
+        """Commit the block without waiting for the disk: atomic still, and
+        made durable by the next durable commit. Only for writes whose loss in
+        a power cut is harmless (see the backends)."""
 
     def schema_version(self) -> int:
         """Return the schema version of the open file."""
@@ -156,12 +169,13 @@ class Store(AdminRows, OutboxRows):
     def _write(self) -> Iterator[None]:
         """Run the block as one transaction: all of it is stored, or none.
 
-        BEGIN IMMEDIATE takes the write lock up front, so a writer in another
-        process makes us wait at BEGIN (busy timeout) instead of failing with
-        SQLITE_BUSY halfway through, after our reads. Inside another
+        On SQLite, BEGIN IMMEDIATE takes the write lock up front, so a writer
+        in another process makes us wait at BEGIN (busy timeout) instead of
+        failing with SQLITE_BUSY halfway through, after our reads (PostgreSQL
+        locks rows as they are written: a plain BEGIN). Inside another
         transaction (:meth:`create_room_with`) the block is a savepoint of it.
         """
-        if self.db.conn.in_transaction:
+        if self._in_transaction():
             self.db.execute("SAVEPOINT nested")
             try:
                 yield
@@ -176,33 +190,21 @@ class Store(AdminRows, OutboxRows):
             yield
             self.db.execute("COMMIT")
         except BaseException:
-            if self.db.conn.in_transaction:
+            if self._in_transaction():
                 self.db.execute("ROLLBACK")
             raise
 
-    @contextlib.contextmanager
-    def _lazily(self) -> Iterator[None]:
-        """Commit the block without waiting for the disk (``synchronous=NORMAL``
-        for it): in WAL mode it is still atomic, and the next durable commit
-        (``FULL``, every other write) flushes it along with its own. Only for
-        writes whose loss in a power cut is harmless."""
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            yield
-        finally:
-            self.db.execute("PRAGMA synchronous=FULL")
-
-    def _x(self, sql: str, *params: Any) -> sqlite3.Cursor:
+    def _x(self, sql: str, *params: Any) -> Any:
         return self.db.execute(sql, params)
 
-    def _insert(self, table: str, row: Row, on_conflict: str = "") -> sqlite3.Cursor:
+    def _insert(self, table: str, row: Row, on_conflict: str = "") -> Any:
         # Table and column names come from this module (upsert_peer checks its
         # kwargs first), never from remote data: formatting them in is safe.
         cols, marks = ", ".join(row), ", ".join("?" * len(row))
         sql = f"INSERT INTO {table} ({cols}) VALUES ({marks}) {on_conflict}"
         return self._x(sql, *row.values())
 
-    def _upsert(self, table: str, row: Row, key: str) -> sqlite3.Cursor:
+    def _upsert(self, table: str, row: Row, key: str) -> Any:
         # Insert, or update the columns of ``row`` outside the primary ``key``.
         sets = ", ".join(f"{c} = excluded.{c}" for c in row if c not in key.split(", "))
         return self._insert(table, row, f"ON CONFLICT ({key}) DO UPDATE SET {sets}")
@@ -242,7 +244,7 @@ class Store(AdminRows, OutboxRows):
                        "expired_at": key.get("expired_at")}
                 try:
                     self._insert("keys", row)
-                except sqlite3.IntegrityError as exc:
+                except INTEGRITY_ERRORS as exc:
                     raise StorageError("invalid", f"key {row['key_id']!r}: {exc}") from exc
 
     def load_keyring(self) -> tuple[Row | None, list[Row]]:
@@ -317,7 +319,7 @@ class Store(AdminRows, OutboxRows):
         """Create a tenant; return ``{"name", "federation_enabled"}``. Raises ``conflict``."""
         try:
             self._insert("tenants", {"name": name, "federation_enabled": int(federation_enabled)})
-        except sqlite3.IntegrityError as exc:
+        except INTEGRITY_ERRORS as exc:
             raise StorageError("conflict", f"tenant {name!r} already exists") from exc
         return {"name": name, "federation_enabled": bool(federation_enabled)}
 
@@ -344,7 +346,7 @@ class Store(AdminRows, OutboxRows):
             self._need_tenant(tenant)
             try:
                 self._insert("users", row)
-            except sqlite3.IntegrityError as exc:
+            except INTEGRITY_ERRORS as exc:
                 raise StorageError("conflict", f"user {user_id!r} already exists") from exc
         return {**row, "deactivated_at": None}
 
@@ -381,7 +383,7 @@ class Store(AdminRows, OutboxRows):
                 self._need_tenant(tenant)
             try:
                 self._insert("rooms", row)
-            except sqlite3.IntegrityError as exc:
+            except INTEGRITY_ERRORS as exc:
                 raise StorageError("conflict", f"room {room_id!r} already exists") from exc
         return row
 
@@ -410,7 +412,7 @@ class Store(AdminRows, OutboxRows):
         row = {"room_id": room_id, "user_id": user_id, "membership": membership}
         try:
             self._upsert("members", row, "room_id, user_id")
-        except sqlite3.IntegrityError as exc:  # the rooms foreign key
+        except INTEGRITY_ERRORS as exc:  # the rooms foreign key
             raise StorageError("not_found", f"no room {room_id!r}") from exc
 
     def members(self, room_id: str) -> list[Row]:
@@ -450,7 +452,7 @@ class Store(AdminRows, OutboxRows):
         try:
             if self._insert("events", row, "ON CONFLICT DO NOTHING").rowcount == 1:
                 return True
-        except sqlite3.IntegrityError as exc:
+        except INTEGRITY_ERRORS as exc:
             raise StorageError("invalid", f"event at depth {depth} refused: {exc}") from exc
         # Not inserted: either this very event is stored (a resumed pull, a
         # resent transaction: fine), or another event holds its id or its
@@ -645,7 +647,7 @@ class Store(AdminRows, OutboxRows):
         self, origin: str, txn_id: str, response: bytes, now: int, room_id: str | None,
         events: Sequence[Row],
     ) -> TxnOutcome:
-        """Store a transaction's events and its response in one SQLite transaction.
+        """Store a transaction's events and its response in one database transaction.
 
         If (origin, txn_id) is stored already nothing is written and the first
         response comes back (``replayed=True``). Raises like
