@@ -121,7 +121,7 @@ def measure(store: Store, big: Room, small: Room, rounds: int, seed: int) -> dic
     rng = random.Random(seed)
     ops: dict[str, tuple[Callable[..., None], int]] = {"backfill page": (serve_page, 40), "ingest txn": (ingest, 8)}
     samples: dict[tuple[str, str], list[float]] = {}
-    for op, (fn, count) in ops.items():  # warm up: the first reads of each room
+    for fn, _count in ops.values():  # warm up: the first reads of each room
         for room in (big, small):
             fn(store, room, rng)
     for _ in range(rounds):

@@ -66,7 +66,8 @@ def test_cli_check_against_real_daemons(tmp_path: Path) -> None:
         assert proc.returncode == 1
         lines = _steps(proc.stdout)
         assert lines[0] == f"federation check of {A}"
-        assert lines[1] == (f"storage     ok    sqlite at {Path(a.env['SCAIWAVE_DATA_DIR']) / 'scaiwave.db'}, schema version "
+        database = Path(a.env['SCAIWAVE_DATA_DIR']) / 'scaiwave.db'
+        assert lines[1] == (f"storage     ok    sqlite at {database}, schema version "
                             f"{SCHEMA_VERSION}, a write commits")
         assert lines[2] == f"resolve     ok    {A} -> 127.0.0.1 (SCAIWAVE_RESOLVE, not DNS)"
         assert lines[3].startswith(f"tls         ok    chain and name verified for your-host.test at 127.0.0.1:{a.port}")

@@ -13,7 +13,6 @@ import inspect
 import json
 import os
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys

@@ -24,6 +24,9 @@ __all__ = ["AsyncStore", "storage_fault"]
 
 log = logging.getLogger("scaiwave.storage")
 
+#: What a storage call may fail with that may be the storage's fault (a full disk, a lost server).
+_DB_OR_OS_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, OSError)
+
 #: SQLite's primary result codes for a disk that is full or failing: the call
 #: changed nothing (SQLite rolled back) and may work once the admin frees space.
 _FAULTS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY,
@@ -94,7 +97,7 @@ class AsyncStore:
         (the transaction was rolled back: nothing of it is stored)."""
         try:
             return await trio.to_thread.run_sync(fn, self.sync, limiter=self._limiter)
-        except (*DB_ERRORS, OSError) as exc:
+        except _DB_OR_OS_ERRORS as exc:
             fault = storage_fault(exc)
             if fault is None:
                 raise

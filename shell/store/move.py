@@ -94,7 +94,7 @@ def _open_exclusive(path: Path) -> sqlite_utils.Database:
 def _tables_in_order(source: sqlite_utils.Database) -> list[str]:
     """The schema's tables, each after the tables its foreign keys name."""
     names = [n for n in source.table_names() if n != "meta" and not n.startswith("sqlite_")]
-    parents = {n: {fk.other_table for fk in source[n].foreign_keys} - {n} for n in names}
+    parents = {n: {fk.other_table for fk in source.table(n).foreign_keys} - {n} for n in names}
     ordered: list[str] = []
     while len(ordered) < len(names):
         ready = sorted(n for n in names if n not in ordered and parents[n] <= set(ordered))

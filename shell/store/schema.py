@@ -269,7 +269,7 @@ def schema_version(db: Any) -> int:
     return 0 if row is None else int(row[0])
 
 
-def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration] | None = None) -> int:
+def migrate(db: Any, migrations: Sequence[Migration] | None = None) -> int:
     """Bring the database up to the newest schema; return the version reached.
 
     Takes a ``Database`` whose connection is in autocommit mode

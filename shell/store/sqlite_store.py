@@ -34,7 +34,7 @@ class SqliteStore(Store):
     backend = "sqlite"
 
     @classmethod
-    def open(cls, data_dir: Path | str) -> SqliteStore:  # type: ignore[override]
+    def open(cls, data_dir: Path | str) -> SqliteStore:
         """Open (creating if needed) ``<data_dir>/scaiwave.db`` and migrate it.
 
         Creates ``data_dir`` (mode 0700) and the file (mode 0600) if missing.
