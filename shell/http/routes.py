@@ -172,8 +172,9 @@ class RouteTable:
             route, texts = self.match(request.method, request.path)
             caller = await route.auth.check(service, request) if route.auth.check else None
             params = {name: route.params[name].parse_text(text, name) for name, text in texts.items()}
-            query = parse_query(_query_pairs(request.target), route.query)
-            body = parse_json_body(request.body, route.body)
+            query = parse_query(_query_pairs(request.target), route.query) \
+                if route.query is not None or "?" in request.target else {}
+            body = parse_json_body(request.body, route.body) if route.body is not None or request.body else {}
             return await route.handler(Call(service, request, nursery, caller, params, query, body))
         except ApiFailure as fail:
             return json_error(fail.refusal, fail.headers)

@@ -76,6 +76,9 @@ def peer_label(name: str | None, labelled: frozenset[str]) -> str:
     return name if name in labelled else OTHER
 
 
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+
+
 def code_label(code: str) -> str:
     return code if code in CODES else OTHER
 
@@ -106,6 +109,7 @@ class Metrics:
         self.authentication_seconds = Histogram("scaiwave_request_authentication_duration_seconds",
                                                 "Time to check one request signature", buckets=_VERIFY, registry=r)
         r.register(_StateCollector(self))
+        self._received_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # -- feeding ------------------------------------------------------------------
 
@@ -120,9 +124,16 @@ class Metrics:
         return peer_label(name, self.labelled)
 
     def count_received(self, method: str, route: str, peer: str | None, code: str, seconds: float) -> None:
-        method = method if method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS") else OTHER
-        self.received.labels(method, route, self.peer(peer), code_label(code)).inc()
-        self.received_seconds.labels(method, route).observe(seconds)
+        method = method if method in _METHODS else OTHER
+        # The labelled children, looked up once per label set (labels() costs
+        # more than the count itself; every label here is bounded, see above).
+        key = (method, route, self.peer(peer) if peer else "", code if code in CODES else OTHER)
+        children = self._received_children.get(key)
+        if children is None:
+            children = self._received_children[key] = (self.received.labels(*key),
+                                                       self.received_seconds.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_sent(self, peer: str, method: str, route: str, code: str, seconds: float) -> None:
         self.sent.labels(self.peer(peer), method, route, code_label(code)).inc()
