@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from scaiwave_federation.core import Code, Event, Refused, RoomFacts
+from scaiwave_federation.core import Code, Event, Head, Refused, RoomFacts
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import decode_events_body, encode_events_body
@@ -76,6 +77,38 @@ class Outbox:
             # Only when something can go now: a peer with a transaction in flight,
             # in backoff or paced is woken for by its answer or its time.
             self._wake_outbox.set()
+
+    async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
+                             client_txn: Callable[[Event], dict[str, Any]] | None = None) -> list[Event]:
+        """Chain events onto the head of a room we host (``chain(head)``), store
+        them and queue them for every other server with joined members, all in
+        one storage call: one round trip and one durable write for a client's
+        post (reading the head was a round trip of its own). ``client_txn``:
+        the user's send answer for the last event, stored in that write.
+        Returns the events, handed to the delivery machine like push_events'."""
+        servers = push_targets(facts, self.config.server_name)
+        now = self.now()
+        tag = os.urandom(6).hex()
+
+        def write(store: Any) -> tuple[list[Event], list[int]]:
+            row = store.head(room_id)
+            events = chain(Head(row["depth"], row["event_id"]) if row else None)
+            body = encode_events_body([e.envelope for e in events])
+            items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body)
+                     for n, server in enumerate(servers)]
+            ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
+                                                 client_txn=client_txn(events[-1]) if client_txn else None)
+            return events, ids
+
+        events, ids = await self.store.run(write)
+        if ids:
+            envelopes = [e.envelope for e in events]
+            for server, item_id in zip(servers, ids):
+                self.delivery.handle_enqueue(server, item_id, envelopes)
+            due = self.delivery.poll_timeout()
+            if due is not None and due <= now:
+                self._wake_outbox.set()
+        return events
 
     async def _load_outbox(self) -> None:
         """Hand the stored outbox to the delivery machine (at start, before serving)."""
