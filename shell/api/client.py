@@ -86,15 +86,17 @@ async def _append(service: Service, room: dict[str, Any], sender: str, type: str
     in that same write. ``facts``: the room's, if the caller just read them
     and changed nothing since (else they are read again)."""
     key = _key(service)
-    async with service.room_lock(room["room_id"]):
-        if facts is not None:
-            # The head is read, the event chained and signed, stored and queued
-            # in one storage call (on the storage thread, off the event loop).
-            def chain(head: Head | None) -> list[Event]:
-                return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
-                                    sender=sender, type=type, ts=service.now(), content=content)]
+    if facts is not None:
+        # The head is read, the event chained and signed, stored and queued in
+        # one storage call (on the storage thread, off the event loop), whose
+        # commit concurrent posts share.
+        def chain(head: Head | None) -> list[Event]:
+            return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
+                                sender=sender, type=type, ts=service.now(), content=content)]
 
-            return (await service.chain_and_push(room["room_id"], chain, facts, answer))[-1]
+        return (await service.chain_and_push(room["room_id"], chain, facts, answer,
+                                             lock=service.room_lock(room["room_id"])))[-1]
+    async with service.room_lock(room["room_id"]):
         head = await service.head_of(room["room_id"])
         event = chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
                             sender=sender, type=type, ts=service.now(), content=content)

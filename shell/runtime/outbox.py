@@ -79,13 +79,20 @@ class Outbox:
             self._wake_outbox.set()
 
     async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
-                             client_txn: Callable[[Event], dict[str, Any]] | None = None) -> list[Event]:
+                             client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
+                             lock: trio.Lock) -> list[Event]:
         """Chain events onto the head of a room we host (``chain(head)``), store
         them and queue them for every other server with joined members, all in
         one storage call: one round trip and one durable write for a client's
-        post (reading the head was a round trip of its own). ``client_txn``:
-        the user's send answer for the last event, stored in that write.
-        Returns the events, handed to the delivery machine like push_events'."""
+        post, a write that shares its commit with the posts queued next to it
+        (group commit, see ``AsyncStore.submit``). ``client_txn``: the user's
+        send answer for the last event, stored in that write. Returns the
+        events once stored, handed to the delivery machine in storage order.
+
+        ``lock`` (the room's) is held only while the call is queued: calls run
+        in order, so the next post reads this one's head, and whoever holds
+        the lock across several calls (reading the head, then storing) is
+        not overtaken."""
         servers = push_targets(facts, self.config.server_name)
         now = self.now()
         tag = os.urandom(6).hex()
@@ -100,15 +107,25 @@ class Outbox:
                                                  client_txn=client_txn(events[-1]) if client_txn else None)
             return events, ids
 
-        events, ids = await self.store.run(write)
-        if ids:
-            envelopes = [e.envelope for e in events]
-            for server, item_id in zip(servers, ids):
-                self.delivery.handle_enqueue(server, item_id, envelopes)
-            due = self.delivery.poll_timeout()
-            if due is not None and due <= now:
-                self._wake_outbox.set()
-        return events
+        def queued(result: tuple[list[Event], list[int]]) -> list[Event]:
+            # In the Trio thread, in storage order: the delivery machine sees
+            # each peer's events in the order they were chained.
+            events, ids = result
+            if ids:
+                envelopes = [e.envelope for e in events]
+                for server, item_id in zip(servers, ids):
+                    self.delivery.handle_enqueue(server, item_id, envelopes)
+                due = self.delivery.poll_timeout()
+                if due is not None and due <= self.now():
+                    self._wake_outbox.set()
+            return events
+
+        await lock.acquire()
+        try:
+            job = self.store.submit(write, group=True, then=queued)
+        finally:
+            lock.release()
+        return await job.wait()
 
     async def _load_outbox(self) -> None:
         """Hand the stored outbox to the delivery machine (at start, before serving)."""
