@@ -110,6 +110,7 @@ class Metrics:
                                                 "Time to check one request signature", buckets=_VERIFY, registry=r)
         r.register(_StateCollector(self))
         self._received_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._sent_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # -- feeding ------------------------------------------------------------------
 
@@ -136,8 +137,12 @@ class Metrics:
         children[1].observe(seconds)
 
     def count_sent(self, peer: str, method: str, route: str, code: str, seconds: float) -> None:
-        self.sent.labels(self.peer(peer), method, route, code_label(code)).inc()
-        self.sent_seconds.labels(route).observe(seconds)
+        key = (self.peer(peer), method, route, code if code in CODES else OTHER)
+        children = self._sent_children.get(key)
+        if children is None:
+            children = self._sent_children[key] = (self.sent.labels(*key), self.sent_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def instrument(self, service: Service, route_of: Callable[[str], str],
                    code_of: Callable[[int, bytes, str], str]) -> None:

@@ -67,12 +67,24 @@ for _template in sorted(ROUTES, key=lambda t: sum(part.startswith("{") for part 
     _BY_LENGTH.setdefault(_template.count("/") + 1, []).append((_template, tuple(_template.split("/"))))
 
 
+_TEMPLATES: dict[str, str] = {}  # path -> its template, for paths seen lately (emptied when full)
+
+
 def route_template(path: str) -> str:
     """The template of ``path`` (without query) from :data:`ROUTES`, else ``"other"``.
 
     A ``{name}`` segment matches any one non-empty segment; literal segments
     must match exactly, and literals win over parameters.
     """
+    template = _TEMPLATES.get(path)
+    if template is None:
+        if len(_TEMPLATES) >= 4096:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[path] = _route_template(path)
+    return template
+
+
+def _route_template(path: str) -> str:
     parts = path.split("/")
     for template, split in _BY_LENGTH.get(len(parts), ()):
         if all(t == p or (p and t[:1] == "{") for t, p in zip(split, parts)):
