@@ -63,10 +63,11 @@ def _offload(
 class _Job:
     """One storage call: ``fn`` on the worker thread, then ``complete`` in the Trio thread."""
 
-    __slots__ = ("fn", "grouped", "then", "token", "result", "task", "done")
+    __slots__ = ("fn", "grouped", "early", "then", "token", "result", "task", "done")
 
-    def __init__(self, fn: Callable[[], object], grouped: bool, then: Callable[[Any], None] | None) -> None:
-        self.fn, self.grouped, self.then = fn, grouped, then
+    def __init__(self, fn: Callable[[], object], grouped: bool, then: Callable[[Any], None] | None,
+                 early: bool = False) -> None:
+        self.fn, self.grouped, self.early, self.then = fn, grouped, early, then
         self.token = trio.lowlevel.current_trio_token()
         self.result: outcome.Outcome | None = None
         self.task: trio.lowlevel.Task | None = None
@@ -124,8 +125,6 @@ class _Worker:
     every job of the group, and nothing of the group is stored.
     """
 
-    _EMPTY: Any = object()
-
     def __init__(self, store: Store) -> None:
         self.store = store
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -143,26 +142,31 @@ class _Worker:
             self.thread = None
 
     def _work(self) -> None:
-        job = self.jobs.get()
-        while job is not None:
-            if not job.grouped:
-                job.deliver(outcome.capture(job.fn))
-                job = self.jobs.get()
-                continue
-            group, after = [job], self._EMPTY
-            while True:  # the group: every grouped job already waiting behind it
+        while True:
+            batch = [self.jobs.get()]  # everything waiting: one look at the queue per round
+            while True:
                 try:
-                    after = self.jobs.get_nowait()
+                    batch.append(self.jobs.get_nowait())
                 except queue.Empty:
-                    after = self._EMPTY
                     break
-                if after is None or not after.grouped:
-                    break
-                group.append(after)
+            group: list[_Job] = []
+            for job in batch:
+                if job is None:  # stop (after what came before it)
+                    self._run_group(group)
+                    return
+                if job.grouped:
+                    group.append(job)
+                elif job.early:
+                    job.deliver(outcome.capture(job.fn))  # before the writes queued ahead of it
+                else:
+                    self._run_group(group)
+                    group = []
+                    job.deliver(outcome.capture(job.fn))
             self._run_group(group)
-            job = self.jobs.get() if after is self._EMPTY else after  # (None: stop)
 
     def _run_group(self, group: list[_Job]) -> None:
+        if not group:
+            return
         if len(group) == 1:
             group[0].deliver(outcome.capture(group[0].fn))
             return
@@ -215,14 +219,22 @@ class AsyncStore:
         """Open the database on a worker thread; raises like :meth:`Store.open`."""
         return cls(await trio.to_thread.run_sync(Store.open, data_dir))
 
-    async def run(self, fn: Callable[[Store], R]) -> R:
+    async def run(self, fn: Callable[[Store], R], *, early: bool = False) -> R:
         """Run ``fn(store)`` on the storage thread and return its result: for
         several calls that no other task's call may come between.
+
+        ``early``: ``fn`` only reads, and may run before grouped writes queued
+        ahead of it (they are waiting for their commit, not yet answered: it
+        reads the state before them, as if it had come first). So a post's
+        reads do not split the group of the writes around them.
 
         A full or failing disk raises :class:`StorageError` ``unavailable``
         (the transaction was rolled back: nothing of it is stored)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        return await self.submit(fn).wait()
+        store = self.sync
+        job = _Job(lambda: fn(store), False, None, early)
+        self._worker.submit(job)
+        return await job.wait()
 
     def submit(self, fn: Callable[[Store], R], *, group: bool = False,
                then: Callable[[R], Any] | None = None) -> _Job:
