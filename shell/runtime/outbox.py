@@ -177,7 +177,9 @@ class Outbox:
         while (event := self.delivery.poll()) is not None:
             try:
                 if isinstance(event, Delivered):
-                    await self.store.delivered_many(event.item_ids)
+                    # Grouped with the posts queued around it: it does not split their commit.
+                    ids = event.item_ids
+                    await self.store.submit(lambda store: store.delivered_many(ids), group=True).wait()
                 elif isinstance(event, Dropped):
                     # send() has already put the refusal in the peer's last_error.
                     log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)

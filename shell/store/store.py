@@ -186,7 +186,12 @@ class Store(AdminRows, OutboxRows):
         """Commit the block without waiting for the disk (``synchronous=NORMAL``
         for it): in WAL mode it is still atomic, and the next durable commit
         (``FULL``, every other write) flushes it along with its own. Only for
-        writes whose loss in a power cut is harmless."""
+        writes whose loss in a power cut is harmless. Inside a larger
+        transaction (a group commit, see ``AsyncStore.submit``) that
+        transaction's commit decides (SQLite cannot change it midway)."""
+        if self.db.conn.in_transaction:
+            yield
+            return
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
             yield
