@@ -126,7 +126,7 @@ class Limits:
     max_body_bytes: int = 4 * 1024 * 1024
     read_timeout: float = 30.0  # to finish reading a request once its first byte came
     idle_timeout: float = 60.0  # for the first byte of the next request (keep-alive)
-    handler_timeout: float = 120.0
+    handler_timeout: float = 120.0  # to answer: the handler, then sending its response
     linger_timeout: float = 1.0  # draining input after an error reply, see _linger
 
 

@@ -197,8 +197,8 @@ class _Worker:
                     pass
         if fault is not None:
             results = [outcome.Error(fault) for _ in group]
-        for job, result in zip(group, results):
-            job.deliver(result)
+        for job, done in zip(group, results):
+            job.deliver(done)
 class AsyncStore:
     """The daemon's storage: every :class:`Store` method, as a coroutine.
 
