@@ -102,7 +102,8 @@ async def _user_and_room(service: Service, request: Request) -> dict[str, Any]:
             return user, None
         return user, room_view_in(store, room_id, user["tenant"])
 
-    user, view = await service.store.run(read, early=True)  # reads only: may pass queued posts
+    # Reads only: may pass queued posts; the post's write follows (group commit waits for it).
+    user, view = await service.store.run(read, early=True, write_follows=True)
     if user is None:
         raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
     poster = _Poster(user)
