@@ -225,6 +225,8 @@ class _Worker:
             results = [outcome.Error(fault) for _ in group]
         for job, done in zip(group, results):
             job.deliver(done)
+
+
 class AsyncStore:
     """The daemon's storage: every :class:`Store` method, as a coroutine.
 
@@ -274,9 +276,9 @@ class AsyncStore:
         may share its transaction and durable commit with the grouped writes
         queued next to it (see :class:`_Worker`); its result comes only after
         that commit. ``then(result)`` runs in the Trio thread as the call
-        completes, before any later call's ``then`` (callbacks in submission
-        order, whichever task gets to run first), and its return value is the
-        job's result."""
+        completes, before the ``then`` of any call that completes after it
+        (whichever task gets to run first): grouped writes complete in the
+        order they were submitted. Its return value is the job's result."""
         store = self.sync
         job = _Job(lambda: fn(store), group, then)
         if group and self._worker.writes_coming > 0:
