@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from scaiwave_federation.shell.store import schema
 from scaiwave_federation.shell.store.async_store import AsyncStore
@@ -623,10 +624,12 @@ async def test_grouped_writes_share_a_commit_and_fail_alone(tmp_path: Path) -> N
     in a savepoint: a conflict fails its own write only; ``then`` callbacks run
     in submission order; an early read may pass the grouped writes ahead of it."""
     async with await AsyncStore.open(tmp_path) as astore:
-        release = threading.Event()
+        started, release = threading.Event(), threading.Event()
         commits: list[str] = []
         astore.sync.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-        blocker = astore.submit(lambda s: release.wait(10))  # holds the worker while the rest queue up
+        # Holds the worker while the rest queue up (all of them then taken at once).
+        blocker = astore.submit(lambda s: started.set() or release.wait(10))
+        await trio.to_thread.run_sync(started.wait, 10)
         seen: list[int] = []
         jobs = [astore.submit(lambda s, d=d: s.store_events(ROOM, [ev(d)]), group=True,
                               then=lambda new, d=d: seen.append(d) or new) for d in range(5)]
@@ -639,7 +642,7 @@ async def test_grouped_writes_share_a_commit_and_fail_alone(tmp_path: Path) -> N
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_early)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # its read is queued
             release.set()
         assert await blocker.wait() is True
         assert [await j.wait() for j in jobs] == [1] * 5 and seen == [0, 1, 2, 3, 4]
