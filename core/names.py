@@ -72,6 +72,13 @@ def server_name_problem(text: object) -> str | None:
 def canonical_server_name(text: object) -> str | None:
     """The canonical spelling of ``text`` (lenient: case, trailing dot, ``:443``,
     surrounding blanks), or ``None`` when it is no server name at all."""
+    if type(text) is str and len(text) <= _MAX_NAME + 1:
+        return _canonical_lenient(text)  # a post reads its room's server name several times
+    return _parse(text)[0]
+
+
+@lru_cache(maxsize=4096)
+def _canonical_lenient(text: str) -> str | None:
     return _parse(text)[0]
 
 

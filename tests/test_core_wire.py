@@ -33,6 +33,26 @@ def test_canonical_round_trip(value):
     assert encode(decode(data, max_size=len(data))) == data
 
 
+# Values the encoder's plain path must keep canonical: any text keys (surrogates
+# too), ints past 64 bits, and floats (which take cbor2's canonical encoder).
+any_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text() | st.binary() | st.floats(),
+    lambda inner: st.lists(inner, max_size=5) | st.tuples(inner) | st.dictionaries(st.text(max_size=8), inner, max_size=6),
+    max_leaves=25,
+)
+
+
+@given(any_values)
+def test_encode_is_cbor2_canonical(value):
+    try:
+        expected = cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError):
+        with pytest.raises(LocalProtocolError):
+            encode(value)
+        return
+    assert encode(value) == expected
+
+
 def test_encode_sorts_keys_canonically():
     # RFC 8949 4.2.1: keys sorted by their encoded bytes (shorter first).
     assert encode({"bb": 1, "a": 2, "c": 3}) == bytes.fromhex("a3") + b"\x61a\x02" + b"\x61c\x03" + b"\x62bb\x01"

@@ -144,3 +144,14 @@ def test_log_format_from_the_toml_file(tmp_path: Path) -> None:
         bed.stop()
     lines = _lines(server.log_path)  # every line JSON; "Debug" was accepted as a level
     assert any(x.get("event") == "access" and x["route"] == "/healthz" for x in lines)
+
+
+def test_text_lines_read_as_the_standard_formatter_writes_them() -> None:
+    # The time's text is made once a second: every line still reads as logging's own.
+    from scaiwave_federation.shell.observe.logs import TEXT_FORMAT, _TextFormatter
+
+    ours, standard = _TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):
+        record = logging.LogRecord("scaiwave.access", logging.INFO, "", 0, "GET %s", ("/x",), None)
+        record.created, record.msecs = created, int((created % 1) * 1000)
+        assert ours.format(record) == standard.format(record)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from scaiwave_federation.shell.store import schema
 from scaiwave_federation.shell.store.async_store import AsyncStore
@@ -644,6 +645,42 @@ async def test_cancelled_call_still_finishes_its_write(store_target) -> None:
         # The cancel waited for the thread: the write returned whole, not half.
         assert scope.cancelled_caught and returned == 1
         assert await astore.event_count(ROOM) == 1
+
+
+async def test_grouped_writes_share_a_commit_and_fail_alone(tmp_path: Path) -> None:
+    """Grouped writes queued together run in one transaction (one commit), each
+    in a savepoint: a conflict fails its own write only; ``then`` callbacks run
+    in submission order; an early read may pass the grouped writes ahead of it."""
+    async with await AsyncStore.open(tmp_path) as astore:
+        started, release = threading.Event(), threading.Event()
+        commits: list[str] = []
+        astore.sync.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        # Holds the worker while the rest queue up (all of them then taken at once).
+        blocker = astore.submit(lambda s: started.set() or release.wait(10))
+        await trio.to_thread.run_sync(started.wait, 10)
+        seen: list[int] = []
+        jobs = [astore.submit(lambda s, d=d: s.store_events(ROOM, [ev(d)]), group=True,
+                              then=lambda new, d=d: seen.append(d) or new) for d in range(5)]
+        clash = astore.submit(lambda s: s.store_events(ROOM, [ev(2, tag="other")]), group=True)  # depth 2 is taken
+        after = astore.submit(lambda s: s.store_events(ROOM, [ev(9)]), group=True)
+        early: list[int] = []
+
+        async def read_early() -> None:
+            early.append(await astore.run(lambda s: s.event_count(ROOM), early=True))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_early)
+            await trio.testing.wait_all_tasks_blocked()  # its read is queued
+            release.set()
+        assert await blocker.wait() is True
+        assert [await j.wait() for j in jobs] == [1] * 5 and seen == [0, 1, 2, 3, 4]
+        with pytest.raises(StorageError) as caught:
+            await clash.wait()
+        assert caught.value.code == "conflict"
+        assert await after.wait() == 1
+        assert early == [0]  # it ran before the writes queued ahead of it
+        assert commits.count("COMMIT") == 1  # seven writes, one durable commit
+        assert await astore.depths(ROOM) == [0, 1, 2, 3, 4, 9]
 
 
 def test_store_usable_without_trio_after_async_use(store_target) -> None:

@@ -35,8 +35,8 @@ from scaiwave_federation.core import verify_events
 from ..http import responses as R
 from ..http.server import Request, Response
 from ..http.inputs import ROOM_ID, USER_ID, Enum, Obj, Str
-from ..http.routes import API, ApiFailure, Auth, Call
-from ..runtime.service import Service
+from ..http.routes import API, ApiFailure, Auth, Call, all_routes
+from ..runtime.service import Service, room_view_in
 
 log = logging.getLogger(__name__)
 #: How long a user's write to a remote room waits before its one retry after a
@@ -61,15 +61,54 @@ def _need(result: Any) -> Any:
     return result
 
 
-async def _user(service: Service, request: Request) -> dict[str, Any]:
+def _token_hash_of(request: Request) -> str:
     header = request.header("authorization") or ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise _Fail(Refused(Code.UNAUTHORIZED, "send Authorization: Bearer <user access token>"))
-    user = await service.store.user_by_token_hash(token_hash(token.strip()))
+    return token_hash(token.strip())
+
+
+async def _user(service: Service, request: Request) -> dict[str, Any]:
+    user = await service.store.user_by_token_hash(_token_hash_of(request))
     if user is None:
         raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
     return user
+
+
+class _Poster(dict):
+    """A user row, with the room its post names as read in the same storage
+    call (see :func:`_user_and_room`)."""
+
+    room_id: str | None = None
+    view: tuple[dict[str, Any], RoomFacts, bool] | None = None
+
+
+async def _user_and_room(service: Service, request: Request) -> dict[str, Any]:
+    """A post's caller and its room (``Service.room_view``) in one storage call:
+    a post made a round trip for each. The room is read before the caller is
+    known to be anyone, and used only once they are (nothing of it reaches a
+    stranger, who gets the same 401 as from :func:`_user`)."""
+    digest = _token_hash_of(request)
+    try:
+        text = all_routes().match(request.method, request.path)[1].get("room_id") or ""
+    except Exception:  # noqa: BLE001 - the dispatcher matched it already; never in practice
+        text = ""
+    room_id = canonical_room_id(text) or text
+
+    def read(store: Any) -> tuple[dict[str, Any] | None, Any]:
+        user = store.user_by_token_hash(digest)
+        if user is None or not room_id:
+            return user, None
+        return user, room_view_in(store, room_id, user["tenant"])
+
+    # Reads only: may pass queued posts; the post's write follows (group commit waits for it).
+    user, view = await service.store.run(read, early=True, write_follows=True)
+    if user is None:
+        raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
+    poster = _Poster(user)
+    poster.room_id, poster.view = room_id, view
+    return poster
 
 
 def _key(service: Service):
@@ -85,9 +124,20 @@ async def _append(service: Service, room: dict[str, Any], sender: str, type: str
     servers in one write. ``answer``: the client txn row for this event, stored
     in that same write. ``facts``: the room's, if the caller just read them
     and changed nothing since (else they are read again)."""
+    key = _key(service)
+    if facts is not None:
+        # The head is read, the event chained and signed, stored and queued in
+        # one storage call (on the storage thread, off the event loop), whose
+        # commit concurrent posts share.
+        def chain(head: Head | None) -> list[Event]:
+            return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
+                                sender=sender, type=type, ts=service.now(), content=content)]
+
+        return (await service.chain_and_push(room["room_id"], chain, facts, answer,
+                                             lock=service.room_lock(room["room_id"])))[-1]
     async with service.room_lock(room["room_id"]):
         head = await service.head_of(room["room_id"])
-        event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
+        event = chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
                             sender=sender, type=type, ts=service.now(), content=content)
         await service.push_events(room["room_id"], [event], facts=facts, store=True,
                                   client_txn=answer(event) if answer else None)
@@ -292,7 +342,11 @@ async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Respon
 
 async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str,
                         txn_id: str | None = None) -> Response:
-    view = await service.room_view(canonical_room_id(room_id) or room_id, user["tenant"])
+    wanted = canonical_room_id(room_id) or room_id
+    if isinstance(user, _Poster) and user.room_id == wanted:
+        view = user.view  # read with the caller (_user_and_room)
+    else:
+        view = await service.room_view(wanted, user["tenant"])
     if view is None:
         raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
     room, facts, federates = view
@@ -351,6 +405,8 @@ async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Res
 
 
 USER = Auth("user", _user, "A local user's access token (from `scaiwave admin user create`) as a bearer token.")
+#: The same for a post: the caller and the room it names are read together.
+_POSTER = Auth(USER.scheme, _user_and_room, USER.description)
 _ROOM = {"room_id": ROOM_ID}
 #: What a write that reaches another server may be refused with (theirs or ours).
 _REMOTE = (Code.PEER_BLOCKED, Code.PEER_NOT_ALLOWED, Code.FEDERATION_CLOSED, Code.NOT_PEERED, Code.OWN_KEY_MISSING,
@@ -418,8 +474,9 @@ async def _messages_list(call: Call) -> Response:
     return await _messages(call.service, call.caller, call.params["room_id"])
 
 
-def _client(method: str, path: str, handler, summary: str, response: dict, **options: Any) -> None:
-    API.add(method, "/v1" + path, handler, auth=USER, summary=summary, response=response, tag="client", **options)
+def _client(method: str, path: str, handler, summary: str, response: dict, *, auth: Auth = USER,
+            **options: Any) -> None:
+    API.add(method, "/v1" + path, handler, auth=auth, summary=summary, response=response, tag="client", **options)
 
 
 _client("POST", "/dms", _dm_create, "Open a DM with a user here or on a peer.", R.DM, errors=_REMOTE,
@@ -436,7 +493,7 @@ _client("POST", "/invites/{room_id}/decline", _invite_decline, "Decline an invit
 _client("POST", "/rooms/{room_id}/invite", _room_invite, "Invite a user (here or on a peer) to a room hosted here.",
         R.INVITE, params=_ROOM, errors=_REMOTE, body=Obj({"user": USER_ID}, required={"user"}))
 _client("POST", "/rooms/{room_id}/messages", _message_post, "Post a message to a room.", R.POSTED,
-        params=_ROOM, errors=_REMOTE, body=Obj({"body": MESSAGE_TEXT}, required={"body"}))
+        params=_ROOM, errors=_REMOTE, body=Obj({"body": MESSAGE_TEXT}, required={"body"}), auth=_POSTER)
 _client("PUT", "/rooms/{room_id}/send/{txn_id}", _message_send,
         "Post a message idempotently: a retry with the same txn id (per user) answers the first result and "
         "stores nothing twice.", R.POSTED, params={**_ROOM, "txn_id": TXN_ID}, errors=(*_REMOTE, Code.CONFLICT),

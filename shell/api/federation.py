@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any
 
-from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused, answer
+from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused, RoomFacts, answer
 from scaiwave_federation.core import build_page
 from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
@@ -21,7 +21,8 @@ from scaiwave_federation.core.invites import INVITE_ACCEPTED
 from ..runtime import timings
 from ..http.errors import cbor_error
 from ..http.server import Request, Response
-from ..runtime.service import Service
+from ..runtime.service import Service, room_view_in
+from ..store.store import Store
 
 log = logging.getLogger("scaiwave.federation")
 
@@ -67,12 +68,22 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
         if route is not None:
             log.info("refused %s %s: %s", request.method, request.path[:120], refusal)
         return cbor_error(refusal)
-    await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
+    # The nonce is remembered and what the request needs read in one storage
+    # call: the peer's row, and for a backfill page the room and its facts.
+    backfill_room = route.param or "" if route.endpoint == "backfill" else None
+
+    def remember_and_read(store: Store) -> tuple[dict[str, Any] | None, Any]:
+        store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
+        if route.endpoint == "handshake":
+            return None, None
+        view = room_view_in(store, backfill_room, None) if backfill_room is not None else None
+        return store.get_peer(auth.origin), view
+
+    peer, view = await service.store.run(remember_and_read)
     await service.peer_seen(auth.origin)
     service.peer_inbound(auth.origin)
     if route.endpoint == "handshake":
         return await _handshake(service, auth, request)
-    peer = await service.store.get_peer(auth.origin)
     context["peered"] = bool(peer and peer.get("state") == "active")
     refusal = node.admit(auth, peered=context["peered"])
     if refusal is not None:
@@ -81,7 +92,7 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
         return await _invite(service, auth, route.param or "", request, context)
     if route.endpoint == "send":
         return await _send(service, auth, route.param or "", request, context)
-    return await _backfill(service, auth, route.param or "", request, context)
+    return await _backfill(service, auth, route.param or "", request, context, view)
 
 
 async def _handshake(service: Service, auth: Authenticated, request: Request) -> Response:
@@ -169,8 +180,8 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
 
 
 async def _backfill(service: Service, auth: Authenticated, room_id: str, request: Request,
-                    context: dict[str, Any]) -> Response:
-    view = await service.room_view(room_id, None)  # the room and its facts in one storage call
+                    context: dict[str, Any], view: tuple[dict[str, Any], RoomFacts, bool] | None) -> Response:
+    # view: the room and its facts, read with the request's nonce (_handle)
     room, facts = (view[0], view[1]) if view else (None, None)
     room_type = room["room_type"] if room and room["host"] == service.config.server_name else None
     federates = facts.tenant_federates if facts else True

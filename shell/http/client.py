@@ -169,6 +169,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing (see PeerClient.__init__)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
 class PeerClient:
     """Outbound HTTPS to peers; use as ``async with PeerClient(...) as c``.
 
@@ -225,6 +232,10 @@ class PeerClient:
             follow_redirects=False,
             headers={"Accept-Encoding": "identity", "User-Agent": "scaiwave-federation"},
         )
+        # Peers authenticate by signature, never by cookie: what a peer's
+        # Set-Cookie says is not kept (httpx parsed each response's cookies
+        # through urllib's cookie jar, a tenth of a delivery's time).
+        self._http._cookies = _NoCookies()
 
     async def __aenter__(self) -> PeerClient:
         return self

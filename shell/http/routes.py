@@ -47,6 +47,8 @@ __all__ = ["API", "Auth", "ApiFailure", "Call", "Route", "RouteTable", "PUBLIC",
 
 log = logging.getLogger("scaiwave.routes")
 _PARAM = re.compile(r"\{([a-z_]+)\}")
+#: How many (method, path) pairs RouteTable.match remembers.
+MATCH_CACHE = 4096
 #: Storage refusals an API caller can cause (a race past a handler's own check).
 #: ``unavailable``: a full or failing disk (503, retryable).
 _STORAGE_CODES = {"conflict": Code.CONFLICT, "not_found": Code.NOT_FOUND, "invalid": Code.BAD_REQUEST,
@@ -126,6 +128,9 @@ class RouteTable:
         # Routes by segment count, each with its split template: a request is
         # matched against the few of its length, not against every template.
         self._by_length: dict[int, list[tuple[Route, tuple[str, ...]]]] = {}
+        # (method, path) -> what match() answered: the same paths come again
+        # and again (a client's room, the descriptor). Bounded: emptied when full.
+        self._matched: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
 
     def add(self, method: str, template: str, handler: Handler, *, auth: Auth, summary: str,
             response: Mapping[str, Any], **options: Any) -> None:
@@ -140,12 +145,17 @@ class RouteTable:
             raise ValueError(f"{route.operation_id} names two routes")
         self.routes.append(route)
         self._by_length.setdefault(len(route.segments), []).append((route, route.segments))
+        self._matched.clear()
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route for ``method path`` and its decoded path parameters (still text).
 
         Raises :class:`ApiFailure` (``not_found``) or :class:`BadInput`.
+        The parameters' dict is shared with later matches of the same path: read it only.
         """
+        found = self._matched.get((method, path))
+        if found is not None:
+            return found
         raw = path.split("/")
         try:
             segments = [unquote(s, errors="strict") for s in raw]
@@ -158,6 +168,9 @@ class RouteTable:
                 continue
             # HEAD is GET without the body (the HTTP layer drops it).
             if route.method == method or (method == "HEAD" and route.method == "GET"):
+                if len(self._matched) >= MATCH_CACHE:
+                    self._matched.clear()
+                self._matched[(method, path)] = (route, params)
                 return route, params
             allowed.append(route.method)
         where = f"{method} {path[:100]}"
@@ -172,8 +185,9 @@ class RouteTable:
             route, texts = self.match(request.method, request.path)
             caller = await route.auth.check(service, request) if route.auth.check else None
             params = {name: route.params[name].parse_text(text, name) for name, text in texts.items()}
-            query = parse_query(_query_pairs(request.target), route.query)
-            body = parse_json_body(request.body, route.body)
+            query = parse_query(_query_pairs(request.target), route.query) \
+                if route.query is not None or "?" in request.target else {}
+            body = parse_json_body(request.body, route.body) if route.body is not None or request.body else {}
             return await route.handler(Call(service, request, nursery, caller, params, query, body))
         except ApiFailure as fail:
             return json_error(fail.refusal, fail.headers)

@@ -64,7 +64,10 @@ class Request:
     def path(self) -> str:
         """The target without its query string (still percent-encoded); split once
         (the handler, the route table, the access line and the metrics all ask)."""
-        return urlsplit(self.target).path
+        target = self.target
+        if target[:1] == "/" and target[1:2] != "/" and "?" not in target and "#" not in target:
+            return target  # what urlsplit answers for an origin-form target, without its cost
+        return urlsplit(target).path
 
     @property
     def query(self) -> dict[str, str]:
@@ -123,7 +126,7 @@ class Limits:
     max_body_bytes: int = 4 * 1024 * 1024
     read_timeout: float = 30.0  # to finish reading a request once its first byte came
     idle_timeout: float = 60.0  # for the first byte of the next request (keep-alive)
-    handler_timeout: float = 120.0
+    handler_timeout: float = 120.0  # to answer: the handler, then sending its response
     linger_timeout: float = 1.0  # draining input after an error reply, see _linger
 
 
@@ -145,19 +148,28 @@ class _Drain:
 
     draining: bool = False
     grace: float = 0.0
-    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    connections: set[_Connection] = field(default_factory=set)
     shields: set[trio.CancelScope] = field(default_factory=set)
 
     def start(self, grace: float) -> None:
         self.draining, self.grace = True, grace
-        for scope in self.idle_scopes:
-            scope.cancel()  # nothing in flight there: close now
+        for conn in self.connections:
+            if conn.idle and conn.scope is not None:
+                conn.drained = True
+                conn.scope.cancel()  # nothing in flight there: close now
         for scope in self.shields:
             scope.deadline = trio.current_time() + grace
 
 
+# What a connection is doing, for its one cancel scope's deadline: waiting for a
+# request (idle_timeout), reading one (read_timeout), or answering it (handler_timeout).
+_IDLE, _READING, _ANSWERING = 0, 1, 2
+
+
 class _Connection:
-    """One connection's state: the h11 machine, the stream and the current deadline."""
+    """One connection's state: the h11 machine, the stream, and one cancel scope
+    whose deadline follows what the connection is doing (set twice a request:
+    a scope per read and per handler call cost more than the rest of the layer)."""
 
     def __init__(
         self, stream: trio.abc.Stream, handler: Handler, limits: Limits, peer: str, drain: _Drain | None
@@ -166,18 +178,16 @@ class _Connection:
         self.drain = drain or _Drain()
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.idle = True  # waiting for the first byte of a request
-        self.deadline = 0.0
+        self.phase = _IDLE
+        self.scope: trio.CancelScope | None = None
+        self.drained = False  # the scope was cancelled by shutdown, not by a deadline
+        self.reading_timed = False  # the deadline is the current request's read_timeout
 
     async def run(self) -> None:
+        self.drain.connections.add(self)
         try:
-            while True:
-                request = await self._read_request()
-                response = await self._call_handler(request)
-                close = self.drain.draining
-                await self._send_response(response, head=request.method == "HEAD", close=close)
-                if close or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-                    return
-                self.h11.start_next_cycle()
+            while await self._serve_requests():
+                pass
         except _Reply as reply:
             await self._reply_and_linger(reply.response)
         except _Quit:
@@ -187,28 +197,62 @@ class _Connection:
             # ssl errors in BrokenResourceError): nothing to answer, nobody to tell.
             log.debug("connection from %s ended: %r", self.peer, exc)
         finally:
+            self.drain.connections.discard(self)
             await self._close()
+
+    async def _serve_requests(self) -> bool:
+        """Serve requests under one cancel scope until the connection ends
+        (False) or a handler runs out of time (True: answered 503, go on)."""
+        request: Request | None = None
+        with trio.CancelScope() as self.scope:
+            while True:
+                request = None
+                # Bytes already buffered (pipelining) mean the next request has begun.
+                self.idle = not self.h11.trailing_data[0]
+                self.phase = _IDLE if self.idle else _READING
+                if self.idle and self.drain.draining:
+                    raise _Quit
+                self.reading_timed = not self.idle
+                timeout = self.limits.idle_timeout if self.idle else self.limits.read_timeout
+                self.scope.deadline = trio.current_time() + timeout
+                request = await self._read_request()
+                # The answer (handler and sending) must be done within handler_timeout.
+                self.phase = _ANSWERING
+                self.scope.deadline = trio.current_time() + self.limits.handler_timeout
+                response = await self._call_handler(request)
+                close = self.drain.draining
+                await self._send_response(response, head=request.method == "HEAD", close=close)
+                if close or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                    return False
+                self.h11.start_next_cycle()
+        # Only a cancellation gets here (our deadline, or shutdown while idle).
+        if self.phase == _IDLE or self.drained:
+            raise _Quit  # keep-alive idle timeout or shutdown: close silently
+        if self.phase == _READING or request is None:
+            raise _Reply(408, "timeout", f"request not received within {self.limits.read_timeout:g} s")
+        if self.h11.our_state is not h11.SEND_RESPONSE:
+            raise _Quit  # the answer was being sent: all we can do is close
+        log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
+                    self.limits.handler_timeout)
+        response = Response.error(503, "timeout", "the server took too long to answer", path=request.path)
+        await self._send_response(response, head=request.method == "HEAD", close=self.drain.draining)
+        if self.drain.draining or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        return True
 
     # -- reading ---------------------------------------------------------------
 
     async def _receive(self) -> bytes:
-        if self.idle and self.drain.draining:
-            raise _Quit
-        with trio.move_on_at(self.deadline) as scope:
-            if self.idle:
-                self.drain.idle_scopes.add(scope)
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            finally:
-                self.drain.idle_scopes.discard(scope)
-        if scope.cancelled_caught:
-            if self.idle:
-                raise _Quit  # keep-alive idle timeout or shutdown: close silently
-            raise _Reply(408, "timeout", f"request not received within {self.limits.read_timeout:g} s")
+        if self.phase == _READING and not self.reading_timed:
+            # A request that began needs more bytes: from its first byte on (just
+            # received), it must arrive within read_timeout. Most requests come
+            # in one piece and never move the deadline from idle_timeout.
+            self.scope.deadline = trio.current_time() + self.limits.read_timeout  # type: ignore[union-attr]
+            self.reading_timed = True
+        data = await self.stream.receive_some(RECEIVE_SIZE)
         if self.idle and data:
-            # The request has begun: from now on it must arrive within read_timeout.
-            self.idle = False
-            self.deadline = trio.current_time() + self.limits.read_timeout
+            self.idle, self.phase = False, _READING
         return cast(bytes, data)  # a bytearray from the TLS stream: h11 takes it as is (no copy)
 
     async def _next_event(self) -> Any:
@@ -224,53 +268,53 @@ class _Connection:
             self.h11.receive_data(await self._receive())
 
     async def _read_request(self) -> Request:
-        # Bytes already buffered (pipelining) mean the next request has begun.
-        self.idle = not self.h11.trailing_data[0]
-        timeout = self.limits.idle_timeout if self.idle else self.limits.read_timeout
-        self.deadline = trio.current_time() + timeout
         event = await self._next_event()
         if isinstance(event, h11.ConnectionClosed):
             raise _Quit
         assert isinstance(event, h11.Request), event
-        headers = tuple((name.decode("ascii"), value.decode("latin-1")) for name, value in event.headers)
         # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
-        head_size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in headers)
-        # Once the head is read, refusals on a federation path are CBOR (Response.error).
-        path = event.target.decode("ascii", "replace")
+        head_size = len(event.target)
+        headers = []
+        length = None
+        for name, value in event.headers:
+            head_size += len(name) + len(value) + 4
+            if name == b"content-length":
+                length = value
+            headers.append((name.decode("ascii"), value.decode("latin-1")))
         if head_size > self.limits.max_header_bytes:
-            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes", path)
-        length = dict(headers).get("content-length")
+            # Once the head is read, refusals on a federation path are CBOR (Response.error).
+            raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes",
+                         event.target.decode("ascii", "replace"))
         limit = self.limits.max_body_bytes
         if length is not None and int(length) > limit:  # h11 validated it as digits
-            raise _Reply(413, "too_large", f"body over {limit} bytes", path)
+            raise _Reply(413, "too_large", f"body over {limit} bytes", event.target.decode("ascii", "replace"))
         if self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        body = bytearray()
+        parts, size = [], 0
         while True:
             part = await self._next_event()
-            if isinstance(part, h11.EndOfMessage):
+            if type(part) is h11.EndOfMessage:
                 break
             if isinstance(part, h11.ConnectionClosed):  # h11 raises for a truncated body; be safe
                 raise _Quit
-            body += part.data
-            if len(body) > limit:  # chunked bodies have no length up front
-                raise _Reply(413, "too_large", f"body over {limit} bytes", path)
+            parts.append(part.data)
+            size += len(part.data)
+            if size > limit:  # chunked bodies have no length up front
+                raise _Reply(413, "too_large", f"body over {limit} bytes", event.target.decode("ascii", "replace"))
         method, target = event.method.decode("ascii"), event.target.decode("ascii")  # h11 checked: ASCII
-        return Request(method, target, headers, bytes(body), self.peer)
+        body = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        return Request(method, target, tuple(headers), body, self.peer)
 
     # -- answering -------------------------------------------------------------
 
     async def _call_handler(self, request: Request) -> Response:
+        # Runs under the connection's scope, with handler_timeout as its deadline
+        # (a timeout is answered 503 by _serve_requests).
         try:
-            with trio.fail_after(self.limits.handler_timeout):
-                response = await self.handler(request)
+            response = await self.handler(request)
             if not isinstance(response, Response):
                 raise TypeError(f"handler returned {type(response).__name__}, not Response")
             return response
-        except trio.TooSlowError:
-            log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
-                        self.limits.handler_timeout)
-            return Response.error(503, "timeout", "the server took too long to answer", path=request.path)
         except Exception:
             # The traceback is for the operator's log only; it may hold secrets.
             log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
@@ -285,7 +329,6 @@ class _Connection:
             await self.stream.send_all(data)
 
     async def _send_response(self, response: Response, *, head: bool = False, close: bool = False) -> None:
-        reason = _REASONS.get(response.status, b"")  # an unregistered status is allowed, just unnamed
         # 204 and 304 carry no body, and so no content headers (RFC 9110).
         bodiless = response.status in (204, 304)
         headers: list[Any]  # (name, value) pairs, str or bytes: h11 takes either
@@ -297,14 +340,17 @@ class _Connection:
         if close:
             headers.append((b"connection", b"close"))
         try:
-            event = h11.Response(status_code=response.status, headers=headers, reason=reason)
+            # An unregistered status is allowed, just unnamed.
+            event = h11.Response(status_code=response.status, headers=headers,
+                                 reason=_REASONS.get(response.status, b""))
         except h11.LocalProtocolError:
             # A handler put an invalid header in its Response: its bug, answered as one.
             log.exception("invalid response headers for %s: %r", self.peer, response.headers)
             event = h11.Response(status_code=500, headers=[("content-length", "0"), ("connection", "close")])
             bodiless = True
         if response.body and not head and not bodiless:
-            await self._send(event, h11.Data(data=response.body), h11.EndOfMessage())
+            data = self.h11.send(event) + self.h11.send(h11.Data(data=response.body))
+            await self.stream.send_all(data + (self.h11.send(h11.EndOfMessage()) or b""))
         else:
             await self._send(event, h11.EndOfMessage())
 

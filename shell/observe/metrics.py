@@ -76,6 +76,9 @@ def peer_label(name: str | None, labelled: frozenset[str]) -> str:
     return name if name in labelled else OTHER
 
 
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+
+
 def code_label(code: str) -> str:
     return code if code in CODES else OTHER
 
@@ -106,6 +109,8 @@ class Metrics:
         self.authentication_seconds = Histogram("scaiwave_request_authentication_duration_seconds",
                                                 "Time to check one request signature", buckets=_VERIFY, registry=r)
         r.register(_StateCollector(self))
+        self._received_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._sent_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # -- feeding ------------------------------------------------------------------
 
@@ -120,13 +125,24 @@ class Metrics:
         return peer_label(name, self.labelled)
 
     def count_received(self, method: str, route: str, peer: str | None, code: str, seconds: float) -> None:
-        method = method if method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS") else OTHER
-        self.received.labels(method, route, self.peer(peer), code_label(code)).inc()
-        self.received_seconds.labels(method, route).observe(seconds)
+        method = method if method in _METHODS else OTHER
+        # The labelled children, looked up once per label set (labels() costs
+        # more than the count itself; every label here is bounded, see above).
+        key = (method, route, self.peer(peer) if peer else "", code if code in CODES else OTHER)
+        children = self._received_children.get(key)
+        if children is None:
+            children = self._received_children[key] = (self.received.labels(*key),
+                                                       self.received_seconds.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_sent(self, peer: str, method: str, route: str, code: str, seconds: float) -> None:
-        self.sent.labels(self.peer(peer), method, route, code_label(code)).inc()
-        self.sent_seconds.labels(route).observe(seconds)
+        key = (self.peer(peer), method, route, code if code in CODES else OTHER)
+        children = self._sent_children.get(key)
+        if children is None:
+            children = self._sent_children[key] = (self.sent.labels(*key), self.sent_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def instrument(self, service: Service, route_of: Callable[[str], str],
                    code_of: Callable[[int, bytes, str], str]) -> None:

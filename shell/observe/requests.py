@@ -21,7 +21,6 @@ log line unescaped.
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import json
 import logging
@@ -68,12 +67,24 @@ for _template in sorted(ROUTES, key=lambda t: sum(part.startswith("{") for part 
     _BY_LENGTH.setdefault(_template.count("/") + 1, []).append((_template, tuple(_template.split("/"))))
 
 
+_TEMPLATES: dict[str, str] = {}  # path -> its template, for paths seen lately (emptied when full)
+
+
 def route_template(path: str) -> str:
     """The template of ``path`` (without query) from :data:`ROUTES`, else ``"other"``.
 
     A ``{name}`` segment matches any one non-empty segment; literal segments
     must match exactly, and literals win over parameters.
     """
+    template = _TEMPLATES.get(path)
+    if template is None:
+        if len(_TEMPLATES) >= 4096:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[path] = _route_template(path)
+    return template
+
+
+def _route_template(path: str) -> str:
     parts = path.split("/")
     for template, split in _BY_LENGTH.get(len(parts), ()):
         if all(t == p or (p and t[:1] == "{") for t, p in zip(split, parts)):
@@ -133,22 +144,26 @@ def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
     async def observe(request: Request) -> Response:
         start = time.perf_counter()
         route = route_template(request.path)
-        audit = _Audit.begin(service, request, route)
+        audit = _Audit.begin(service, request, route) if route.startswith(_ADMIN) else None
         response = await handler(request)
         seconds = time.perf_counter() - start
-        code = outcome_code(response.status, response.body, response.content_type)
+        status = response.status
+        code = "ok" if status < 400 else outcome_code(status, response.body, response.content_type)
         peer = claimed_peer(request)
         metrics.count_received(request.method, route, peer, code, seconds)
-        access_log.info("%s %s %s %s peer=%s remote=%s %.1f ms", request.method[:16], route, response.status, code,
-                        peer or "-", request.peer or "-", seconds * 1000,
-                        extra={"fields": {"event": "access", "method": request.method[:16], "route": route,
-                                          "status": response.status, "code": code, "peer": peer,
-                                          "remote": request.peer, "duration_ms": round(seconds * 1000, 3)}})
+        if access_log.isEnabledFor(logging.INFO):
+            method, ms = request.method[:16], seconds * 1000
+            access_log.info("%s %s %s %s peer=%s remote=%s %.1f ms", method, route, status, code,
+                            peer or "-", request.peer or "-", ms,
+                            extra={"fields": {"event": "access", "method": method, "route": route,
+                                              "status": status, "code": code, "peer": peer,
+                                              "remote": request.peer, "duration_ms": round(ms, 3)}})
         if audit is not None:
             audit.end(service, response, code)
             ops.admin_changed()
-        date = _HttpDate.at(service.now())
-        return dataclasses.replace(response, headers=(*response.headers, ("date", date)))
+        # A new Response, not dataclasses.replace (which costs more than the rest of this).
+        return Response(status, response.body, response.content_type,
+                        (*response.headers, ("date", _HttpDate.at(service.now()))))
 
     return observe
 

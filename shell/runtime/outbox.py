@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from scaiwave_federation.core import Code, Event, PeerAgreed, Refused, RoomFacts
+from scaiwave_federation.core import Code, Event, Head, PeerAgreed, Refused, RoomFacts
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import decode_events_body, encode_events_body
@@ -85,6 +86,55 @@ class Outbox:
             # in backoff or paced is woken for by its answer or its time.
             self._wake_outbox.set()
 
+    async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
+                             client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
+                             lock: trio.Lock) -> list[Event]:
+        """Chain events onto the head of a room we host (``chain(head)``), store
+        them and queue them for every other server with joined members, all in
+        one storage call: one round trip and one durable write for a client's
+        post, a write that shares its commit with the posts queued next to it
+        (group commit, see ``AsyncStore.submit``). ``client_txn``: the user's
+        send answer for the last event, stored in that write. Returns the
+        events once stored, handed to the delivery machine in storage order.
+
+        ``lock`` (the room's) is held only while the call is queued: calls run
+        in order, so the next post reads this one's head, and whoever holds
+        the lock across several calls (reading the head, then storing) is
+        not overtaken."""
+        servers = push_targets(facts, self.config.server_name)
+        now = self.now()
+        tag = os.urandom(6).hex()
+
+        def write(store: Any) -> tuple[list[Event], list[int]]:
+            row = store.head(room_id)
+            events = chain(Head(row["depth"], row["event_id"]) if row else None)
+            body = encode_events_body([e.envelope for e in events])
+            items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body)
+                     for n, server in enumerate(servers)]
+            ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
+                                                 client_txn=client_txn(events[-1]) if client_txn else None)
+            return events, ids
+
+        def queued(result: tuple[list[Event], list[int]]) -> list[Event]:
+            # In the Trio thread, in storage order: the delivery machine sees
+            # each peer's events in the order they were chained.
+            events, ids = result
+            if ids:
+                envelopes = [e.envelope for e in events]
+                for server, item_id in zip(servers, ids):
+                    self.delivery.handle_enqueue(server, item_id, envelopes)
+                due = self.delivery.poll_timeout()
+                if due is not None and due <= self.now():
+                    self._wake_outbox.set()
+            return events
+
+        await lock.acquire()
+        try:
+            job = self.store.submit(write, group=True, then=queued)
+        finally:
+            lock.release()
+        return await job.wait()
+
     async def _load_outbox(self) -> None:
         """Hand the stored outbox to the delivery machine (at start, before serving)."""
         unreadable = []
@@ -135,7 +185,9 @@ class Outbox:
         while (event := self.delivery.poll()) is not None:
             try:
                 if isinstance(event, Delivered):
-                    await self.store.delivered_many(event.item_ids)
+                    # Grouped with the posts queued around it: it does not split their commit.
+                    ids = event.item_ids
+                    await self.store.submit(lambda store, ids=ids: store.delivered_many(ids), group=True).wait()
                 elif isinstance(event, Dropped):
                     # send() has already put the refusal in the peer's last_error.
                     log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)

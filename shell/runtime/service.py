@@ -273,14 +273,7 @@ class Service(Outbox, BackfillJobs):
         """A stored room, its facts and the federation switch of ``tenant`` (the
         caller's), read in one storage call (a client's post used to make
         five); None if there is no such room."""
-        def read(store: Store) -> tuple[dict[str, Any], RoomFacts, bool] | None:
-            room = store.get_room(room_id)
-            if room is None:
-                return None
-            facts = _facts(store, room)
-            return room, facts, facts.tenant_federates if tenant == room["tenant"] else _federates(store, tenant)
-
-        return await self.store.run(read)
+        return await self.store.run(lambda store: room_view_in(store, room_id, tenant))
 
     async def local_party(self, user_id: str) -> Party | None:
         """What the rules know of one of our users, or ``None`` if there is no
@@ -485,6 +478,15 @@ class Service(Outbox, BackfillJobs):
                     await self._save_keyring(effect.keyring)
                     log.info("federation key rotated on schedule: now %s", effect.keyring.current.key_id)
             await self.store.expire_nonces(now)
+
+
+def room_view_in(store: Store, room_id: str, tenant: str | None) -> tuple[dict[str, Any], RoomFacts, bool] | None:
+    """:meth:`Service.room_view`'s reads, on the storage thread (for a call that reads more)."""
+    room = store.get_room(room_id)
+    if room is None:
+        return None
+    facts = _facts(store, room)
+    return room, facts, facts.tenant_federates if tenant == room["tenant"] else _federates(store, tenant)
 
 
 def _federates(store: Store, tenant: str | None) -> bool:

@@ -114,6 +114,11 @@ class PostgresStore(Store):
     def _in_transaction(self) -> bool:
         return self.db.in_transaction
 
+    def _group_usable(self) -> bool:
+        # A failed statement outside a savepoint aborts the whole transaction,
+        # and COMMIT of an aborted transaction rolls it back without an error.
+        return not self.db.conn.closed and self.db.conn.info.transaction_status == pq.TransactionStatus.INTRANS
+
     @contextlib.contextmanager
     def _lazily(self) -> Iterator[None]:
         """Commit the block without waiting for the server's disk

@@ -78,7 +78,12 @@ class SqliteStore(Store):
     def _lazily(self) -> Iterator[None]:
         """Commit the block without waiting for the disk (``synchronous=NORMAL``
         for it): in WAL mode it is still atomic, and the next durable commit
-        (``FULL``, every other write) flushes it along with its own."""
+        (``FULL``, every other write) flushes it along with its own. Inside a
+        larger transaction (a group commit, see ``AsyncStore.submit``) that
+        transaction's commit decides (SQLite cannot change it midway)."""
+        if self.db.conn.in_transaction:
+            yield
+            return
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
             yield

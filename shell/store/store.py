@@ -153,6 +153,11 @@ class Store(AdminRows, OutboxRows, abc.ABC):
     def _in_transaction(self) -> bool:
         """True while a transaction is open on the connection."""
 
+    def _group_usable(self) -> bool:
+        """True while a group commit's transaction (``AsyncStore``) is open
+        and can still commit what it holds."""
+        return self._in_transaction()
+
     @abc.abstractmethod
     def _lazily(self) -> contextlib.AbstractContextManager[None]:
         """Commit the block without waiting for the disk: atomic still, and
