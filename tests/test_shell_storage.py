@@ -683,6 +683,27 @@ async def test_grouped_writes_share_a_commit_and_fail_alone(tmp_path: Path) -> N
         assert await astore.depths(ROOM) == [0, 1, 2, 3, 4, 9]
 
 
+async def test_a_group_commit_on_either_backend_fails_a_conflict_alone(store_target) -> None:
+    """The same group on SQLite and PostgreSQL (where a failed statement outside
+    a savepoint would abort the whole transaction): the conflict fails alone,
+    the others are stored and answered in order."""
+    async with await AsyncStore.open(store_target) as astore:
+        started, release = threading.Event(), threading.Event()
+        blocker = astore.submit(lambda s: started.set() or release.wait(10))
+        await trio.to_thread.run_sync(started.wait, 10)
+        jobs = [astore.submit(lambda s, d=d: s.store_events(ROOM, [ev(d)]), group=True) for d in range(3)]
+        clash = astore.submit(lambda s: s.store_events(ROOM, [ev(1, tag="other")]), group=True)
+        after = astore.submit(lambda s: s.store_events(ROOM, [ev(7)]), group=True)
+        release.set()
+        assert await blocker.wait() is True
+        assert [await j.wait() for j in jobs] == [1, 1, 1]
+        with pytest.raises(StorageError) as caught:
+            await clash.wait()
+        assert caught.value.code == "conflict"
+        assert await after.wait() == 1
+        assert await astore.depths(ROOM) == [0, 1, 2, 7]
+
+
 def test_store_usable_without_trio_after_async_use(store_target) -> None:
     async def main() -> None:
         async with await AsyncStore.open(store_target) as astore:

@@ -223,14 +223,14 @@ class _Worker:
                     fault = result.error  # the disk failed under the group: none of it stands
                     break
                 results.append(result)
+            if fault is None and not store._group_usable():
+                # (PostgreSQL answers COMMIT of an aborted transaction with a rollback, not an error.)
+                fault = StorageError("unavailable", "the grouped transaction was aborted")
             if fault is None:
                 try:
                     db.execute("COMMIT")
                 except BaseException as exc:  # noqa: BLE001
                     fault = exc
-            if fault is None and not store._group_usable():
-                # (PostgreSQL answers COMMIT of an aborted transaction with a rollback, not an error.)
-                fault = StorageError("unavailable", "the grouped transaction was aborted")
             if fault is not None and store._in_transaction():
                 try:
                     db.execute("ROLLBACK")
@@ -309,12 +309,14 @@ class AsyncStore:
         await self.close()
 
     async def close(self) -> None:
-        """Close the connection (the last one out checkpoints the WAL). Idempotent."""
+        """Close the connection. Idempotent."""
         try:
             await self.run(Store.close)
         finally:
             self._worker.stop()
 
+    describe = _offload(Store.describe)
+    probe_write = _offload(Store.probe_write)
     schema_version = _offload(Store.schema_version)
     save_keyring = _offload(Store.save_keyring)
     load_keyring = _offload(Store.load_keyring)
