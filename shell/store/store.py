@@ -37,6 +37,7 @@ import sqlite_utils
 from .schema import SCHEMA_VERSION, StorageError, migrate
 from .admin_rows import AdminRows
 from .outbox_rows import OutboxRows
+from .lease_rows import LeaseRows
 
 __all__ = [
     "DB_FILENAME",
@@ -85,7 +86,7 @@ class TxnOutcome:
     new_events: int
 
 
-class Store(AdminRows, OutboxRows):
+class Store(AdminRows, OutboxRows, LeaseRows):
     """Synchronous access to the scaiwave database.
 
     Not safe for use from several threads at the same time: the daemon goes
