@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .codes import Code, LocalProtocolError, Refused
@@ -310,11 +311,14 @@ class Delivery:
 
     # -- outputs -------------------------------------------------------------------
 
-    def poll_transmit(self, now: int) -> SendTransaction | None:
+    def poll_transmit(self, now: int, *, may_send: Callable[[str], bool] | None = None) -> SendTransaction | None:
         """The next transaction to send, or None (nothing due). Each peer has
-        at most one in flight; call again until None."""
+        at most one in flight; call again until None. ``may_send(peer)``:
+        whether this host may send to ``peer`` now (a worker that does not
+        hold the peer's lease, ``core.leases``, must not); its queue waits."""
         for peer, state in self._peers.items():
-            if state.in_flight is None and not state.paused and state.queue and self._due_at(state) <= now:
+            if state.in_flight is None and not state.paused and state.queue and self._due_at(state) <= now \
+                    and (may_send is None or may_send(peer)):
                 state.last_start = now
                 return self._build(peer, state)
         return None
@@ -323,11 +327,17 @@ class Delivery:
         """The next thing the host must carry out, or None."""
         return self._events.popleft() if self._events else None
 
-    def poll_timeout(self) -> int | None:
+    def poll_timeout(self, *, may_send: Callable[[str], bool] | None = None) -> int | None:
         """When (ms) a waiting queue becomes due; None if none waits on time.
-        A time at or before now means :meth:`poll_transmit` has work."""
-        return min((self._due_at(s) for s in self._peers.values()
-                    if s.in_flight is None and not s.paused and s.queue), default=None)
+        A time at or before now means :meth:`poll_transmit` has work.
+        ``may_send``: as for :meth:`poll_transmit`."""
+        return min((self._due_at(s) for p, s in self._peers.items()
+                    if s.in_flight is None and not s.paused and s.queue and (may_send is None or may_send(p))),
+                   default=None)
+
+    def queued(self, item_id: int) -> bool:
+        """Whether item ``item_id`` is queued (in flight included) for any peer."""
+        return any(item_id in s.ids for s in self._peers.values())
 
     def pending(self, peer: str | None = None) -> int:
         """Items queued for ``peer`` (or all peers), in flight included."""

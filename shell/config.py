@@ -86,6 +86,9 @@ class Config:
     outbound_deadline_ms: int = 30_000
     outbound_per_peer: int = 8
     catch_ups_per_peer: int = 2
+    # Several workers on one database (core.leases, shell.runtime.workers).
+    lease_ms: int = 10_000
+    outbox_poll_ms: int = 100
 
     @property
     def server_host(self) -> str:
@@ -359,6 +362,11 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "outbound_deadline": (_plain(_parse_interval), 30_000),
     "outbound_per_peer": (_plain(_parse_count), 8),
     "catch_ups_per_peer": (_plain(_parse_count), 2),
+    # Workers sharing one database: how long a worker's leases (delivery to a
+    # peer, the singleton jobs) outlive it, and how often each worker reads
+    # the outbox rows other workers queued for the peers it delivers to.
+    "lease": (_plain(_parse_interval), 10_000),
+    "outbox_poll": (_plain(_parse_interval), 100),
     # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
     # puller's refusal against a deliberately broken peer). Logged loudly.
     "test_tamper_backfill": (_plain(_expect_str), None),
@@ -431,6 +439,8 @@ def load_config(env: Mapping[str, str], toml_path: Path | None = None) -> Config
         clock_offset_ms=values.pop("clock_offset"),
         key_refetch_interval_ms=values.pop("key_refetch_interval"),
         outbound_deadline_ms=values.pop("outbound_deadline"),
+        lease_ms=values.pop("lease"),
+        outbox_poll_ms=values.pop("outbox_poll"),
         **values,
     )
 

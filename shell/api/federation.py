@@ -22,10 +22,15 @@ from ..runtime import timings
 from ..http.errors import cbor_error
 from ..http.server import Request, Response
 from ..runtime.service import Service
+from ..store.store import StorageError
 
 log = logging.getLogger("scaiwave.federation")
 
 __all__ = ["handle_federation"]
+
+#: How often a transaction is decided again when another worker chained in
+#: its rooms first (a fork from the host itself fails every time).
+_CHAIN_ATTEMPTS = 5
 
 
 async def handle_federation(service: Service, request: Request) -> Response:
@@ -59,7 +64,12 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
     if isinstance(auth, Refused):
         log.info("refused %s %s: %s", request.method, request.path[:120], auth)
         return cbor_error(auth)
-    await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
+    # The database's replay window is the authority (workers share it): a
+    # request another worker received already is refused here too.
+    replayed = node.nonce_stored(await service.store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at))
+    if replayed is not None:
+        log.info("refused %s %s: %s", request.method, request.path[:120], replayed)
+        return cbor_error(replayed)
     await service.peer_seen(auth.origin)
     service.peer_inbound(auth.origin)
     if route.endpoint == "handshake":
@@ -143,7 +153,16 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
     async with contextlib.AsyncExitStack() as locks:
         for room_id in sorted({r.room_id for r in results if isinstance(r, Event)}):
             await locks.enter_async_context(service.room_lock(room_id))
-        return await _apply(service, auth, txn_id, results, context)
+        for attempt in range(_CHAIN_ATTEMPTS):
+            try:
+                return await _apply(service, auth, txn_id, results, context)
+            except StorageError as exc:
+                # Another worker chained in one of these rooms meanwhile (the
+                # room lock is per process): decide again on the new heads.
+                # Nothing of the failed try was stored (one transaction).
+                if exc.code != "conflict" or attempt == _CHAIN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 async def _apply(service: Service, auth: Authenticated, txn_id: str, results: list[Any],

@@ -105,7 +105,14 @@ class BackfillJobs:
             async with slots:
                 # Descriptor fetches this pull causes are charged to the host.
                 fetch_cause.set(job.peer)
-                await self._run_backfill(job)
+                if await self.take_pull(job.room_id):
+                    try:
+                        await self._run_backfill(job)
+                    finally:
+                        await self.end_pull(job.room_id)
+                else:  # another worker is filling this room's gap: once is enough
+                    job.state = "done"
+                    job.done.set()
         finally:
             self._catch_ups.pop(job.room_id, None)
             started.discard(job.id)
@@ -117,8 +124,21 @@ class BackfillJobs:
     def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
         job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=peer, limit=limit)
         self.jobs[job.id] = job
-        nursery.start_soon(self._run_backfill, job)
+        nursery.start_soon(self._run_admin_backfill, job)
         return job
+
+    async def _run_admin_backfill(self, job: BackfillJob) -> None:
+        """An admin's pull, holding the room's pull lease (one pull of a room at
+        a time across workers: two would store the same pages twice over)."""
+        if not await self.take_pull(job.room_id):
+            job.state = "failed"
+            job.error = Refused(Code.CONFLICT, f"{job.room_id} is being pulled by another worker").as_dict()
+            job.done.set()
+            return
+        try:
+            await self._run_backfill(job)
+        finally:
+            await self.end_pull(job.room_id)
 
     async def _run_backfill(self, job: BackfillJob) -> None:
         try:

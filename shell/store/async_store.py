@@ -172,3 +172,4 @@ class AsyncStore:
     outbox_ids = _offload(Store.outbox_ids)
     outbox_rows = _offload(Store.outbox_rows)
     queued_peers = _offload(Store.queued_peers)
+    shared_change = _offload(Store.shared_change)

@@ -91,10 +91,9 @@ class LeaseRows:
 
     # -- the outbox, as its owner reads it -------------------------------------------
 
-    def outbox_after(self, after_id: int, limit: int = 1000) -> list[Row]:
-        """Queued rows with ``id > after_id`` (their peer, body and backoff), by id."""
-        return self._all("SELECT id, peer, body, attempts, next_attempt_at FROM outbox WHERE id > ?"
-                         " ORDER BY id LIMIT ?", after_id, limit)
+    def outbox_after(self, after_id: int, limit: int = 5000) -> list[Row]:
+        """``id`` and ``peer`` of the queued rows with ``id > after_id``, by id."""
+        return self._all("SELECT id, peer FROM outbox WHERE id > ? ORDER BY id LIMIT ?", after_id, limit)
 
     def outbox_ids(self, peers: Sequence[str]) -> list[tuple[int, str]]:
         """``(id, peer)`` of every row queued for ``peers``, by id."""
