@@ -84,6 +84,6 @@ def test_a_version_2_file_upgrades_keeping_its_users_and_peers(tmp_path) -> None
     db.execute("INSERT INTO peers (server_name, state) VALUES ('peer.test', 'active')")
     conn.close()
     with Store.open(data) as store:
-        assert store.schema_version() == 3
+        assert store.schema_version() == schema.SCHEMA_VERSION
         assert store.user_by_token_hash("h1")["deactivated_at"] is None
         assert store.get_peer("peer.test")["paused"] == 0 and store.paused_peers() == set()

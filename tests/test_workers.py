@@ -117,10 +117,10 @@ def test_two_workers_one_name(tmp_path: Path) -> None:
     front, workers = bed.add_workers("a.test", 2, database=database, extra=env)
     b = bed.add("b.test", extra=env)
     try:
+        b.start()
         for worker in workers:
             worker.start()
         front.passthrough.start()
-        b.start()
         pairs = [peered_dm(front, b)] + [_dm(front, b, n) for n in range(1, PAIRS)]
         failures: list[str] = []
         threads = []

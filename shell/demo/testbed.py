@@ -239,15 +239,16 @@ class PassThrough:
         self.port = port
         self.backends = backends
         self._next = 0
-        self._sock: socket.socket | None = None
         self._stopped = False
-
-    def start(self) -> None:
+        # Bound at once, so no outgoing connection takes the port meanwhile;
+        # connections wait in the backlog until start().
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         sock.listen(128)
-        self._sock = sock
+        self._sock: socket.socket | None = sock
+
+    def start(self) -> None:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stop(self) -> None:

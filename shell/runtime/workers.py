@@ -92,6 +92,7 @@ class Workers:
         self._finished: dict[int, int | None] = {}
         self._looks = 0
         self._claiming: set[str] = set()
+        self._wanted: set[str] = set()  # peer leases with rows queued, as of the last looks
         self._paused: set[str] = set()
 
     @property
@@ -142,8 +143,12 @@ class Workers:
         now = self.now()
         if name in self._claiming or self.leases.holder(name, now) is not None:
             return
-        for claim in self.leases.want([name], now, spread=False):
-            await self._take(claim)
+        self._wanted.add(name)
+        # This worker's share of the peers with queued rows (core.leases): a
+        # peer past it is left to a worker with room, whose look finds it.
+        for claim in self.leases.want(self._wanted, now):
+            if claim.name not in self._claiming:
+                await self._take(claim)
 
     async def _take(self, claim: Claim) -> None:
         """Claim a peer and, if taken, load its queue before anything else is
@@ -250,17 +255,17 @@ class Workers:
         if mine:
             ids = [r["id"] for r in new if r["peer"] in mine and r["id"] not in self._finished]
             handed += await self._hand_over(await self.store.outbox_rows(ids), mine)
-        wanted = {r["peer"] for r in new}
+        self._wanted |= {peer_lease(r["peer"]) for r in new}
         if resync:
             # Now and then, everything: peers queued for before this look's
             # window, and rows of ours committed behind a newer id.
-            wanted |= set(await self.store.queued_peers())
+            self._wanted = {peer_lease(p) for p in await self.store.queued_peers()}
             held = [n[len(_PEER_PREFIX):] for n in self.leases.held() if n.startswith(_PEER_PREFIX)]
             ids = [i for i, _ in await self.store.outbox_ids(held)
                    if i not in self._finished and not self.delivery.queued(i)]
             if ids:
                 handed += await self._hand_over(await self.store.outbox_rows(ids), set(held))
-        for claim in self.leases.want({peer_lease(p) for p in wanted}, now):
+        for claim in self.leases.want(self._wanted, now):
             if claim.name not in self._claiming:
                 await self._take(claim)
         # Forget finished ids no look can see any more (removed before this look began).
