@@ -8,6 +8,7 @@ while TLS still checks the names.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -238,7 +239,7 @@ class PassThrough:
     def __init__(self, port: int, backends: list[int]) -> None:
         self.port = port
         self.backends = backends
-        self._next = 0
+        self._next = itertools.count()
         self._stopped = False
         # Bound at once, so no outgoing connection takes the port meanwhile;
         # connections wait in the backlog until start().
@@ -266,9 +267,9 @@ class PassThrough:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        for _ in range(len(self.backends)):
-            port = self.backends[self._next % len(self.backends)]
-            self._next += 1
+        start = next(self._next)  # itertools.count: one number per connection, across threads
+        for k in range(len(self.backends)):
+            port = self.backends[(start + k) % len(self.backends)]
             try:
                 backend = socket.create_connection(("127.0.0.1", port), timeout=5)
             except OSError:
