@@ -22,7 +22,10 @@ quinn-proto way, with time passed in as integer milliseconds:
 Rules, all here:
 
 - **Order.** One transaction in flight per peer; a peer's items go out in
-  the order they were queued. Peers are independent: one that is down or
+  the order of their ids (the order the outbox stored them): an item handed
+  over late with a lower id (a worker picking up rows other workers queued,
+  ``core.leases``) goes before the higher ids still waiting, never before
+  what is already in flight. Peers are independent: one that is down or
   slow holds up only its own queue.
 - **Batching.** A transaction carries the items at the head of the queue,
   up to :data:`BATCH_EVENTS` events and :data:`BATCH_BYTES` bytes (as
@@ -222,7 +225,15 @@ class Delivery:
         if not state.queue:
             state.failures, state.retry_at = max(0, attempts), retry_at
         envelopes = tuple(envelopes)
-        state.queue.append(_Item(item_id, envelopes, sum(len(e) for e in envelopes)))
+        item = _Item(item_id, envelopes, sum(len(e) for e in envelopes))
+        if state.queue and item_id < state.queue[-1].id:
+            # Behind what is in flight, before the first higher id waiting.
+            at = len(state.in_flight.item_ids) if state.in_flight is not None else 0
+            while at < len(state.queue) and state.queue[at].id < item_id:
+                at += 1
+            state.queue.insert(at, item)
+        else:
+            state.queue.append(item)
         state.ids.add(item_id)
         state.events += len(envelopes)
         return True

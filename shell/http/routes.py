@@ -170,9 +170,11 @@ class RouteTable:
         """Answer ``request`` from the table: every expected failure is a JSON refusal."""
         try:
             route, texts = self.match(request.method, request.path)
-            if request.path.startswith(_SHARED_STATE_PATHS):
+            if request.path.startswith(_SHARED_STATE_PATHS) and not service.alone():
                 # The admin API and our descriptor answer the same on every
-                # worker: a key or policy another worker changed is loaded first.
+                # worker: a key or policy another worker changed is loaded first
+                # (one read; a worker alone has nobody to hear from but its
+                # look, every outbox_poll, so its descriptor costs no read).
                 await service.refresh_shared()
             caller = await route.auth.check(service, request) if route.auth.check else None
             params = {name: route.params[name].parse_text(text, name) for name, text in texts.items()}
