@@ -245,6 +245,8 @@ class Service(Outbox, BackfillJobs, Workers):
     async def learn_descriptor(self, server: str, *, force: bool = False, key_id: str | None = None) -> Refused | None:
         """Fetch and cache ``server``'s keys (respecting the core's rate limit unless forced)."""
         now = self.now()
+        if not force and not self.alone() and await self._shared_descriptor(server, key_id):
+            return None
         if not force:
             # Traffic never makes us fetch from a server our policy does not
             # admit (the core decides), nor more often than its rate limit.
@@ -267,6 +269,19 @@ class Service(Outbox, BackfillJobs, Workers):
         await self.store.save_descriptor(server, data.decode(), now)
         await self.store.upsert_peer(server, key_id=entry.keys.key_id)
         return None
+
+    async def _shared_descriptor(self, server: str, key_id: str | None) -> bool:
+        """Another worker's copy: a descriptor of ``server`` that a worker on
+        this database fetched later than ours, learned from the database
+        instead of the network. True if it has ``key_id`` (or any, for None)."""
+        row = await self.store.get_peer(server)
+        if not row or not row.get("descriptor") or row.get("descriptor_fetched_at") is None:
+            return False
+        cached = self.node.keys.get(server)
+        if cached is not None and cached.fetched_at >= row["descriptor_fetched_at"]:
+            return False
+        entry = self.node.learn_descriptor(server, row["descriptor"].encode(), row["descriptor_fetched_at"])
+        return not isinstance(entry, Refused) and (key_id is None or entry.keys.knows(key_id))
 
     # -- peer bookkeeping ----------------------------------------------------------------
 
