@@ -34,7 +34,7 @@ from scaiwave_federation.shell.store.store import Store
 #: Messages in all: 1,000 each way, from PAIRS senders on each side (each
 #: pair in a DM hosted on a), so the test is not bound by one sender's round trips.
 MESSAGES = 2000
-PAIRS = 4
+PAIRS = 8
 PER_SENDER = MESSAGES // (2 * PAIRS)
 #: Short leases so that the killed worker's peer is taken over quickly.
 LEASE = "1500ms"
