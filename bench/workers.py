@@ -16,14 +16,17 @@ both peers stored the last message.
 2. **two workers** (the first restarted, both running: each delivers to one
    peer, ``core.leases`` spreads them, and each takes half the posts).
 
-Target: two workers deliver >= 0.8x what one does. Why not more: on this
-2-core machine the two peers and the load generator share the cores with
-the workers, and the workers share one SQLite file, whose writes (every post
-is a durable commit) go one at a time; what two workers can show here is
-that the sharing itself (leases, the outbox look every 100 ms, the shared
-write lock, chains lost to the other worker and chained again) costs little.
-On a machine with cores to spare and PostgreSQL, posting scales with
-workers. Prints the figures, the ratio and PASS/FAIL; exits 1 on a miss.
+Target: two workers deliver >= 1.0x what one does (never less). Why this
+target: a post is mostly Python on one core (TLS, HTTP, signing, the event
+chain; one process holds the GIL), so a second worker can use the second
+core, and in this setup it does (1.2x to 2.0x measured); but on this 2-core
+machine the two peers and the load generator share those cores, and every
+post is a durable commit to one SQLite file, one writer at a time, so the
+figure swings with the machine's load. What must hold on any machine is
+that the sharing (leases, the outbox look every 100 ms, the shared write
+lock, a chain lost to the other worker and chained again, peers handed over
+when the second worker starts) costs less than the second worker brings.
+Prints the figures, the ratio and PASS/FAIL; exits 1 on a miss.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 from bench.httpload import Conn
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, wait_until
 
-TARGET = 0.8
+TARGET = 1.0
 
 
 def stored_messages(server: Server, room: str) -> int:
@@ -130,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         dms = setup(front, peers)
         deliver(front, dms, 100, args.clients, "warm-up")
         one = deliver(front, dms, args.messages, args.clients, "one")
-        # Two workers: the first restarted (a clean stop gives its leases up),
-        # both running; a few posts, then each holds one peer's delivery.
+        # Two workers: the first restarted, both running; a few posts, then
+        # each holds one peer's delivery (core.leases spreads them).
         workers[0].stop()
         for worker in workers:
             worker.start()
         deliver(front, dms, 100, args.clients, "warm-up 2")
         spread = wait_until(lambda: (lambda h: h if len(set(h.values())) == 2 and len(h) == 2 else None)(holders(front)),
-                            timeout=15)
+                            timeout=30)
         two = deliver(front, dms, args.messages, args.clients, "two")
     finally:
         bed.stop()

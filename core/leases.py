@@ -49,7 +49,9 @@ Rules, all here:
   than its share (wanted names over live workers, rounded up; a worker is
   live while its ``worker:<owner>`` lease is); past its share it leaves the
   lease to a worker with room, unless nobody took it within
-  :attr:`Leases.grace_ms` (no name waits for ever).
+  :attr:`Leases.grace_ms` (no name waits for ever). A worker holding more
+  than its share while another holds less gives the difference up
+  (:meth:`Leases.surplus`): a worker that starts later gets its share.
 """
 
 from __future__ import annotations
@@ -209,6 +211,29 @@ class Leases:
                 room -= 1
                 claims.append(self.claim(name, now))
         return claims
+
+    def surplus(self, names: list[str] | tuple[str, ...] | set[str], now: int) -> list[str]:
+        """Leases among ``names`` this worker should give up so that the live
+        workers share them (a worker that started later, or came back, gets
+        its share): those held beyond this worker's share, while some other
+        live worker holds fewer than its share. Never one of them otherwise,
+        so two workers never hand a lease back and forth."""
+        names = sorted(set(names))
+        live = self.live_workers(now)
+        if live == 1 or not names:
+            return []
+        share = -(-len(names) // live)
+        mine = [n for n in names if n in self._held]
+        if len(mine) <= share:
+            return []
+        workers = {r.owner for r in self._others.values() if r.name.startswith("worker:") and not self.stale(r, now)}
+        held = {owner: 0 for owner in workers - {self.owner}}
+        wanted = set(names)
+        for row in self._others.values():
+            if row.name in wanted and row.owner in held and not self.stale(row, now):
+                held[row.owner] += 1
+        room = sum(max(0, share - count) for count in held.values())
+        return mine[len(mine) - min(room, len(mine) - share):]
 
     def claim(self, name: str, now: int) -> Claim:
         """The claim of ``name`` (for a job this worker must run itself)."""

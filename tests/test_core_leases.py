@@ -87,6 +87,10 @@ class Worker:
         if renew is not None:
             self.table.renew(renew)
             self.leases.handle_renewed(renew, list(self.table.rows.values()), now)
+        for name in self.leases.surplus(wanted, now):
+            release = self.leases.release(name)
+            assert release is not None
+            self.table.release(release)
         for claim in self.leases.want(wanted, now):
             self.do(claim)
         if not self.leases.holds(TIMERS, now):
@@ -256,3 +260,22 @@ def test_misuse() -> None:
     with pytest.raises(LocalProtocolError):
         leases.handle_claim(Claim(name="x", owner="b", expires_at=1, now=0), True, None)
     assert leases.release("x") is None
+
+
+def test_a_worker_that_starts_later_gets_its_share() -> None:
+    table = Table()
+    a = Worker("a", table, 0)
+    names = set(PEERS)
+    a.tick(0, names, Jobs())
+    assert all(a.leases.holds(n, 0) for n in names)  # alone: everything
+    b = Worker("b", table, 1)
+    b.tick(1, names, Jobs())
+    assert not any(b.leases.holds(n, 1) for n in names)  # all held by a live worker
+    now = a.leases.renew_ms
+    a.tick(now, names, Jobs())  # a's renewal shows b alive with nothing: a gives up two
+    assert sum(a.leases.holds(n, now) for n in names) == 2
+    b.tick(now + 1, names, Jobs())  # b's own renewal: it reads who holds what, and takes the rest
+    assert sum(b.leases.holds(n, now + 1) for n in names) == 2
+    # Balanced: nobody gives anything up any more.
+    later = now + 1 + a.leases.renew_ms
+    assert a.leases.surplus(names, later) == [] and b.leases.surplus(names, later) == []

@@ -167,6 +167,8 @@ class Workers:
             self._wake_outbox.set()
 
     async def _load_peer(self, peer: str) -> None:
+        if peer in self._paused:
+            self.delivery.pause(peer)
         ids = [i for i, _ in await self.store.outbox_ids([peer]) if i not in self._finished]
         await self._hand_over(await self.store.outbox_rows(ids), {peer})
 
@@ -265,6 +267,8 @@ class Workers:
                    if i not in self._finished and not self.delivery.queued(i)]
             if ids:
                 handed += await self._hand_over(await self.store.outbox_rows(ids), set(held))
+        if resync:
+            await self._spread(now)
         for claim in self.leases.want(self._wanted, now):
             if claim.name not in self._claiming:
                 await self._take(claim)
@@ -273,6 +277,22 @@ class Workers:
             del self._finished[item_id]
         if handed:
             self._wake_outbox.set()
+
+    async def _spread(self, now: int) -> None:
+        """Give up the peers past this worker's share while another worker has
+        room (core.leases decides which), each once nothing is in flight to it:
+        the other worker takes its queue over from the outbox."""
+        for name in self.leases.surplus(self._wanted, now):
+            peer = name[len(_PEER_PREFIX):]
+            if not name.startswith(_PEER_PREFIX) or self.delivery.in_flight(peer) is not None:
+                continue
+            release = self.leases.release(name)
+            if release is None:
+                continue
+            self.delivery.forget(peer)
+            await self.store.release_lease(release.name, release.owner)
+            log.info("delivery to %s left to another worker (peers spread over %s workers)", peer,
+                     self.leases.live_workers(now))
 
     # -- shared state ------------------------------------------------------------------
 
