@@ -255,8 +255,12 @@ class Workers:
         mine = {p for p in {r["peer"] for r in new} if self.delivers_to(p)}
         handed = 0
         if mine:
-            ids = [r["id"] for r in new if r["peer"] in mine and r["id"] not in self._finished]
-            handed += await self._hand_over(await self.store.outbox_rows(ids), mine)
+            # Rows this worker queued itself are in the machine already: only
+            # the others' are read (their bodies) and handed over.
+            ids = [r["id"] for r in new if r["peer"] in mine and r["id"] not in self._finished
+                   and not self.delivery.queued(r["id"])]
+            if ids:
+                handed += await self._hand_over(await self.store.outbox_rows(ids), mine)
         self._wanted |= {peer_lease(r["peer"]) for r in new}
         if resync:
             # Now and then, everything: peers queued for before this look's
