@@ -303,6 +303,13 @@ def _parse_interval(value: object, setting: str) -> int:
     return ms
 
 
+def _parse_lease(value: object, setting: str) -> int:
+    ms = _parse_interval(value, setting)
+    if ms < 100:
+        raise ConfigError(f"{setting}: must be at least 100ms (renewed every third of it), got {value!r}", setting)
+    return ms
+
+
 def _parse_count(value: object, setting: str) -> int:
     """A positive integer, from TOML or the environment; at most a million."""
     text = str(value).strip()
@@ -365,7 +372,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     # Workers sharing one database: how long a worker's leases (delivery to a
     # peer, the singleton jobs) outlive it, and how often each worker reads
     # the outbox rows other workers queued for the peers it delivers to.
-    "lease": (_plain(_parse_interval), 10_000),
+    "lease": (_plain(_parse_lease), 10_000),
     "outbox_poll": (_plain(_parse_interval), 100),
     # ROOM_ID@DEPTH: serve that event tampered in backfill pages (tests the
     # puller's refusal against a deliberately broken peer). Logged loudly.

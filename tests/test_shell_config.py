@@ -426,7 +426,8 @@ def test_limits_have_sane_defaults_and_reach_the_core(env: dict[str, str]) -> No
 @pytest.mark.parametrize("setting, value", [
     ("SCAIWAVE_FEDERATION_RATE", "0"), ("SCAIWAVE_FEDERATION_BURST", "-3"), ("SCAIWAVE_OUTBOUND_PER_PEER", "lots"),
     ("SCAIWAVE_CATCH_UPS_PER_PEER", "1.5"), ("SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL", "99999999999"),
-    ("SCAIWAVE_OUTBOUND_DEADLINE", "0s"),
+    ("SCAIWAVE_OUTBOUND_DEADLINE", "0s"), ("SCAIWAVE_LEASE", "50ms"), ("SCAIWAVE_LEASE", "soon"),
+    ("SCAIWAVE_OUTBOX_POLL", "0"),
 ])
 def test_bad_limits_name_their_setting(env: dict[str, str], setting: str, value: str) -> None:
     assert config_error({**env, setting: value}).startswith(f"{setting}: ")
@@ -437,3 +438,14 @@ def test_limits_from_toml(env: dict[str, str], tmp_path: Path) -> None:
     path.write_text("federation_concurrent = 3\noutbound_deadline = \"45s\"\n")
     config = load_config(env, path)
     assert config.federation_concurrent == 3 and config.outbound_deadline_ms == 45_000
+
+
+def test_worker_settings(env: dict[str, str], tmp_path: Path) -> None:
+    config = load_config(env)
+    assert (config.lease_ms, config.outbox_poll_ms) == (10_000, 100)
+    config = load_config({**env, "SCAIWAVE_LEASE": "1500ms", "SCAIWAVE_OUTBOX_POLL": "20ms"})
+    assert (config.lease_ms, config.outbox_poll_ms) == (1500, 20)
+    path = tmp_path / "workers.toml"
+    path.write_text('lease = "30s"\noutbox_poll = 250\n')
+    config = load_config(env, path)
+    assert (config.lease_ms, config.outbox_poll_ms) == (30_000, 250)

@@ -227,7 +227,11 @@ class Workers:
         renew leases when due (see the module doc)."""
         while True:
             await self.look()
-            await trio.sleep(self.config.outbox_poll_ms / 1000)
+            delay = self.config.outbox_poll_ms
+            renew = self.leases.poll_timeout()
+            if renew is not None:  # never late for a renewal, whatever the poll interval
+                delay = min(delay, max(0, renew - self.now()))
+            await trio.sleep(delay / 1000)
 
     async def look(self) -> None:
         """One look: the shared state, due renewals, new outbox rows, claims."""
