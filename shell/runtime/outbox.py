@@ -163,7 +163,7 @@ class Outbox:
         return dropped
 
     async def retry_now(self, peer: str) -> int:
-        count = await self.store.reset_retry(peer, self.now())
+        count = await self.shared_change(lambda store: store.reset_retry(peer, self.now()))
         self.delivery.retry_now(peer, self.now())
         self._wake_outbox.set()
         return count

@@ -331,12 +331,21 @@ class Workers:
             self.delivery.resume(peer)
             self._wake_outbox.set()
         self._paused = paused
+        now = self.now()
         for name in self.leases.held():
             peer = name[len(_PEER_PREFIX):]
-            if name.startswith(_PEER_PREFIX) and peer not in peers and self.delivery.pending(peer):
+            if not name.startswith(_PEER_PREFIX):
+                continue
+            if peer not in peers and self.delivery.pending(peer):
                 # Forgotten by an admin on another worker: its queue went with it.
                 self.delivery.forget(peer)
                 self.node.keys.forget(peer)
+            elif self.delivery.backoff(peer)[1] > now:
+                queued = await self.store.outbox_ids([peer])
+                head = await self.store.outbox_rows([queued[0][0]]) if queued else []
+                if head and head[0]["next_attempt_at"] <= now:  # an admin's "retry now" on another worker
+                    self.delivery.retry_now(peer, now)
+                    self._wake_outbox.set()
         self._generation = generation
 
     async def shared_change(self, change: Any, *, expect: int | None = None) -> Any:
