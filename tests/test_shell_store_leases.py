@@ -73,6 +73,16 @@ def test_outbox_reads_of_a_worker(store: Store) -> None:
     assert store.queued_peers() == ["p.test", "q.test"]
 
 
+def test_backfill_jobs_are_shared_rows(store: Store) -> None:
+    first = store.save_job(None, {"room_id": "!r:h", "state": "running", "stored": 0}, 10)
+    second = store.save_job(None, {"room_id": "!s:h", "state": "running", "stored": 0}, 20)
+    assert second > first
+    assert store.save_job(first, {"id": first, "room_id": "!r:h", "state": "done", "stored": 9}, 30) == first
+    assert store.get_job(first) == {"id": first, "room_id": "!r:h", "state": "done", "stored": 9}
+    assert store.prune_jobs(25) == 1  # the second, last changed at 20
+    assert store.get_job(second) is None and store.get_job(first) is not None
+
+
 def test_a_version_3_file_gets_the_lease_tables(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / DB_FILENAME, isolation_level=None)
     assert schema.migrate(sqlite_utils.Database(conn), schema.MIGRATIONS[:3]) == 3

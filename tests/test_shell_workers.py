@@ -12,7 +12,7 @@ import trio
 
 from scaiwave_federation.core import TIMERS, Policy, encode_events_body, peer_lease
 from scaiwave_federation.shell.config import load_config
-from scaiwave_federation.shell.runtime.service import Service
+from scaiwave_federation.shell.runtime.service import BackfillJob, Service
 
 from shellhelpers import make_env
 
@@ -48,6 +48,14 @@ async def test_two_workers_share_state_and_split_the_work(tmp_path: Path, ca) ->
         await two.set_policy(policy)
         await one.look()
         assert one.node.policy.as_dict() == policy.as_dict()
+
+        # A backfill job one worker runs is answered for by the other.
+        job = BackfillJob(id=0, room_id="!r:peer.test", peer=PEER, limit=10)
+        await one._new_job(job)
+        job.stored, job.state = 7, "done"
+        await one.store.save_job(job.id, job.view(), one.now())
+        assert await two.job_view(job.id) == job.view() == await one.job_view(job.id)
+        assert await two.job_view(job.id + 1) is None
 
         # Rows queued for a peer: one worker takes its delivery, the other does not.
         body = encode_events_body([b"\x83\x41a\x41b\x41c"])

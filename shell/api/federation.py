@@ -189,7 +189,7 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
         [{**e.as_record(), "room_id": e.room_id} for e in decision.store])
     work.store_done(started, outcome.new_events)
     for catch_up in decision.catch_ups:
-        service.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
+        await service.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
     for room_id in dict.fromkeys(e.room_id for e in decision.chained):
         # Every member server, the proposer included, gets the room's events
         # in order through one channel (the outbox); the copy in this reply is

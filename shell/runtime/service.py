@@ -62,6 +62,8 @@ __all__ = ["Service", "BackfillJob"]
 
 #: ``last_seen`` is written at most this often per peer (see Service.peer_seen).
 SEEN_RESOLUTION_MS = 1000
+#: Backfill jobs' views are kept this long after their last change (the admin API's answer).
+JOBS_KEPT_MS = 7 * 86_400_000
 #: How long a background loop waits after a full or failing disk before it tries again.
 STORAGE_RETRY_S = 1.0
 
@@ -529,6 +531,7 @@ class Service(Outbox, BackfillJobs, Workers):
                     log.info("federation key rotated on schedule: now %s", effect.keyring.current.key_id)
             if singleton:
                 await self.store.expire_nonces(now)
+                await self.store.prune_jobs(now - JOBS_KEPT_MS)
 
 
 def _federates(store: Store, tenant: str | None) -> bool:

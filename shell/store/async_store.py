@@ -173,3 +173,6 @@ class AsyncStore:
     outbox_rows = _offload(Store.outbox_rows)
     queued_peers = _offload(Store.queued_peers)
     shared_change = _offload(Store.shared_change)
+    save_job = _offload(Store.save_job)
+    get_job = _offload(Store.get_job)
+    prune_jobs = _offload(Store.prune_jobs)

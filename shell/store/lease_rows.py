@@ -10,6 +10,7 @@ is portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT ... DO UPDATE
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ class LeaseRows:
     _one: Any
     _x: Any
     _scalar: Any
+    _insert: Any
 
     # -- leases ----------------------------------------------------------------------
 
@@ -88,6 +90,28 @@ class LeaseRows:
             result = change()
             self._x("UPDATE generations SET value = value + 1 WHERE name = 'shared'")
             return result, self.shared_generation()
+
+    # -- backfill jobs, as every worker's admin API shows them -----------------------
+
+    def save_job(self, job_id: int | None, view: Row, now: int) -> int:
+        """Store a backfill job's view (its admin API answer, without ``id``);
+        ``job_id`` None: a new job. Returns the job's id. Not flushed on its
+        own (a progress report lost to a power cut is harmless)."""
+        text = json.dumps({k: v for k, v in view.items() if k != "id"}, sort_keys=True)
+        with self._lazily():
+            if job_id is None:
+                return int(self._insert("jobs", {"view": text, "updated_at": now}).lastrowid or 0)
+            self._x("UPDATE jobs SET view = ?, updated_at = ? WHERE id = ?", text, now, job_id)
+            return job_id
+
+    def get_job(self, job_id: int) -> Row | None:
+        """A backfill job's view (with ``id``), or None."""
+        text = self._scalar("SELECT view FROM jobs WHERE id = ?", job_id)
+        return None if text is None else {"id": job_id, **json.loads(text)}
+
+    def prune_jobs(self, before: int) -> int:
+        """Forget jobs not updated since ``before``; return how many."""
+        return self._x("DELETE FROM jobs WHERE updated_at < ?", before).rowcount
 
     # -- the outbox, as its owner reads it -------------------------------------------
 

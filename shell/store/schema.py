@@ -239,7 +239,8 @@ def _m4_workers(db: sqlite_utils.Database) -> None:
     which room, until when (plain rows and conditional writes: no advisory
     lock, the same SQL on every backend). ``generations``: a counter bumped
     with every change of the state workers cache (key ring, policy, peers'
-    pauses), so a worker sees another's change with one cheap read."""
+    pauses), so a worker sees another's change with one cheap read. ``jobs``:
+    backfill jobs' progress, for the admin API of every worker."""
     db.execute("""CREATE TABLE leases (
         name        TEXT PRIMARY KEY,
         owner       TEXT NOT NULL,
@@ -251,6 +252,13 @@ def _m4_workers(db: sqlite_utils.Database) -> None:
         value  INTEGER NOT NULL
     )""")
     db.execute("INSERT INTO generations (name, value) VALUES ('shared', 0)")
+    # Backfill jobs (an admin's pulls, catch-ups) as the admin API shows them,
+    # so every worker answers for a job any worker runs. ``view``: JSON.
+    db.execute("""CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        view        TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL
+    )""")
 
 
 Migration = Callable[[sqlite_utils.Database], None]
