@@ -55,6 +55,7 @@ from scaiwave_federation.core import (
     worker_lease,
 )
 
+from ..store.lease_rows import briefly
 from ..store.store import StorageError
 
 log = logging.getLogger("scaiwave.workers")
@@ -102,7 +103,8 @@ class Workers:
     # -- leases ------------------------------------------------------------------------
 
     async def _claim(self, claim: Claim) -> bool:
-        taken, row = await self.store.claim_lease(claim.name, claim.owner, claim.expires_at, claim.now)
+        taken, row = await self.store.run(lambda store: briefly(
+            store, lambda: store.claim_lease(claim.name, claim.owner, claim.expires_at, claim.now)))
         self.leases.handle_claim(claim, taken, _row(row))
         return taken
 
@@ -146,9 +148,14 @@ class Workers:
         self._wanted.add(name)
         # This worker's share of the peers with queued rows (core.leases): a
         # peer past it is left to a worker with room, whose look finds it.
-        for claim in self.leases.want(self._wanted, now):
-            if claim.name not in self._claiming:
-                await self._take(claim)
+        try:
+            for claim in self.leases.want(self._wanted, now):
+                if claim.name not in self._claiming:
+                    await self._take(claim)
+        except StorageError as exc:
+            # The post is stored: its answer must not fail for this. The next
+            # look claims the peer.
+            log.warning("delivery to %s not claimed now: %s", peer, exc)
 
     async def _take(self, claim: Claim) -> None:
         """Claim a peer and, if taken, load its queue before anything else is
@@ -156,7 +163,8 @@ class Workers:
         peer = claim.name[len(_PEER_PREFIX):]
         self._claiming.add(claim.name)
         try:
-            taken, row = await self.store.claim_lease(claim.name, claim.owner, claim.expires_at, claim.now)
+            taken, row = await self.store.run(lambda store: briefly(
+                store, lambda: store.claim_lease(claim.name, claim.owner, claim.expires_at, claim.now)))
             if taken:
                 await self._load_peer(peer)
             self.leases.handle_claim(claim, taken, _row(row))
@@ -242,7 +250,8 @@ class Workers:
         renew = self.leases.handle_timeout(now)
         resync = False
         if renew is not None:
-            rows = await self.store.renew_leases(renew.owner, list(renew.names), renew.expires_at)
+            rows = await self.store.run(lambda store: briefly(
+                store, lambda: store.renew_leases(renew.owner, list(renew.names), renew.expires_at)))
             for name in self.leases.handle_renewed(renew, [_row(r) for r in rows], now):
                 if name.startswith(_PEER_PREFIX):
                     peer = name[len(_PEER_PREFIX):]
@@ -298,7 +307,7 @@ class Workers:
             if release is None:
                 continue
             self.delivery.forget(peer)
-            await self.store.release_lease(release.name, release.owner)
+            await self.store.run(lambda store: briefly(store, lambda: store.release_lease(release.name, release.owner)))
             log.info("delivery to %s left to another worker (peers spread over %s workers)", peer,
                      self.leases.live_workers(now))
 

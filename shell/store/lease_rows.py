@@ -11,15 +11,39 @@ is portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT ... DO UPDATE
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .schema import StorageError
 
-__all__ = ["LeaseRows"]
+__all__ = ["LeaseRows", "briefly", "LEASE_BUSY_MS"]
 
 Row = dict[str, Any]
 T = TypeVar("T")
+
+#: How long a lease write waits for another process's write lock. The store
+#: runs one call at a time: a renewal stuck behind a lock held for long (a
+#: backup, an admin's sqlite3 shell) would hold up every request behind it
+#: for the connection's 10 s; it fails fast instead, and the lease loop
+#: tries again (a lease lasts three renewals).
+LEASE_BUSY_MS = 1000
+
+
+def briefly(store: Any, call: Callable[[], T]) -> T:
+    """Run ``call`` (a lease write) on ``store`` waiting at most
+    :data:`LEASE_BUSY_MS` for a write lock (SQLite's busy timeout, as the
+    readiness probe does; another backend sets its own lock timeout).
+    Runs on the storage thread."""
+    db = getattr(store, "db", None)
+    if not isinstance(getattr(db, "conn", None), sqlite3.Connection):
+        return call()
+    (busy,) = db.execute("PRAGMA busy_timeout").fetchone()
+    db.execute(f"PRAGMA busy_timeout = {LEASE_BUSY_MS}")
+    try:
+        return call()
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(busy)}")
 
 
 class LeaseRows:
