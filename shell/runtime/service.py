@@ -55,6 +55,7 @@ from .verify_pool import threaded_verifier
 from .outbox import Outbox
 from .backfill_jobs import BackfillJob, BackfillJobs
 from .workers import Workers, new_worker_id
+from ..store.lease_rows import briefly
 
 log = logging.getLogger("scaiwave.service")
 
@@ -530,8 +531,10 @@ class Service(Outbox, BackfillJobs, Workers):
                         continue
                     log.info("federation key rotated on schedule: now %s", effect.keyring.current.key_id)
             if singleton:
-                await self.store.expire_nonces(now)
-                await self.store.prune_jobs(now - JOBS_KEPT_MS)
+                # Housekeeping: it waits at most a second for another process's
+                # write lock (then the loop tries again), not the requests behind it.
+                await self.store.run(lambda store: briefly(store, lambda: (
+                    store.expire_nonces(now), store.prune_jobs(now - JOBS_KEPT_MS))))
 
 
 def _federates(store: Store, tenant: str | None) -> bool:
