@@ -23,6 +23,7 @@ Modules, by what they own:
 - :mod:`.authz` -- room authorization: who may enter, speak in and read a room
 - :mod:`.backfill` -- paged history pulls and serving
 - :mod:`.delivery` -- what goes to each peer, batched and in order; retries and backoff
+- :mod:`.leases` -- which worker delivers to which peer and runs the singleton jobs, with failover
 - :mod:`.limits` -- per-origin rate and concurrency, caps on descriptor fetches peers cause
 - :mod:`.proposals` -- each proposal chained at most once per room
 - :mod:`.effects` -- what the core asks its host to do
@@ -53,6 +54,8 @@ from .rooms import Head, chain_event, check_proposal, link
 from .authz import may_answer, may_invite, may_leave, may_post, may_read, push_targets
 from .codes import HTTP_STATUS
 from .delivery import Deferred, Delivered, Delivery, Dropped, Rehandshake, SendTransaction, backoff_ms
+from .leases import (DEFAULT_LEASE_MS, TIMERS, Claim, LeaseRow, Leases, Release, Renew, peer_lease, pull_lease,
+                     worker_lease)
 from .handshake import decode_refusal, refusal_body
 from .inbound import (
     RoomState, TxnSnapshot, decode_txn_reply, held_needed, proposals_needed, rooms_needed, snapshot_context,
@@ -74,6 +77,8 @@ __all__ = [
     "may_answer", "may_invite", "may_leave", "may_post", "may_read", "push_targets",
     "HTTP_STATUS",
     "Deferred", "Delivered", "Delivery", "Dropped", "Rehandshake", "SendTransaction", "backoff_ms",
+    "DEFAULT_LEASE_MS", "TIMERS", "Claim", "LeaseRow", "Leases", "Release", "Renew", "peer_lease", "pull_lease",
+    "worker_lease",
     "decode_refusal", "refusal_body",
     "RoomState", "TxnSnapshot", "decode_txn_reply", "held_needed", "proposals_needed", "rooms_needed", "snapshot_context",
     "BatchVerifier", "OldKey",

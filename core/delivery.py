@@ -22,7 +22,10 @@ quinn-proto way, with time passed in as integer milliseconds:
 Rules, all here:
 
 - **Order.** One transaction in flight per peer; a peer's items go out in
-  the order they were queued. Peers are independent: one that is down or
+  the order of their ids (the order the outbox stored them): an item handed
+  over late with a lower id (a worker picking up rows other workers queued,
+  ``core.leases``) goes before the higher ids still waiting, never before
+  what is already in flight. Peers are independent: one that is down or
   slow holds up only its own queue.
 - **Batching.** A transaction carries the items at the head of the queue,
   up to :data:`BATCH_EVENTS` events and :data:`BATCH_BYTES` bytes (as
@@ -52,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .codes import Code, LocalProtocolError, Refused
@@ -222,7 +226,15 @@ class Delivery:
         if not state.queue:
             state.failures, state.retry_at = max(0, attempts), retry_at
         envelopes = tuple(envelopes)
-        state.queue.append(_Item(item_id, envelopes, sum(len(e) for e in envelopes)))
+        item = _Item(item_id, envelopes, sum(len(e) for e in envelopes))
+        if state.queue and item_id < state.queue[-1].id:
+            # Behind what is in flight, before the first higher id waiting.
+            at = len(state.in_flight.item_ids) if state.in_flight is not None else 0
+            while at < len(state.queue) and state.queue[at].id < item_id:
+                at += 1
+            state.queue.insert(at, item)
+        else:
+            state.queue.append(item)
         state.ids.add(item_id)
         state.events += len(envelopes)
         return True
@@ -311,11 +323,14 @@ class Delivery:
 
     # -- outputs -------------------------------------------------------------------
 
-    def poll_transmit(self, now: int) -> SendTransaction | None:
+    def poll_transmit(self, now: int, *, may_send: Callable[[str], bool] | None = None) -> SendTransaction | None:
         """The next transaction to send, or None (nothing due). Each peer has
-        at most one in flight; call again until None."""
+        at most one in flight; call again until None. ``may_send(peer)``:
+        whether this host may send to ``peer`` now (a worker that does not
+        hold the peer's lease, ``core.leases``, must not); its queue waits."""
         for peer, state in self._peers.items():
-            if state.in_flight is None and not state.paused and state.queue and self._due_at(state) <= now:
+            if state.in_flight is None and not state.paused and state.queue and self._due_at(state) <= now \
+                    and (may_send is None or may_send(peer)):
                 state.last_start = now
                 return self._build(peer, state)
         return None
@@ -324,11 +339,17 @@ class Delivery:
         """The next thing the host must carry out, or None."""
         return self._events.popleft() if self._events else None
 
-    def poll_timeout(self) -> int | None:
+    def poll_timeout(self, *, may_send: Callable[[str], bool] | None = None) -> int | None:
         """When (ms) a waiting queue becomes due; None if none waits on time.
-        A time at or before now means :meth:`poll_transmit` has work."""
-        return min((self._due_at(s) for s in self._peers.values()
-                    if s.in_flight is None and not s.paused and s.queue), default=None)
+        A time at or before now means :meth:`poll_transmit` has work.
+        ``may_send``: as for :meth:`poll_transmit`."""
+        return min((self._due_at(s) for p, s in self._peers.items()
+                    if s.in_flight is None and not s.paused and s.queue and (may_send is None or may_send(p))),
+                   default=None)
+
+    def queued(self, item_id: int) -> bool:
+        """Whether item ``item_id`` is queued (in flight included) for any peer."""
+        return any(item_id in s.ids for s in self._peers.values())
 
     def pending(self, peer: str | None = None) -> int:
         """Items queued for ``peer`` (or all peers), in flight included."""

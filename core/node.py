@@ -133,15 +133,30 @@ class Federation:
         (quinn-proto's ``poll_timeout``: one deadline, whatever it is for)."""
         return min(self.timers().values(), default=None)
 
-    def handle_timeout(self, now: int, *, seed: bytes) -> list[KeyRotated]:
+    def handle_timeout(self, now: int, *, seed: bytes, singleton: bool = True) -> list[KeyRotated]:
         """Run every timer due at ``now``: forget expired replay-window entries,
         and rotate our key when its year is up, with ``seed`` (32 fresh random
         bytes from the host: the core draws no randomness; unused otherwise).
-        Returns :class:`~.effects.KeyRotated` with the new key ring to persist."""
+        Returns :class:`~.effects.KeyRotated` with the new key ring to persist.
+        ``singleton``: whether this worker runs the jobs that must run once
+        across workers (``core.leases``: the holder of ``job:timers``); the
+        others only forget their own expired replay-window entries."""
+        if not singleton:
+            self.requests.replay.expire(now)
+            return []
         if "rotate_key" in self.handle_timer(now):
             self.keyring = self.keyring.rotate(seed, now)
             return [KeyRotated(self.keyring)]
         return []
+
+    @staticmethod
+    def nonce_stored(fresh: bool) -> Refused | None:
+        """The answer to an authenticated request once its nonce went into the
+        shared replay window (the database, the authority when several
+        workers serve one name): ``fresh`` False means another worker (or
+        this one, before a restart) received this very request already, so it
+        is refused exactly as a replay one worker sees itself."""
+        return None if fresh else Refused(Code.REPLAYED_REQUEST, "this signed request was already received")
 
     def handle_timer(self, now: int) -> list[str]:
         """Run what is due at ``now``. Returns the due actions the host must carry

@@ -86,6 +86,9 @@ class Config:
     outbound_deadline_ms: int = 30_000
     outbound_per_peer: int = 8
     catch_ups_per_peer: int = 2
+    # Several workers on one database (core.leases, shell.runtime.workers).
+    lease_ms: int = 10_000
+    outbox_poll_ms: int = 100
     #: ``postgresql://…`` (several workers, or PostgreSQL's operations); None:
     #: SQLite in ``data_dir`` (the default). Hidden from repr: it may hold a password.
     database_url: str | None = field(default=None, repr=False)
@@ -312,6 +315,13 @@ def _parse_interval(value: object, setting: str) -> int:
     return ms
 
 
+def _parse_lease(value: object, setting: str) -> int:
+    ms = _parse_interval(value, setting)
+    if ms < 100:
+        raise ConfigError(f"{setting}: must be at least 100ms (renewed every third of it), got {value!r}", setting)
+    return ms
+
+
 def _parse_count(value: object, setting: str) -> int:
     """A positive integer, from TOML or the environment; at most a million."""
     text = str(value).strip()
@@ -373,6 +383,11 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "outbound_deadline": (_plain(_parse_interval), 30_000),
     "outbound_per_peer": (_plain(_parse_count), 8),
     "catch_ups_per_peer": (_plain(_parse_count), 2),
+    # Workers sharing one database: how long a worker's leases (delivery to a
+    # peer, the singleton jobs) outlive it, and how often each worker reads
+    # the outbox rows other workers queued for the peers it delivers to.
+    "lease": (_plain(_parse_lease), 10_000),
+    "outbox_poll": (_plain(_parse_interval), 100),
     "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
     "log_level": (_plain(lambda v, s: parse_level(v, s)), 20),
 }
@@ -442,6 +457,8 @@ def load_config(env: Mapping[str, str], toml_path: Path | None = None) -> Config
         clock_offset_ms=values.pop("clock_offset"),
         key_refetch_interval_ms=values.pop("key_refetch_interval"),
         outbound_deadline_ms=values.pop("outbound_deadline"),
+        lease_ms=values.pop("lease"),
+        outbox_poll_ms=values.pop("outbox_poll"),
         **values,
     )
 

@@ -341,3 +341,16 @@ def test_forgetting_a_peer_drops_its_queue_and_ignores_the_answer_in_flight():
     with pytest.raises(LocalProtocolError):
         m.handle_result("a.test", txn.txn_id, OK, 2)  # but only once
     assert m.forget("never.test") == ()
+
+
+def test_an_item_handed_over_late_goes_in_id_order_behind_what_is_in_flight() -> None:
+    m = Delivery()
+    m.handle_enqueue("a.test", 5, [b"e5"])
+    first = m.poll_transmit(0)
+    assert first is not None and first.item_ids == (5,)
+    m.handle_enqueue("a.test", 9, [b"e9"])
+    m.handle_enqueue("a.test", 7, [b"e7"])  # another worker's row, seen late
+    m.handle_enqueue("a.test", 3, [b"e3"])  # lower than what is in flight: next, not before it
+    m.handle_result("a.test", first.txn_id, OK, 1)
+    nxt = m.poll_transmit(1000)
+    assert nxt is not None and nxt.item_ids == (3, 7, 9)

@@ -426,7 +426,8 @@ def test_limits_have_sane_defaults_and_reach_the_core(env: dict[str, str]) -> No
 @pytest.mark.parametrize("setting, value", [
     ("SCAIWAVE_FEDERATION_RATE", "0"), ("SCAIWAVE_FEDERATION_BURST", "-3"), ("SCAIWAVE_OUTBOUND_PER_PEER", "lots"),
     ("SCAIWAVE_CATCH_UPS_PER_PEER", "1.5"), ("SCAIWAVE_DESCRIPTOR_FETCHES_TOTAL", "99999999999"),
-    ("SCAIWAVE_OUTBOUND_DEADLINE", "0s"),
+    ("SCAIWAVE_OUTBOUND_DEADLINE", "0s"), ("SCAIWAVE_LEASE", "50ms"), ("SCAIWAVE_LEASE", "soon"),
+    ("SCAIWAVE_OUTBOX_POLL", "0"),
 ])
 def test_bad_limits_name_their_setting(env: dict[str, str], setting: str, value: str) -> None:
     assert config_error({**env, setting: value}).startswith(f"{setting}: ")
@@ -446,3 +447,14 @@ def test_database_url_is_postgresql_or_unset(env: dict[str, str]) -> None:
     assert config.database == url and "s3cret" not in repr(config)
     message = config_error({**env, "SCAIWAVE_DATABASE_URL": "mysql://root:s3cret@db/x"})
     assert message.startswith("SCAIWAVE_DATABASE_URL: expected a postgresql:// URL") and "s3cret" not in message
+
+
+def test_worker_settings(env: dict[str, str], tmp_path: Path) -> None:
+    config = load_config(env)
+    assert (config.lease_ms, config.outbox_poll_ms) == (10_000, 100)
+    config = load_config({**env, "SCAIWAVE_LEASE": "1500ms", "SCAIWAVE_OUTBOX_POLL": "20ms"})
+    assert (config.lease_ms, config.outbox_poll_ms) == (1500, 20)
+    path = tmp_path / "workers.toml"
+    path.write_text('lease = "30s"\noutbox_poll = 250\n')
+    config = load_config(env, path)
+    assert (config.lease_ms, config.outbox_poll_ms) == (30_000, 250)

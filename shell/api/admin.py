@@ -204,17 +204,17 @@ async def _start_backfill(call: Call) -> Response:
     if peer == call.service.config.server_name:  # not a peer's refusal: say what the admin asked
         raise _Fail(Code.BAD_REQUEST, f"the peer to pull from is this server ({peer}): " + (
             "name another server" if body.get("peer") else f"{room_id} is hosted here, its history is already here"))
-    job = call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
+    job = await call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
     if body.get("wait"):
         await job.done.wait()
     return Response.json(200, job.view())
 
 
 async def _get_backfill(call: Call) -> Response:
-    job = call.service.jobs.get(call.params["job_id"])
-    if job is None:
+    view = await call.service.job_view(call.params["job_id"])
+    if view is None:
         raise _Fail(Code.NOT_FOUND, f"no backfill job {call.params['job_id']}")
-    return Response.json(200, job.view())
+    return Response.json(200, view)
 
 
 # -- tenants and users ---------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ..http.server import Request, Response
 from ..http.inputs import ROOM_ID, USER_ID, Enum, Obj, Str
 from ..http.routes import API, ApiFailure, Auth, Call, all_routes
 from ..runtime.service import Service, room_view_in
+from ..store.store import StorageError
 
 log = logging.getLogger(__name__)
 #: How long a user's write to a remote room waits before its one retry after a
@@ -133,15 +134,30 @@ async def _append(service: Service, room: dict[str, Any], sender: str, type: str
             return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
                                 sender=sender, type=type, ts=service.now(), content=content)]
 
-        return (await service.chain_and_push(room["room_id"], chain, facts, answer,
-                                             lock=service.room_lock(room["room_id"])))[-1]
+        for attempt in range(3):
+            try:
+                return (await service.chain_and_push(room["room_id"], chain, facts, answer,
+                                                     lock=service.room_lock(room["room_id"])))[-1]
+            except StorageError as exc:
+                # Another worker (the room lock is per process) chained at the
+                # head read first: chain again on the new head.
+                if exc.code != "conflict" or attempt == 2:
+                    raise
     async with service.room_lock(room["room_id"]):
-        head = await service.head_of(room["room_id"])
-        event = chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
-                            sender=sender, type=type, ts=service.now(), content=content)
-        await service.push_events(room["room_id"], [event], facts=facts, store=True,
-                                  client_txn=answer(event) if answer else None)
-    return event
+        while True:
+            head = await service.head_of(room["room_id"])
+            event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
+                                sender=sender, type=type, ts=service.now(), content=content)
+            try:
+                await service.push_events(room["room_id"], [event], facts=facts, store=True,
+                                          client_txn=answer(event) if answer else None)
+            except StorageError as exc:
+                # Another worker (the room lock is per process) chained at
+                # this depth first: chain again on the new head.
+                if exc.code != "conflict" or await service.head_of(room["room_id"]) == head:
+                    raise
+                continue
+            return event
 
 
 async def _new_room(service: Service, user: dict[str, Any], room_type: str) -> dict[str, Any]:
@@ -382,7 +398,13 @@ async def _send(service: Service, user: dict[str, Any], room_id: str, txn_id: st
     async with service.send_lock(user["user_id"]):
         first = await service.store.client_txn(user["user_id"], txn_id)
         if first is None:
-            return await _post_message(service, user, room_id, text, txn_id)
+            try:
+                return await _post_message(service, user, room_id, text, txn_id)
+            except StorageError as exc:
+                # The same send, retried on another worker, won the race: its answer.
+                first = await service.store.client_txn(user["user_id"], txn_id)
+                if exc.code != "conflict" or first is None:
+                    raise
     if first["room_id"] != room_id or bytes(first["body_hash"]) != _text_hash(text):
         raise _Fail(Refused(Code.CONFLICT, f"txn id {txn_id[:64]!r} was used for another message"))
     return Response.json(200, json.loads(first["response"]))

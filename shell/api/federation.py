@@ -22,11 +22,15 @@ from ..runtime import timings
 from ..http.errors import cbor_error
 from ..http.server import Request, Response
 from ..runtime.service import Service, room_view_in
-from ..store.store import Store
+from ..store.store import StorageError, Store
 
 log = logging.getLogger("scaiwave.federation")
 
 __all__ = ["handle_federation"]
+
+#: How often a transaction is decided again when another worker chained in
+#: its rooms first (a fork from the host itself fails every time).
+_CHAIN_ATTEMPTS = 5
 
 
 async def handle_federation(service: Service, request: Request) -> Response:
@@ -72,14 +76,20 @@ async def _handle(service: Service, request: Request, context: dict[str, Any]) -
     # call: the peer's row, and for a backfill page the room and its facts.
     backfill_room = route.param or "" if route.endpoint == "backfill" else None
 
-    def remember_and_read(store: Store) -> tuple[dict[str, Any] | None, Any]:
-        store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
-        if route.endpoint == "handshake":
-            return None, None
+    def remember_and_read(store: Store) -> tuple[bool, dict[str, Any] | None, Any]:
+        fresh = store.remember_nonce(auth.origin, auth.nonce, auth.nonce_expires_at)
+        if route.endpoint == "handshake" or not fresh:
+            return fresh, None, None
         view = room_view_in(store, backfill_room, None) if backfill_room is not None else None
-        return store.get_peer(auth.origin), view
+        return fresh, store.get_peer(auth.origin), view
 
-    peer, view = await service.store.run(remember_and_read)
+    fresh, peer, view = await service.store.run(remember_and_read)
+    # The database's replay window is the authority (workers share it): a
+    # request another worker received already is refused here too.
+    replayed = node.nonce_stored(fresh)
+    if replayed is not None:
+        log.info("refused %s %s: %s", request.method, request.path[:120], replayed)
+        return cbor_error(replayed)
     await service.peer_seen(auth.origin)
     service.peer_inbound(auth.origin)
     if route.endpoint == "handshake":
@@ -143,7 +153,16 @@ async def _send(service: Service, auth: Authenticated, txn_id: str, request: Req
     async with contextlib.AsyncExitStack() as locks:
         for room_id in sorted({r.room_id for r in results if isinstance(r, Event)}):
             await locks.enter_async_context(service.room_lock(room_id))
-        return await _apply(service, auth, txn_id, results, context)
+        for attempt in range(_CHAIN_ATTEMPTS):
+            try:
+                return await _apply(service, auth, txn_id, results, context)
+            except StorageError as exc:
+                # Another worker chained in one of these rooms meanwhile (the
+                # room lock is per process): decide again on the new heads.
+                # Nothing of the failed try was stored (one transaction).
+                if exc.code != "conflict" or attempt == _CHAIN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 async def _apply(service: Service, auth: Authenticated, txn_id: str, results: list[Any],
@@ -170,7 +189,7 @@ async def _apply(service: Service, auth: Authenticated, txn_id: str, results: li
         [{**e.as_record(), "room_id": e.room_id} for e in decision.store])
     work.store_done(started, outcome.new_events)
     for catch_up in decision.catch_ups:
-        service.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
+        await service.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
     for room_id in dict.fromkeys(e.room_id for e in decision.chained):
         # Every member server, the proposer included, gets the room's events
         # in order through one channel (the outbox); the copy in this reply is

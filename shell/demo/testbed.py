@@ -8,12 +8,14 @@ while TLS still checks the names.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Testbed", "Server", "free_port", "wait_until", "peered_dm"]
+__all__ = ["Testbed", "Server", "PassThrough", "free_port", "wait_until", "peered_dm"]
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
@@ -56,10 +58,13 @@ class Server:
     python_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     _http: httpx.Client | None = None
+    #: The port in the server's name, when it is not the one it listens on (a
+    #: worker behind a pass-through: see Testbed.add_workers).
+    public_port: int | None = None
 
     @property
     def server_name(self) -> str:
-        return f"{self.name}:{self.port}"
+        return f"{self.name}:{self.public_port or self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -190,14 +195,108 @@ class Testbed:
         self._update_resolve()
         return server
 
+    def add_workers(self, name: str, count: int, *, database: dict[str, str] | None = None,
+                    extra: dict[str, str] | None = None) -> tuple[Server, list[Server]]:
+        """``count`` workers serving one server ``name`` (one name, key and
+        database) behind a :class:`PassThrough` that spreads connections over
+        them, TLS end to end. ``database``: the settings that name the shared
+        database (default: one shared SCAIWAVE_DATA_DIR, one SQLite file; pass
+        ``{"SCAIWAVE_DATABASE_URL": ...}`` for another backend). Returns
+        ``(the front: a Server whose port is the pass-through's, the workers)``;
+        start the workers, then ``front.passthrough.start()``."""
+        front = self.add(name, extra=extra)
+        shared = database or {"SCAIWAVE_DATA_DIR": str(front.root / "data")}
+        front.env.update(shared)
+        workers = []
+        for n in range(count):
+            port = free_port()
+            root = front.root / f"worker{n + 1}"
+            root.mkdir(parents=True, exist_ok=True)
+            worker = Server(name=name, port=port, root=root, ca_path=front.ca_path, admin_token=front.admin_token,
+                            public_port=front.port)
+            worker.env = {**front.env, "SCAIWAVE_LISTEN": f"127.0.0.1:{port}"}
+            self.servers[f"{name}#{n + 1}"] = worker
+            workers.append(worker)
+        front.passthrough = PassThrough(front.port, [w.port for w in workers])
+        self._update_resolve()
+        return front, workers
+
     def _update_resolve(self) -> None:
-        resolve = ",".join(f"{s.name}:{s.port}:127.0.0.1" for s in self.servers.values())
+        names = dict.fromkeys(s.server_name for s in self.servers.values())
+        resolve = ",".join(f"{n}:127.0.0.1" for n in names)
         for s in self.servers.values():
             s.env["SCAIWAVE_RESOLVE"] = resolve
 
     def stop(self) -> None:
         for s in self.servers.values():
             s.stop()
+            if getattr(s, "passthrough", None) is not None:
+                s.passthrough.stop()
+
+
+class PassThrough:
+    """A TCP pass-through on 127.0.0.1:``port`` that hands each connection to
+    the next of ``backends`` (round robin), skipping one that refuses: what a
+    load balancer in TCP mode does in front of workers. TLS stays end to end."""
+
+    def __init__(self, port: int, backends: list[int]) -> None:
+        self.port = port
+        self.backends = backends
+        self._next = itertools.count()
+        self._stopped = False
+        # Bound at once, so no outgoing connection takes the port meanwhile;
+        # connections wait in the backlog until start().
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        self._sock: socket.socket | None = sock
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _accept(self) -> None:
+        while not self._stopped and self._sock is not None:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        start = next(self._next)  # itertools.count: one number per connection, across threads
+        for k in range(len(self.backends)):
+            port = self.backends[(start + k) % len(self.backends)]
+            try:
+                backend = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                continue
+            backend.settimeout(None)
+            threading.Thread(target=_pump, args=(backend, client), daemon=True).start()
+            _pump(client, backend)
+            return
+        client.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        src.close()
 
 
 def peered_dm(a: Server, b: Server, tenant: str = "acme") -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -183,6 +183,12 @@ class RouteTable:
         """Answer ``request`` from the table: every expected failure is a JSON refusal."""
         try:
             route, texts = self.match(request.method, request.path)
+            if request.path.startswith(_SHARED_STATE_PATHS) and not service.alone():
+                # The admin API and our descriptor answer the same on every
+                # worker: a key or policy another worker changed is loaded first
+                # (one read; a worker alone has nobody to hear from but its
+                # look, every outbox_poll, so its descriptor costs no read).
+                await service.refresh_shared()
             caller = await route.auth.check(service, request) if route.auth.check else None
             params = {name: route.params[name].parse_text(text, name) for name, text in texts.items()}
             query = parse_query(_query_pairs(request.target), route.query) \
@@ -200,6 +206,10 @@ class RouteTable:
             if exc.code not in _STORAGE_CODES:
                 raise
             return json_error(Refused(_STORAGE_CODES[exc.code], exc.message))
+
+
+#: Paths that answer from state workers share (see Service.refresh_shared).
+_SHARED_STATE_PATHS = ("/v1/admin/", "/.well-known/")
 
 
 def _bind(template: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:

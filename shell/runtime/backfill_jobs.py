@@ -93,15 +93,22 @@ class BackfillJobs:
 
     # -- catching up: a member server that missed events fills the gap -----------------
 
-    def request_catch_up(self, room_id: str, host: str, head: Head) -> None:
+    async def request_catch_up(self, room_id: str, host: str, head: Head) -> None:
         """A chained event arrived above a gap over our ``head``: pull the
         missing events from the room's host (once per room at a time)."""
         if room_id in self._catch_ups:
             return
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=host, limit=MAX_PULL,
-                          until=(head.depth, head.event_id))
-        self.jobs[job.id] = job
-        self._catch_ups[room_id] = job
+        job = BackfillJob(id=0, room_id=room_id, peer=host, limit=MAX_PULL, until=(head.depth, head.event_id))
+        self._catch_ups[room_id] = job  # taken before the id is: one catch-up per room
+        try:
+            await self._new_job(job)
+        except StorageError as exc:  # the next event above the gap asks again
+            self._catch_ups.pop(room_id, None)
+            log.warning("%s: catch-up not started: %s", room_id, exc)
+            return
+        except BaseException:
+            self._catch_ups.pop(room_id, None)
+            raise
         log.info("%s: events missing above depth %s; catching up from %s (job %s)", room_id, head.depth, host, job.id)
         self._wake_catch_up.set()
 
@@ -115,7 +122,7 @@ class BackfillJobs:
                 await self._wake_catch_up.wait()
                 self._wake_catch_up = trio.Event()
                 for job in list(self._catch_ups.values()):
-                    if job.id not in started:
+                    if job.id and job.id not in started:  # (0: its id is being assigned)
                         started.add(job.id)
                         nursery.start_soon(self._catch_up, job, started)
 
@@ -125,7 +132,18 @@ class BackfillJobs:
             async with slots:
                 # Descriptor fetches this pull causes are charged to the host.
                 fetch_cause.set(job.peer)
-                await self._run_backfill(job)
+                if await self.take_pull(job.room_id):
+                    try:
+                        await self._run_backfill(job)
+                    finally:
+                        await self.end_pull(job.room_id)
+                else:  # another worker is filling this room's gap: once is enough
+                    job.state = "done"
+                    job.done.set()
+                    try:
+                        await self.store.save_job(job.id, job.view(), self.now())
+                    except StorageError as exc:
+                        log.warning("backfill job %s not saved: %s", job.id, exc)
         finally:
             self._catch_ups.pop(job.room_id, None)
             started.discard(job.id)
@@ -134,13 +152,47 @@ class BackfillJobs:
 
     # -- backfill ------------------------------------------------------------------
 
-    def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
-        job = BackfillJob(id=len(self.jobs) + 1, room_id=room_id, peer=peer, limit=limit)
-        self.jobs[job.id] = job
-        nursery.start_soon(self._run_backfill, job)
+    async def start_backfill(self, nursery: trio.Nursery, room_id: str, peer: str, limit: int) -> BackfillJob:
+        job = BackfillJob(id=0, room_id=room_id, peer=peer, limit=limit)
+        await self._new_job(job)
+        nursery.start_soon(self._run_admin_backfill, job)
         return job
 
+    async def _new_job(self, job: BackfillJob) -> None:
+        """Give ``job`` its id: a row in the shared jobs table, so that every
+        worker's admin API answers for it."""
+        job.id = await self.store.save_job(None, job.view(), self.now())
+        self.jobs[job.id] = job
+
+    async def job_view(self, job_id: int) -> dict[str, Any] | None:
+        """A job's admin view: this worker's own, or any worker's (as last saved)."""
+        job = self.jobs.get(job_id)
+        return job.view() if job is not None else await self.store.get_job(job_id)
+
+    async def _run_admin_backfill(self, job: BackfillJob) -> None:
+        """An admin's pull, holding the room's pull lease (one pull of a room at
+        a time across workers: two would store the same pages twice over)."""
+        if not await self.take_pull(job.room_id):
+            job.state = "failed"
+            job.error = Refused(Code.CONFLICT, f"{job.room_id} is being pulled by another worker").as_dict()
+            job.done.set()
+            return
+        try:
+            await self._run_backfill(job)
+        finally:
+            await self.end_pull(job.room_id)
+
     async def _run_backfill(self, job: BackfillJob) -> None:
+        try:
+            await self._run_backfill_job(job)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.save_job(job.id, job.view(), self.now())
+                except StorageError as exc:  # the admin view of other workers lags; this one's is right
+                    log.warning("backfill job %s not saved: %s", job.id, exc)
+
+    async def _run_backfill_job(self, job: BackfillJob) -> None:
         try:
             await self._backfill(job)
         except StorageError as exc:
@@ -313,6 +365,7 @@ class _PageStore:
             if self.work is not None:
                 self.work.store_done(started, len(self.effect.events))
             self.job.stored = self.stored - self.base
+            await store.save_job(self.job.id, self.job.view(), self.now)  # progress, for every worker
         except StorageError as exc:
             self.failure = exc  # raised by whoever waits for it (not in a nursery's group)
         finally:

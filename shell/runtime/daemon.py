@@ -77,6 +77,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 task_status=task_status))
             ops.health.listening = True
             nursery.start_soon(service.keep_running, service.outbox_worker)
+            nursery.start_soon(service.keep_running, service.lease_loop)
             nursery.start_soon(service.catch_up_worker)
             nursery.start_soon(service.keep_running, service.timer_loop)
             nursery.start_soon(_signals, nursery.cancel_scope)

@@ -20,7 +20,7 @@ import trio
 from scaiwave_federation.core import Code, Event, Head, PeerAgreed, Refused, RoomFacts
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
-from scaiwave_federation.core import decode_events_body, encode_events_body
+from scaiwave_federation.core import encode_events_body
 
 from ..store.store import StorageError
 
@@ -48,6 +48,11 @@ class Outbox:
         async def signed_request(self, peer: str, method: str, target: str,
                                  body: bytes) -> tuple[int, bytes] | Refused: ...
         async def handshake(self, peer: str) -> PeerAgreed | Refused: ...
+        def delivers_to(self, peer: str) -> bool: ...
+        def alone(self) -> bool: ...
+        async def take_peer(self, peer: str) -> None: ...
+        def finished(self, ids: tuple[int, ...]) -> None: ...
+        def removed(self, ids: tuple[int, ...]) -> None: ...
 
     # -- pushing events to member servers -------------------------------------------------
 
@@ -79,8 +84,14 @@ class Outbox:
         else:
             return
         for server, item_id in zip(servers, ids):
-            self.delivery.handle_enqueue(server, item_id, envelopes)
-        due = self.delivery.poll_timeout()
+            if self.delivers_to(server):
+                if self.alone():
+                    self.delivery.handle_enqueue(server, item_id, envelopes)
+                # else: the next look hands it over, in id order with the
+                # rows other workers queued meanwhile.
+            else:
+                await self.take_peer(server)  # a peer nobody delivers to: ours, now
+        due = self.delivery.poll_timeout(may_send=self.delivers_to)
         if due is not None and due <= now:
             # Only when something can go now: a peer with a transaction in flight,
             # in backoff or paced is woken for by its answer or its time.
@@ -122,8 +133,11 @@ class Outbox:
             if ids:
                 envelopes = [e.envelope for e in events]
                 for server, item_id in zip(servers, ids):
-                    self.delivery.handle_enqueue(server, item_id, envelopes)
-                due = self.delivery.poll_timeout()
+                    if self.delivers_to(server) and self.alone():
+                        self.delivery.handle_enqueue(server, item_id, envelopes)
+                    # else: the worker holding the peer hands it over at its next
+                    # look, in id order with the rows other workers queued meanwhile.
+                due = self.delivery.poll_timeout(may_send=self.delivers_to)
                 if due is not None and due <= self.now():
                     self._wake_outbox.set()
             return events
@@ -133,22 +147,11 @@ class Outbox:
             job = self.store.submit(write, group=True, then=queued)
         finally:
             lock.release()
-        return await job.wait()
-
-    async def _load_outbox(self) -> None:
-        """Hand the stored outbox to the delivery machine (at start, before serving)."""
-        unreadable = []
-        for row in await self.store.due(now=1 << 62, limit=1 << 40):
-            decoded = decode_events_body(bytes(row["body"]))
-            if isinstance(decoded, Refused):
-                log.warning("outbox entry %s for %s is unreadable, dropped: %s", row["id"], row["peer"], decoded)
-                unreadable.append(row["id"])
-                continue
-            self.delivery.handle_enqueue(row["peer"], row["id"], decoded[0], attempts=row.get("attempts") or 0,
-                                         retry_at=row["next_attempt_at"])
-        await self.store.delivered_many(unreadable)
-        for peer in await self.store.paused_peers():  # an admin's pause outlives a restart
-            self.delivery.pause(peer)
+        events = await job.wait()
+        for server in servers:
+            if not self.delivers_to(server):
+                await self.take_peer(server)  # a peer nobody delivers to: ours, now
+        return events
 
     def peer_inbound(self, server: str) -> None:
         """A request from ``server`` verified: it is up, so a delivery waiting
@@ -164,9 +167,9 @@ class Outbox:
         async with trio.open_nursery() as nursery:
             while True:
                 now = self.now()
-                while (txn := self.delivery.poll_transmit(now)) is not None:
+                while (txn := self.delivery.poll_transmit(now, may_send=self.delivers_to)) is not None:
                     nursery.start_soon(self._transmit, txn, nursery)
-                due = self.delivery.poll_timeout()
+                due = self.delivery.poll_timeout(may_send=self.delivers_to)
                 delay = OUTBOX_IDLE_S if due is None else min(OUTBOX_IDLE_S, max(0.0, (due - now) / 1000))
                 with trio.move_on_after(delay):
                     await self._wake_outbox.wait()
@@ -184,14 +187,17 @@ class Outbox:
         self._wake_outbox.set()  # the peer's next batch goes now, while we update the outbox
         while (event := self.delivery.poll()) is not None:
             try:
-                if isinstance(event, Delivered):
+                if isinstance(event, (Delivered, Dropped)):
+                    if isinstance(event, Dropped):
+                        # send() has already put the refusal in the peer's last_error.
+                        log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)
+                    # Finished here: a look must not hand these rows over again
+                    # between now and their removal.
+                    self.finished(event.item_ids)
                     # Grouped with the posts queued around it: it does not split their commit.
                     ids = event.item_ids
                     await self.store.submit(lambda store, ids=ids: store.delivered_many(ids), group=True).wait()
-                elif isinstance(event, Dropped):
-                    # send() has already put the refusal in the peer's last_error.
-                    log.warning("transaction to %s refused, dropped: %s", event.peer, event.refusal)
-                    await self.store.delivered_many(event.item_ids)
+                    self.removed(event.item_ids)
                 elif isinstance(event, Deferred):
                     await self.store.mark_attempt(event.item_id, event.retry_at)
                 elif isinstance(event, Rehandshake):
@@ -210,24 +216,26 @@ class Outbox:
         """Pause or resume delivery to ``peer`` (its queue is kept, and goes out
         in order on resume: the delivery machine holds it). Raises StorageError
         ``not_found`` for a peer we never dealt with."""
-        row = await self.store.set_paused(peer, paused)
+        row = await self.shared_change(lambda store: store.set_paused(peer, paused))
         if paused:
             self.delivery.pause(peer)
+            self._paused.add(peer)
         else:
             self.delivery.resume(peer)
+            self._paused.discard(peer)
         self._wake_outbox.set()
         return row
 
     async def forget_peer(self, peer: str, *, force: bool) -> int:
         """Delete ``peer``'s row, cached keys and (with ``force``) queued
         transactions; return how many were dropped. See Store.forget_peer."""
-        dropped = await self.store.forget_peer(peer, drop_queued=force)
+        dropped = await self.shared_change(lambda store: store.forget_peer(peer, drop_queued=force))
         self.node.keys.forget(peer)
         self.delivery.forget(peer)
         return dropped
 
     async def retry_now(self, peer: str) -> int:
-        count = await self.store.reset_retry(peer, self.now())
+        count = await self.shared_change(lambda store: store.reset_retry(peer, self.now()))
         self.delivery.retry_now(peer, self.now())
         self._wake_outbox.set()
         return count

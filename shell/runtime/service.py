@@ -42,6 +42,7 @@ from scaiwave_federation.core import answer
 from scaiwave_federation.core import RoomState, TxnSnapshot, held_needed, proposals_needed, rooms_needed
 from scaiwave_federation.core import decode_refusal
 from scaiwave_federation.core import OldKey
+from scaiwave_federation.core import TIMERS
 
 from ..http.client import PeerClient, TransportError, backoff_ms
 from ..config import Config, client_ssl_context
@@ -53,6 +54,8 @@ from .timings import VerifyClock
 from .verify_pool import threaded_verifier
 from .outbox import Outbox
 from .backfill_jobs import BackfillJob, BackfillJobs
+from .workers import Workers, new_worker_id
+from ..store.lease_rows import briefly
 
 log = logging.getLogger("scaiwave.service")
 
@@ -60,6 +63,8 @@ __all__ = ["Service", "BackfillJob"]
 
 #: ``last_seen`` is written at most this often per peer (see Service.peer_seen).
 SEEN_RESOLUTION_MS = 1000
+#: Backfill jobs' views are kept this long after their last change (the admin API's answer).
+JOBS_KEPT_MS = 7 * 86_400_000
 #: How long a background loop waits after a full or failing disk before it tries again.
 STORAGE_RETRY_S = 1.0
 
@@ -71,7 +76,7 @@ def _refusal_of(exc: TransportError) -> Refused:
         return Refused(Code.PEER_UNREACHABLE, exc.message)
 
 
-class Service(Outbox, BackfillJobs):
+class Service(Outbox, BackfillJobs, Workers):
     """Everything the HTTP handlers need. Build with :meth:`open`."""
 
     def __init__(self, config: Config, store: AsyncStore, node: Federation, client: PeerClient,
@@ -100,6 +105,7 @@ class Service(Outbox, BackfillJobs):
         self._pool: ThreadPoolExecutor | None = None
         self.limits = Gate(limits_of(config), self.now)
         self._catch_up_slots: dict[str, trio.CapacityLimiter] = {}  # peer -> its catch-ups at once
+        self._init_workers(new_worker_id())
 
     # -- construction -------------------------------------------------------------
 
@@ -131,7 +137,10 @@ class Service(Outbox, BackfillJobs):
                 node.keys.learn(peer["server_name"], peer["descriptor"].encode(), peer["descriptor_fetched_at"] or now)
         for _origin, nonce, expires in await store.live_nonces(now):
             node.requests.replay.remember(nonce, expires)
-        await service._load_outbox()
+        # This worker's leases, then a first look: the peers with queued rows
+        # that no live worker delivers to are this worker's, their queues loaded.
+        await service.start_worker()
+        await service.look()
         if service.recorder:
             # The state the core starts from, so a replay starts from it too:
             # policy, our public keys, peers' cached descriptors, live nonces.
@@ -150,6 +159,7 @@ class Service(Outbox, BackfillJobs):
         return service
 
     async def aclose(self) -> None:
+        await self.stop_worker()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         await self.client.aclose()
@@ -176,14 +186,16 @@ class Service(Outbox, BackfillJobs):
 
     # -- keys and policy ----------------------------------------------------------------
 
-    async def _save_keyring(self, ring: KeyRing) -> None:
+    async def _save_keyring(self, ring: KeyRing, *, expect: int | None = None) -> None:
+        """Store ``ring`` (and tell the other workers: the shared generation);
+        with ``expect``, only if nothing changed since generation ``expect``
+        (raises StorageError ``conflict`` otherwise)."""
         cur = ring.current
-        await self.store.save_keyring(
-            {"key_id": cur.key_id, "seed": cur.seed, "public_key": cur.public_key, "created_at": cur.created_at,
-             "expired_at": None} if cur else None,
-            [{"key_id": o.key_id, "seed": None, "public_key": o.public_key, "created_at": None,
-              "expired_at": o.expired_at} for o in ring.old],
-        )
+        current = {"key_id": cur.key_id, "seed": cur.seed, "public_key": cur.public_key,
+                   "created_at": cur.created_at, "expired_at": None} if cur else None
+        old = [{"key_id": o.key_id, "seed": None, "public_key": o.public_key, "created_at": None,
+                "expired_at": o.expired_at} for o in ring.old]
+        await self.shared_change(lambda store: store.save_keyring(current, old), expect=expect)
         self.node.keyring = ring
         self._descriptor = None
         self._timer_changed.set()
@@ -191,19 +203,21 @@ class Service(Outbox, BackfillJobs):
 
     async def generate_key(self) -> KeyRing:
         """``key generate``; raises LocalProtocolError if a key exists."""
+        await self.refresh_shared()
         ring = self.node.keyring.generate(os.urandom(32), self.now())
         await self._save_keyring(ring)
         return ring
 
     async def rotate_key(self) -> KeyRing:
         """``key rotate``; raises LocalProtocolError without a key."""
+        await self.refresh_shared()
         ring = self.node.keyring.rotate(os.urandom(32), self.now())
         await self._save_keyring(ring)
         log.info("federation key rotated: now %s", ring.current.key_id if ring.current else None)
         return ring
 
     async def set_policy(self, policy: Policy) -> None:
-        await self.store.set_policy(policy.as_dict())
+        await self.shared_change(lambda store: store.set_policy(policy.as_dict()))
         self.node.policy = policy
         self.record("policy", policy=policy.as_dict())
 
@@ -234,6 +248,8 @@ class Service(Outbox, BackfillJobs):
     async def learn_descriptor(self, server: str, *, force: bool = False, key_id: str | None = None) -> Refused | None:
         """Fetch and cache ``server``'s keys (respecting the core's rate limit unless forced)."""
         now = self.now()
+        if not force and not self.alone() and await self._shared_descriptor(server, key_id):
+            return None
         if not force:
             # Traffic never makes us fetch from a server our policy does not
             # admit (the core decides), nor more often than its rate limit.
@@ -256,6 +272,19 @@ class Service(Outbox, BackfillJobs):
         await self.store.save_descriptor(server, data.decode(), now)
         await self.store.upsert_peer(server, key_id=entry.keys.key_id)
         return None
+
+    async def _shared_descriptor(self, server: str, key_id: str | None) -> bool:
+        """Another worker's copy: a descriptor of ``server`` that a worker on
+        this database fetched later than ours, learned from the database
+        instead of the network. True if it has ``key_id`` (or any, for None)."""
+        row = await self.store.get_peer(server)
+        if not row or not row.get("descriptor") or row.get("descriptor_fetched_at") is None:
+            return False
+        cached = self.node.keys.get(server)
+        if cached is not None and cached.fetched_at >= row["descriptor_fetched_at"]:
+            return False
+        entry = self.node.learn_descriptor(server, row["descriptor"].encode(), row["descriptor_fetched_at"])
+        return not isinstance(entry, Refused) and (key_id is None or entry.keys.knows(key_id))
 
     # -- peer bookkeeping ----------------------------------------------------------------
 
@@ -467,17 +496,38 @@ class Service(Outbox, BackfillJobs):
         while True:
             wake = self.node.poll_timeout()
             delay = 60.0 if wake is None else max(0.0, min(60.0, (wake - self.now()) / 1000))
+            singleton = self.leases.holds(TIMERS, self.now())
+            if not singleton:
+                # Another worker runs the jobs that run once; this one only
+                # forgets its own expired nonces, and looks again after a lease.
+                delay = max(delay, self.config.lease_ms / 3000)
             with trio.move_on_after(delay):
                 await self._timer_changed.wait()
             self._timer_changed = trio.Event()
             now = self.now()
+            singleton = self.leases.holds(TIMERS, now)  # core.leases decides who runs them
+            if singleton:
+                await self.refresh_shared()  # a ring another worker rotated meanwhile
+            generation = self._generation
             # The core fires what is due; a rotation hands back the new key ring
             # (made from the seed we draw: the core draws no randomness).
-            for effect in self.node.handle_timeout(now, seed=os.urandom(32)):
+            for effect in self.node.handle_timeout(now, seed=os.urandom(32), singleton=singleton):
                 if isinstance(effect, KeyRotated):
-                    await self._save_keyring(effect.keyring)
+                    try:
+                        await self._save_keyring(effect.keyring, expect=generation)
+                    except StorageError as exc:
+                        if exc.code != "conflict":
+                            raise
+                        log.info("key rotation left to the worker that changed the key ring first")
+                        self._generation = None
+                        await self.refresh_shared()
+                        continue
                     log.info("federation key rotated on schedule: now %s", effect.keyring.current.key_id)
-            await self.store.expire_nonces(now)
+            if singleton:
+                # Housekeeping: it waits at most a second for another process's
+                # write lock (then the loop tries again), not the requests behind it.
+                await self.store.run(lambda store: briefly(store, lambda: (
+                    store.expire_nonces(now), store.prune_jobs(now - JOBS_KEPT_MS))))
 
 
 def room_view_in(store: Store, room_id: str, tenant: str | None) -> tuple[dict[str, Any], RoomFacts, bool] | None:

@@ -57,10 +57,11 @@ class AdminRows:
         """The first answer to ``user_id``'s send with ``txn_id``, or None."""
         return self._one("SELECT * FROM client_txns WHERE user_id = ? AND txn_id = ?", user_id, txn_id)
 
-    def save_client_txn(self, txn: Row) -> None:
+    def save_client_txn(self, txn: Row) -> bool:
         """Record a send's answer ``{user_id, txn_id, room_id, body_hash, response, created_at}``
-        (the first one stays)."""
-        self._insert("client_txns", {**txn, "body_hash": bytes(txn["body_hash"])}, "ON CONFLICT DO NOTHING")
+        (the first one stays); True if this one was the first."""
+        row = {**txn, "body_hash": bytes(txn["body_hash"])}
+        return self._insert("client_txns", row, "ON CONFLICT DO NOTHING").rowcount == 1
 
 
     def paused_peers(self) -> set[str]:

@@ -67,8 +67,10 @@ class OutboxRows:
         :meth:`store_events` and :meth:`enqueue_many`."""
         with self._write():
             self._store_events_in_tx(room_id, events, None)
-            if client_txn is not None:
-                self.save_client_txn(client_txn)
+            if client_txn is not None and not self.save_client_txn(client_txn):
+                # The same send answered meanwhile (by another worker): this
+                # copy of the event is not stored.
+                raise StorageError("conflict", f"send {client_txn['txn_id']!r} was answered already")
             return self._enqueue_in_tx(items, now)
 
     def delivered_many(self, ids: Sequence[int]) -> int:

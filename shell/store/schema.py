@@ -237,10 +237,38 @@ def _m3_admin_day_two(db: sqlite_utils.Database) -> None:
     )""")
 
 
+def _m4_workers(db: sqlite_utils.Database) -> None:
+    """Version 4: what several workers on one database share (core/leases.py).
+    ``leases``: who delivers to which peer, runs the singleton jobs, pulls
+    which room, until when (plain rows and conditional writes: no advisory
+    lock, the same SQL on every backend). ``generations``: a counter bumped
+    with every change of the state workers cache (key ring, policy, peers'
+    pauses), so a worker sees another's change with one cheap read. ``jobs``:
+    backfill jobs' progress, for the admin API of every worker."""
+    db.execute("""CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        expires_at  INTEGER NOT NULL
+    )""")
+    db.execute("CREATE INDEX leases_owner ON leases (owner)")
+    db.execute("""CREATE TABLE generations (
+        name   TEXT PRIMARY KEY,
+        value  INTEGER NOT NULL
+    )""")
+    db.execute("INSERT INTO generations (name, value) VALUES ('shared', 0)")
+    # Backfill jobs (an admin's pulls, catch-ups) as the admin API shows them,
+    # so every worker answers for a job any worker runs. ``view``: JSON.
+    db.execute("""CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        view        TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL
+    )""")
+
+
 Migration = Callable[[sqlite_utils.Database], None]
 
 #: Applied in order; migration ``i`` (0-based) takes a file to version ``i + 1``.
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two, _m4_workers]
 
 #: PostgreSQL advisory lock key held while migrating ("scaiwave" in ASCII, as a bigint).
 MIGRATION_LOCK = 0x73636169776176

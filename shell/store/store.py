@@ -38,6 +38,7 @@ from .dialect import INTEGRITY_ERRORS, is_postgres_url
 from .schema import SCHEMA_VERSION, StorageError
 from .admin_rows import AdminRows
 from .outbox_rows import OutboxRows
+from .lease_rows import LeaseRows
 
 __all__ = [
     "DB_FILENAME",
@@ -85,7 +86,7 @@ class TxnOutcome:
     new_events: int
 
 
-class Store(AdminRows, OutboxRows, abc.ABC):
+class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
     """The daemon's storage interface, and its queries, written once for both backends.
 
     :meth:`open` picks the backend: a data directory opens
