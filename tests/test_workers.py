@@ -153,8 +153,9 @@ def test_two_workers_one_name(tmp_path: Path) -> None:
         survivor = next(w for w in workers if w is not victim)
         for n, (room_id, alice, bob) in enumerate(pairs):
             for server, token in ((survivor, alice["access_token"]), (b, bob["access_token"])):
-                bodies = wait_until(lambda: (lambda got: got if len(got) >= 2 * PER_SENDER else None)(
-                    _bodies(server, token, room_id)), timeout=60)
+                bodies = wait_until(lambda server=server, token=token, room_id=room_id: (
+                    lambda got: got if len(got) >= 2 * PER_SENDER else None)(_bodies(server, token, room_id)),
+                    timeout=60)
                 # 0 lost, 0 duplicated, each sender's order kept.
                 for sender in (f"alice{n}", f"bob{n}"):
                     sent = [f"{sender} {k}" for k in range(PER_SENDER)]

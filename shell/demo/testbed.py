@@ -61,6 +61,8 @@ class Server:
     #: The port in the server's name, when it is not the one it listens on (a
     #: worker behind a pass-through: see Testbed.add_workers).
     public_port: int | None = None
+    #: The front of several workers (``Testbed.workers``): spreads connections over them.
+    passthrough: Any = None
 
     @property
     def server_name(self) -> str:
@@ -230,7 +232,7 @@ class Testbed:
     def stop(self) -> None:
         for s in self.servers.values():
             s.stop()
-            if getattr(s, "passthrough", None) is not None:
+            if s.passthrough is not None:
                 s.passthrough.stop()
 
 

@@ -526,7 +526,7 @@ class Service(Outbox, BackfillJobs, Workers):
             if singleton:
                 # Housekeeping: it waits at most a second for another process's
                 # write lock (then the loop tries again), not the requests behind it.
-                await self.store.run(lambda store: briefly(store, lambda: (
+                await self.store.run(lambda store, now=now: briefly(store, lambda: (
                     store.expire_nonces(now), store.prune_jobs(now - JOBS_KEPT_MS))))
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -83,6 +83,9 @@ class Workers:
     _descriptor: Any
     _timer_changed: trio.Event
 
+    if TYPE_CHECKING:  # what its host, Service, provides
+        def now(self) -> int: ...
+
     def _init_workers(self, worker_id: str) -> None:
         self.leases = Leases(worker_id, lease_ms=self.config.lease_ms)
         self._generation: int | None = None  # the shared state this worker last loaded
@@ -112,7 +115,7 @@ class Workers:
         """Announce this worker (its ``worker:`` lease) and take the singleton
         jobs if nobody holds them; the peers follow at the first look."""
         now = self.now()
-        self.leases.observe([_row(r) for r in await self.store.lease_rows()])
+        self.leases.observe([_lease_row(r) for r in await self.store.lease_rows()])
         await self._claim(self.leases.claim(worker_lease(self.worker_id), now))
         for claim in self.leases.want([TIMERS], now, spread=False):
             await self._claim(claim)
@@ -252,7 +255,7 @@ class Workers:
         if renew is not None:
             rows = await self.store.run(lambda store: briefly(
                 store, lambda: store.renew_leases(renew.owner, list(renew.names), renew.expires_at)))
-            for name in self.leases.handle_renewed(renew, [_row(r) for r in rows], now):
+            for name in self.leases.handle_renewed(renew, [_lease_row(r) for r in rows], now):
                 if name.startswith(_PEER_PREFIX):
                     peer = name[len(_PEER_PREFIX):]
                     log.warning("no longer delivering to %s: its lease went to another worker", peer)
@@ -307,7 +310,8 @@ class Workers:
             if release is None:
                 continue
             self.delivery.forget(peer)
-            await self.store.run(lambda store: briefly(store, lambda: store.release_lease(release.name, release.owner)))
+            await self.store.run(lambda store, name=release.name, owner=release.owner: briefly(
+                store, lambda: store.release_lease(name, owner)))
             log.info("delivery to %s left to another worker (peers spread over %s workers)", peer,
                      self.leases.live_workers(now))
 
@@ -368,7 +372,11 @@ class Workers:
 
 
 def _row(row: dict[str, Any] | None) -> LeaseRow | None:
-    return None if row is None else LeaseRow(row["name"], row["owner"], int(row["expires_at"]))
+    return None if row is None else _lease_row(row)
+
+
+def _lease_row(row: dict[str, Any]) -> LeaseRow:
+    return LeaseRow(row["name"], row["owner"], int(row["expires_at"]))
 
 
 def _ring_ids(ring: KeyRing) -> tuple[Any, ...]:

@@ -36,7 +36,7 @@ def briefly(store: Any, call: Callable[[], T]) -> T:
     readiness probe does; another backend sets its own lock timeout).
     Runs on the storage thread."""
     db = getattr(store, "db", None)
-    if not isinstance(getattr(db, "conn", None), sqlite3.Connection):
+    if db is None or not isinstance(getattr(db, "conn", None), sqlite3.Connection):
         return call()
     (busy,) = db.execute("PRAGMA busy_timeout").fetchone()
     db.execute(f"PRAGMA busy_timeout = {LEASE_BUSY_MS}")
