@@ -9,15 +9,13 @@ sender's in the order sent. Then, with the killed worker restarted: a signed
 request replayed to the other worker is refused as on one worker, and a key
 rotated on one worker is served by the other at once.
 
-The shared database is a parameter of the test bed (``DATABASE``): by
-default one SQLite file in a shared data directory; set
-``SCAIWAVE_TEST_WORKERS_DATABASE_URL`` to run the same test on a server's
-database (``SCAIWAVE_DATABASE_URL`` given to both workers).
+The test runs on each backend (the ``backend`` fixture): the workers share
+one PostgreSQL database (the test run's real server, ``SCAIWAVE_DATABASE_URL``
+given to both), and one SQLite file in a shared data directory.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import ssl
 import threading
@@ -41,9 +39,9 @@ PER_SENDER = MESSAGES // (2 * PAIRS)
 LEASE = "1500ms"
 
 
-def _database() -> dict[str, str] | None:
-    url = os.environ.get("SCAIWAVE_TEST_WORKERS_DATABASE_URL")
-    return {"SCAIWAVE_DATABASE_URL": url} if url else None
+def _database(backend: str, request) -> dict[str, str] | None:
+    """What the workers share: a fresh PostgreSQL database, or (None) one SQLite file."""
+    return {"SCAIWAVE_DATABASE_URL": request.getfixturevalue("pg").fresh()} if backend == "postgresql" else None
 
 
 def _send_all(servers: list[Server], token: str, room_id: str, sender: str, failures: list[str]) -> None:
@@ -95,10 +93,10 @@ def _bodies(server: Server, token: str, room_id: str) -> list[str]:
     return [m["body"] for m in answer["messages"]]
 
 
-def _deliverer(front: Server, workers: list[Server], peer: str) -> Server:
-    """The worker holding the lease of delivery to ``peer``."""
+def _deliverer(front: Server, workers: list[Server], peer: str, database: dict[str, str] | None) -> Server:
+    """The worker holding the lease of delivery to ``peer`` (read in the shared database)."""
     def holder():
-        with Store.open(front.root / "data") as store:
+        with Store.open((database or {}).get("SCAIWAVE_DATABASE_URL") or front.root / "data") as store:
             rows = [r for r in store.lease_rows() if r["name"] == f"peer:{peer}"]
         return rows[0]["owner"] if rows else None
     owner = wait_until(holder, timeout=20)
@@ -114,8 +112,8 @@ def _direct(worker: Server, ca: Path, method: str, target: str, headers: dict[st
                               extensions={"sni_hostname": worker.name})
 
 
-def test_two_workers_one_name(tmp_path: Path) -> None:
-    database = _database()
+def test_two_workers_one_name(tmp_path: Path, backend: str, request) -> None:
+    database = _database(backend, request)
     bed = Testbed(tmp_path)
     # bob's eight senders make b send proposals faster than the default
     # per-origin rate (50 a second): not what this test is about.
@@ -136,7 +134,7 @@ def test_two_workers_one_name(tmp_path: Path) -> None:
                 [_connection(front), _connection(front)], alice["access_token"], room_id, f"alice{n}", failures)))
             threads.append(threading.Thread(target=_send_all, args=(
                 [_connection(b)], bob["access_token"], room_id, f"bob{n}", failures)))
-        victim = _deliverer(front, workers, b.server_name)
+        victim = _deliverer(front, workers, b.server_name, database)
         for thread in threads:
             thread.start()
         # Mid-stream: kill the worker that delivers to b.
@@ -162,7 +160,7 @@ def test_two_workers_one_name(tmp_path: Path) -> None:
                     assert [x for x in bodies if x.startswith(sender + " ")] == sent, (server.server_name, sender)
                 assert len(bodies) == 2 * PER_SENDER
         # The survivor took b over once the killed worker's lease expired.
-        assert _deliverer(front, workers, b.server_name) is survivor
+        assert _deliverer(front, workers, b.server_name, database) is survivor
 
         # The killed worker comes back (a new worker): the replay window is shared.
         victim.start()

@@ -104,6 +104,12 @@ def _tables_in_order(source: sqlite_utils.Database) -> list[str]:
     return ordered
 
 
+#: Tables a fresh migration fills with seed rows (migration 4's shared-state
+#: generation): an empty target holds these rows and nothing else, and the
+#: copy replaces them with the source's.
+SEEDED = {"generations": "name = 'shared' AND value = 0"}
+
+
 def _move(source: sqlite_utils.Database, path: Path, url: str, progress: Callable[[str, int], None]) -> dict[str, Any]:
     from .postgres_store import PostgresStore
 
@@ -118,13 +124,17 @@ def _move(source: sqlite_utils.Database, path: Path, url: str, progress: Callabl
         missing = sorted(set(tables) - set(db.table_names()))
         if missing:
             raise MoveError("internal_error", f"the target lacks tables {', '.join(missing)}")
-        full = [t for t in tables if db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is not None]
+        full = [t for t in tables if db.execute(
+            f"SELECT 1 FROM {t} WHERE NOT ({SEEDED[t]}) LIMIT 1" if t in SEEDED else f"SELECT 1 FROM {t} LIMIT 1"
+        ).fetchone() is not None]
         if full:
             raise MoveError("conflict", f"{target.location} is not empty (rows in {', '.join(full)}): "
                                         "moving never merges; give an empty database")
         counts: dict[str, int] = {}
         db.execute("BEGIN")
         try:
+            for table in SEEDED:
+                db.execute(f"DELETE FROM {table}")
             for table in tables:
                 counts[table] = _copy_table(source, db, table)
                 progress(table, counts[table])
