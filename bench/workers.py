@@ -19,7 +19,7 @@ both peers stored the last message.
 Target: two workers deliver >= 1.0x what one does (never less). Why this
 target: a post is mostly Python on one core (TLS, HTTP, signing, the event
 chain; one process holds the GIL), so a second worker can use the second
-core, and in this setup it does (1.2x to 2.0x measured); but on this 2-core
+core, and in this setup it does (1.3x to 1.6x measured); but on this 2-core
 machine the two peers and the load generator share those cores, and every
 post is a durable commit to one SQLite file, one writer at a time, so the
 figure swings with the machine's load. What must hold on any machine is
@@ -133,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         dms = setup(front, peers)
         deliver(front, dms, 100, args.clients, "warm-up")
         one = deliver(front, dms, args.messages, args.clients, "one")
-        # Two workers: the first restarted, both running; a few posts, then
-        # each holds one peer's delivery (core.leases spreads them).
+        # Two workers: the first restarted, both running.
         workers[0].stop()
         for worker in workers:
             worker.start()
-        deliver(front, dms, 100, args.clients, "warm-up 2")
-        spread = wait_until(lambda: (lambda h: h if len(set(h.values())) == 2 and len(h) == 2 else None)(holders(front)),
-                            timeout=30)
+        # Posts until each worker delivers to one peer: leases follow traffic
+        # (a peer with nothing queued is nobody's business).
+        spread: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            deliver(front, dms, 50, args.clients, "warm-up 2")
+            spread = holders(front)
+            if len(spread) == 2 and len(set(spread.values())) == 2:
+                break
+        else:
+            raise SystemExit(f"the two workers did not share the peers in 60 s: {spread}")
         two = deliver(front, dms, args.messages, args.clients, "two")
     finally:
         bed.stop()
