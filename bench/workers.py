@@ -1,9 +1,10 @@
 """Workers: delivered messages per second with one worker vs two on one database.
 
-``python -m bench.workers [--messages N] [--clients C]``
+``python -m bench.workers [--messages N] [--clients C] [--backend postgresql|sqlite] [--postgres-url URL]``
 
 your-host.test is served by ``scaiwave serve`` workers sharing one database
-(one SQLite file in a shared data directory) behind a TCP pass-through that
+(by default a PostgreSQL 16 database on a private pgserver the bench starts;
+``--backend sqlite``: one SQLite file in a shared data directory) behind a TCP pass-through that
 spreads connections over them (``Testbed.add_workers``; TLS end to end);
 peer-b.test and peer-c.test are one daemon each. alice0 and alice1 on
 your-host.test each have a DM with a user of one peer; C clients post N
@@ -32,6 +33,7 @@ Prints the figures, the ratio and PASS/FAIL; exits 1 on a miss.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from bench.httpload import Conn
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, wait_until
+from scaiwave_federation.shell.store.store import Store
 
 TARGET = 1.0
 
@@ -53,12 +56,10 @@ def stored_messages(server: Server, room: str) -> int:
         db.close()
 
 
-def holders(front: Server) -> dict[str, str]:
-    db = sqlite3.connect(f"file:{front.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return dict(db.execute("SELECT name, owner FROM leases WHERE name LIKE 'peer:%'").fetchall())
-    finally:
-        db.close()
+def holders(front: Server, database: str | Path) -> dict[str, str]:
+    """Who delivers to which peer, read in the workers' shared database."""
+    with Store.open(database) as store:
+        return {r["name"]: r["owner"] for r in store.lease_rows() if r["name"].startswith("peer:")}
 
 
 def setup(front: Server, peers: list[Server]) -> list[tuple[str, dict, Server]]:
@@ -120,10 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--backend", choices=("postgresql", "sqlite"), default="postgresql")
+    parser.add_argument("--postgres-url", help="an empty PostgreSQL database (default: a private pgserver)")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="scaiwave-bench-workers-"))
+    root = Path(tempfile.mkdtemp(prefix="scaiwave-bench-workers-", dir="/tmp"))
+    server = None
+    url = args.postgres_url
+    if args.backend == "postgresql" and url is None:
+        import pgserver  # the test extra: PostgreSQL 16 in a wheel
+
+        server = pgserver.get_server(root / "pg", cleanup_mode="stop")
+        server.psql("CREATE DATABASE workers;")
+        url = server.get_uri("workers")
     bed = Testbed(root)
-    front, workers = bed.add_workers("your-host.test", 2)
+    front, workers = bed.add_workers("your-host.test", 2,
+                                     database={"SCAIWAVE_DATABASE_URL": url} if args.backend == "postgresql" else None)
+    database: str | Path = url if args.backend == "postgresql" and url else front.root / "data"
     peers = [bed.add("peer-b.test"), bed.add("peer-c.test")]
     try:
         for peer in peers:
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             deliver(front, dms, 50, args.clients, "warm-up 2")
-            spread = holders(front)
+            spread = holders(front, database)
             if len(spread) == 2 and len(set(spread.values())) == 2:
                 break
         else:
@@ -151,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         two = deliver(front, dms, args.messages, args.clients, "two")
     finally:
         bed.stop()
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
     ratio = two / one
-    print(f"delivered messages/s, {args.messages} messages, {args.clients} clients, 2 peers:")
+    print(f"delivered messages/s, {args.messages} messages, {args.clients} clients, 2 peers, {args.backend}:")
     print(f"  one worker  {one:8.0f}/s")
     print(f"  two workers {two:8.0f}/s   (delivery: {', '.join(sorted(k[5:] for k in spread))} on two workers)")
     ok = ratio >= TARGET

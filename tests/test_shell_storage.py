@@ -714,3 +714,39 @@ def test_store_usable_without_trio_after_async_use(store_target) -> None:
         assert s.get_tenant("acme") is not None
     if isinstance(store_target, Path):
         assert os.path.exists(store_target / DB_FILENAME)
+
+
+def test_a_call_rolled_back_to_break_a_deadlock_runs_again() -> None:
+    """PostgreSQL breaks a deadlock between two workers' transactions by rolling
+    one back whole: that call runs again (a fresh transaction), a few times at most."""
+    import psycopg
+
+    from scaiwave_federation.shell.store import async_store
+
+    runs: list[int] = []
+
+    def deadlocks_twice() -> str:
+        runs.append(1)
+        if len(runs) <= 2:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return "stored"
+
+    assert async_store._capture(deadlocks_twice).unwrap() == "stored" and len(runs) == 3
+    runs.clear()
+
+    def always() -> str:
+        runs.append(1)
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    with pytest.raises(psycopg.errors.DeadlockDetected):
+        async_store._capture(always).unwrap()
+    assert len(runs) == async_store.TXN_RETRIES
+    runs.clear()
+
+    def conflict() -> str:  # any other error is the call's answer at once
+        runs.append(1)
+        raise StorageError("conflict", "taken")
+
+    with pytest.raises(StorageError):
+        async_store._capture(conflict).unwrap()
+    assert len(runs) == 1

@@ -23,7 +23,8 @@ from ..http.errors import json_error
 from ..http.server import Request, Response
 from ..http.inputs import PARTICIPANT, ROOM_ID, SERVER_NAME, TENANT_NAME, USER_ID, Array, Bool, Enum, Int, Obj, Str
 from ..http.routes import API, ApiFailure, Auth, Call
-from ..runtime.service import Service, describe_keyring
+from ..runtime.context import Ctx
+from ..runtime.service import describe_keyring
 
 __all__ = ["peer_views", "ADMIN"]
 
@@ -33,30 +34,31 @@ class _Fail(ApiFailure):
         super().__init__(Refused(code, message))
 
 
-async def _admin_caller(service: Service, request: Request) -> None:
-    if not _authorized(service, request):
+async def _admin_caller(ctx: Ctx, request: Request) -> None:
+    if not _authorized(ctx, request):
         raise _Fail(Code.UNAUTHORIZED, "admin endpoints need Authorization: Bearer $SCAIWAVE_ADMIN_TOKEN")
 
 
 ADMIN = Auth("admin", _admin_caller, "The daemon's SCAIWAVE_ADMIN_TOKEN as a bearer token.")
 
 
-def _authorized(service: Service, request: Request) -> bool:
+def _authorized(ctx: Ctx, request: Request) -> bool:
     header = request.header("authorization") or ""
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), service.config.admin_token.encode())
+    expected = ctx.runtime.config.admin_token.encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
 
-async def peer_views(service: Service) -> list[dict[str, Any]]:
+async def peer_views(ctx: Ctx) -> list[dict[str, Any]]:
     out = []
-    for p in await service.store.list_peers():
+    for p in await ctx.store.list_peers():
         error = None
         if p.get("last_error_code"):
             error = {"code": p["last_error_code"], "message": p["last_error_message"], "at": p["last_error_at"]}
         out.append({"server_name": p["server_name"], "state": p.get("state") or "known",
                     "protocol_version": p.get("protocol_version"), "key_id": p.get("key_id"),
                     "last_seen": p.get("last_seen"), "last_error": error, "failures": p.get("failures") or 0,
-                    "retry_at": p.get("retry_at"), "pending": await service.store.pending_count(p["server_name"]),
+                    "retry_at": p.get("retry_at"), "pending": await ctx.store.pending_count(p["server_name"]),
                     "paused": bool(p.get("paused"))})
     return out
 
@@ -68,16 +70,16 @@ _PEER = {"peer": SERVER_NAME}
 
 
 async def _list_peers(call: Call) -> Response:
-    return Response.json(200, {"peers": await peer_views(call.service)})
+    return Response.json(200, {"peers": await peer_views(call.ctx)})
 
 
 async def _limits(call: Call) -> Response:
-    return Response.json(200, call.service.limits.view())
+    return Response.json(200, call.ctx.runtime.limits.view())
 
 
 async def _handshake(call: Call) -> Response:
     peer = call.params["peer"]
-    result = await call.service.handshake(peer)
+    result = await call.ctx.runtime.handshake(peer)
     if isinstance(result, Refused):
         return json_error(result)
     return Response.json(200, {"server_name": peer, "state": "active", "protocol_version": result.protocol_version,
@@ -86,14 +88,14 @@ async def _handshake(call: Call) -> Response:
 
 async def _retry(call: Call) -> Response:
     peer = call.params["peer"]
-    return Response.json(200, {"server_name": peer, "requeued": await call.service.retry_now(peer)})
+    return Response.json(200, {"server_name": peer, "requeued": await call.ctx.runtime.retry_now(peer)})
 
 
 async def _descriptor(call: Call) -> Response:
-    service, server = call.service, call.query.get("server")
+    ctx, server = call.ctx, call.query.get("server")
     if server is None:
-        return Response.json(200, service.node.descriptor(service.federation_endpoint))
-    data = await service.fetch_descriptor(server)
+        return Response.json(200, ctx.node.descriptor(ctx.runtime.federation_endpoint))
+    data = await ctx.runtime.fetch_descriptor(server)
     if isinstance(data, Refused):
         return json_error(data)
     parsed = parse_descriptor(data, server)
@@ -103,29 +105,29 @@ async def _descriptor(call: Call) -> Response:
 
 
 async def _get_policy(call: Call) -> Response:
-    return Response.json(200, call.service.node.policy.as_dict())
+    return Response.json(200, call.ctx.node.policy.as_dict())
 
 
 async def _put_policy(call: Call) -> Response:
     # PUT replaces the whole policy, so all three fields are required: an empty
     # or partial body is refused (bad_request) and changes nothing.
     policy = Policy.from_dict(call.body)
-    async with call.service.policy_lock:  # never between an edit's read and its write
-        await call.service.set_policy(policy)
+    async with call.ctx.runtime.policy_lock:  # never between an edit's read and its write
+        await call.ctx.runtime.set_policy(policy)
     return Response.json(200, policy.as_dict())
 
 
 async def _change_policy(call: Call, edit, dry_run: bool) -> Response:
     """Apply ``edit(policy) -> policy`` (or only show it, ``dry_run``): what
     changed and which active peers the new policy cuts off (core.policy)."""
-    service = call.service
-    async with service.policy_lock:
-        before = service.node.policy
+    ctx = call.ctx
+    async with ctx.runtime.policy_lock:
+        before = ctx.node.policy
         after = edit(before)
-        active = [p["server_name"] for p in await service.store.list_peers() if p.get("state") == "active"]
+        active = [p["server_name"] for p in await ctx.store.list_peers() if p.get("state") == "active"]
         change = policy_change(before, after, active)
         if change.changed and not dry_run:
-            await service.set_policy(after)
+            await ctx.runtime.set_policy(after)
     return Response.json(200, {**change.as_dict(), "dry_run": dry_run})
 
 
@@ -144,18 +146,18 @@ def _policy_editor(verb: str):
 
 
 async def _pause_peer(call: Call) -> Response:
-    await call.service.set_paused(call.params["peer"], True)
+    await call.ctx.runtime.set_paused(call.params["peer"], True)
     return await _peer_view(call)
 
 
 async def _resume_peer(call: Call) -> Response:
-    await call.service.set_paused(call.params["peer"], False)
+    await call.ctx.runtime.set_paused(call.params["peer"], False)
     return await _peer_view(call)
 
 
 async def _peer_view(call: Call) -> Response:
     peer = call.params["peer"]
-    view = next((p for p in await peer_views(call.service) if p["server_name"] == peer), None)
+    view = next((p for p in await peer_views(call.ctx) if p["server_name"] == peer), None)
     if view is None:  # forgotten meanwhile
         raise _Fail(Code.NOT_FOUND, f"no peer {peer!r} (see `peers`)")
     return Response.json(200, view)
@@ -163,7 +165,7 @@ async def _peer_view(call: Call) -> Response:
 
 async def _forget_peer(call: Call) -> Response:
     peer = call.params["peer"]
-    dropped = await call.service.forget_peer(peer, force=bool(call.query.get("force")))
+    dropped = await call.ctx.runtime.forget_peer(peer, force=bool(call.query.get("force")))
     return Response.json(200, {"server_name": peer, "dropped": dropped})
 
 
@@ -172,10 +174,10 @@ async def _refresh_foreign(call: Call) -> Response:
     server = server_of(participant) or (participant if valid_server_name(participant) else None)
     if server is None:
         raise _Fail(Code.BAD_REQUEST, "participant_id is @user:server (or a server name)")
-    refusal = await call.service.learn_descriptor(server, force=True)
+    refusal = await call.ctx.runtime.learn_descriptor(server, force=True)
     if refusal is not None:
         return json_error(refusal)
-    keys = call.service.node.keys.keys(server)
+    keys = call.ctx.node.keys.keys(server)
     if keys is None:  # learned, then forgotten under us (a concurrent `peers forget`)
         return json_error(Refused(Code.UNKNOWN_KEY, f"{server} has no keys cached now: refresh again"))
     return Response.json(200, {"server_name": server, "key_id": keys.key_id,
@@ -183,35 +185,35 @@ async def _refresh_foreign(call: Call) -> Response:
 
 
 async def _get_key(call: Call) -> Response:
-    return Response.json(200, describe_keyring(call.service.node.keyring))
+    return Response.json(200, describe_keyring(call.ctx.node.keyring))
 
 
 async def _generate_key(call: Call) -> Response:
-    if call.service.node.keyring.current is not None:
+    if call.ctx.node.keyring.current is not None:
         raise _Fail(Code.CONFLICT, "a key exists already: use `key rotate`")
-    return Response.json(200, describe_keyring(await call.service.generate_key()))
+    return Response.json(200, describe_keyring(await call.ctx.runtime.generate_key()))
 
 
 async def _rotate_key(call: Call) -> Response:
-    if call.service.node.keyring.current is None:
+    if call.ctx.node.keyring.current is None:
         raise _Fail(Code.OWN_KEY_MISSING, "no key to rotate: run `key generate` first")
-    return Response.json(200, describe_keyring(await call.service.rotate_key()))
+    return Response.json(200, describe_keyring(await call.ctx.runtime.rotate_key()))
 
 
 async def _start_backfill(call: Call) -> Response:
     room_id, body = call.params["room_id"], call.body
     peer: str = body.get("peer") or server_of(room_id) or ""  # room ids are canonical (inputs.ROOM_ID)
-    if peer == call.service.config.server_name:  # not a peer's refusal: say what the admin asked
+    if peer == call.ctx.server_name:  # not a peer's refusal: say what the admin asked
         raise _Fail(Code.BAD_REQUEST, f"the peer to pull from is this server ({peer}): " + (
             "name another server" if body.get("peer") else f"{room_id} is hosted here, its history is already here"))
-    job = await call.service.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
+    job = await call.ctx.runtime.start_backfill(call.nursery, room_id, peer, body.get("limit", MAX_PULL))
     if body.get("wait"):
         await job.done.wait()
     return Response.json(200, job.view())
 
 
 async def _get_backfill(call: Call) -> Response:
-    view = await call.service.job_view(call.params["job_id"])
+    view = await call.ctx.runtime.job_view(call.params["job_id"])
     if view is None:
         raise _Fail(Code.NOT_FOUND, f"no backfill job {call.params['job_id']}")
     return Response.json(200, view)
@@ -221,22 +223,22 @@ async def _get_backfill(call: Call) -> Response:
 
 
 async def _list_tenants(call: Call) -> Response:
-    return Response.json(200, {"tenants": await call.service.store.list_tenants()})
+    return Response.json(200, {"tenants": await call.ctx.store.list_tenants()})
 
 
 async def _create_tenant(call: Call) -> Response:
     name = call.body["name"]
-    if await call.service.store.get_tenant(name):
+    if await call.ctx.store.get_tenant(name):
         raise _Fail(Code.CONFLICT, f"tenant {name} exists")
-    return Response.json(200, await call.service.store.create_tenant(name, call.body.get("federation", True)))
+    return Response.json(200, await call.ctx.store.create_tenant(name, call.body.get("federation", True)))
 
 
 async def _update_tenant(call: Call) -> Response:
     name = call.params["name"]
-    if await call.service.store.get_tenant(name) is None:
+    if await call.ctx.store.get_tenant(name) is None:
         raise _Fail(Code.NOT_FOUND, f"no tenant {name}")
-    await call.service.store.set_tenant_federation(name, call.body["federation"])
-    return Response.json(200, await call.service.store.get_tenant(name))
+    await call.ctx.store.set_tenant_federation(name, call.body["federation"])
+    return Response.json(200, await call.ctx.store.get_tenant(name))
 
 
 def _user_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -244,19 +246,19 @@ def _user_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _list_users(call: Call) -> Response:
-    return Response.json(200, {"users": [_user_view(u) for u in await call.service.store.list_users()]})
+    return Response.json(200, {"users": [_user_view(u) for u in await call.ctx.store.list_users()]})
 
 
 async def _deactivate_user(call: Call) -> Response:
     # The token stops working at once (every request looks the token up);
     # memberships and rooms stay (README: Users).
-    return Response.json(200, _user_view(await call.service.store.deactivate_user(call.params["user_id"],
-                                                                                  call.service.now())))
+    return Response.json(200, _user_view(await call.ctx.store.deactivate_user(call.params["user_id"],
+                                                                                  call.ctx.now())))
 
 
 async def _reissue_token(call: Call) -> Response:
     token = _new_token()
-    row = await call.service.store.set_token_hash(call.params["user_id"], token_hash(token))
+    row = await call.ctx.store.set_token_hash(call.params["user_id"], token_hash(token))
     return Response.json(200, {"user_id": row["user_id"], "access_token": token})
 
 
@@ -273,14 +275,14 @@ def _user_name_problem(name: str) -> str | None:
 
 
 async def _create_user(call: Call) -> Response:
-    service, name, tenant = call.service, call.body["name"], call.body["tenant"]
-    uid = user_id(name, service.config.server_name)
-    if await service.store.get_tenant(tenant) is None:
+    ctx, name, tenant = call.ctx, call.body["name"], call.body["tenant"]
+    uid = user_id(name, ctx.server_name)
+    if await ctx.store.get_tenant(tenant) is None:
         raise _Fail(Code.NOT_FOUND, f"no tenant {tenant}: create it first")
-    if await service.store.get_user(uid):
+    if await ctx.store.get_user(uid):
         raise _Fail(Code.CONFLICT, f"user {uid} exists")
     token = _new_token()
-    await service.store.create_user(uid, name, tenant, token_hash(token))
+    await ctx.store.create_user(uid, name, tenant, token_hash(token))
     return Response.json(200, {"user_id": uid, "tenant": tenant, "access_token": token})
 
 

@@ -36,7 +36,8 @@ from ..http import responses as R
 from ..http.server import Request, Response
 from ..http.inputs import ROOM_ID, USER_ID, Enum, Obj, Str
 from ..http.routes import API, ApiFailure, Auth, Call, all_routes
-from ..runtime.service import Service, room_view_in
+from ..runtime.context import Ctx
+from ..runtime.service import room_view_in
 from ..store.store import StorageError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def _token_hash_of(request: Request) -> str:
     return token_hash(token.strip())
 
 
-async def _user(service: Service, request: Request) -> dict[str, Any]:
-    user = await service.store.user_by_token_hash(_token_hash_of(request))
+async def _user(ctx: Ctx, request: Request) -> dict[str, Any]:
+    user = await ctx.store.user_by_token_hash(_token_hash_of(request))
     if user is None:
         raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
     return user
@@ -85,7 +86,7 @@ class _Poster(dict):
     view: tuple[dict[str, Any], RoomFacts, bool] | None = None
 
 
-async def _user_and_room(service: Service, request: Request) -> dict[str, Any]:
+async def _user_and_room(ctx: Ctx, request: Request) -> dict[str, Any]:
     """A post's caller and its room (``Service.room_view``) in one storage call:
     a post made a round trip for each. The room is read before the caller is
     known to be anyone, and used only once they are (nothing of it reaches a
@@ -104,7 +105,7 @@ async def _user_and_room(service: Service, request: Request) -> dict[str, Any]:
         return user, room_view_in(store, room_id, user["tenant"])
 
     # Reads only: may pass queued posts; the post's write follows (group commit waits for it).
-    user, view = await service.store.run(read, early=True, write_follows=True)
+    user, view = await ctx.store.run(read, early=True, write_follows=True)
     if user is None:
         raise _Fail(Refused(Code.UNAUTHORIZED, "unknown access token"))
     poster = _Poster(user)
@@ -112,78 +113,82 @@ async def _user_and_room(service: Service, request: Request) -> dict[str, Any]:
     return poster
 
 
-def _key(service: Service):
-    key = service.node.keyring.current
+def _key(ctx: Ctx):
+    key = ctx.node.keyring.current
     if key is None:
         raise _Fail(Refused(Code.OWN_KEY_MISSING, "no federation key: run `scaiwave admin federation key generate`"))
     return key
 
 
-async def _append(service: Service, room: dict[str, Any], sender: str, type: str, content: dict,
+async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, content: dict,
                   answer: Callable[[Event], dict[str, Any]] | None = None, facts: RoomFacts | None = None) -> Event:
     """Chain an event in a room we host, then store it and queue it for member
     servers in one write. ``answer``: the client txn row for this event, stored
     in that same write. ``facts``: the room's, if the caller just read them
     and changed nothing since (else they are read again)."""
-    key = _key(service)
+    key = _key(ctx)
     if facts is not None:
         # The head is read, the event chained and signed, stored and queued in
         # one storage call (on the storage thread, off the event loop), whose
         # commit concurrent posts share.
-        def chain(head: Head | None) -> list[Event]:
-            return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
-                                sender=sender, type=type, ts=service.now(), content=content)]
+        heads: list[Head | None] = []
 
-        for attempt in range(3):
-            try:
-                return (await service.chain_and_push(room["room_id"], chain, facts, answer,
-                                                     lock=service.room_lock(room["room_id"])))[-1]
-            except StorageError as exc:
-                # Another worker (the room lock is per process) chained at the
-                # head read first: chain again on the new head.
-                if exc.code != "conflict" or attempt == 2:
-                    raise
-    async with service.room_lock(room["room_id"]):
+        def chain(head: Head | None) -> list[Event]:
+            heads.append(head)
+            return [chain_event(key, head=head, room_id=room["room_id"], room_type=room["room_type"],
+                                sender=sender, type=type, ts=ctx.now(), content=content)]
+
         while True:
-            head = await service.head_of(room["room_id"])
-            event = chain_event(_key(service), head=head, room_id=room["room_id"], room_type=room["room_type"],
-                                sender=sender, type=type, ts=service.now(), content=content)
             try:
-                await service.push_events(room["room_id"], [event], facts=facts, store=True,
+                return (await ctx.runtime.chain_and_push(room["room_id"], chain, facts, answer,
+                                                     lock=ctx.runtime.room_lock(room["room_id"])))[-1]
+            except StorageError as exc:
+                # Another worker (the room lock is per process) chained on the
+                # head we read, first: chain again on the new head. Each retry
+                # follows another post's success, so this ends.
+                if exc.code != "conflict" or not heads or await ctx.runtime.head_of(room["room_id"]) == heads[-1]:
+                    raise
+    async with ctx.runtime.room_lock(room["room_id"]):
+        while True:
+            head = await ctx.runtime.head_of(room["room_id"])
+            event = chain_event(_key(ctx), head=head, room_id=room["room_id"], room_type=room["room_type"],
+                                sender=sender, type=type, ts=ctx.now(), content=content)
+            try:
+                await ctx.runtime.push_events(room["room_id"], [event], facts=facts, store=True,
                                           client_txn=answer(event) if answer else None)
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained at
                 # this depth first: chain again on the new head.
-                if exc.code != "conflict" or await service.head_of(room["room_id"]) == head:
+                if exc.code != "conflict" or await ctx.runtime.head_of(room["room_id"]) == head:
                     raise
                 continue
             return event
 
 
-async def _new_room(service: Service, user: dict[str, Any], room_type: str) -> dict[str, Any]:
-    room_id = f"!{os.urandom(9).hex()}:{service.config.server_name}"
-    await service.store.create_room(room_id=room_id, room_type=room_type, host=service.config.server_name,
-                                    tenant=user["tenant"], creator=user["user_id"], created_at=service.now())
-    room = await service.store.get_room(room_id)
+async def _new_room(ctx: Ctx, user: dict[str, Any], room_type: str) -> dict[str, Any]:
+    room_id = f"!{os.urandom(9).hex()}:{ctx.server_name}"
+    await ctx.store.create_room(room_id=room_id, room_type=room_type, host=ctx.server_name,
+                                    tenant=user["tenant"], creator=user["user_id"], created_at=ctx.now())
+    room = await ctx.store.get_room(room_id)
     assert room is not None  # just created
-    await _append(service, room, user["user_id"], "m.create", {"creator": user["user_id"], "room_type": room_type})
-    await service.store.set_membership(room_id, user["user_id"], "join")
-    await _append(service, room, user["user_id"], "m.member", {"membership": "join", "user": user["user_id"]})
+    await _append(ctx, room, user["user_id"], "m.create", {"creator": user["user_id"], "room_type": room_type})
+    await ctx.store.set_membership(room_id, user["user_id"], "join")
+    await _append(ctx, room, user["user_id"], "m.member", {"membership": "join", "user": user["user_id"]})
     return room
 
 
-async def _create_room(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
+async def _create_room(ctx: Ctx, user: dict[str, Any], body: dict[str, Any]) -> Response:
     room_type = body.get("room_type", "group")
     if room_type not in ROOM_TYPES or room_type == "dm":
         raise _Fail(Refused(Code.BAD_REQUEST, "room_type is one of group, incognito, bridge, sidekick"))
-    _key(service)
-    room = await _new_room(service, user, room_type)
+    _key(ctx)
+    room = await _new_room(ctx, user, room_type)
     return Response.json(200, {"room_id": room["room_id"], "room_type": room_type})
 
 
-async def _me(service: Service, user: dict[str, Any]) -> Party:
+async def _me(ctx: Ctx, user: dict[str, Any]) -> Party:
     """The caller as the rules see it, from the row its token was found by in this request."""
-    return Party(user["user_id"], user["tenant"], await service.tenant_federates(user["tenant"]))
+    return Party(user["user_id"], user["tenant"], await ctx.runtime.tenant_federates(user["tenant"]))
 
 
 def _user_id(value: object, field: str) -> str:
@@ -194,47 +199,47 @@ def _user_id(value: object, field: str) -> str:
     return uid
 
 
-async def _room(service: Service, room_id: str) -> dict[str, Any]:
+async def _room(ctx: Ctx, room_id: str) -> dict[str, Any]:
     """The stored room a client names (any spelling of its id), or ``not_found``."""
-    room = await service.store.get_room(canonical_room_id(room_id) or room_id)
+    room = await ctx.store.get_room(canonical_room_id(room_id) or room_id)
     if room is None:
         raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
     return room
 
 
-async def _invitee(service: Service, to: str) -> Party | None:
-    if server_of(to) == service.config.server_name:
-        return await service.local_party(to)
+async def _invitee(ctx: Ctx, to: str) -> Party | None:
+    if server_of(to) == ctx.server_name:
+        return await ctx.runtime.local_party(to)
     return Party(to)
 
 
-async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any]) -> Response:
+async def _create_dm(ctx: Ctx, user: dict[str, Any], body: dict[str, Any]) -> Response:
     to = _user_id(body.get("to"), "to")
-    me = await _me(service, user)
+    me = await _me(ctx, user)
     # The rules of the room as it will be: the creator joined, nobody else yet.
-    facts = RoomFacts(f"!new:{service.config.server_name}", "dm", me.tenant, me.tenant_federates,
+    facts = RoomFacts(f"!new:{ctx.server_name}", "dm", me.tenant, me.tenant_federates,
                       {me.user_id: "join"})
-    _need(may_invite(facts, server_name=service.config.server_name, inviter=me,
-                     invitee=await _invitee(service, to), invitee_id=to))
-    key = _key(service)
-    here = service.config.server_name
+    _need(may_invite(facts, server_name=ctx.server_name, inviter=me,
+                     invitee=await _invitee(ctx, to), invitee_id=to))
+    key = _key(ctx)
+    here = ctx.server_name
     if server_of(to) != here:
-        _need(await service.ensure_peered(server_of(to) or ""))
+        _need(await ctx.runtime.ensure_peered(server_of(to) or ""))
     # Atomic: the room's first three events are chained in memory, the invite
     # goes out first, and only an accepted invite stores the room, its events,
     # memberships and invite in one transaction. A refusal leaves nothing.
     room = {"room_id": f"!{os.urandom(9).hex()}:{here}", "room_type": "dm", "host": here,
-            "tenant": user["tenant"], "creator": user["user_id"], "created_at": service.now()}
+            "tenant": user["tenant"], "creator": user["user_id"], "created_at": ctx.now()}
     events, head = [], None
     for type, content in (("m.create", {"creator": user["user_id"], "room_type": "dm"}),
                           ("m.member", {"membership": "join", "user": user["user_id"]}),
                           ("m.member", {"membership": "invite", "user": to})):
         event = chain_event(key, head=head, room_id=room["room_id"], room_type="dm", sender=user["user_id"],
-                            type=type, ts=service.now(), content=content)
+                            type=type, ts=ctx.now(), content=content)
         events.append(event)
         head = Head(event.depth, event.event_id)
     if server_of(to) != here:
-        status, answer = _need(await service.signed_request(
+        status, answer = _need(await ctx.runtime.signed_request(
             server_of(to) or "", "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
             encode_events_body([events[-1].envelope])))
         if status != 200:
@@ -242,61 +247,61 @@ async def _create_dm(service: Service, user: dict[str, Any], body: dict[str, Any
 
     invite = None if server_of(to) != here else {
         "room_id": room["room_id"], "user_id": to, "inviter": user["user_id"], "origin": here, "room_type": "dm",
-        "state": "pending", "payload": events[-1].envelope, "created_at": service.now()}
-    await service.store.create_room_with(room, [e.as_record() for e in events],
+        "state": "pending", "payload": events[-1].envelope, "created_at": ctx.now()}
+    await ctx.store.create_room_with(room, [e.as_record() for e in events],
                                          {user["user_id"]: "join", to: "invite"}, invite)
     return Response.json(200, {"room_id": room["room_id"], "to": to, "invite": "delivered"})
 
 
-async def _invite_user(service: Service, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
+async def _invite_user(ctx: Ctx, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
     """Carry out an invite the rules allowed: chain it, then deliver it."""
     server = server_of(to) or ""  # a canonical user id (inputs.USER_ID): never empty
-    event = await _append(service, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
-    await service.store.set_membership(room["room_id"], to, "invite")
-    if server == service.config.server_name:
-        await service.store.save_invite(room_id=room["room_id"], user_id=to, inviter=user["user_id"],
+    event = await _append(ctx, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
+    await ctx.store.set_membership(room["room_id"], to, "invite")
+    if server == ctx.server_name:
+        await ctx.store.save_invite(room_id=room["room_id"], user_id=to, inviter=user["user_id"],
                                         origin=server, room_type=room["room_type"], state="pending",
-                                        payload=event.envelope, created_at=service.now())
+                                        payload=event.envelope, created_at=ctx.now())
         return event
-    result = _need(await service.signed_request(server, "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
+    result = _need(await ctx.runtime.signed_request(server, "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
                                                 encode_events_body([event.envelope])))
     if result[0] != 200:
-        await service.store.set_membership(room["room_id"], to, "decline")
+        await ctx.store.set_membership(room["room_id"], to, "decline")
         raise _Fail(decode_refusal(*result))
     return event
 
 
-async def _invite(service: Service, user: dict[str, Any], room_id: str, to_value: object) -> Response:
-    room = await _room(service, room_id)
+async def _invite(ctx: Ctx, user: dict[str, Any], room_id: str, to_value: object) -> Response:
+    room = await _room(ctx, room_id)
     to = _user_id(to_value, "user")
-    _need(may_invite(await service.room_facts(room), server_name=service.config.server_name,
-                     inviter=await _me(service, user), invitee=await _invitee(service, to), invitee_id=to))
-    if server_of(to) != service.config.server_name:
-        _key(service)
-        _need(await service.ensure_peered(server_of(to) or ""))
-    await _invite_user(service, user, room, to)
+    _need(may_invite(await ctx.runtime.room_facts(room), server_name=ctx.server_name,
+                     inviter=await _me(ctx, user), invitee=await _invitee(ctx, to), invitee_id=to))
+    if server_of(to) != ctx.server_name:
+        _key(ctx)
+        _need(await ctx.runtime.ensure_peered(server_of(to) or ""))
+    await _invite_user(ctx, user, room, to)
     return Response.json(200, {"room_id": room["room_id"], "user": to, "invite": "delivered"})
 
 
-async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, Any], type: str,
+async def _write_remote(ctx: Ctx, room: dict[str, Any], user: dict[str, Any], type: str,
                         content: dict, txn: str | None = None) -> Event:
     """Send a proposal to the room's host; store the chained event it answers with.
     ``txn``: the federation transaction id (a client's retry reuses it, so
     the host answers it from its transaction log instead of chaining twice)."""
-    proposal = make_event(_key(service), room_id=room["room_id"], room_type=room["room_type"], depth=0, prev=None,
-                          origin=service.config.server_name, sender=user["user_id"], type=type,
-                          ts=service.now(), content=content)
-    txn = txn or f"{service.now()}-{os.urandom(6).hex()}"
+    proposal = make_event(_key(ctx), room_id=room["room_id"], room_type=room["room_type"], depth=0, prev=None,
+                          origin=ctx.server_name, sender=user["user_id"], type=type,
+                          ts=ctx.now(), content=content)
+    txn = txn or f"{ctx.now()}-{os.urandom(6).hex()}"
     host = room["host"]
     target, txn_body = f"/_scaiwave/federation/v1/send/{txn}", encode_events_body([proposal.envelope])
-    result = await service.signed_request(host, "PUT", target, txn_body)
+    result = await ctx.runtime.signed_request(host, "PUT", target, txn_body)
     refusal = result if isinstance(result, Refused) else None if result[0] == 200 else decode_refusal(*result)
     if refusal is not None and refusal.retryable:
         # A refusal of the moment (the host has not fetched our new key yet, is
         # restarting): the user is waiting, so try once more, a little later.
         log.info("proposal to %s refused for the moment (%s); retrying once", host, refusal.code.value)
         await trio.sleep(RETRY_ONCE_S)
-        result = await service.signed_request(host, "PUT", target, txn_body)
+        result = await ctx.runtime.signed_request(host, "PUT", target, txn_body)
     status, body = _need(result)
     if status != 200:
         raise _Fail(decode_refusal(status, body))
@@ -305,17 +310,17 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
     if not outcomes:
         raise _Fail(Refused(Code.MALFORMED, f"{host} answered the transaction without results"))
     _need(outcomes[0])  # the host refused the proposal: its code, passed on
-    verified = verify_events(envelopes, service.node.lookup)
+    verified = verify_events(envelopes, ctx.node.lookup)
     if any(isinstance(r, NeedKeys) for r in verified):
-        await service.learn_descriptor(host)
-        verified = verify_events(envelopes, service.node.lookup)
-    async with service.room_lock(room["room_id"]):
+        await ctx.runtime.learn_descriptor(host)
+        verified = verify_events(envelopes, ctx.node.lookup)
+    async with ctx.runtime.room_lock(room["room_id"]):
         # The host's chained copy is stored if it links (or starts our copy of
         # the room: our join); else it arrives in order through the host's
         # outbox. The core decides, as for any transaction from the host.
-        decision = service.node.on_proposal_reply(host, verified, await service.txn_snapshot(verified),
-                                                  service.now())
-        await service.store.store_events(room["room_id"], [e.as_record() for e in decision.store
+        decision = ctx.node.on_proposal_reply(host, verified, await ctx.runtime.txn_snapshot(verified),
+                                                  ctx.now())
+        await ctx.store.store_events(room["room_id"], [e.as_record() for e in decision.store
                                                            if e.room_id == room["room_id"]])
     events = [r for r in verified if isinstance(r, Event) and r.room_id == room["room_id"] and r.origin == host]
     if not events:
@@ -324,62 +329,62 @@ async def _write_remote(service: Service, room: dict[str, Any], user: dict[str, 
     return events[-1]
 
 
-async def _answer_invite(service: Service, user: dict[str, Any], room_id: str, answer: str) -> Response:
-    room = await _room(service, room_id)
+async def _answer_invite(ctx: Ctx, user: dict[str, Any], room_id: str, answer: str) -> Response:
+    room = await _room(ctx, room_id)
     room_id = room["room_id"]
     membership = "join" if answer == "accept" else "decline"
-    _need(may_answer(await service.room_facts(room), user=await _me(service, user), answer=membership,
-                     server_name=service.config.server_name))
+    _need(may_answer(await ctx.runtime.room_facts(room), user=await _me(ctx, user), answer=membership,
+                     server_name=ctx.server_name))
     content = {"membership": membership, "user": user["user_id"]}
-    if room["host"] == service.config.server_name:
-        await service.store.set_membership(room_id, user["user_id"], membership)
-        event = await _append(service, room, user["user_id"], "m.member", content)
+    if room["host"] == ctx.server_name:
+        await ctx.store.set_membership(room_id, user["user_id"], membership)
+        event = await _append(ctx, room, user["user_id"], "m.member", content)
     else:
-        event = await _write_remote(service, room, user, "m.member", content)
-        await service.store.set_membership(room_id, user["user_id"], membership)
-    await service.store.set_invite_state(room_id, user["user_id"], "accepted" if membership == "join" else "declined")
+        event = await _write_remote(ctx, room, user, "m.member", content)
+        await ctx.store.set_membership(room_id, user["user_id"], membership)
+    await ctx.store.set_invite_state(room_id, user["user_id"], "accepted" if membership == "join" else "declined")
     return Response.json(200, {"room_id": room_id, "membership": membership, "event_id": event.id_text})
 
 
-async def _leave(service: Service, user: dict[str, Any], room_id: str) -> Response:
-    room = await _room(service, room_id)
-    _need(may_leave(await service.room_facts(room), user=await _me(service, user),
-                    server_name=service.config.server_name))
+async def _leave(ctx: Ctx, user: dict[str, Any], room_id: str) -> Response:
+    room = await _room(ctx, room_id)
+    _need(may_leave(await ctx.runtime.room_facts(room), user=await _me(ctx, user),
+                    server_name=ctx.server_name))
     content = {"membership": "leave", "user": user["user_id"]}
-    if room["host"] == service.config.server_name:
+    if room["host"] == ctx.server_name:
         # Chain first, while still a member: the leave reaches every member server.
-        event = await _append(service, room, user["user_id"], "m.member", content)
-        await service.store.set_membership(room["room_id"], user["user_id"], "leave")
+        event = await _append(ctx, room, user["user_id"], "m.member", content)
+        await ctx.store.set_membership(room["room_id"], user["user_id"], "leave")
     else:
-        event = await _write_remote(service, room, user, "m.member", content)
-        await service.store.set_membership(room["room_id"], user["user_id"], "leave")
+        event = await _write_remote(ctx, room, user, "m.member", content)
+        await ctx.store.set_membership(room["room_id"], user["user_id"], "leave")
     return Response.json(200, {"room_id": room["room_id"], "membership": "leave", "event_id": event.id_text})
 
 
-async def _post_message(service: Service, user: dict[str, Any], room_id: str, text: str,
+async def _post_message(ctx: Ctx, user: dict[str, Any], room_id: str, text: str,
                         txn_id: str | None = None) -> Response:
     wanted = canonical_room_id(room_id) or room_id
     if isinstance(user, _Poster) and user.room_id == wanted:
         view = user.view  # read with the caller (_user_and_room)
     else:
-        view = await service.room_view(wanted, user["tenant"])
+        view = await ctx.runtime.room_view(wanted, user["tenant"])
     if view is None:
         raise _Fail(Refused(Code.NOT_FOUND, f"no room {room_id[:100]}"))
     room, facts, federates = view
     _need(may_post(facts, user=Party(user["user_id"], user["tenant"], federates),
-                   server_name=service.config.server_name))
+                   server_name=ctx.server_name))
     record = None
     if txn_id is not None:
         def record(event: Event) -> dict[str, Any]:
             return {"user_id": user["user_id"], "txn_id": txn_id, "room_id": room["room_id"],
-                    "body_hash": _text_hash(text), "created_at": service.now(), "response": json.dumps(_posted(event))}
-    if room["host"] == service.config.server_name:
-        event = await _append(service, room, user["user_id"], "m.message", {"body": text}, record, facts)
+                    "body_hash": _text_hash(text), "created_at": ctx.now(), "response": json.dumps(_posted(event))}
+    if room["host"] == ctx.server_name:
+        event = await _append(ctx, room, user["user_id"], "m.message", {"body": text}, record, facts)
     else:
         fed_txn = None if txn_id is None else "c" + hashlib.sha256(f"{user['user_id']}\0{txn_id}".encode()).hexdigest()[:40]
-        event = await _write_remote(service, room, user, "m.message", {"body": text}, fed_txn)
+        event = await _write_remote(ctx, room, user, "m.message", {"body": text}, fed_txn)
         if record is not None:
-            await service.store.save_client_txn(record(event))
+            await ctx.store.save_client_txn(record(event))
     return Response.json(200, _posted(event))
 
 
@@ -391,18 +396,18 @@ def _text_hash(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-async def _send(service: Service, user: dict[str, Any], room_id: str, txn_id: str, text: str) -> Response:
+async def _send(ctx: Ctx, user: dict[str, Any], room_id: str, txn_id: str, text: str) -> Response:
     """``PUT /v1/rooms/{room_id}/send/{txn_id}``: the first send with this txn id
     (per user) is stored; a retry gets the first answer and stores nothing. The
     same txn id for another room or another text is ``conflict``."""
-    async with service.send_lock(user["user_id"]):
-        first = await service.store.client_txn(user["user_id"], txn_id)
+    async with ctx.runtime.send_lock(user["user_id"]):
+        first = await ctx.store.client_txn(user["user_id"], txn_id)
         if first is None:
             try:
-                return await _post_message(service, user, room_id, text, txn_id)
+                return await _post_message(ctx, user, room_id, text, txn_id)
             except StorageError as exc:
                 # The same send, retried on another worker, won the race: its answer.
-                first = await service.store.client_txn(user["user_id"], txn_id)
+                first = await ctx.store.client_txn(user["user_id"], txn_id)
                 if exc.code != "conflict" or first is None:
                     raise
     if first["room_id"] != room_id or bytes(first["body_hash"]) != _text_hash(text):
@@ -410,11 +415,11 @@ async def _send(service: Service, user: dict[str, Any], room_id: str, txn_id: st
     return Response.json(200, json.loads(first["response"]))
 
 
-async def _messages(service: Service, user: dict[str, Any], room_id: str) -> Response:
-    room = await _room(service, room_id)
-    _need(may_read(await service.room_facts(room), user=await _me(service, user)))
+async def _messages(ctx: Ctx, user: dict[str, Any], room_id: str) -> Response:
+    room = await _room(ctx, room_id)
+    _need(may_read(await ctx.runtime.room_facts(room), user=await _me(ctx, user)))
     room_id = room["room_id"]
-    rows = await service.store.events_after(room_id, None, 100_000)
+    rows = await ctx.store.events_after(room_id, None, 100_000)
     messages = []
     for row in rows:
         event = decode_event(row["envelope"])
@@ -450,50 +455,50 @@ MESSAGE_TEXT = Str(max_len=16_000, text=True, example="hello", description="The 
 
 
 async def _dm_create(call: Call) -> Response:
-    return await _create_dm(call.service, call.caller, call.body)
+    return await _create_dm(call.ctx, call.caller, call.body)
 
 
 async def _room_create(call: Call) -> Response:
-    return await _create_room(call.service, call.caller, call.body)
+    return await _create_room(call.ctx, call.caller, call.body)
 
 
 async def _rooms_list(call: Call) -> Response:
-    return Response.json(200, {"rooms": await call.service.store.rooms_for_user(call.caller["user_id"])})
+    return Response.json(200, {"rooms": await call.ctx.store.rooms_for_user(call.caller["user_id"])})
 
 
 async def _notifications_list(call: Call) -> Response:
-    invites = await call.service.store.pending_invites(call.caller["user_id"])
+    invites = await call.ctx.store.pending_invites(call.caller["user_id"])
     return Response.json(200, {"notifications": [
         {"type": "invite", "room_id": i["room_id"], "room_type": i["room_type"], "inviter": i["inviter"],
          "origin": i["origin"], "at": i["created_at"]} for i in invites]})
 
 
 async def _invite_accept(call: Call) -> Response:
-    return await _answer_invite(call.service, call.caller, call.params["room_id"], "accept")
+    return await _answer_invite(call.ctx, call.caller, call.params["room_id"], "accept")
 
 
 async def _invite_decline(call: Call) -> Response:
-    return await _answer_invite(call.service, call.caller, call.params["room_id"], "decline")
+    return await _answer_invite(call.ctx, call.caller, call.params["room_id"], "decline")
 
 
 async def _room_invite(call: Call) -> Response:
-    return await _invite(call.service, call.caller, call.params["room_id"], call.body["user"])
+    return await _invite(call.ctx, call.caller, call.params["room_id"], call.body["user"])
 
 
 async def _room_leave(call: Call) -> Response:
-    return await _leave(call.service, call.caller, call.params["room_id"])
+    return await _leave(call.ctx, call.caller, call.params["room_id"])
 
 
 async def _message_post(call: Call) -> Response:
-    return await _post_message(call.service, call.caller, call.params["room_id"], call.body["body"])
+    return await _post_message(call.ctx, call.caller, call.params["room_id"], call.body["body"])
 
 
 async def _message_send(call: Call) -> Response:
-    return await _send(call.service, call.caller, call.params["room_id"], call.params["txn_id"], call.body["body"])
+    return await _send(call.ctx, call.caller, call.params["room_id"], call.params["txn_id"], call.body["body"])
 
 
 async def _messages_list(call: Call) -> Response:
-    return await _messages(call.service, call.caller, call.params["room_id"])
+    return await _messages(call.ctx, call.caller, call.params["room_id"])
 
 
 def _client(method: str, path: str, handler, summary: str, response: dict, *, auth: Auth = USER,

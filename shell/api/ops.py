@@ -1,7 +1,7 @@
 """The operator's endpoints in the route table: ``/healthz``, ``/readyz``
 (public), ``/metrics``, ``POST /v1/admin/federation/check`` and
 ``POST /v1/admin/db/backup`` (admin token). They answer from the daemon's
-:class:`~.ops.Ops` (``service.ops``), which :func:`~.daemon.make_handler` sets.
+:class:`~.ops.Ops` (``ctx.runtime.ops``), which :func:`~.daemon.make_handler` sets.
 
 ``/metrics`` needs the admin token, on the same HTTPS listener as everything
 else: see :mod:`.ops` for why.
@@ -34,19 +34,19 @@ async def _healthz(call: Call) -> Response:
 
 
 async def _readyz(call: Call) -> Response:
-    return Response.json(*await call.service.ops.health.ready())
+    return Response.json(*await call.ctx.runtime.ops.health.ready())
 
 
 async def _metrics(call: Call) -> Response:
-    return Response(200, await call.service.ops.metrics.render(), CONTENT_TYPE)
+    return Response(200, await call.ctx.runtime.ops.metrics.render(), CONTENT_TYPE)
 
 
 async def _federation_check(call: Call) -> Response:
-    return await call.service.ops.check(call.body.get("peer"))
+    return await call.ctx.runtime.ops.check(call.body.get("peer"))
 
 
 async def _db_backup(call: Call) -> Response:
-    return await call.service.ops.backup(call.body.get("name"))
+    return await call.ctx.runtime.ops.backup(call.body.get("name"))
 
 
 API.add("GET", "/healthz", _healthz, auth=PUBLIC, tag="public", response=_HEALTH,

@@ -11,7 +11,7 @@ __all__: list[str] = []
 
 
 async def _descriptor_public(call: Call) -> Response:
-    return Response(200, descriptor_json(call.service), "application/json")
+    return Response(200, descriptor_json(call.ctx.runtime), "application/json")
 
 
 async def _openapi_document(call: Call) -> Response:

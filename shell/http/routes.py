@@ -41,6 +41,7 @@ from ..store.schema import StorageError
 if TYPE_CHECKING:
     import trio
 
+    from ..runtime.context import Ctx
     from ..runtime.service import Service
 
 __all__ = ["API", "Auth", "ApiFailure", "Call", "Route", "RouteTable", "PUBLIC", "all_routes"]
@@ -70,7 +71,7 @@ class Auth:
     security scheme (empty: public)."""
 
     scheme: str
-    check: Callable[[Service, Request], Awaitable[Any]] | None = None
+    check: Callable[[Ctx, Request], Awaitable[Any]] | None = None
     description: str = ""
 
 
@@ -79,9 +80,10 @@ PUBLIC = Auth("")
 
 @dataclass(frozen=True)
 class Call:
-    """What a handler gets: the service, the raw request and the typed input."""
+    """What a handler gets: its collaborators (:class:`~..runtime.context.Ctx`),
+    the raw request and the typed input."""
 
-    service: Service
+    ctx: Ctx
     request: Request
     nursery: trio.Nursery
     caller: Any
@@ -189,12 +191,12 @@ class RouteTable:
                 # (one read; a worker alone has nobody to hear from but its
                 # look, every outbox_poll, so its descriptor costs no read).
                 await service.refresh_shared()
-            caller = await route.auth.check(service, request) if route.auth.check else None
+            caller = await route.auth.check(service.ctx, request) if route.auth.check else None
             params = {name: route.params[name].parse_text(text, name) for name, text in texts.items()}
             query = parse_query(_query_pairs(request.target), route.query) \
                 if route.query is not None or "?" in request.target else {}
             body = parse_json_body(request.body, route.body) if route.body is not None or request.body else {}
-            return await route.handler(Call(service, request, nursery, caller, params, query, body))
+            return await route.handler(Call(service.ctx, request, nursery, caller, params, query, body))
         except ApiFailure as fail:
             return json_error(fail.refusal, fail.headers)
         except BadInput as fail:

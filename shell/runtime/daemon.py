@@ -43,7 +43,7 @@ def make_handler(service: Service, nursery: trio.Nursery, ops: Ops | None = None
         federation = path.startswith(FEDERATION_PREFIX)
         try:
             if federation:
-                return await handle_federation(service, request)
+                return await handle_federation(service.ctx, request)
             return await routes.dispatch(service, request, nursery)
         except StorageError as exc:
             if exc.code != "unavailable":

@@ -52,6 +52,7 @@ from ..store.async_store import AsyncStore
 from ..store.store import Store, StorageError
 from .timings import VerifyClock
 from .verify_pool import threaded_verifier
+from .context import Ctx
 from .outbox import Outbox
 from .backfill_jobs import BackfillJob, BackfillJobs
 from .workers import Workers, new_worker_id
@@ -106,6 +107,8 @@ class Service(Outbox, BackfillJobs, Workers):
         self.limits = Gate(limits_of(config), self.now)
         self._catch_up_slots: dict[str, trio.CapacityLimiter] = {}  # peer -> its catch-ups at once
         self._init_workers(new_worker_id())
+        #: What the handlers are given (shell/api: no reaching through the service).
+        self.ctx = Ctx(store=store, node=node, now=self.now, server_name=config.server_name, runtime=self)
 
     # -- construction -------------------------------------------------------------
 

@@ -20,13 +20,29 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import outcome
 import trio
 
-from .dialect import DB_ERRORS, OPERATIONAL_ERRORS
+from .dialect import DB_ERRORS, OPERATIONAL_ERRORS, TXN_RETRY_ERRORS
 from .schema import StorageError
 from .store import Store
 
 __all__ = ["AsyncStore", "storage_fault"]
 
 log = logging.getLogger("scaiwave.storage")
+
+#: How often a call PostgreSQL rolled back to break a deadlock with another
+#: worker's transaction is run again (each run is a whole new transaction).
+TXN_RETRIES = 5
+
+
+def _capture(fn: Callable[[], object]) -> outcome.Outcome:
+    """Run one storage call; run it again when the database rolled its whole
+    transaction back to break a deadlock with another worker (nothing of it
+    stands, so running it again is safe and is what the database asks)."""
+    for _ in range(TXN_RETRIES):
+        result = outcome.capture(fn)
+        if not (isinstance(result, outcome.Error) and isinstance(result.error, TXN_RETRY_ERRORS)):
+            return result
+    return result
+
 
 #: What a storage call may fail with that may be the storage's fault (a full disk, a lost server).
 _DB_OR_OS_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, OSError)
@@ -180,13 +196,13 @@ class _Worker:
                     if job.grouped:
                         group.append(job)
                     elif job.early:
-                        job.deliver(outcome.capture(job.fn))  # before the writes queued ahead of it
+                        job.deliver(_capture(job.fn))  # before the writes queued ahead of it
                         if job.write_follows:
                             self.writes_coming += 1
                     else:
                         self._run_group(group)
                         group = []
-                        job.deliver(outcome.capture(job.fn))
+                        job.deliver(_capture(job.fn))
                 batch = []
                 # Group commit's wait: writes are on their way (their callers' reads
                 # were just answered), so the commit waits a moment for them to share it.
@@ -205,7 +221,7 @@ class _Worker:
         if not group:
             return
         if len(group) == 1:
-            group[0].deliver(outcome.capture(group[0].fn))
+            group[0].deliver(_capture(group[0].fn))
             return
         store = self.store
         db = store.db
@@ -236,6 +252,10 @@ class _Worker:
                     db.execute("ROLLBACK")
                 except DB_ERRORS:
                     pass
+        if fault is not None and isinstance(fault, TXN_RETRY_ERRORS):
+            # The database broke a deadlock with another worker by rolling the
+            # whole group back: each write again, in a transaction of its own.
+            results, fault = [_capture(job.fn) for job in group], None
         if fault is not None:
             results = [outcome.Error(fault) for _ in group]
         for job, done in zip(group, results):

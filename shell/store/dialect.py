@@ -28,7 +28,7 @@ import re
 import sqlite3
 from typing import Any
 
-__all__ = ["DB_ERRORS", "INTEGRITY_ERRORS", "OPERATIONAL_ERRORS", "postgres_sql", "is_postgres_url",
+__all__ = ["DB_ERRORS", "INTEGRITY_ERRORS", "OPERATIONAL_ERRORS", "TXN_RETRY_ERRORS", "postgres_sql", "is_postgres_url",
            "redact_url"]
 
 try:  # psycopg is the optional `postgresql` extra: SQLite alone needs nothing
@@ -41,6 +41,10 @@ INTEGRITY_ERRORS: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,) + 
     (psycopg.IntegrityError,) if psycopg is not None else ())
 #: Any error from either driver.
 DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,) + ((psycopg.Error,) if psycopg is not None else ())
+#: PostgreSQL rolled the whole transaction back to break a deadlock or a
+#: serialization conflict with another worker's: running it again is the fix.
+TXN_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) if psycopg is not None else ())
 #: PostgreSQL's "the server is gone, full or shutting down" (retryable, like a full disk).
 OPERATIONAL_ERRORS: tuple[type[BaseException], ...] = (
     (psycopg.OperationalError,) if psycopg is not None else ())
