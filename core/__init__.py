@@ -29,6 +29,7 @@ Modules, by what they own:
 - :mod:`.effects` -- what the core asks its host to do
 - :mod:`.drive` -- one answer for every effect, the reference driver, conformance checks
 - :mod:`.receive` -- one inbound request routed and authenticated, its key fetch an effect
+- :mod:`.invites` -- the invite exchange's target, body and reply
 - :mod:`.inbound` -- a verified transaction decided whole from a snapshot
 - :mod:`.node` -- :class:`Federation`, the per-server facade
 """
@@ -43,6 +44,7 @@ from .events import Event, NeedKeys, decode_event, make_event, verify_events
 from .handshake import Initiator, answer_hello
 from .keycache import KeyCache
 from .keys import GRACE_MS, ROTATION_PERIOD_MS, KeyRing, ServerKeys, SigningKey, verify_batch
+from .invites import INVITE_ACCEPTED, decode_invite_reply, invite_body, invite_target
 from .node import Federation, InviteDecision, Route
 from .receive import Receive
 from .policy import Policy, room_refusal
@@ -100,6 +102,7 @@ __all__ = [
     "Initiator", "answer_hello", "KeyCache",
     "GRACE_MS", "ROTATION_PERIOD_MS", "KeyRing", "ServerKeys", "SigningKey", "verify_batch",
     "Federation", "InviteDecision", "Route", "Policy", "room_refusal",
+    "INVITE_ACCEPTED", "decode_invite_reply", "invite_body", "invite_target",
     "Authenticated", "RequestVerifier", "sign_request",
     "Head", "chain_event", "check_proposal", "link", "Party", "RoomFacts",
 ]

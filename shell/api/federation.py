@@ -16,7 +16,7 @@ from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refus
 from scaiwave_federation.core import build_page
 from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
-from scaiwave_federation.core.invites import INVITE_ACCEPTED
+from scaiwave_federation.core import INVITE_ACCEPTED
 
 from ..runtime import timings
 from ..http.errors import cbor_error
