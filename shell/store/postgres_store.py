@@ -36,6 +36,9 @@ __all__ = ["PgDatabase", "PostgresStore"]
 
 #: Seconds to wait for the server when connecting.
 CONNECT_TIMEOUT_S = 10
+#: The advisory lock every write transaction takes (see PgDatabase.execute):
+#: "SCAI" in ASCII, a key no other user of the database is likely to pick.
+WRITER_LOCK = 0x53434149
 #: How long the readiness probe waits for another writer's lock.
 PROBE_LOCK_TIMEOUT = "1s"
 
@@ -75,6 +78,16 @@ class PgDatabase:
         """Run one statement (SQLite dialect, ``?`` placeholders) and return its cursor."""
         if self.conn.closed:
             self.conn = self._connect()  # lost between transactions: nothing of ours was open
+        if sql == "BEGIN IMMEDIATE":
+            # SQLite's one writer at a time, kept: a write transaction takes the
+            # database's writer lock first. Several workers' transactions then
+            # never take row locks in crossing orders (no deadlocks, which
+            # PostgreSQL breaks only after deadlock_timeout, a second), and ids
+            # commit in the order they were given out (a worker reading the
+            # outbox past the last id it saw misses none).
+            cursor = self.conn.execute("BEGIN")
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+            return cursor
         return self.conn.execute(postgres_sql(sql), tuple(params) if params else ())
 
     def table_names(self) -> list[str]:
