@@ -7,8 +7,9 @@ PostgreSQL spells differently, so the same text runs on both backends:
 
 - ``?`` placeholders become ``%s`` (and a literal ``%`` becomes ``%%``),
   outside string literals only;
-- ``BEGIN IMMEDIATE`` (SQLite's "take the write lock now") becomes ``BEGIN`` (``PgDatabase.execute`` then takes the database's writer lock, an advisory lock, so that writers are one at a time as on SQLite):
-  PostgreSQL locks rows as they are written;
+- ``BEGIN IMMEDIATE`` (SQLite's "take the write lock now") becomes ``BEGIN``,
+  after which ``PgDatabase.execute`` takes the database's writer lock (an
+  advisory lock): writers are one at a time, as on SQLite;
 - in DDL (``CREATE`` / ``ALTER``): ``BLOB`` becomes ``BYTEA``; ``INTEGER``
   becomes ``BIGINT`` (SQLite's integers are 64-bit, PostgreSQL's INTEGER is
   not: times are milliseconds); ``INTEGER PRIMARY KEY AUTOINCREMENT`` an
