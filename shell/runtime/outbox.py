@@ -50,6 +50,7 @@ class Outbox:
         async def handshake(self, peer: str) -> PeerAgreed | Refused: ...
         def delivers_to(self, peer: str) -> bool: ...
         def alone(self) -> bool: ...
+        def alone_by(self, rows: list[dict[str, Any]], now: int) -> bool: ...
         async def take_peer(self, peer: str) -> None: ...
         def finished(self, ids: tuple[int, ...]) -> None: ...
         def removed(self, ids: tuple[int, ...]) -> None: ...
@@ -78,16 +79,21 @@ class Outbox:
         # named by the delivery machine (the hash of each transaction's body).
         tag = os.urandom(6).hex()
         items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)]
-        if store:
-            records = [e.as_record() for e in events]
-            ids = await self.store.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn)
-        elif items:
-            ids = await self.store.enqueue_many(items, now)
-        else:
+        if not items and not store:
             return
+        records = [e.as_record() for e in events]
+
+        def write(db: Any) -> tuple[list[int], list[dict[str, Any]]]:
+            ids = (db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn) if store
+                   else db.enqueue_many(items, now))
+            # Who is alive, read after our rows committed (see core.leases.others_alive).
+            return ids, db.worker_leases() if ids else []
+
+        ids, workers = await self.store.run(write)
+        alone = self.alone_by(workers, now)
         for server, item_id in zip(servers, ids):
             if self.delivers_to(server):
-                if self.alone():
+                if alone:
                     self.delivery.handle_enqueue(server, item_id, envelopes)
                 # else: the next look hands it over, in id order with the
                 # rows other workers queued meanwhile.
@@ -118,7 +124,7 @@ class Outbox:
         now = self.now()
         tag = os.urandom(6).hex()
 
-        def write(store: Any) -> tuple[list[Event], list[int]]:
+        def write(store: Any) -> tuple[list[Event], list[int], list[dict[str, Any]]]:
             row = store.head(room_id)
             events = chain(Head(row["depth"], row["event_id"]) if row else None)
             body = encode_events_body([e.envelope for e in events])
@@ -126,16 +132,18 @@ class Outbox:
                      for n, server in enumerate(servers)]
             ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
                                                  client_txn=client_txn(events[-1]) if client_txn else None)
-            return events, ids
+            # Who is alive, read after our rows committed (see core.leases.others_alive).
+            return events, ids, store.worker_leases() if ids else []
 
-        def queued(result: tuple[list[Event], list[int]]) -> list[Event]:
+        def queued(result: tuple[list[Event], list[int], list[dict[str, Any]]]) -> list[Event]:
             # In the Trio thread, in storage order: the delivery machine sees
             # each peer's events in the order they were chained.
-            events, ids = result
+            events, ids, workers = result
             if ids:
                 envelopes = [e.envelope for e in events]
+                alone = self.alone_by(workers, now)
                 for server, item_id in zip(servers, ids):
-                    if self.delivers_to(server) and self.alone():
+                    if self.delivers_to(server) and alone:
                         self.delivery.handle_enqueue(server, item_id, envelopes)
                     # else: the worker holding the peer hands it over at its next
                     # look, in id order with the rows other workers queued meanwhile.

@@ -42,6 +42,7 @@ import trio
 from scaiwave_federation.core import (
     TIMERS,
     Claim,
+    others_alive,
     KeyRing,
     LeaseRow,
     Leases,
@@ -139,6 +140,11 @@ class Workers:
     def alone(self) -> bool:
         """No other worker is alive, as far as this one knows."""
         return self.leases.live_workers(self.now()) == 1
+
+    def alone_by(self, rows: list[dict[str, Any]], now: int) -> bool:
+        """No other worker is alive by the ``worker:`` leases in ``rows``, read
+        in the storage call that queued this worker's rows (core.leases.others_alive)."""
+        return not others_alive([_lease_row(r) for r in rows], self.worker_id, now)
 
     async def take_peer(self, peer: str) -> None:
         """A post queued for ``peer``, which this worker does not deliver to:

@@ -89,6 +89,10 @@ class LeaseRows:
         with self._lazily(), self._write():
             return self._x("DELETE FROM leases WHERE name = ? AND owner = ?", name, owner).rowcount == 1
 
+    def worker_leases(self) -> list[Row]:
+        """The ``worker:`` leases (who is alive), by name."""
+        return self._all("SELECT name, owner, expires_at FROM leases WHERE name LIKE 'worker:%' ORDER BY name")
+
     def lease_rows(self) -> list[Row]:
         """The whole lease table, by name."""
         return self._all("SELECT name, owner, expires_at FROM leases ORDER BY name")
