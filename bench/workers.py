@@ -34,26 +34,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.federation import stored_messages
 from bench.httpload import Conn
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, wait_until
 from scaiwave_federation.shell.store.store import Store
 
 TARGET = 1.0
-
-
-def stored_messages(server: Server, room: str) -> int:
-    db = sqlite3.connect(f"file:{server.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return db.execute("SELECT count(*) FROM events WHERE room_id = ? AND type = 'm.message'", (room,)).fetchone()[0]
-    finally:
-        db.close()
 
 
 def holders(front: Server, database: str | Path) -> dict[str, str]:
