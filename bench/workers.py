@@ -27,6 +27,8 @@ figure swings with the machine's load. What must hold on any machine is
 that the sharing (leases, the outbox look every 100 ms, the shared write
 lock, a chain lost to the other worker and chained again, peers handed over
 when the second worker starts) costs less than the second worker brings.
+And per-peer order must hold throughout: the peers refuse no event as
+``chain_broken`` (read in the transaction replies they stored).
 Prints the figures, the ratio and PASS/FAIL; exits 1 on a miss.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -41,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.federation import stored_messages
+from scaiwave_federation.core.codes import Code
+from scaiwave_federation.core.inbound import decode_txn_reply
 from bench.httpload import Conn
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, wait_until
 from scaiwave_federation.shell.store.store import Store
@@ -52,6 +57,25 @@ def holders(front: Server, database: str | Path) -> dict[str, str]:
     """Who delivers to which peer, read in the workers' shared database."""
     with Store.open(database) as store:
         return {r["name"]: r["owner"] for r in store.lease_rows() if r["name"].startswith("peer:")}
+
+
+def order_breaks(peer: Server) -> int:
+    """Events the peer refused as ``chain_broken`` (sent ahead of an earlier
+    one of their room), read in the transaction replies it stored. Per-peer
+    order holds when this stays 0 (a peer heals a break by catching up, so
+    the message count alone would not show it)."""
+    db = sqlite3.connect(f"file:{peer.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        replies = [bytes(r[0]) for r in db.execute("SELECT response FROM txns")]
+    finally:
+        db.close()
+    breaks = 0
+    for reply in replies:
+        decoded = decode_txn_reply(reply)
+        if not isinstance(decoded, tuple):
+            continue
+        breaks += sum(1 for r in decoded[0] if r is not None and r.code is Code.CHAIN_BROKEN)
+    return breaks
 
 
 def setup(front: Server, peers: list[Server]) -> list[tuple[str, dict, Server]]:
@@ -138,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         dms = setup(front, peers)
         deliver(front, dms, 100, args.clients, "warm-up")
         one = deliver(front, dms, args.messages, args.clients, "one")
+        breaks_one = sum(order_breaks(peer) for peer in peers)
         # Two workers: the first restarted, both running.
         workers[0].stop()
         for worker in workers:
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"the two workers did not share the peers in 60 s: {spread}")
         two = deliver(front, dms, args.messages, args.clients, "two")
+        breaks = sum(order_breaks(peer) for peer in peers)
     finally:
         bed.stop()
         if server is not None:
@@ -165,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  two workers {two:8.0f}/s   (delivery: {', '.join(sorted(k[5:] for k in spread))} on two workers)")
     ok = ratio >= TARGET
     print(f"  two / one = {ratio:.2f} (target >= {TARGET}): {'PASS' if ok else 'FAIL'}")
+    in_order = breaks == 0
+    print(f"  events the peers refused as chain_broken: {breaks_one} with one worker, {breaks - breaks_one} with two"
+          f" (target 0: per-peer order): {'PASS' if in_order else 'FAIL'}")
+    ok = ok and in_order
     return 0 if ok else 1
 
 
