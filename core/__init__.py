@@ -57,7 +57,8 @@ from .authz import may_answer, may_invite, may_leave, may_post, may_read, push_t
 from .codes import HTTP_STATUS
 from .delivery import Deferred, Delivered, Delivery, Dropped, Rehandshake, SendTransaction, backoff_ms
 from .leases import (DEFAULT_LEASE_MS, TIMERS, Claim, LeaseRow, Leases, Release, Renew, peer_lease, pull_lease,
-                     others_alive, worker_lease)
+                     worker_lease)
+from .handover import LOOK_SOON_MS, Handover
 from .handshake import decode_refusal, refusal_body
 from .inbound import (
     RoomState, TxnSnapshot, decode_txn_reply, held_needed, proposals_needed, rooms_needed, snapshot_context,
@@ -80,7 +81,7 @@ __all__ = [
     "HTTP_STATUS",
     "Deferred", "Delivered", "Delivery", "Dropped", "Rehandshake", "SendTransaction", "backoff_ms",
     "DEFAULT_LEASE_MS", "TIMERS", "Claim", "LeaseRow", "Leases", "Release", "Renew", "peer_lease", "pull_lease",
-    "others_alive", "worker_lease",
+    "worker_lease", "Handover", "LOOK_SOON_MS",
     "decode_refusal", "refusal_body",
     "RoomState", "TxnSnapshot", "decode_txn_reply", "held_needed", "proposals_needed", "rooms_needed", "snapshot_context",
     "BatchVerifier", "OldKey",

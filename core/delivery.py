@@ -24,7 +24,7 @@ Rules, all here:
 - **Order.** One transaction in flight per peer; a peer's items go out in
   the order of their ids (the order the outbox stored them): an item handed
   over late with a lower id (a worker picking up rows other workers queued,
-  ``core.leases``) goes before the higher ids still waiting, never before
+  ``core.handover``) goes before the higher ids still waiting, never before
   what is already in flight. Peers are independent: one that is down or
   slow holds up only its own queue.
 - **Batching.** A transaction carries the items at the head of the queue,

@@ -56,14 +56,12 @@ Rules, all here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .codes import LocalProtocolError
 
 __all__ = [
     "Claim",
-    "others_alive",
     "LeaseRow",
     "Leases",
     "Release",
@@ -97,17 +95,6 @@ def pull_lease(room_id: str) -> str:
 def worker_lease(owner: str) -> str:
     """The lease that says worker ``owner`` is alive (held for its lifetime)."""
     return f"worker:{owner}"
-
-
-def others_alive(rows: Sequence[LeaseRow], owner: str, now: int) -> bool:
-    """Whether a worker other than ``owner`` is alive at ``now`` by ``rows``
-    (its ``worker:`` lease unexpired). A worker may hand rows it just queued
-    straight to its delivery machine only when none is: read in the same
-    storage call as its rows were queued (writes are one at a time, so every
-    lower outbox id is committed), it cannot be stale, unlike the view of
-    its last look, in which another worker that just started may be missing
-    while that worker's lower ids wait for this one's next look."""
-    return any(r.name.startswith("worker:") and r.owner != owner and r.expires_at > now for r in rows)
 
 
 @dataclass(frozen=True, slots=True)

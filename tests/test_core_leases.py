@@ -281,12 +281,3 @@ def test_a_worker_that_starts_later_gets_its_share() -> None:
     assert a.leases.surplus(names, later) == [] and b.leases.surplus(names, later) == []
 
 
-def test_others_alive_counts_only_other_workers_unexpired_leases():
-    from scaiwave_federation.core import LeaseRow, others_alive
-
-    me, now = "w1", 1_000
-    assert not others_alive([], me, now)
-    assert not others_alive([LeaseRow("worker:w1", me, now + 5)], me, now)  # ourselves
-    assert not others_alive([LeaseRow("worker:w2", "w2", now)], me, now)  # expired at now: presumed dead
-    assert not others_alive([LeaseRow("peer:b.test", "w2", now + 5)], me, now)  # holds a peer, but not a worker row
-    assert others_alive([LeaseRow("worker:w2", "w2", now + 1)], me, now)

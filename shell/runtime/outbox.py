@@ -20,7 +20,7 @@ import trio
 from scaiwave_federation.core import Code, Event, Head, PeerAgreed, Refused, RoomFacts
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
-from scaiwave_federation.core import encode_events_body
+from scaiwave_federation.core import Handover, encode_events_body
 
 from ..store.store import StorageError
 
@@ -49,13 +49,13 @@ class Outbox:
                                  body: bytes) -> tuple[int, bytes] | Refused: ...
         async def handshake(self, peer: str) -> PeerAgreed | Refused: ...
         def delivers_to(self, peer: str) -> bool: ...
-        def alone(self) -> bool: ...
-        def alone_by(self, rows: list[dict[str, Any]], now: int) -> bool: ...
+        def look_soon(self) -> None: ...
         async def take_peer(self, peer: str) -> None: ...
         def finished(self, ids: tuple[int, ...]) -> None: ...
         def removed(self, ids: tuple[int, ...]) -> None: ...
         async def shared_change(self, change: Any, *, expect: int | None = None) -> Any: ...
         _paused: set[str]
+        handover: Handover
 
     # -- pushing events to member servers -------------------------------------------------
 
@@ -82,29 +82,22 @@ class Outbox:
         if not items and not store:
             return
         records = [e.as_record() for e in events]
+        floors = self._floors(servers)
 
-        def write(db: Any) -> tuple[list[int], list[dict[str, Any]]]:
+        def write(db: Any) -> tuple[list[int], list[list[int] | None]]:
             ids = (db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn) if store
                    else db.enqueue_many(items, now))
-            # Who is alive, read after our rows committed (see core.leases.others_alive).
-            return ids, db.worker_leases() if ids else []
+            return ids, self._rows_below(db, servers, ids, floors)
 
-        ids, workers = await self.store.run(write)
-        alone = self.alone_by(workers, now)
-        for server, item_id in zip(servers, ids):
-            if self.delivers_to(server):
-                if alone:
-                    self.delivery.handle_enqueue(server, item_id, envelopes)
-                # else: the next look hands it over, in id order with the
-                # rows other workers queued meanwhile.
-            else:
+        def queued(result: tuple[list[int], list[list[int] | None]]) -> None:
+            # In the Trio thread, before any later storage call's answer (a
+            # look's read) is handed back: see core.handover.
+            self._queued(servers, *result, envelopes)
+
+        await self.store.submit(write, then=queued).wait()
+        for server in servers:
+            if not self.delivers_to(server):
                 await self.take_peer(server)  # a peer nobody delivers to: ours, now
-        due = self.delivery.poll_timeout(may_send=self.delivers_to)
-        if due is not None and due <= now:
-            # Only when something can go now: a peer with a transaction in flight,
-            # in backoff or paced is woken for by its answer or its time.
-            self._wake_outbox.set()
-
     async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
                              client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
                              lock: trio.Lock) -> list[Event]:
@@ -123,8 +116,9 @@ class Outbox:
         servers = push_targets(facts, self.config.server_name)
         now = self.now()
         tag = os.urandom(6).hex()
+        floors = self._floors(servers)
 
-        def write(store: Any) -> tuple[list[Event], list[int], list[dict[str, Any]]]:
+        def write(store: Any) -> tuple[list[Event], list[int], list[list[int] | None]]:
             row = store.head(room_id)
             events = chain(Head(row["depth"], row["event_id"]) if row else None)
             body = encode_events_body([e.envelope for e in events])
@@ -132,24 +126,14 @@ class Outbox:
                      for n, server in enumerate(servers)]
             ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
                                                  client_txn=client_txn(events[-1]) if client_txn else None)
-            # Who is alive, read after our rows committed (see core.leases.others_alive).
-            return events, ids, store.worker_leases() if ids else []
+            return events, ids, self._rows_below(store, servers, ids, floors)
 
-        def queued(result: tuple[list[Event], list[int], list[dict[str, Any]]]) -> list[Event]:
+        def queued(result: tuple[list[Event], list[int], list[list[int] | None]]) -> list[Event]:
             # In the Trio thread, in storage order: the delivery machine sees
             # each peer's events in the order they were chained.
-            events, ids, workers = result
+            events, ids, below = result
             if ids:
-                envelopes = [e.envelope for e in events]
-                alone = self.alone_by(workers, now)
-                for server, item_id in zip(servers, ids):
-                    if self.delivers_to(server) and alone:
-                        self.delivery.handle_enqueue(server, item_id, envelopes)
-                    # else: the worker holding the peer hands it over at its next
-                    # look, in id order with the rows other workers queued meanwhile.
-                due = self.delivery.poll_timeout(may_send=self.delivers_to)
-                if due is not None and due <= self.now():
-                    self._wake_outbox.set()
+                self._queued(servers, ids, below, [e.envelope for e in events])
             return events
 
         await lock.acquire()
@@ -162,6 +146,39 @@ class Outbox:
             if not self.delivers_to(server):
                 await self.take_peer(server)  # a peer nobody delivers to: ours, now
         return events
+
+    def _floors(self, servers: list[str]) -> dict[str, int]:
+        """For the peers this worker delivers to: above which id the storage
+        call that queues rows for them reads their other rows (core.handover)."""
+        return {s: self.handover.floor(s) for s in servers if self.delivers_to(s)}
+
+    @staticmethod
+    def _rows_below(store: Any, servers: list[str], ids: list[int],
+                    floors: dict[str, int]) -> list[list[int] | None]:
+        """In the storage call that queued ``ids`` (one per server), after they
+        were written: each delivered-to peer's other rows below ours (None for
+        the others). Writes are one at a time, so every lower id has committed by now."""
+        return [store.outbox_between(server, floors[server], item_id) if server in floors else None
+                for server, item_id in zip(servers, ids)]
+
+    def _queued(self, servers: list[str], ids: list[int], below: list[list[int] | None],
+                envelopes: list[bytes]) -> None:
+        """Rows this worker just queued (one per server): hand them to the
+        delivery machine now where core.handover allows it; the others wait
+        for a look, which runs at once."""
+        now = self.now()
+        for server, item_id, lower in zip(servers, ids, below):
+            if not self.delivers_to(server):
+                continue
+            if self.handover.handle_queued(server, (item_id,), lower, self.delivery.queued):
+                self.delivery.handle_enqueue(server, item_id, envelopes)
+            else:
+                self.look_soon()
+        due = self.delivery.poll_timeout(may_send=self.delivers_to)
+        if due is not None and due <= now:
+            # Only when something can go now: a peer with a transaction in flight,
+            # in backoff or paced is woken for by its answer or its time.
+            self._wake_outbox.set()
 
     def peer_inbound(self, server: str) -> None:
         """A request from ``server`` verified: it is up, so a delivery waiting
@@ -242,6 +259,7 @@ class Outbox:
         dropped = await self.shared_change(lambda store: store.forget_peer(peer, drop_queued=force))
         self.node.keys.forget(peer)
         self.delivery.forget(peer)
+        self.handover.forget(peer)
         return dropped
 
     async def retry_now(self, peer: str) -> int:

@@ -9,7 +9,10 @@ lease table (``store/lease_rows.py``). Every worker runs :meth:`Workers.lease_lo
   to. A worker that takes a client's post for a peer another worker holds
   only queues it: the holder picks it up at its next look (polling, not a
   database notification: it is the same SQL on every backend, and a look
-  that finds nothing costs one indexed read);
+  that finds nothing costs one indexed read). Which rows go to the delivery
+  machine, and when, is ``core.handover``'s: each peer's in id order; the
+  holder's own rows go at once unless lower rows wait, and then a look runs
+  at once (at most every ``LOOK_SOON_MS``);
 - every third of a lease (``lease_ms``, 10 s by default) it renews its
   leases, reads the whole table (who else is alive, what they hold), stops
   delivering to the peers it lost, and re-reads the queues of its peers
@@ -42,7 +45,8 @@ import trio
 from scaiwave_federation.core import (
     TIMERS,
     Claim,
-    others_alive,
+    LOOK_SOON_MS,
+    Handover,
     KeyRing,
     LeaseRow,
     Leases,
@@ -90,12 +94,9 @@ class Workers:
     def _init_workers(self, worker_id: str) -> None:
         self.leases = Leases(worker_id, lease_ms=self.config.lease_ms)
         self._generation: int | None = None  # the shared state this worker last loaded
-        self._outbox_seen = 0  # the highest outbox id looked at
-        #: Outbox ids the delivery machine finished (delivered or dropped):
-        #: id -> the look count when its removal committed (None: not yet). A
-        #: look that started before the removal may still see the row.
-        self._finished: dict[int, int | None] = {}
-        self._looks = 0
+        #: Which outbox rows go to the delivery machine, and when (core.handover).
+        self.handover = Handover()
+        self._look_soon = trio.Event()
         self._claiming: set[str] = set()
         self._wanted: set[str] = set()  # peer leases with rows queued, as of the last looks
         self._paused: set[str] = set()
@@ -141,10 +142,9 @@ class Workers:
         """No other worker is alive, as far as this one knows."""
         return self.leases.live_workers(self.now()) == 1
 
-    def alone_by(self, rows: list[dict[str, Any]], now: int) -> bool:
-        """No other worker is alive by the ``worker:`` leases in ``rows``, read
-        in the storage call that queued this worker's rows (core.leases.others_alive)."""
-        return not others_alive([_lease_row(r) for r in rows], self.worker_id, now)
+    def look_soon(self) -> None:
+        """Rows this worker queued wait behind others' for a look: run one now."""
+        self._look_soon.set()
 
     async def take_peer(self, peer: str) -> None:
         """A post queued for ``peer``, which this worker does not deliver to:
@@ -186,15 +186,13 @@ class Workers:
     async def _load_peer(self, peer: str) -> None:
         if peer in self._paused:
             self.delivery.pause(peer)
-        ids = [i for i, _ in await self.store.outbox_ids([peer]) if i not in self._finished]
+        ids = self.handover.handle_resync(await self.store.outbox_ids([peer]), self.delivery.queued)
         await self._hand_over(await self.store.outbox_rows(ids), {peer})
 
     async def _hand_over(self, rows: list[dict[str, Any]], peers: set[str]) -> int:
         """Give the delivery machine the rows of ``peers`` it does not have yet."""
         handed, unreadable = 0, []
-        for row in rows:
-            if row["peer"] not in peers or row["id"] in self._finished:
-                continue
+        for row in self.handover.handle_rows(rows, peers):
             decoded = decode_events_body(bytes(row["body"]))
             if isinstance(decoded, Refused):
                 log.warning("outbox entry %s for %s is unreadable, dropped: %s", row["id"], row["peer"], decoded)
@@ -209,14 +207,11 @@ class Workers:
 
     def finished(self, ids: tuple[int, ...]) -> None:
         """The delivery machine is done with these outbox ids (their removal follows)."""
-        for item_id in ids:
-            self._finished[item_id] = None
+        self.handover.finished(ids)
 
     def removed(self, ids: tuple[int, ...]) -> None:
         """Their removal committed: a look that starts from now on cannot see them."""
-        for item_id in ids:
-            if item_id in self._finished:
-                self._finished[item_id] = self._looks
+        self.handover.removed(ids)
 
     async def take_pull(self, room_id: str) -> bool:
         """Claim the pull of ``room_id`` (a catch-up, a backfill); False if
@@ -241,19 +236,27 @@ class Workers:
 
     async def lease_loop(self) -> None:
         """Look at the outbox and the shared state every ``outbox_poll_ms``;
-        renew leases when due (see the module doc)."""
+        renew leases when due; look at the outbox at once when rows this
+        worker queued wait behind others' (see the module doc)."""
         while True:
+            last = trio.current_time()
             await self.look()
-            delay = self.config.outbox_poll_ms
-            renew = self.leases.poll_timeout()
-            if renew is not None:  # never late for a renewal, whatever the poll interval
-                delay = min(delay, max(0, renew - self.now()))
-            await trio.sleep(delay / 1000)
+            while True:
+                delay = self.config.outbox_poll_ms
+                renew = self.leases.poll_timeout()
+                if renew is not None:  # never late for a renewal, whatever the poll interval
+                    delay = min(delay, max(0, renew - self.now()))
+                with trio.move_on_after(delay / 1000):
+                    await self._look_soon.wait()
+                if not self._look_soon.is_set():
+                    break  # the full look is due
+                await trio.sleep_until(last + LOOK_SOON_MS / 1000)
+                self._look_soon = trio.Event()
+                last = trio.current_time()
+                await self.look_outbox()
 
     async def look(self) -> None:
         """One look: the shared state, due renewals, new outbox rows, claims."""
-        self._looks += 1
-        look = self._looks
         now = self.now()
         await self.refresh_shared()
         renew = self.leases.handle_timeout(now)
@@ -265,44 +268,50 @@ class Workers:
                 if name.startswith(_PEER_PREFIX):
                     peer = name[len(_PEER_PREFIX):]
                     log.warning("no longer delivering to %s: its lease went to another worker", peer)
-                    self.delivery.forget(peer)
+                    self._stop_delivering(peer)
             resync = True
         if not self.leases.holds(TIMERS, now):
             for claim in self.leases.want([TIMERS], now, spread=False):
                 if await self._claim(claim):
                     self._timer_changed.set()
-        new = await self.store.outbox_after(self._outbox_seen)
-        if new:
-            self._outbox_seen = max(self._outbox_seen, new[-1]["id"])
-        mine = {p for p in {r["peer"] for r in new} if self.delivers_to(p)}
-        handed = 0
-        if mine:
-            # Rows this worker queued itself are in the machine already: only
-            # the others' are read (their bodies) and handed over.
-            ids = [r["id"] for r in new if r["peer"] in mine and r["id"] not in self._finished
-                   and not self.delivery.queued(r["id"])]
-            if ids:
-                handed += await self._hand_over(await self.store.outbox_rows(ids), mine)
-        self._wanted |= {peer_lease(r["peer"]) for r in new}
-        if resync:
-            # Now and then, everything: peers queued for before this look's
-            # window, and rows of ours committed behind a newer id.
-            self._wanted = {peer_lease(p) for p in await self.store.queued_peers()}
-            held = [n[len(_PEER_PREFIX):] for n in self.leases.held() if n.startswith(_PEER_PREFIX)]
-            ids = [i for i, _ in await self.store.outbox_ids(held)
-                   if i not in self._finished and not self.delivery.queued(i)]
-            if ids:
-                handed += await self._hand_over(await self.store.outbox_rows(ids), set(held))
+        await self.look_outbox(resync=resync)
         if resync:
             await self._spread(now)
         for claim in self.leases.want(self._wanted, now):
             if claim.name not in self._claiming:
                 await self._take(claim)
-        # Forget finished ids no look can see any more (removed before this look began).
-        for item_id in [i for i, at in self._finished.items() if at is not None and at < look]:
-            del self._finished[item_id]
+
+    async def look_outbox(self, *, resync: bool = False) -> None:
+        """The outbox part of a look: hand the delivery machine the rows
+        queued since the last look for the peers this worker delivers to
+        (core.handover decides which); with ``resync``, every row of them."""
+        look = self.handover.look_started()
+        try:
+            new = await self.store.outbox_after(self.handover.seen)
+            ids = self.handover.handle_look([(r["id"], r["peer"]) for r in new], self.delivers_to,
+                                            self.delivery.queued)
+            handed = 0
+            if ids:
+                rows = await self.store.outbox_rows(ids)
+                handed += await self._hand_over(rows, {r["peer"] for r in rows if self.delivers_to(r["peer"])})
+            self._wanted |= {peer_lease(r["peer"]) for r in new}
+            if resync:
+                # Now and then, everything: peers queued for before this look's
+                # window, and rows of ours committed behind a newer id.
+                self._wanted = {peer_lease(p) for p in await self.store.queued_peers()}
+                held = [n[len(_PEER_PREFIX):] for n in self.leases.held() if n.startswith(_PEER_PREFIX)]
+                ids = self.handover.handle_resync(await self.store.outbox_ids(held), self.delivery.queued)
+                if ids:
+                    rows = await self.store.outbox_rows(ids)
+                    handed += await self._hand_over(rows, {p for p in held if self.delivers_to(p)})
+        finally:
+            self.handover.look_done(look)
         if handed:
             self._wake_outbox.set()
+
+    def _stop_delivering(self, peer: str) -> None:
+        self.delivery.forget(peer)
+        self.handover.forget(peer)
 
     async def _spread(self, now: int) -> None:
         """Give up the peers past this worker's share while another worker has
@@ -315,7 +324,7 @@ class Workers:
             release = self.leases.release(name)
             if release is None:
                 continue
-            self.delivery.forget(peer)
+            self._stop_delivering(peer)
             await self.store.run(lambda store, name=release.name, owner=release.owner: briefly(
                 store, lambda: store.release_lease(name, owner)))
             log.info("delivery to %s left to another worker (peers spread over %s workers)", peer,
@@ -357,7 +366,7 @@ class Workers:
                 continue
             if peer not in peers and self.delivery.pending(peer):
                 # Forgotten by an admin on another worker: its queue went with it.
-                self.delivery.forget(peer)
+                self._stop_delivering(peer)
                 self.node.keys.forget(peer)
             elif self.delivery.backoff(peer)[1] > now:
                 queued = await self.store.outbox_ids([peer])

@@ -405,7 +405,7 @@ class AsyncStore:
     renew_leases = _offload(Store.renew_leases)
     release_lease = _offload(Store.release_lease)
     lease_rows = _offload(Store.lease_rows)
-    worker_leases = _offload(Store.worker_leases)
+    outbox_between = _offload(Store.outbox_between)
     shared_generation = _offload(Store.shared_generation)
     outbox_after = _offload(Store.outbox_after)
     outbox_ids = _offload(Store.outbox_ids)

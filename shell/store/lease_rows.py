@@ -89,10 +89,6 @@ class LeaseRows:
         with self._lazily(), self._write():
             return self._x("DELETE FROM leases WHERE name = ? AND owner = ?", name, owner).rowcount == 1
 
-    def worker_leases(self) -> list[Row]:
-        """The ``worker:`` leases (who is alive), by name."""
-        return self._all("SELECT name, owner, expires_at FROM leases WHERE name LIKE 'worker:%' ORDER BY name")
-
     def lease_rows(self) -> list[Row]:
         """The whole lease table, by name."""
         return self._all("SELECT name, owner, expires_at FROM leases ORDER BY name")
@@ -147,6 +143,11 @@ class LeaseRows:
     def outbox_after(self, after_id: int, limit: int = 5000) -> list[Row]:
         """``id`` and ``peer`` of the queued rows with ``id > after_id``, by id."""
         return self._all("SELECT id, peer FROM outbox WHERE id > ? ORDER BY id LIMIT ?", after_id, limit)
+
+    def outbox_between(self, peer: str, after_id: int, before_id: int) -> list[int]:
+        """The ids of ``peer``'s queued rows with ``after_id < id < before_id``, by id."""
+        return [r["id"] for r in self._all("SELECT id FROM outbox WHERE peer = ? AND id > ? AND id < ? ORDER BY id",
+                                           peer, after_id, before_id)]
 
     def outbox_ids(self, peers: Sequence[str]) -> list[tuple[int, str]]:
         """``(id, peer)`` of every row queued for ``peers``, by id."""

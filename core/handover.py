@@ -1,0 +1,144 @@
+"""Handover: which outbox rows a worker gives its delivery machine, and when.
+
+Several workers queue rows for one peer; one of them, the holder of the
+peer's lease, delivers them, and must give its :class:`~.delivery.Delivery`
+machine each peer's rows in id order (ids are the order events were
+chained: a peer refuses an event sent ahead of an earlier one of its room
+as ``chain_broken``). The machine places a late lower id before the higher
+ones still waiting, but not before what is already in flight; so a row may
+be handed over only when every lower row of its peer already has been.
+
+Rows reach the holder two ways:
+
+- **its own**, the moment its storage call queued them: the same call
+  reads the peer's other rows below them (:meth:`Handover.floor` says from
+  which id), and :meth:`Handover.handle_queued` hands them over only if
+  every one of those is in the machine already or finished. Writes are one
+  at a time on every backend, so when a row commits every lower id has
+  committed, and no lower id can appear later: the check is exact, whoever
+  queued the lower rows and whether or not that worker is still alive.
+  Otherwise the rows wait for the next look (which the host should run
+  soon: :meth:`handle_queued` returning False says so).
+- **everyone's, at a look**: the host reads the ids queued since the last
+  look (:attr:`Handover.seen`), :meth:`handle_look` picks those to read
+  (peers this worker delivers to, not in the machine, not finished), and
+  :meth:`handle_rows` says which of the rows read to hand over, once the
+  host has them, in id order. A look now and then reads every row of its
+  peers (:meth:`handle_resync`): a peer taken over, a row missed.
+
+A row the machine finished (delivered or dropped) stays in the outbox
+until its removal commits; :meth:`finished` and :meth:`removed` keep it out
+of the machine until no look can see it any more.
+
+Sans-IO like the rest of the core: the host does the reads and passes the
+answers in; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["LOOK_SOON_MS", "Handover"]
+
+#: A look asked for at once (:meth:`Handover.handle_queued` returned False)
+#: runs this long after the last one at the earliest: the rows waiting for it
+#: gather, and a worker under load looks about as often as its delivery
+#: machine paces a peer's transactions (``delivery.PACE_MS``), not once per post.
+LOOK_SOON_MS = 10
+
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+class Handover:
+    """One worker's side of the outbox (see the module doc)."""
+
+    def __init__(self) -> None:
+        #: The highest outbox id a look read.
+        self.seen = 0
+        #: peer -> every row of it up to this id is in the machine or finished here.
+        self._known: dict[str, int] = {}
+        #: id -> the look count when its removal committed (None: not yet).
+        self._finished: dict[int, int | None] = {}
+        self._looks = 0
+
+    # -- rows this worker queued ---------------------------------------------------
+
+    def floor(self, peer: str) -> int:
+        """The storage call that queues rows for ``peer`` reads the peer's rows
+        with ids above this and below its own first (every row at or below it
+        is accounted for here)."""
+        return self._known.get(peer, 0)
+
+    def handle_queued(self, peer: str, ids: Sequence[int], below: Iterable[int] | None,
+                      queued: Callable[[int], bool]) -> bool:
+        """This worker queued ``ids`` for ``peer``, which it delivers to;
+        ``below``: the peer's rows between :meth:`floor` and ``min(ids)``,
+        read in that same storage call (None: not read, because the worker
+        did not deliver to the peer when the call began); ``queued``: whether
+        an id is in the delivery machine. Returns whether to hand ``ids``
+        over now; if not, a look hands them over, after the rows below them
+        (run one soon)."""
+        if not ids or below is None or any(i in self._finished for i in ids):
+            return False
+        if not all(i in self._finished or queued(i) for i in below):
+            return False
+        self._known[peer] = max(self._known.get(peer, 0), max(ids))
+        return True
+
+    # -- looks ---------------------------------------------------------------------
+
+    def look_started(self) -> int:
+        """A look begins; returns its number (for :meth:`look_done`)."""
+        self._looks += 1
+        return self._looks
+
+    def handle_look(self, rows: Sequence[tuple[int, str]], holds: Callable[[str], bool],
+                    queued: Callable[[int], bool]) -> list[int]:
+        """``rows``: ``(id, peer)`` of the rows queued after :attr:`seen`, by
+        id. Returns the ids to read and hand over: those of the peers this
+        worker delivers to (``holds``), not in the machine, not finished."""
+        if rows:
+            self.seen = max(self.seen, rows[-1][0])
+        return [i for i, peer in rows if holds(peer) and i not in self._finished and not queued(i)]
+
+    def handle_resync(self, rows: Sequence[tuple[int, str]], queued: Callable[[int], bool]) -> list[int]:
+        """``rows``: ``(id, peer)`` of every row of the peers this worker
+        delivers to (a resync, or a peer just taken). Returns the ids to
+        read and hand over."""
+        return [i for i, _peer in rows if i not in self._finished and not queued(i)]
+
+    def handle_rows(self, rows: Iterable[R], peers: Collection[str]) -> list[R]:
+        """The rows read for a look or a resync (``id`` and ``peer`` keys):
+        those to hand over now, by id, in one step with nothing between (a
+        row may have finished while they were read)."""
+        return sorted((r for r in rows if r["peer"] in peers and r["id"] not in self._finished),
+                      key=lambda r: r["id"])
+
+    def look_done(self, look: int) -> None:
+        """Look ``look`` ended: forget finished ids whose removal committed
+        before it began (no look from now on can see them)."""
+        for item_id in [i for i, at in self._finished.items() if at is not None and at < look]:
+            del self._finished[item_id]
+
+    # -- the machine's results -----------------------------------------------------
+
+    def finished(self, ids: Iterable[int]) -> None:
+        """The delivery machine is done with these ids (delivered or dropped);
+        their removal from the outbox follows."""
+        for item_id in ids:
+            self._finished[item_id] = None
+
+    def removed(self, ids: Iterable[int]) -> None:
+        """Their removal committed: a look that starts from now on cannot see them."""
+        for item_id in ids:
+            if item_id in self._finished:
+                self._finished[item_id] = self._looks
+
+    def is_finished(self, item_id: int) -> bool:
+        return item_id in self._finished
+
+    def forget(self, peer: str) -> None:
+        """This worker no longer delivers to ``peer``: what it knew of the
+        peer's rows is no longer kept up to date."""
+        self._known.pop(peer, None)

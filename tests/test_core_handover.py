@@ -1,0 +1,258 @@
+"""The handover (core/handover.py): every peer's rows reach delivery in id order.
+
+The stateful test runs one holder's :class:`Handover` and :class:`Delivery`
+machines against a model of the shared outbox, with other workers queueing
+rows for the same peers in any interleaving (writes one at a time: ids
+commit in order, as on both backends). Each of the host's asynchronous
+steps is split where the shell awaits: the holder's storage call (queue a
+row, read the rows below it) runs before its callback (which runs before
+any later storage call of the holder's answers, as ``AsyncStore`` does); a look reads the
+new ids, then the rows, then hands them over; a removal commits after the
+machine finished the rows; a peer is lost and taken again (its queue read,
+then handed over). After every step: each peer was sent its rows in
+increasing id order since the holder (re)took it. At the end, after a
+resync look and a drain: every row was delivered and the outbox is empty.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from scaiwave_federation.core import Delivered, Delivery, Handover
+
+PEERS = ("b.test", "c.test")
+
+
+class Outbox:
+    """The shared outbox: rows committed one at a time, ids in commit order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, str] = {}  # id -> peer
+        self.next_id = 1
+
+    def queue(self, peer: str) -> int:
+        item_id, self.next_id = self.next_id, self.next_id + 1
+        self.rows[item_id] = peer
+        return item_id
+
+    def after(self, after_id: int) -> list[tuple[int, str]]:
+        return sorted((i, p) for i, p in self.rows.items() if i > after_id)
+
+    def between(self, peer: str, after_id: int, before_id: int) -> list[int]:
+        return sorted(i for i, p in self.rows.items() if p == peer and after_id < i < before_id)
+
+    def of(self, peers: set[str]) -> list[tuple[int, str]]:
+        return sorted((i, p) for i, p in self.rows.items() if p in peers)
+
+    def read(self, ids: list[int]) -> list[dict[str, object]]:
+        return [{"id": i, "peer": self.rows[i]} for i in ids if i in self.rows]
+
+
+class HandoverMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.outbox = Outbox()
+        self.handover = Handover()
+        self.delivery = Delivery()
+        self.held: set[str] = set(PEERS)
+        self.now = 0
+        #: The holder's storage calls done, callbacks not yet run: (peer, id, rows below).
+        self.callbacks: list[tuple[str, int, list[int] | None]] = []
+        self.look: tuple[int, list[int], bool] | None = None  # (number, ids to read, resync)
+        self.taking: tuple[str, list[int]] | None = None
+        self.removals: list[tuple[int, ...]] = []
+        self.in_flight: dict[str, tuple[str, tuple[int, ...]]] = {}
+        #: Per peer, the ids sent since the holder last took it (must increase).
+        self.sent: dict[str, list[int]] = {p: [] for p in PEERS}
+        self.delivered: set[int] = set()
+
+    def _enqueue(self, rows: list[dict[str, object]], peers: set[str]) -> None:
+        for row in self.handover.handle_rows(rows, peers):
+            self.delivery.handle_enqueue(str(row["peer"]), int(str(row["id"])), [b"event"])
+
+    # -- writers ---------------------------------------------------------------
+
+    @rule(peer=st.sampled_from(PEERS))
+    def another_worker_queues(self, peer: str) -> None:
+        self.outbox.queue(peer)
+
+    @rule(peer=st.sampled_from(PEERS))
+    def holder_queues(self, peer: str) -> None:
+        # The floor is read when the call is submitted, the rows below once
+        # ours committed, in the same call; the callback runs later.
+        floor = self.handover.floor(peer) if peer in self.held else None
+        item_id = self.outbox.queue(peer)
+        below = self.outbox.between(peer, floor, item_id) if floor is not None else None
+        self.callbacks.append((peer, item_id, below))
+
+    @precondition(lambda self: self.callbacks)
+    @rule()
+    def holder_callback(self) -> None:
+        peer, item_id, below = self.callbacks.pop(0)
+        if peer in self.held and self.handover.handle_queued(peer, (item_id,), below, self.delivery.queued):
+            self.delivery.handle_enqueue(peer, item_id, [b"event"])
+
+    # -- looks -----------------------------------------------------------------
+
+    def _read(self) -> None:
+        """The holder's storage calls run one at a time, in order, and each
+        call's callback runs before a later call's result is handed back
+        (``AsyncStore.submit(then=)``): a read sees the holder's own rows
+        only after their callbacks ran."""
+        while self.callbacks:
+            self.holder_callback()
+
+    @precondition(lambda self: self.look is None)
+    @rule(resync=st.booleans())
+    def look_reads_ids(self, resync: bool) -> None:
+        self._read()
+        number = self.handover.look_started()
+        if resync:
+            ids = self.handover.handle_resync(self.outbox.of(set(self.held)), self.delivery.queued)
+        else:
+            ids = self.handover.handle_look(self.outbox.after(self.handover.seen), lambda p: p in self.held,
+                                            self.delivery.queued)
+        self.look = (number, ids, resync)
+
+    @precondition(lambda self: self.look is not None)
+    @rule()
+    def look_hands_over(self) -> None:
+        assert self.look is not None
+        number, ids, _resync = self.look
+        self._read()
+        self._enqueue(self.outbox.read(ids), set(self.held))
+        self.handover.look_done(number)
+        self.look = None
+
+    # -- a peer lost and taken again -----------------------------------------------
+
+    @precondition(lambda self: self.taking is None)
+    @rule(peer=st.sampled_from(PEERS))
+    def peer_lost(self, peer: str) -> None:
+        if peer not in self.held or peer in self.in_flight:
+            return
+        self.held.discard(peer)
+        self.delivery.forget(peer)
+        self.handover.forget(peer)
+
+    @precondition(lambda self: self.taking is None)
+    @rule(peer=st.sampled_from(PEERS))
+    def peer_taken_reads(self, peer: str) -> None:
+        if peer in self.held:
+            return
+        self._read()
+        self.taking = (peer, self.handover.handle_resync(self.outbox.of({peer}), self.delivery.queued))
+
+    @precondition(lambda self: self.taking is not None)
+    @rule()
+    def peer_taken_hands_over(self) -> None:
+        assert self.taking is not None
+        peer, ids = self.taking
+        self._read()
+        self._enqueue(self.outbox.read(ids), {peer})
+        self.held.add(peer)
+        self.sent[peer] = []  # a new holding period: what was in flight before may go again
+        self.taking = None
+
+    # -- delivery --------------------------------------------------------------
+
+    @rule()
+    def send(self) -> None:
+        self.now += 1000  # past any pace
+        txn = self.delivery.poll_transmit(self.now, may_send=lambda p: p in self.held)
+        if txn is None:
+            return
+        self.sent[txn.peer] += list(txn.item_ids)
+        self.in_flight[txn.peer] = (txn.txn_id, txn.item_ids)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def peer_answers(self, data: st.DataObject) -> None:
+        self._answer(data.draw(st.sampled_from(sorted(self.in_flight))))
+
+    def _answer(self, peer: str) -> None:
+        txn_id, _ids = self.in_flight.pop(peer)
+        self.delivery.handle_result(peer, txn_id, (200, b""), self.now)
+        while (event := self.delivery.poll()) is not None:
+            if isinstance(event, Delivered):
+                self.delivered |= set(event.item_ids)
+                self.handover.finished(event.item_ids)
+                self.removals.append(event.item_ids)
+
+    @precondition(lambda self: self.removals)
+    @rule()
+    def removal_commits(self) -> None:
+        ids = self.removals.pop(0)
+        for item_id in ids:
+            self.outbox.rows.pop(item_id, None)
+        self.handover.removed(ids)
+
+    # -- checks ----------------------------------------------------------------
+
+    @invariant()
+    def each_peer_in_id_order(self) -> None:
+        for peer, ids in self.sent.items():
+            assert ids == sorted(set(ids)), f"{peer} was sent {ids}"
+
+    def teardown(self) -> None:
+        # Everything settles: callbacks run, the look ends, the peer is taken,
+        # a resync look, then deliver until nothing is left.
+        while self.callbacks:
+            self.holder_callback()
+        if self.look is not None:
+            self.look_hands_over()
+        if self.taking is not None:
+            self.peer_taken_hands_over()
+        for peer in PEERS:
+            if peer not in self.held:
+                self.peer_taken_reads(peer)
+                self.peer_taken_hands_over()
+        self.look_reads_ids(True)
+        self.look_hands_over()
+        for _ in range(10_000):
+            self.send()
+            if not self.in_flight and not self.removals:
+                break
+            for peer in sorted(self.in_flight):
+                self._answer(peer)
+            while self.removals:
+                self.removal_commits()
+        self.each_peer_in_id_order()
+        assert not self.outbox.rows, f"left in the outbox: {self.outbox.rows}"
+        assert self.delivered == set(range(1, self.outbox.next_id))
+
+
+TestHandover = HandoverMachine.TestCase
+TestHandover.settings = __import__("hypothesis").settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+def test_own_rows_wait_behind_a_lower_row_not_yet_handed_over() -> None:
+    """The case the rule exists for: another worker queued id 1 for b.test;
+    the holder queued id 2 before its look saw 1. Handing 2 over at once
+    would send it ahead of 1 (the peer refuses it as chain_broken)."""
+    handover, delivery = Handover(), Delivery()
+    assert handover.floor("b.test") == 0
+    assert not handover.handle_queued("b.test", (2,), [1], delivery.queued)
+    # The look hands both over, in order.
+    ids = handover.handle_look([(1, "b.test"), (2, "b.test")], lambda p: True, delivery.queued)
+    assert ids == [1, 2]
+    # Once 1 is in the machine, the holder's own next row goes at once.
+    for row in handover.handle_rows([{"id": 2, "peer": "b.test"}, {"id": 1, "peer": "b.test"}], {"b.test"}):
+        delivery.handle_enqueue("b.test", row["id"], [b"e"])
+    assert handover.handle_queued("b.test", (3,), [1, 2], delivery.queued)
+    assert handover.floor("b.test") == 3
+    txn = delivery.poll_transmit(0)
+    assert txn is not None and txn.item_ids == (1, 2)
+
+
+def test_a_finished_row_still_in_the_outbox_does_not_hold_rows_back() -> None:
+    handover, delivery = Handover(), Delivery()
+    handover.finished((1,))  # delivered, its removal not yet committed
+    assert handover.handle_queued("b.test", (2,), [1], delivery.queued)
+    # ... nor is it handed over again by a look that still sees it.
+    assert handover.handle_look([(1, "b.test")], lambda p: True, delivery.queued) == []
+    handover.removed((1,))
+    look = handover.look_started()
+    handover.look_done(look)  # began after the removal: 1 is forgotten
+    assert not handover.is_finished(1)
