@@ -15,12 +15,17 @@ interleaved so that machine drift hits all sides alike:
     (``verify_events`` + ``rooms.link``). The backfill puller over pages of
     100 is measured too (it also decodes pages and signs its requests);
 (c) signature jobs through ``shell.verify_pool.threaded_verifier`` on a
-    ``ThreadPoolExecutor(2)`` against the single-threaded ``verify_batch``.
+    ``ThreadPoolExecutor(2)`` against the single-threaded ``verify_batch``,
+    and as its baseline, raw ``crypto_sign_open`` of the same signatures on
+    the same two threads (half each) against one thread: the speed-up this
+    machine gives two threads at this moment (2.0x on two idle cores, less
+    when another process holds a core).
 
 Targets: ``raw / core >= 0.85`` (the checks around the signature cost at
-most about 18 % of it) and a thread speed-up of at least 1.7x on two cores.
-Prints PASS/FAIL per target and exits 1 if a target is missed (the thread
-target is skipped on a machine with one CPU).
+most about 18 % of it), and the pool's speed-up at least 0.85 of the bare
+threads' (1.7x on two idle cores: what the pool's batching and hand-off
+may cost). Prints PASS/FAIL per target and exits 1 if a target is missed
+(the thread target is skipped on a machine with one CPU).
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ LOCAL = "your-host.test"
 ROOM = "!general:peer.test"
 NOW = 1_764_000_000_000
 INGEST_TARGET = 0.85
-THREAD_TARGET = 1.7
+#: The pool's speed-up over one thread, as a share of what two bare threads
+#: verifying the same signatures get in the same run (1.7x of 2.0x on two idle cores).
+THREAD_SHARE = 0.85
 _WORDS = ("the", "federation", "room", "hello", "peer", "message", "key", "signed", "rotate", "backfill", "policy",
           "server", "invite", "déjà", "vu", "ok", "thanks", "see", "you", "tomorrow", "lunch", "meeting", "🙂")
 
@@ -193,18 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     failed = ratio < INGEST_TARGET or backfill_ratio < INGEST_TARGET
 
     cpus = os.cpu_count() or 1
+    halves = [raw_items[:n // 2], raw_items[n // 2:]]
+
+    def raw_part(items: list[tuple[bytes, bytes]]) -> None:
+        for signature, body in items:
+            crypto_sign_open(signature + Domain.EVENT + body, public_key)  # cffi: the GIL is released
+
     with ThreadPoolExecutor(2, thread_name_prefix="verify") as pool:
         threaded = threaded_verifier(pool)
         assert threaded(jobs) == verify_batch(jobs) == [True] * n
-        t_one, t_two = best_of(args.repeat, lambda: verify_batch(jobs), lambda: threaded(jobs))
+
+        def bare_two() -> None:
+            for future in [pool.submit(raw_part, half) for half in halves]:
+                future.result()
+
+        t_one, t_two, t_bare_one, t_bare_two = best_of(
+            args.repeat, lambda: verify_batch(jobs), lambda: threaded(jobs), raw, bare_two)
     speedup = t_one / t_two
+    machine = t_bare_one / t_bare_two
     print(f"verify_batch, 1 thread:        {t_one * 1000:8.1f} ms")
     print(f"threaded_verifier, 2 threads:  {t_two * 1000:8.1f} ms")
+    print(f"thread speed-up: {speedup:.2f}x; bare crypto_sign_open on the same 2 threads: {machine:.2f}x "
+          f"(what this machine gives two threads right now)")
     if cpus < 2:
-        print(f"thread speed-up: {speedup:.2f}x (target >= {THREAD_TARGET}x) SKIP (1 CPU)")
+        print(f"thread speed-up vs bare threads: {speedup / machine:.2f} (target >= {THREAD_SHARE}) SKIP (1 CPU)")
     else:
-        print(f"thread speed-up: {speedup:.2f}x (target >= {THREAD_TARGET}x) {verdict(speedup, THREAD_TARGET)}")
-        failed = failed or speedup < THREAD_TARGET
+        share = speedup / machine
+        print(f"thread speed-up vs bare threads: {share:.2f} (target >= {THREAD_SHARE}, "
+              f"{THREAD_SHARE * 2:.1f}x on two idle cores) {verdict(share, THREAD_SHARE)}")
+        failed = failed or share < THREAD_SHARE
     return 1 if failed else 0
 
 
