@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -49,8 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.federation import cpu_seconds, stored_messages
-from scaiwave_federation.core.codes import Code
-from scaiwave_federation.core.inbound import decode_txn_reply
 from bench.httpload import Conn
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, wait_until
 from scaiwave_federation.shell.store.store import Store
@@ -66,21 +63,9 @@ def holders(front: Server, database: str | Path) -> dict[str, str]:
 
 def order_breaks(peer: Server) -> int:
     """Events the peer refused as ``chain_broken`` (sent ahead of an earlier
-    one of their room), read in the transaction replies it stored. Per-peer
-    order holds when this stays 0 (a peer heals a break by catching up, so
-    the message count alone would not show it)."""
-    db = sqlite3.connect(f"file:{peer.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        replies = [bytes(r[0]) for r in db.execute("SELECT response FROM txns")]
-    finally:
-        db.close()
-    breaks = 0
-    for reply in replies:
-        decoded = decode_txn_reply(reply)
-        if not isinstance(decoded, tuple):
-            continue
-        breaks += sum(1 for r in decoded[0] if r is not None and r.code is Code.CHAIN_BROKEN)
-    return breaks
+    one of their room). Per-peer order holds when this stays 0 (a peer heals
+    a break by catching up, so the message count alone would not show it)."""
+    return peer.refused_events("chain_broken")
 
 
 def setup(front: Server, peers: list[Server]) -> list[tuple[str, dict, Server]]:

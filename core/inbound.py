@@ -22,6 +22,9 @@ The rules, per event, in transaction order:
    already chained in the room as another event is ``conflict``
    (:func:`~.proposals.chained_once`). A ``chain_broken`` event from the
    room's host above a gap over our head starts a catch-up from the host.
+   In a room we hold nothing of, only one of our users' joins from the
+   room's host starts our copy (the host's outbox may deliver it before its
+   reply to our proposal); anything else there is ``chain_broken``.
 3. A proposal (depth 0) must be for a room we host (``not_found``), pass
    :func:`~.rooms.check_proposal` (room authorization, A9) against the room's
    memberships as they stand after the transaction's earlier events, and not
@@ -40,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence, cast
 from .codes import Code, Refused
 from .events import Event, NeedKeys
 from .keys import SigningKey
+from .names import server_of
 from .proposals import chained_once, may_chain, proposal_id
 from .rooms import Head, LinkResult, chain_event, check_proposal, link
 from .rooms import MAX_TXN_BYTES, MAX_TXN_EVENTS
@@ -207,6 +211,15 @@ def proposals_needed(results: Sequence[Result]) -> list[tuple[str, bytes]]:
     return list(out)
 
 
+def _our_join_from_host(event: Event, state: RoomState, origin: str, server_name: str) -> bool:
+    """A pushed event that starts a room of which we hold nothing: the
+    room's host chaining one of our users' joins, the event its reply to our
+    proposal starts the room with (the host's outbox may deliver it first).
+    Its sender is ours, so verification checked our signed proposal in it."""
+    return (state.host == origin and event.type == "m.member" and server_of(event.sender) == server_name
+            and isinstance(event.content, Mapping) and event.content.get("membership") == "join")
+
+
 def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str, results: Sequence[Result],
                        snapshot: TxnSnapshot, now: int, unverifiable: Callable[[NeedKeys], Refused],
                        starts_rooms: bool = False) -> TxnDecision:
@@ -216,7 +229,9 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
     key, and every proposal is refused ``own_key_missing``). ``starts_rooms``:
     the events are the host's answer to our own proposal (a join, say), so a
     room of which we hold no event yet starts with the first of them (its
-    history before comes by backfill); pushed events never start a room.
+    history before comes by backfill); a pushed event starts a room only
+    when it is one of our users' joins from the room's host (the same event
+    that reply starts it with, delivered first).
     """
     heads = {room_id: state.head for room_id, state in snapshot.rooms.items()}
     members = {room_id: dict(state.members) for room_id, state in snapshot.rooms.items()}
@@ -256,7 +271,8 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
                 refuse(Refused(Code.NOT_FOUND, f"unknown room {event.room_id[:100]}"), event)
                 continue
             held = snapshot.held.get(event.id_text) if head is not None and event.depth <= head.depth else None
-            verdict = LinkResult.APPEND if starts_rooms and head is None else link(event, head, held)
+            starts = head is None and (starts_rooms or _our_join_from_host(event, state, origin, server_name))
+            verdict = LinkResult.APPEND if starts else link(event, head, held)
             pid = proposal_id(event) if event.source is not None else None
             if pid is not None and verdict == LinkResult.APPEND:
                 verdict = chained_once(event, chained_ids.get((event.room_id, pid))) or verdict

@@ -190,3 +190,41 @@ def test_a_snapshot_of_chains_held_in_memory():
     decision = a.on_transaction(_auth(), results, snapshot, NOW)
     assert decision.outcomes == ("ok", "ok") and decision.store == (chain[3],) and decision.echoed == 1
     assert snapshot_of_chains(results, {}).rooms[THEIRS] == RoomState(known=False, host=B)
+
+
+def _our_join(a, b, chain):
+    """The host B chaining A's user's join proposal onto ``chain`` (as it does for our proposal)."""
+    from scaiwave_federation.core import chain_event
+
+    proposal = make_event(a.keyring.current, room_id=THEIRS, room_type="group", depth=0, prev=None, origin=A,
+                          sender=f"@alice:{A}", type="m.member", ts=NOW, content={"membership": "join"})
+    return chain_event(b.keyring.current, head=head_of(chain), room_id=THEIRS, room_type="group",
+                       sender=f"@alice:{A}", type="m.member", ts=NOW, content={"membership": "join"},
+                       source=proposal.envelope)
+
+
+def test_our_own_join_pushed_before_the_proposals_reply_starts_the_room():
+    """Our user joined a room on B: B's outbox may deliver the chained join
+    before B's reply to our proposal reaches us. The room starts with it, as
+    with the reply (same event, same signatures, our proposal inside it):
+    no chain_broken reported against B. Anything else pushed into a room we
+    hold none of still does not start it."""
+    a, b = _nodes()
+    chain = build_chain(b.keyring.current, THEIRS, 3)
+    join = _our_join(a, b, chain)
+    invited = TxnSnapshot({THEIRS: RoomState(known=True, host=B, head=None)})
+    _, decision = _decide(a, [join], invited)
+    assert decision.outcomes == ("ok",) and decision.store == (join,) and decision.refused == ()
+    # Another event, or another server's user's join, pushed into a room we hold none of: still refused.
+    other = build_chain(b.keyring.current, THEIRS, 4)[3]
+    _, decision = _decide(a, [other], invited)
+    assert decision.outcomes == ("chain_broken",) and decision.store == ()
+    # Once we hold the room, the join is linked like any event: a duplicate of the reply's copy.
+    held = TxnSnapshot({THEIRS: RoomState(known=True, host=B, head=Head(join.depth, join.event_id))},
+                       held={join.id_text: join.event_id})
+    _, decision = _decide(a, [join], held)
+    assert decision.outcomes == ("ok",) and decision.store == () and decision.echoed == 1
+    # Relayed by a server that is not the room's host: refused.
+    third = TxnSnapshot({THEIRS: RoomState(known=True, host="third.test", head=None)})
+    _, decision = _decide(a, [join], third)
+    assert decision.outcomes != ("ok",)

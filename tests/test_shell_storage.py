@@ -513,6 +513,27 @@ def test_txn_idempotency(store: Store) -> None:
     assert store.get_txn_response("peer.test", "t1") is None
 
 
+def test_a_transactions_chained_events_are_queued_in_its_write(store: Store) -> None:
+    """Events chained from a transaction's proposals are queued in the write
+    that stores them: in chain order, never stored without being queued, and
+    not again for a repeated transaction (nor when the write fails)."""
+    items = [("b.test", "c1", "/send", b"x"), ("c.test", "c2", "/send", b"x")]
+    first = store.store_txn("peer.test", "t1", b"ok", 10, ROOM, [ev(0), ev(1)], items)
+    assert first.new_events == 2 and len(first.outbox_ids) == 2
+    assert [r["id"] for r in store.due(now=10)] == list(first.outbox_ids)
+    again = store.store_txn("peer.test", "t1", b"ok", 20, ROOM, [ev(0), ev(1)], items)
+    assert again.replayed and again.outbox_ids == () and store.pending_count() == 2
+    with pytest.raises(StorageError):
+        store.store_txn("peer.test", "t2", b"ok", 30, ROOM, [ev(1, tag="fork")], [("d.test", "c3", "/send", b"y")])
+    assert store.pending_count("d.test") == 0 and store.get_txn_response("peer.test", "t2") is None
+    # The rows a worker reads below its own (core.handover): by peer and id range.
+    b_row = first.outbox_ids[0]
+    later = store.enqueue_many([("b.test", "c4", "/send", b"z"), ("b.test", "c5", "/send", b"z")], 40)
+    assert store.outbox_between("b.test", 0, later[1]) == [b_row, later[0]]
+    assert store.outbox_between("b.test", b_row, later[1]) == [later[0]]
+    assert store.outbox_between("c.test", 0, later[1]) == [first.outbox_ids[1]]
+
+
 def test_outbox(store: Store) -> None:
     a1 = store.enqueue("a.test", "txn-a1", "/send/txn-a1", b"body-a1", 100)
     a2 = store.enqueue("a.test", "txn-a2", "/send/txn-a2", b"body-a2", 110)

@@ -5,7 +5,8 @@
 one daemon. While alice (on a) and bob (on b) each send their messages into
 one room hosted on a, the worker that delivers to b is killed (SIGKILL)
 mid-stream: every message ends up on both servers exactly once, each
-sender's in the order sent. Then, with the killed worker restarted: a signed
+sender's in the order sent, and b is never sent an event of a room ahead of
+an earlier one (it refuses none as ``chain_broken``). Then, with the killed worker restarted: a signed
 request replayed to the other worker is refused as on one worker, and a key
 rotated on one worker is served by the other at once.
 
@@ -159,6 +160,9 @@ def test_two_workers_one_name(tmp_path: Path, backend: str, request) -> None:
                     sent = [f"{sender} {k}" for k in range(PER_SENDER)]
                     assert [x for x in bodies if x.startswith(sender + " ")] == sent, (server.server_name, sender)
                 assert len(bodies) == 2 * PER_SENDER
+        # ... and b was sent each room's events in order, across both
+        # workers and the failover: none refused as sent ahead of an earlier one.
+        assert b.refused_events("chain_broken") == 0
         # The survivor took b over once the killed worker's lease expired.
         assert _deliverer(front, workers, b.server_name, database) is survivor
 

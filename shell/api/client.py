@@ -154,7 +154,7 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
             event = chain_event(_key(ctx), head=head, room_id=room["room_id"], room_type=room["room_type"],
                                 sender=sender, type=type, ts=ctx.now(), content=content)
             try:
-                await ctx.runtime.push_events(room["room_id"], [event], facts=facts, store=True,
+                await ctx.runtime.push_events(room["room_id"], [event], facts=facts,
                                           client_txn=answer(event) if answer else None)
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained at

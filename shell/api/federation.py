@@ -184,18 +184,16 @@ async def _apply(ctx: Ctx, auth: Authenticated, txn_id: str, results: list[Any],
         await ctx.store.set_membership(room_id, user_id, membership)
     # Store every room's events and the reply atomically; nothing is
     # acknowledged before it is durable.
+    # Every member server, the proposer included, gets the events chained from
+    # proposals in order through one channel (the outbox), queued in that same
+    # write; the copy in this reply is only a head start.
     work, started = timings.current(), timings.Work.store_started()
-    outcome = await ctx.store.store_txn(
-        auth.origin, txn_id, decision.reply, ctx.now(), None,
-        [{**e.as_record(), "room_id": e.room_id} for e in decision.store])
+    outcome = await ctx.runtime.store_txn_and_push(
+        auth.origin, txn_id, decision.reply,
+        [{**e.as_record(), "room_id": e.room_id} for e in decision.store], list(decision.chained))
     work.store_done(started, outcome.new_events)
     for catch_up in decision.catch_ups:
         await ctx.runtime.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)
-    for room_id in dict.fromkeys(e.room_id for e in decision.chained):
-        # Every member server, the proposer included, gets the room's events
-        # in order through one channel (the outbox); the copy in this reply is
-        # only a head start.
-        await ctx.runtime.push_events(room_id, [e for e in decision.chained if e.room_id == room_id])
     return Response.cbor(200, outcome.response)
 
 

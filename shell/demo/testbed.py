@@ -134,6 +134,26 @@ class Server:
     def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return self.request(method, path, body, token=self.admin_token)
 
+    def refused_events(self, code: str) -> int:
+        """Events this server refused with ``code`` in the transactions it
+        received, read in the replies it stored (its SQLite file, read-only).
+        ``chain_broken``: a sender sent a room's event ahead of an earlier one."""
+        import sqlite3
+
+        from scaiwave_federation.core.inbound import decode_txn_reply
+
+        db = sqlite3.connect(f"file:{self.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            replies = [bytes(r[0]) for r in db.execute("SELECT response FROM txns")]
+        finally:
+            db.close()
+        refused = 0
+        for reply in replies:
+            decoded = decode_txn_reply(reply)
+            if isinstance(decoded, tuple):
+                refused += sum(1 for r in decoded[0] if r is not None and r.code.value == code)
+        return refused
+
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         """Run ``scaiwave ARGS`` with this server's configuration."""
         env = {**os.environ, **self.env}

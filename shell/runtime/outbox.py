@@ -22,7 +22,7 @@ from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import Handover, encode_events_body
 
-from ..store.store import StorageError
+from ..store.store import StorageError, TxnOutcome
 
 log = logging.getLogger("scaiwave.service")
 
@@ -59,34 +59,25 @@ class Outbox:
 
     # -- pushing events to member servers -------------------------------------------------
 
-    async def push_events(self, room_id: str, events: list[Event], *, exclude: str | None = None,
-                          facts: RoomFacts | None = None, store: bool = False,
+    async def push_events(self, room_id: str, events: list[Event], *, facts: RoomFacts | None = None,
                           client_txn: dict[str, Any] | None = None) -> None:
-        """Queue chained events for every other server with joined members:
-        durably, in one write (with ``store``, the events themselves go in
-        that same write), then handed to the delivery machine, which the
-        outbox worker drives. ``facts``: the room's, when the caller has them."""
+        """Store events chained onto a room we host and queue them for every
+        other server with joined members, in one write, then hand them to the
+        delivery machine, which the outbox worker drives. ``facts``: the
+        room's, when the caller has them; ``client_txn``: the user's send
+        answer, stored in that write."""
         if facts is None:
             room = await self.store.get_room(room_id)
             if room is None:
                 return
             facts = await self.room_facts(room)
-        servers = [s for s in push_targets(facts, self.config.server_name) if s != exclude]
         now = self.now()
-        envelopes = [e.envelope for e in events]
-        body = encode_events_body(envelopes)
-        # Outbox rows keep a unique name of their own; what goes on the wire is
-        # named by the delivery machine (the hash of each transaction's body).
-        tag = os.urandom(6).hex()
-        items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body) for n, server in enumerate(servers)]
-        if not items and not store:
-            return
+        servers, items, envelopes = self._items([(push_targets(facts, self.config.server_name), events)], now)
         records = [e.as_record() for e in events]
         floors = self._floors(servers)
 
         def write(db: Any) -> tuple[list[int], list[list[int] | None]]:
-            ids = (db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn) if store
-                   else db.enqueue_many(items, now))
+            ids = db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn)
             return ids, self._rows_below(db, servers, ids, floors)
 
         def queued(result: tuple[list[int], list[list[int] | None]]) -> None:
@@ -95,9 +86,65 @@ class Outbox:
             self._queued(servers, *result, envelopes)
 
         await self.store.submit(write, then=queued).wait()
-        for server in servers:
+        await self._take_peers(servers)
+
+    async def store_txn_and_push(self, origin: str, txn_id: str, reply: bytes, records: list[dict[str, Any]],
+                                 chained: list[Event]) -> TxnOutcome:
+        """Store a received transaction's events and reply (``Store.store_txn``)
+        and queue the events it ``chained`` from proposals for their rooms'
+        member servers, the proposer included, in that same write: queued in
+        the order they were chained (another worker may chain in the room
+        next), and never stored without being queued. The copy in the reply
+        is only a head start. Returns what the store did."""
+        now = self.now()
+        rooms = []
+        for room_id in dict.fromkeys(e.room_id for e in chained):
+            room = await self.store.get_room(room_id)
+            if room is not None:
+                rooms.append((push_targets(await self.room_facts(room), self.config.server_name),
+                              [e for e in chained if e.room_id == room_id]))
+        servers, items, envelopes = self._items(rooms, now)
+        floors = self._floors(servers)
+
+        def write(db: Any) -> tuple[TxnOutcome, list[list[int] | None]]:
+            outcome = db.store_txn(origin, txn_id, reply, now, None, records, items)
+            return outcome, self._rows_below(db, servers, list(outcome.outbox_ids), floors)
+
+        def queued(result: tuple[TxnOutcome, list[list[int] | None]]) -> TxnOutcome:
+            outcome, below = result
+            if outcome.outbox_ids:
+                self._queued(servers, list(outcome.outbox_ids), below, envelopes)
+            return outcome
+
+        outcome: TxnOutcome = await self.store.submit(write, then=queued).wait()
+        await self._take_peers(servers)
+        return outcome
+
+    @staticmethod
+    def _items(rooms: list[tuple[list[str], list[Event]]],
+               now: int) -> tuple[list[str], list[tuple[str, str, str, bytes]], list[list[bytes]]]:
+        """Outbox rows for ``(servers, events)`` of each room: one per server
+        and room, with its server and its events' envelopes, in that order."""
+        # Outbox rows keep a unique name of their own; what goes on the wire is
+        # named by the delivery machine (the hash of each transaction's body).
+        tag = os.urandom(6).hex()
+        servers: list[str] = []
+        items: list[tuple[str, str, str, bytes]] = []
+        envelopes: list[list[bytes]] = []
+        for targets, events in rooms:
+            room_envelopes = [e.envelope for e in events]
+            body = encode_events_body(room_envelopes)
+            for server in targets:
+                items.append((server, f"{now}-{tag}-{len(items)}", "/_scaiwave/federation/v1/send", body))
+                servers.append(server)
+                envelopes.append(room_envelopes)
+        return servers, items, envelopes
+
+    async def _take_peers(self, servers: list[str]) -> None:
+        for server in dict.fromkeys(servers):
             if not self.delivers_to(server):
                 await self.take_peer(server)  # a peer nobody delivers to: ours, now
+
     async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
                              client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
                              lock: trio.Lock) -> list[Event]:
@@ -113,17 +160,14 @@ class Outbox:
         in order, so the next post reads this one's head, and whoever holds
         the lock across several calls (reading the head, then storing) is
         not overtaken."""
-        servers = push_targets(facts, self.config.server_name)
+        targets = push_targets(facts, self.config.server_name)
         now = self.now()
-        tag = os.urandom(6).hex()
-        floors = self._floors(servers)
+        floors = self._floors(targets)
 
         def write(store: Any) -> tuple[list[Event], list[int], list[list[int] | None]]:
             row = store.head(room_id)
             events = chain(Head(row["depth"], row["event_id"]) if row else None)
-            body = encode_events_body([e.envelope for e in events])
-            items = [(server, f"{now}-{tag}-{n}", "/_scaiwave/federation/v1/send", body)
-                     for n, server in enumerate(servers)]
+            servers, items, _envelopes = self._items([(targets, events)], now)
             ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
                                                  client_txn=client_txn(events[-1]) if client_txn else None)
             return events, ids, self._rows_below(store, servers, ids, floors)
@@ -133,7 +177,8 @@ class Outbox:
             # each peer's events in the order they were chained.
             events, ids, below = result
             if ids:
-                self._queued(servers, ids, below, [e.envelope for e in events])
+                envelopes = [e.envelope for e in events]
+                self._queued(targets, ids, below, [envelopes] * len(ids))
             return events
 
         await lock.acquire()
@@ -142,9 +187,7 @@ class Outbox:
         finally:
             lock.release()
         events = await job.wait()
-        for server in servers:
-            if not self.delivers_to(server):
-                await self.take_peer(server)  # a peer nobody delivers to: ours, now
+        await self._take_peers(targets)
         return events
 
     def _floors(self, servers: list[str]) -> dict[str, int]:
@@ -162,16 +205,16 @@ class Outbox:
                 for server, item_id in zip(servers, ids)]
 
     def _queued(self, servers: list[str], ids: list[int], below: list[list[int] | None],
-                envelopes: list[bytes]) -> None:
-        """Rows this worker just queued (one per server): hand them to the
-        delivery machine now where core.handover allows it; the others wait
-        for a look, which runs at once."""
+                envelopes: list[list[bytes]]) -> None:
+        """Rows this worker just queued (each with its server and its events'
+        envelopes), in id order: hand them to the delivery machine now where
+        core.handover allows it; the others wait for a look, which runs at once."""
         now = self.now()
-        for server, item_id, lower in zip(servers, ids, below):
+        for server, item_id, lower, item_envelopes in zip(servers, ids, below, envelopes):
             if not self.delivers_to(server):
                 continue
             if self.handover.handle_queued(server, (item_id,), lower, self.delivery.queued):
-                self.delivery.handle_enqueue(server, item_id, envelopes)
+                self.delivery.handle_enqueue(server, item_id, item_envelopes)
             else:
                 self.look_soon()
         due = self.delivery.poll_timeout(may_send=self.delivers_to)

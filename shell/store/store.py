@@ -78,12 +78,14 @@ class TxnOutcome:
 
     ``response``: the stored response to send back (the first one on a
     replay). ``replayed``: (origin, txn_id) was stored already and nothing was
-    written. ``new_events``: how many events this call stored.
+    written. ``new_events``: how many events this call stored. ``outbox_ids``:
+    the ids of the requests it queued (``enqueue``), in order; none on a replay.
     """
 
     response: bytes
     replayed: bool
     new_events: int
+    outbox_ids: tuple[int, ...] = ()
 
 
 class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
@@ -651,9 +653,13 @@ class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
 
     def store_txn(
         self, origin: str, txn_id: str, response: bytes, now: int, room_id: str | None,
-        events: Sequence[Row],
+        events: Sequence[Row], enqueue: Sequence[tuple[str, str, str, bytes]] = (),
     ) -> TxnOutcome:
-        """Store a transaction's events and its response in one database transaction.
+        """Store a transaction's events and its response in one database
+        transaction, and queue ``enqueue`` (``(peer, txn_id, path, body)``, as
+        :meth:`enqueue_many`: the events it chained, for the rooms' member
+        servers) in that same transaction: a chained event is queued in the
+        order it was chained, and never stored without being queued.
 
         If (origin, txn_id) is stored already nothing is written and the first
         response comes back (``replayed=True``). Raises like
@@ -672,7 +678,8 @@ class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
                     raise StorageError("invalid", "an event of the transaction names no room")
                 new += self._insert_event(room, event)
             self.save_txn_response(origin, txn_id, response, now)
-        return TxnOutcome(response=bytes(response), replayed=False, new_events=new)
+            ids = self._enqueue_in_tx(enqueue, now) if enqueue else []
+        return TxnOutcome(response=bytes(response), replayed=False, new_events=new, outbox_ids=tuple(ids))
 
     def prune_txns(self, before: int) -> int:
         """Forget txn responses created before ``before``; return how many.
