@@ -29,7 +29,12 @@ The rules, per event, in transaction order:
    :func:`~.rooms.check_proposal` (room authorization, A9) against the room's
    memberships as they stand after the transaction's earlier events, and not
    be chained already (:func:`~.proposals.may_chain`). We then chain it with
-   ``source`` set; a member proposal moves the sender's membership.
+   ``source`` set; a member proposal moves the sender's membership. The
+   events we chained go to every server with a joined member of the room as
+   it stands after the transaction, the proposer included
+   (:attr:`TxnDecision.pushes`); the host stores the events, the reply, the
+   memberships and those queued requests in one write, so that they are
+   queued in the order they were chained and never stored unqueued.
 4. Every refusal that is final (not :attr:`~.codes.Refused.retryable`) is
    also reported (:attr:`TxnDecision.refused`): the host logs it and puts
    it in the sending peer's ``last_error``, so nothing is dropped silently.
@@ -40,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, cast
 
+from .authz import RoomFacts, push_targets
 from .codes import Code, Refused
 from .events import Event, NeedKeys
 from .keys import SigningKey
@@ -135,6 +141,11 @@ class TxnDecision:
     #: the sender's retry of the events refused ``unknown_key`` verifies. Carry
     #: them out like any ``NeedKeys``; nothing waits for their answer.
     prefetch: tuple[NeedKeys, ...] = ()
+    #: For each room we chained events in (in order): the servers to queue them
+    #: for, as the room stands after this transaction (every server with a
+    #: joined member, the proposer included; none for a sealed room). Queue
+    #: them in the write that stores the events: see :attr:`memberships`.
+    pushes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def reply(self) -> bytes:
@@ -323,8 +334,13 @@ def decide_transaction(*, server_name: str, key: SigningKey | None, origin: str,
             membership = event.content["membership"]
             room_members[event.sender] = membership
             memberships.append((event.room_id, event.sender, membership))
+    pushes = []
+    for room_id in dict.fromkeys(e.room_id for e in created):
+        state = rooms[room_id]
+        facts = RoomFacts(room_id, state.room_type or "", None, state.tenant_federates, members.get(room_id, {}))
+        pushes.append((room_id, tuple(push_targets(facts, server_name))))
     return TxnDecision(tuple(replies), tuple(outcomes), tuple(store), tuple(created), tuple(memberships),
-                       tuple(catch_ups.values()), tuple(refused), len(store), echoed, tuple(prefetch))
+                       tuple(catch_ups.values()), tuple(refused), len(store), echoed, tuple(prefetch), tuple(pushes))
 
 
 def snapshot_of_chains(results: Sequence[Result], chains: Mapping[str, Sequence[Event]]) -> TxnSnapshot:

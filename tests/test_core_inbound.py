@@ -93,6 +93,12 @@ def test_proposals_are_chained_with_memberships_moving_inside_the_transaction():
     assert decode(decision.reply, max_size=1 << 20)["events"] == [joined.envelope, posted.envelope]
     assert set(proposals_needed(results)) == {(HOSTED, join.event_id), (HOSTED, post.event_id),
                                                (HOSTED, stranger.event_id)}
+    # Queued for the room's member servers as it stands after the join: the
+    # proposer's server included (it had only an invite before).
+    assert decision.pushes == ((HOSTED, (B,)),)
+    # Nothing chained, nothing to queue.
+    _, decision = _decide(a, [stranger], snapshot)
+    assert decision.pushes == ()
 
 
 def test_a_proposal_is_chained_once_and_a_second_chaining_is_refused():

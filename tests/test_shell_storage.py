@@ -517,15 +517,22 @@ def test_a_transactions_chained_events_are_queued_in_its_write(store: Store) -> 
     """Events chained from a transaction's proposals are queued in the write
     that stores them: in chain order, never stored without being queued, and
     not again for a repeated transaction (nor when the write fails)."""
+    store.create_room(ROOM, "group", "host.test", "@alice:host.test", 1)
     items = [("b.test", "c1", "/send", b"x"), ("c.test", "c2", "/send", b"x")]
     first = store.store_txn("peer.test", "t1", b"ok", 10, ROOM, [ev(0), ev(1)], items)
     assert first.new_events == 2 and len(first.outbox_ids) == 2
     assert [r["id"] for r in store.due(now=10)] == list(first.outbox_ids)
-    again = store.store_txn("peer.test", "t1", b"ok", 20, ROOM, [ev(0), ev(1)], items)
+    again = store.store_txn("peer.test", "t1", b"ok", 20, ROOM, [ev(0), ev(1)], items,
+                            [(ROOM, "@carol:peer.test", "leave")])
     assert again.replayed and again.outbox_ids == () and store.pending_count() == 2
+    assert "@carol:peer.test" not in {m["user_id"] for m in store.members(ROOM)}  # a replay moves nobody
     with pytest.raises(StorageError):
-        store.store_txn("peer.test", "t2", b"ok", 30, ROOM, [ev(1, tag="fork")], [("d.test", "c3", "/send", b"y")])
+        store.store_txn("peer.test", "t2", b"ok", 30, ROOM, [ev(1, tag="fork")], [("d.test", "c3", "/send", b"y")],
+                        [(ROOM, "@dan:d.test", "join")])
     assert store.pending_count("d.test") == 0 and store.get_txn_response("peer.test", "t2") is None
+    assert "@dan:d.test" not in {m["user_id"] for m in store.members(ROOM)}  # nor does a failed write
+    moved = store.store_txn("peer.test", "t3", b"ok", 35, ROOM, [ev(2)], (), [(ROOM, "@dan:d.test", "join")])
+    assert not moved.replayed and {"room_id": ROOM, "user_id": "@dan:d.test", "membership": "join"} in store.members(ROOM)
     # The rows a worker reads below its own (core.handover): by peer and id range.
     b_row = first.outbox_ids[0]
     later = store.enqueue_many([("b.test", "c4", "/send", b"z"), ("b.test", "c5", "/send", b"z")], 40)

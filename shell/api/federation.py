@@ -180,17 +180,14 @@ async def _apply(ctx: Ctx, auth: Authenticated, txn_id: str, results: list[Any],
         # Refused for good, never silently: in the reply, in the log, and in the
         # sending peer's last_error.
         await ctx.runtime.peer_error(auth.origin, decision.refused[0])
-    for room_id, user_id, membership in decision.memberships:
-        await ctx.store.set_membership(room_id, user_id, membership)
-    # Store every room's events and the reply atomically; nothing is
-    # acknowledged before it is durable.
-    # Every member server, the proposer included, gets the events chained from
-    # proposals in order through one channel (the outbox), queued in that same
-    # write; the copy in this reply is only a head start.
+    # Store every room's events, the reply, the memberships and the chained
+    # events' outbox rows atomically; nothing is acknowledged before it is
+    # durable. Every member server, the proposer included, gets the events
+    # chained from proposals in order through one channel (the outbox); the
+    # copy in this reply is only a head start.
     work, started = timings.current(), timings.Work.store_started()
     outcome = await ctx.runtime.store_txn_and_push(
-        auth.origin, txn_id, decision.reply,
-        [{**e.as_record(), "room_id": e.room_id} for e in decision.store], list(decision.chained))
+        auth.origin, txn_id, decision, [{**e.as_record(), "room_id": e.room_id} for e in decision.store])
     work.store_done(started, outcome.new_events)
     for catch_up in decision.catch_ups:
         await ctx.runtime.request_catch_up(catch_up.room_id, catch_up.host, catch_up.head)

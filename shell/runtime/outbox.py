@@ -21,6 +21,7 @@ from scaiwave_federation.core import Code, Event, Head, PeerAgreed, Refused, Roo
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import Handover, encode_events_body
+from scaiwave_federation.core.inbound import TxnDecision
 
 from ..store.store import StorageError, TxnOutcome
 
@@ -88,26 +89,24 @@ class Outbox:
         await self.store.submit(write, then=queued).wait()
         await self._take_peers(servers)
 
-    async def store_txn_and_push(self, origin: str, txn_id: str, reply: bytes, records: list[dict[str, Any]],
-                                 chained: list[Event]) -> TxnOutcome:
-        """Store a received transaction's events and reply (``Store.store_txn``)
-        and queue the events it ``chained`` from proposals for their rooms'
-        member servers, the proposer included, in that same write: queued in
-        the order they were chained (another worker may chain in the room
-        next), and never stored without being queued. The copy in the reply
-        is only a head start. Returns what the store did."""
+    async def store_txn_and_push(self, origin: str, txn_id: str, decision: TxnDecision,
+                                 records: list[dict[str, Any]]) -> TxnOutcome:
+        """Carry out a received transaction's decision in one write: its events
+        (``records``) and reply, the memberships its proposals moved, and the
+        events it chained queued for the servers the core named
+        (``decision.pushes``, the proposer included): queued in the order
+        they were chained (another worker may chain in the room next), never
+        stored unqueued. The copy in the reply is only a head start. Returns
+        what the store did."""
         now = self.now()
-        rooms = []
-        for room_id in dict.fromkeys(e.room_id for e in chained):
-            room = await self.store.get_room(room_id)
-            if room is not None:
-                rooms.append((push_targets(await self.room_facts(room), self.config.server_name),
-                              [e for e in chained if e.room_id == room_id]))
+        rooms = [(list(servers), [e for e in decision.chained if e.room_id == room_id])
+                 for room_id, servers in decision.pushes]
         servers, items, envelopes = self._items(rooms, now)
         floors = self._floors(servers)
 
         def write(db: Any) -> tuple[TxnOutcome, list[list[int] | None]]:
-            outcome = db.store_txn(origin, txn_id, reply, now, None, records, items)
+            outcome = db.store_txn(origin, txn_id, decision.reply, now, None, records, items,
+                                   list(decision.memberships))
             return outcome, self._rows_below(db, servers, list(outcome.outbox_ids), floors)
 
         def queued(result: tuple[TxnOutcome, list[list[int] | None]]) -> TxnOutcome:

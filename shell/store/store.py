@@ -654,12 +654,15 @@ class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
     def store_txn(
         self, origin: str, txn_id: str, response: bytes, now: int, room_id: str | None,
         events: Sequence[Row], enqueue: Sequence[tuple[str, str, str, bytes]] = (),
+        memberships: Sequence[tuple[str, str, str]] = (),
     ) -> TxnOutcome:
         """Store a transaction's events and its response in one database
         transaction, and queue ``enqueue`` (``(peer, txn_id, path, body)``, as
         :meth:`enqueue_many`: the events it chained, for the rooms' member
-        servers) in that same transaction: a chained event is queued in the
-        order it was chained, and never stored without being queued.
+        servers) and set ``memberships`` (``(room_id, user_id, membership)``,
+        the moves its proposals made) in that same transaction: a chained
+        event is queued in the order it was chained, and never stored without
+        being queued or its membership moved.
 
         If (origin, txn_id) is stored already nothing is written and the first
         response comes back (``replayed=True``). Raises like
@@ -677,6 +680,8 @@ class Store(AdminRows, OutboxRows, LeaseRows, abc.ABC):
                 if room is None:
                     raise StorageError("invalid", "an event of the transaction names no room")
                 new += self._insert_event(room, event)
+            for member_room, user_id, membership in memberships:
+                self.set_membership(member_room, user_id, membership)
             self.save_txn_response(origin, txn_id, response, now)
             ids = self._enqueue_in_tx(enqueue, now) if enqueue else []
         return TxnOutcome(response=bytes(response), replayed=False, new_events=new, outbox_ids=tuple(ids))
