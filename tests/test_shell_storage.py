@@ -590,3 +590,10 @@ def test_a_post_is_stored_and_queued_in_one_write(store: Store) -> None:
     with pytest.raises(StorageError) as info:
         store.store_events_and_enqueue(ROOM, [ev(2, tag="fork")], [("a.test", "p2", "/send", b"y")], 100)
     assert info.value.code == "conflict" and store.pending_count() == 1 and store.depths(ROOM) == [0, 1, 2]
+    # The memberships an event moves go in its write: both or neither.
+    store.create_room(ROOM, "group", "host.test", "@alice:host.test", 1)
+    store.store_events_and_enqueue(ROOM, [ev(3)], [], 100, memberships={"@bob:host.test": "leave"})
+    assert {"room_id": ROOM, "user_id": "@bob:host.test", "membership": "leave"} in store.members(ROOM)
+    with pytest.raises(StorageError):
+        store.store_events_and_enqueue(ROOM, [ev(3, tag="fork")], [], 100, memberships={"@carol:host.test": "join"})
+    assert "@carol:host.test" not in {m["user_id"] for m in store.members(ROOM)}

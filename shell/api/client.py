@@ -121,10 +121,12 @@ def _key(ctx: Ctx):
 
 
 async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, content: dict,
-                  answer: Callable[[Event], dict[str, Any]] | None = None, facts: RoomFacts | None = None) -> Event:
+                  answer: Callable[[Event], dict[str, Any]] | None = None, facts: RoomFacts | None = None,
+                  moves: dict[str, str] | None = None) -> Event:
     """Chain an event in a room we host, then store it and queue it for member
-    servers in one write. ``answer``: the client txn row for this event, stored
-    in that same write. ``facts``: the room's, if the caller just read them
+    servers in one write. ``answer``: the client txn row for this event, and
+    ``moves``: the memberships it changes (user id -> membership), stored in
+    that same write. ``facts``: the room's, if the caller just read them
     and changed nothing since (else they are read again)."""
     key = _key(ctx)
     if facts is not None:
@@ -141,7 +143,8 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
         while True:
             try:
                 return (await ctx.runtime.chain_and_push(room["room_id"], chain, facts, answer,
-                                                     lock=ctx.runtime.room_lock(room["room_id"])))[-1]
+                                                     lock=ctx.runtime.room_lock(room["room_id"]),
+                                                     memberships=moves))[-1]
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained on the
                 # head we read, first: chain again on the new head. Each retry
@@ -155,7 +158,7 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
                                 sender=sender, type=type, ts=ctx.now(), content=content)
             try:
                 await ctx.runtime.push_events(room["room_id"], [event], facts=facts,
-                                          client_txn=answer(event) if answer else None)
+                                          client_txn=answer(event) if answer else None, memberships=moves)
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained at
                 # this depth first: chain again on the new head.
@@ -166,15 +169,21 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
 
 
 async def _new_room(ctx: Ctx, user: dict[str, Any], room_type: str) -> dict[str, Any]:
-    room_id = f"!{os.urandom(9).hex()}:{ctx.server_name}"
-    await ctx.store.create_room(room_id=room_id, room_type=room_type, host=ctx.server_name,
-                                    tenant=user["tenant"], creator=user["user_id"], created_at=ctx.now())
-    room = await ctx.store.get_room(room_id)
-    assert room is not None  # just created
-    await _append(ctx, room, user["user_id"], "m.create", {"creator": user["user_id"], "room_type": room_type})
-    await ctx.store.set_membership(room_id, user["user_id"], "join")
-    await _append(ctx, room, user["user_id"], "m.member", {"membership": "join", "user": user["user_id"]})
-    return room
+    """A room hosted here with its creator joined: the room, its first two
+    events (chained in memory) and the membership in one write."""
+    room = {"room_id": f"!{os.urandom(9).hex()}:{ctx.server_name}", "room_type": room_type,
+            "host": ctx.server_name, "tenant": user["tenant"], "creator": user["user_id"], "created_at": ctx.now()}
+    events, head = [], None
+    for type, content in (("m.create", {"creator": user["user_id"], "room_type": room_type}),
+                          ("m.member", {"membership": "join", "user": user["user_id"]})):
+        event = chain_event(_key(ctx), head=head, room_id=room["room_id"], room_type=room_type,
+                            sender=user["user_id"], type=type, ts=ctx.now(), content=content)
+        events.append(event)
+        head = Head(event.depth, event.event_id)
+    await ctx.store.create_room_with(room, [e.as_record() for e in events], {user["user_id"]: "join"})
+    stored = await ctx.store.get_room(room["room_id"])
+    assert stored is not None  # just created
+    return stored
 
 
 async def _create_room(ctx: Ctx, user: dict[str, Any], body: dict[str, Any]) -> Response:
@@ -256,8 +265,8 @@ async def _create_dm(ctx: Ctx, user: dict[str, Any], body: dict[str, Any]) -> Re
 async def _invite_user(ctx: Ctx, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
     """Carry out an invite the rules allowed: chain it, then deliver it."""
     server = server_of(to) or ""  # a canonical user id (inputs.USER_ID): never empty
-    event = await _append(ctx, room, user["user_id"], "m.member", {"membership": "invite", "user": to})
-    await ctx.store.set_membership(room["room_id"], to, "invite")
+    event = await _append(ctx, room, user["user_id"], "m.member", {"membership": "invite", "user": to},
+                          moves={to: "invite"})
     if server == ctx.server_name:
         await ctx.store.save_invite(room_id=room["room_id"], user_id=to, inviter=user["user_id"],
                                         origin=server, room_type=room["room_type"], state="pending",
@@ -337,8 +346,7 @@ async def _answer_invite(ctx: Ctx, user: dict[str, Any], room_id: str, answer: s
                      server_name=ctx.server_name))
     content = {"membership": membership, "user": user["user_id"]}
     if room["host"] == ctx.server_name:
-        await ctx.store.set_membership(room_id, user["user_id"], membership)
-        event = await _append(ctx, room, user["user_id"], "m.member", content)
+        event = await _append(ctx, room, user["user_id"], "m.member", content, moves={user["user_id"]: membership})
     else:
         event = await _write_remote(ctx, room, user, "m.member", content)
         await ctx.store.set_membership(room_id, user["user_id"], membership)
@@ -352,9 +360,9 @@ async def _leave(ctx: Ctx, user: dict[str, Any], room_id: str) -> Response:
                     server_name=ctx.server_name))
     content = {"membership": "leave", "user": user["user_id"]}
     if room["host"] == ctx.server_name:
-        # Chain first, while still a member: the leave reaches every member server.
-        event = await _append(ctx, room, user["user_id"], "m.member", content)
-        await ctx.store.set_membership(room["room_id"], user["user_id"], "leave")
+        # The leave and the membership in one write; the room's facts are read
+        # before it, so the leave reaches every member server.
+        event = await _append(ctx, room, user["user_id"], "m.member", content, moves={user["user_id"]: "leave"})
     else:
         event = await _write_remote(ctx, room, user, "m.member", content)
         await ctx.store.set_membership(room["room_id"], user["user_id"], "leave")

@@ -61,12 +61,14 @@ class Outbox:
     # -- pushing events to member servers -------------------------------------------------
 
     async def push_events(self, room_id: str, events: list[Event], *, facts: RoomFacts | None = None,
-                          client_txn: dict[str, Any] | None = None) -> None:
+                          client_txn: dict[str, Any] | None = None,
+                          memberships: dict[str, str] | None = None) -> None:
         """Store events chained onto a room we host and queue them for every
         other server with joined members, in one write, then hand them to the
         delivery machine, which the outbox worker drives. ``facts``: the
         room's, when the caller has them; ``client_txn``: the user's send
-        answer, stored in that write."""
+        answer, and ``memberships``: the moves the events make (user id ->
+        membership), stored in that write."""
         if facts is None:
             room = await self.store.get_room(room_id)
             if room is None:
@@ -78,7 +80,8 @@ class Outbox:
         floors = self._floors(servers)
 
         def write(db: Any) -> tuple[list[int], list[list[int] | None]]:
-            ids = db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn)
+            ids = db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn,
+                                              memberships=memberships)
             return ids, self._rows_below(db, servers, ids, floors)
 
         def queued(result: tuple[list[int], list[list[int] | None]]) -> None:
@@ -146,14 +149,15 @@ class Outbox:
 
     async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
                              client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
-                             lock: trio.Lock) -> list[Event]:
+                             lock: trio.Lock, memberships: dict[str, str] | None = None) -> list[Event]:
         """Chain events onto the head of a room we host (``chain(head)``), store
         them and queue them for every other server with joined members, all in
         one storage call: one round trip and one durable write for a client's
         post, a write that shares its commit with the posts queued next to it
         (group commit, see ``AsyncStore.submit``). ``client_txn``: the user's
-        send answer for the last event, stored in that write. Returns the
-        events once stored, handed to the delivery machine in storage order.
+        send answer for the last event, and ``memberships`` (the moves the
+        events make), stored in that write. Returns the events once stored,
+        handed to the delivery machine in storage order.
 
         ``lock`` (the room's) is held only while the call is queued: calls run
         in order, so the next post reads this one's head, and whoever holds
@@ -168,7 +172,8 @@ class Outbox:
             events = chain(Head(row["depth"], row["event_id"]) if row else None)
             servers, items, _envelopes = self._items([(targets, events)], now)
             ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
-                                                 client_txn=client_txn(events[-1]) if client_txn else None)
+                                                 client_txn=client_txn(events[-1]) if client_txn else None,
+                                                 memberships=memberships)
             return events, ids, self._rows_below(store, servers, ids, floors)
 
         def queued(result: tuple[list[Event], list[int], list[list[int] | None]]) -> list[Event]:
