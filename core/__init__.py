@@ -61,7 +61,7 @@ from .leases import (DEFAULT_LEASE_MS, TIMERS, Claim, LeaseRow, Leases, Release,
 from .handover import LOOK_SOON_MS, Handover
 from .handshake import decode_refusal, refusal_body
 from .inbound import (
-    RoomState, TxnSnapshot, decode_txn_reply, held_needed, proposals_needed, rooms_needed, snapshot_context,
+    RoomState, TxnDecision, TxnSnapshot, decode_txn_reply, held_needed, proposals_needed, rooms_needed, snapshot_context,
 )
 from .keys import BatchVerifier, OldKey
 from .limits import Limits, OriginLimiter
@@ -83,7 +83,8 @@ __all__ = [
     "DEFAULT_LEASE_MS", "TIMERS", "Claim", "LeaseRow", "Leases", "Release", "Renew", "peer_lease", "pull_lease",
     "worker_lease", "Handover", "LOOK_SOON_MS",
     "decode_refusal", "refusal_body",
-    "RoomState", "TxnSnapshot", "decode_txn_reply", "held_needed", "proposals_needed", "rooms_needed", "snapshot_context",
+    "RoomState", "TxnDecision", "TxnSnapshot", "decode_txn_reply",
+    "held_needed", "proposals_needed", "rooms_needed", "snapshot_context",
     "BatchVerifier", "OldKey",
     "Limits", "OriginLimiter",
     "canonical_room_id", "canonical_server_name", "canonical_user_id", "server_name_problem", "server_of",

@@ -140,7 +140,7 @@ class Server:
         ``chain_broken``: a sender sent a room's event ahead of an earlier one."""
         import sqlite3
 
-        from scaiwave_federation.core.inbound import decode_txn_reply
+        from scaiwave_federation.core import decode_txn_reply
 
         db = sqlite3.connect(f"file:{self.root / 'data' / 'scaiwave.db'}?mode=ro", uri=True, timeout=10)
         try:

@@ -21,7 +21,7 @@ from scaiwave_federation.core import Code, Event, Head, PeerAgreed, Refused, Roo
 from scaiwave_federation.core import push_targets
 from scaiwave_federation.core import Deferred, Delivered, Dropped, Rehandshake, SendTransaction
 from scaiwave_federation.core import Handover, encode_events_body
-from scaiwave_federation.core.inbound import TxnDecision
+from scaiwave_federation.core import TxnDecision
 
 from ..store.store import StorageError, TxnOutcome
 
