@@ -10,8 +10,18 @@ from ..runtime.service import descriptor_json
 __all__: list[str] = []
 
 
+#: The descriptor's last answer, for its bytes: one Response object for as long
+#: as the descriptor does not change, so the HTTP layer checks and writes its
+#: head once (Response.wire_head) rather than on every GET.
+_answer: tuple[bytes, Response] = (b"", Response(200))
+
+
 async def _descriptor_public(call: Call) -> Response:
-    return Response(200, descriptor_json(call.ctx.runtime), "application/json")
+    global _answer
+    data = descriptor_json(call.ctx.runtime)
+    if _answer[0] is not data:  # the cache holds the bytes, so "is" cannot mistake a new object for them
+        _answer = (data, Response(200, data, "application/json"))
+    return _answer[1]
 
 
 async def _openapi_document(call: Call) -> Response:

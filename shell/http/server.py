@@ -89,6 +89,26 @@ class Response:
         if not 200 <= self.status <= 599:
             raise ValueError(f"status must be 200..599, got {self.status}")
 
+    @functools.cached_property
+    def wire_head(self) -> bytes | None:
+        """The status line and headers (content type and length first) exactly as
+        h11 writes them for an HTTP/1.1 client, checked by h11 once per Response
+        (a Response answered many times, like the descriptor, is checked and
+        written once); None when h11 refuses the headers (a handler's bug)."""
+        try:
+            event = h11.Response(status_code=self.status, reason=_REASONS.get(self.status, b""),
+                                 headers=[("content-type", self.content_type),
+                                          ("content-length", str(len(self.body))), *self.headers])
+        except (h11.LocalProtocolError, UnicodeError):
+            return None
+        # h11's writer: the status line, host first (never in a response, but alike), the rest in order.
+        items = event.headers.raw_items()
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, bytes(event.reason))]
+        lines += [b"%s: %s\r\n" % item for item in items if item[0].lower() == b"host"]
+        lines += [b"%s: %s\r\n" % item for item in items if item[0].lower() != b"host"]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
     @classmethod
     def json(cls, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:
         """A compact UTF-8 JSON reply; raises TypeError for objects json can't encode."""
@@ -182,6 +202,9 @@ class _Connection:
         self.scope: trio.CancelScope | None = None
         self.drained = False  # the scope was cancelled by shutdown, not by a deadline
         self.reading_timed = False  # the deadline is the current request's read_timeout
+        # The request being answered is HTTP/1.1, keep-alive, no upgrade: its
+        # answer may be written without h11 (see _answer).
+        self.plain = False
 
     async def run(self) -> None:
         self.drain.connections.add(self)
@@ -220,11 +243,8 @@ class _Connection:
                 self.phase = _ANSWERING
                 self.scope.deadline = trio.current_time() + self.limits.handler_timeout
                 response = await self._call_handler(request)
-                close = self.drain.draining
-                await self._send_response(response, head=request.method == "HEAD", close=close)
-                if close or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                if not await self._answer(response, head=request.method == "HEAD"):
                     return False
-                self.h11.start_next_cycle()
         # Only a cancellation gets here (our deadline, or shutdown while idle).
         if self.phase == _IDLE or self.drained:
             raise _Quit  # keep-alive idle timeout or shutdown: close silently
@@ -235,11 +255,7 @@ class _Connection:
         log.warning("%s %s from %s: handler took over %g s", request.method, request.path, self.peer,
                     self.limits.handler_timeout)
         response = Response.error(503, "timeout", "the server took too long to answer", path=request.path)
-        await self._send_response(response, head=request.method == "HEAD", close=self.drain.draining)
-        if self.drain.draining or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-            return False
-        self.h11.start_next_cycle()
-        return True
+        return await self._answer(response, head=request.method == "HEAD")
 
     # -- reading ---------------------------------------------------------------
 
@@ -276,11 +292,20 @@ class _Connection:
         head_size = len(event.target)
         headers = []
         length = None
+        # What h11 would make of the connection after this request (its
+        # _keep_alive and switch proposals), conservatively: any "close" in a
+        # Connection header, an Upgrade or a CONNECT leaves the answer to h11.
+        plain = event.http_version == b"1.1" and event.method != b"CONNECT"
         for name, value in event.headers:
             head_size += len(name) + len(value) + 4
             if name == b"content-length":
                 length = value
+            elif name == b"connection":
+                plain = plain and b"close" not in value.lower()
+            elif name == b"upgrade":
+                plain = False
             headers.append((name.decode("ascii"), value.decode("latin-1")))
+        self.plain = plain
         if head_size > self.limits.max_header_bytes:
             # Once the head is read, refusals on a federation path are CBOR (Response.error).
             raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes",
@@ -319,6 +344,42 @@ class _Connection:
             # The traceback is for the operator's log only; it may hold secrets.
             log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
             return Response.error(500, "internal_error", "internal error", path=request.path)
+
+    async def _answer(self, response: Response, *, head: bool) -> bool:
+        """Send ``response`` to the request just read; True when the connection
+        goes on to the next request.
+
+        The common answer (HTTP/1.1 keep-alive, a body, not HEAD, not closing)
+        is written without h11: its head as h11 would write it
+        (:attr:`Response.wire_head`, checked by h11 once per Response) and its
+        body in one write, and the next request is read by a new h11
+        connection that starts with the bytes the client already sent
+        (pipelining). h11's send path re-validated and re-wrote the same
+        headers on every answer: about a fifth of the cost of a small GET.
+        Everything else (HEAD, 204/304, closing, HTTP/1.0, a ``Connection:
+        close``, headers h11 refuses) goes through h11 as before."""
+        close = self.drain.draining
+        conn = self.h11
+        if (self.plain and not close and not head and response.status not in (204, 304)
+                and conn.our_state is h11.SEND_RESPONSE and conn.their_state is h11.DONE):
+            wire = response.wire_head
+            if wire is not None:
+                # Replaced before the write: if the write is cancelled midway,
+                # our_state is no longer SEND_RESPONSE, so no 503 follows a
+                # partial answer (see _serve_requests).
+                data, closed = conn.trailing_data
+                self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+                if data:
+                    self.h11.receive_data(data)
+                if closed:
+                    self.h11.receive_data(b"")
+                await self.stream.send_all(wire + response.body if response.body else wire)
+                return True
+        await self._send_response(response, head=head, close=close)
+        if close or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        return True
 
     async def _send(self, *events: Any) -> None:
         # The connection's one task is the only sender (requests are served

@@ -90,6 +90,16 @@ class _TextFormatter(logging.Formatter):
             self._second, self._text = second, time.strftime(self.default_time_format, self.converter(second))
         return f"{self._text},{int(record.msecs):03d}"  # logging's default_msec_format
 
+    def format(self, record: logging.LogRecord) -> str:
+        # TEXT_FORMAT written out (Formatter.format looks for %(asctime)s in the
+        # format and fills it from the record's whole __dict__, once a line);
+        # a record with a traceback or stack takes the general path.
+        if record.exc_info or record.exc_text or record.stack_info or self._fmt != TEXT_FORMAT:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+
 
 def setup_logging(level: int, fmt: str) -> None:
     """(Re)configure the root logger: ``level``, text or JSON lines, on stderr."""
