@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..http import responses as R
 from ..http.server import Response
 from ..http.routes import API, PUBLIC, Call
 from ..runtime.service import descriptor_json
+
+if TYPE_CHECKING:
+    from ..runtime.context import Ctx
 
 __all__: list[str] = []
 
@@ -16,12 +21,16 @@ __all__: list[str] = []
 _answer: tuple[bytes, Response] = (b"", Response(200))
 
 
-async def _descriptor_public(call: Call) -> Response:
+def _descriptor_answer(ctx: Ctx) -> Response:
     global _answer
-    data = descriptor_json(call.ctx.runtime)
+    data = descriptor_json(ctx.runtime)
     if _answer[0] is not data:  # the cache holds the bytes, so "is" cannot mistake a new object for them
         _answer = (data, Response(200, data, "application/json"))
     return _answer[1]
+
+
+async def _descriptor_public(call: Call) -> Response:
+    return _descriptor_answer(call.ctx)
 
 
 async def _openapi_document(call: Call) -> Response:
@@ -31,6 +40,7 @@ async def _openapi_document(call: Call) -> Response:
 
 
 API.add("GET", "/.well-known/scaiwave", _descriptor_public, auth=PUBLIC, tag="public", response=R.DESCRIPTOR,
+        static=_descriptor_answer,
         summary="This server's signed descriptor (name, keys, federation endpoint), as peers fetch it.")
 API.add("GET", "/v1/openapi.json", _openapi_document, auth=PUBLIC, tag="public", response=R.OPENAPI,
         summary="This document: the client and admin APIs as OpenAPI 3.1.")
