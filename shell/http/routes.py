@@ -144,6 +144,8 @@ class RouteTable:
             response: Mapping[str, Any], **options: Any) -> None:
         """Register one endpoint (``options``: the rest of :class:`Route`'s fields)."""
         route = Route(method, template, handler, auth, summary, response, **options)
+        if route.static is not None and (route.auth is not PUBLIC or route.params or route.query or route.body):
+            raise ValueError(f"{method} {template}: only a public route without input can answer statically")
         names = _PARAM.findall(template)
         if sorted(names) != sorted(route.params):
             raise ValueError(f"{template}: path parameters {names} but types for {sorted(route.params)}")
@@ -152,8 +154,6 @@ class RouteTable:
         if any(r.operation_id == route.operation_id for r in self.routes):
             raise ValueError(f"{route.operation_id} names two routes")
         if route.static is not None:
-            if route.auth is not PUBLIC or route.params or route.query or route.body:
-                raise ValueError(f"{method} {template}: only a public route without input can answer statically")
             self._static[(method, template)] = route.static
             if method == "GET":
                 self._static[("HEAD", template)] = route.static
