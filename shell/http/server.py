@@ -5,7 +5,10 @@ timeouts, error replies); :func:`serve_http` accepts connections, optionally
 wraps them in TLS, and runs each in its own task of one connection nursery.
 Handlers are ``async def handler(request: Request) -> Response``; they never see
 h11, and an exception in a handler becomes a 500 whose details go to the log
-only.
+only. h11 reads every request; the common answer (HTTP/1.1, keep-alive, with
+a body) is written as h11 would write it, from a head h11 checked once per
+:class:`Response` object (see ``_Connection._answer``), so an answer given
+again and again (the descriptor) is not checked and written again each time.
 
 Error replies are JSON ``{"error": {"code": ..., "message": ...}}``:
 ``malformed`` (400), ``too_large`` (413, or 431 for headers), ``timeout`` (408
