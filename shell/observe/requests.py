@@ -37,6 +37,7 @@ from scaiwave_federation.core import valid_server_name
 from scaiwave_federation.core import parse_authorization
 
 from ..http.server import Request, Response
+from .logs import LineHandler
 from ..runtime.ops import json_object
 
 if TYPE_CHECKING:
@@ -160,8 +161,8 @@ def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
         peer = claimed_peer(request)
         metrics.count_received(request.method, route, peer, code, seconds)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.handle(_AccessRecord(request.method[:16], route, status, code, peer, request.peer,
-                                            seconds * 1000))
+            emit_access(_AccessRecord(request.method[:16], route, status, code, peer, request.peer,
+                                      seconds * 1000))
         if audit is not None:
             audit.end(service, response, code)
             ops.admin_changed()
@@ -174,6 +175,28 @@ def observed(service: Service, ops: Ops, handler: Handler) -> Handler:
         return dated
 
     return observe
+
+
+def emit_access(record: logging.LogRecord) -> None:
+    """Hand an access line to ``scaiwave.access``'s handlers. When the one
+    handler it reaches is :func:`~.logs.setup_logging`'s own, with no filter
+    on the way (the daemon's setting), the record goes straight to it: the
+    same line on the same stream, without the logger's and the handler's
+    dispatch (about 4 µs of a descriptor GET's 100). Any other arrangement (a
+    test's capture, an added handler or filter) takes logging's own path."""
+    logger = access_log
+    if not logger.disabled and not logger.filters and not logger.handlers and logger.propagate:
+        parent = logger.parent
+        while parent is not None and parent is not logging.root and not parent.handlers and parent.propagate:
+            parent = parent.parent
+        if parent is logging.root:
+            handlers = parent.handlers
+            if len(handlers) == 1:
+                handler = handlers[0]
+                if type(handler) is LineHandler and not handler.filters and record.levelno >= handler.level:
+                    handler.write_line(record)
+                    return
+    logger.handle(record)
 
 
 class _AccessRecord(logging.LogRecord):
