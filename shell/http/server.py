@@ -245,7 +245,14 @@ class _Connection:
                 # The answer (handler and sending) must be done within handler_timeout.
                 self.phase = _ANSWERING
                 self.scope.deadline = trio.current_time() + self.limits.handler_timeout
-                response = await self._call_handler(request)
+                # The handler, under the connection's scope with handler_timeout
+                # as its deadline (a timeout is answered 503 below).
+                try:
+                    response = await self.handler(request)
+                    if not isinstance(response, Response):
+                        raise TypeError(f"handler returned {type(response).__name__}, not Response")
+                except Exception:
+                    response = self._failed(request)
                 if not await self._answer(response, head=request.method == "HEAD"):
                     return False
         # Only a cancellation gets here (our deadline, or shutdown while idle).
@@ -299,7 +306,11 @@ class _Connection:
         # _keep_alive and switch proposals), conservatively: any "close" in a
         # Connection header, an Upgrade or a CONNECT leaves the answer to h11.
         plain = event.http_version == b"1.1" and event.method != b"CONNECT"
-        for name, value in event.headers:
+        expect = False
+        # raw_items() is one list; iterating the Headers sequence itself costs a
+        # Python-level __getitem__ per header. h11's lower-case name is raw.lower().
+        for raw, value in event.headers.raw_items():
+            name = raw.lower()
             head_size += len(name) + len(value) + 4
             if name == b"content-length":
                 length = value
@@ -307,6 +318,8 @@ class _Connection:
                 plain = plain and b"close" not in value.lower()
             elif name == b"upgrade":
                 plain = False
+            elif name == b"expect":
+                expect = True
             headers.append((name.decode("ascii"), value.decode("latin-1")))
         self.plain = plain
         if head_size > self.limits.max_header_bytes:
@@ -316,7 +329,7 @@ class _Connection:
         limit = self.limits.max_body_bytes
         if length is not None and int(length) > limit:  # h11 validated it as digits
             raise _Reply(413, "too_large", f"body over {limit} bytes", event.target.decode("ascii", "replace"))
-        if self.h11.they_are_waiting_for_100_continue:
+        if expect and self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         parts, size = [], 0
         while True:
@@ -335,18 +348,11 @@ class _Connection:
 
     # -- answering -------------------------------------------------------------
 
-    async def _call_handler(self, request: Request) -> Response:
-        # Runs under the connection's scope, with handler_timeout as its deadline
-        # (a timeout is answered 503 by _serve_requests).
-        try:
-            response = await self.handler(request)
-            if not isinstance(response, Response):
-                raise TypeError(f"handler returned {type(response).__name__}, not Response")
-            return response
-        except Exception:
-            # The traceback is for the operator's log only; it may hold secrets.
-            log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
-            return Response.error(500, "internal_error", "internal error", path=request.path)
+    def _failed(self, request: Request) -> Response:
+        """The answer to a handler that raised (called in its ``except``)."""
+        # The traceback is for the operator's log only; it may hold secrets.
+        log.exception("%s %s from %s: handler failed", request.method, request.path, self.peer)
+        return Response.error(500, "internal_error", "internal error", path=request.path)
 
     async def _answer(self, response: Response, *, head: bool) -> bool:
         """Send ``response`` to the request just read; True when the connection
