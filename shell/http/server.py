@@ -281,17 +281,19 @@ class _Connection:
             self.idle, self.phase = False, _READING
         return cast(bytes, data)  # a bytearray from the TLS stream: h11 takes it as is (no copy)
 
+    def _poll_event(self) -> Any:
+        """h11's next event from what is buffered, or NEED_DATA."""
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes") from None
+            raise _Reply(400, "malformed", f"malformed HTTP request: {exc}") from None
+
     async def _next_event(self) -> Any:
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                if exc.error_status_hint == 431:
-                    raise _Reply(431, "too_large", f"request head over {self.limits.max_header_bytes} bytes") from None
-                raise _Reply(400, "malformed", f"malformed HTTP request: {exc}") from None
-            if event is not h11.NEED_DATA:
-                return event
+        while (event := self._poll_event()) is h11.NEED_DATA:
             self.h11.receive_data(await self._receive())
+        return event
 
     async def _read_request(self) -> Request:
         event = await self._next_event()
@@ -333,7 +335,9 @@ class _Connection:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         parts, size = [], 0
         while True:
-            part = await self._next_event()
+            part = self._poll_event()  # a request without a body has its end buffered already
+            if part is h11.NEED_DATA:
+                part = await self._next_event()
             if type(part) is h11.EndOfMessage:
                 break
             if isinstance(part, h11.ConnectionClosed):  # h11 raises for a truncated body; be safe
