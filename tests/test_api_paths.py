@@ -180,7 +180,7 @@ async def _ok_handler(call) -> object:  # pragma: no cover - never awaited here
 def test_route_table_rules() -> None:
     from scaiwave_federation.core import Code
     from scaiwave_federation.shell.http.inputs import ROOM_ID, BadInput
-    from scaiwave_federation.shell.http.routes import PUBLIC, ApiFailure, RouteTable
+    from scaiwave_federation.shell.http.routes import PUBLIC, ApiFailure, Auth, RouteTable
 
     table = RouteTable()
     table.add("GET", "/v1/rooms/{room_id}/x", _ok_handler, auth=PUBLIC, summary="x", response={},
@@ -202,3 +202,9 @@ def test_route_table_rules() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         table.add("GET", "/v1/rooms/{room_id}/x", _ok_handler, auth=PUBLIC, summary="x", response={},
                   params={"room_id": ROOM_ID})
+    # Only a public route without input may answer statically (no Call, no checks).
+    with pytest.raises(ValueError, match="statically"):
+        table.add("GET", "/v1/s/{room_id}", _ok_handler, auth=PUBLIC, summary="s", response={},
+                  params={"room_id": ROOM_ID}, static=lambda ctx: None)
+    with pytest.raises(ValueError, match="statically"):
+        table.add("GET", "/v1/s", _ok_handler, auth=Auth("user"), summary="s", response={}, static=lambda ctx: None)

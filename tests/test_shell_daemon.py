@@ -62,6 +62,23 @@ async def test_descriptor_is_empty_until_key_generate_then_signed(daemon: InMemo
     assert (await daemon.admin("GET", "/v1/admin/federation/key"))[1]["key_id"] == key["key_id"]
 
 
+async def test_the_descriptor_answers_statically_as_its_route_would(daemon: InMemory) -> None:
+    """GET /.well-known/scaiwave is answered before route matching (Route.static):
+    the same bytes as the route's handler, HEAD alike without a body, and a
+    query string still goes through the route's checks."""
+    from scaiwave_federation.shell.http.routes import all_routes
+
+    await daemon.admin("POST", "/v1/admin/federation/key/generate")
+    status, headers, data = await daemon.exchange("GET", "/.well-known/scaiwave")
+    route, _ = all_routes().match("GET", "/.well-known/scaiwave")
+    assert route.static is not None and status == 200
+    assert data == route.static(daemon.service.ctx).body
+    status, head_headers, empty = await daemon.exchange("HEAD", "/.well-known/scaiwave")
+    assert (status, empty, head_headers["content-length"]) == (200, b"", headers["content-length"])
+    status, _, refused = await daemon.exchange("GET", "/.well-known/scaiwave?x=1")
+    assert status == 400 and json.loads(refused)["error"]["code"] == "bad_request"
+
+
 async def test_admin_endpoints_need_the_admin_token(daemon: InMemory) -> None:
     for token in (None, "wrong-token-0123456789abcdef", ADMIN_TOKEN + "x", ADMIN_TOKEN[:-1]):
         status, body = await daemon.request("GET", "/v1/admin/federation/policy", token=token)

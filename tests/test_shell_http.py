@@ -316,6 +316,52 @@ def test_response_constructors() -> None:
     assert request.header("A") == "2" and request.header("b") is None
 
 
+@pytest.mark.parametrize("response", [
+    Response.json(200, {"a": 1}),
+    Response.cbor(404, b"\xa0", headers=(("X-Retry", "3"), ("date", "Mon, 30 Nov 2026 13:47:19 GMT"))),
+    Response(299, b"unnamed status", "text/plain"),
+    Response(200, b"", "application/json", (("cache-control", "no-store"),)),
+])
+def test_wire_head_is_what_h11_writes(response: Response) -> None:
+    """The head written without h11 (see _Connection._answer) is h11's bytes."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.next_event(), conn.next_event()
+    headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),
+               *response.headers]
+    reason = {200: b"OK", 404: b"Not Found"}.get(response.status, b"")
+    written = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+    written += (conn.send(h11.Data(data=response.body)) if response.body else b"") + conn.send(h11.EndOfMessage())
+    assert response.wire_head is not None and response.wire_head + response.body == written
+    assert Response(200, b"x", headers=(("bad header", "v"),)).wire_head is None
+
+
+async def test_answers_h11_must_write_still_close() -> None:
+    """HTTP/1.0, a Connection: close among other tokens and an Upgrade are
+    answered through h11, which closes (or would switch protocols) after them."""
+    for raw in (b"GET /a HTTP/1.0\r\n\r\n", b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, Close\r\n\r\n"):
+        data = await raw_exchange(raw)
+        assert data.count(b"HTTP/1.1 200 OK") == 1 and b"connection: close" in data.lower()
+    data = await raw_exchange(b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+                              b"GET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert b'"path":"/a"' in data and b'"path":"/b"' in data
+
+
+async def test_pipelined_requests_in_one_packet_with_eof() -> None:
+    """Three requests and the client's end in one go: each answered in order,
+    the bytes after each request carried to the next (h11 connection per answer)."""
+    client, server = trio.testing.memory_stream_pair()
+    one = b"POST /%d HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: handle_connection(server, echo))
+        await client.send_all(b"".join(one % n for n in range(3)))
+        await client.send_eof() if isinstance(client, trio.abc.HalfCloseableStream) else None
+        data = await read_to_eof(client)
+        await client.aclose()
+    assert [json.loads(part.rsplit(b"\r\n\r\n", 1)[-1] or b"{}").get("path") for part in
+            data.split(b"HTTP/1.1 ")[1:]] == ["/0", "/1", "/2"]
+
+
 # -- real sockets, real TLS ---------------------------------------------------------
 
 

@@ -155,3 +155,41 @@ def test_text_lines_read_as_the_standard_formatter_writes_them() -> None:
         record = logging.LogRecord("scaiwave.access", logging.INFO, "", 0, "GET %s", ("/x",), None)
         record.created, record.msecs = created, int((created % 1) * 1000)
         assert ours.format(record) == standard.format(record)
+
+
+def test_access_lines_written_directly_read_as_logging_writes_them() -> None:
+    """An access line goes straight to setup_logging's handler when nothing else
+    would see it, and reads exactly as logging's own dispatch writes it; any
+    other arrangement (a second handler, a filter) takes logging's path."""
+    import io
+
+    from scaiwave_federation.shell.observe.logs import TEXT_FORMAT, LineHandler, _TextFormatter
+    from scaiwave_federation.shell.observe.requests import _AccessRecord, access_log, emit_access
+
+    saved = logging.root.handlers[:], logging.root.level
+    record = _AccessRecord("GET", "/v1/rooms", 401, "unauthorized", None, "10.0.0.1:5", 1.25)
+    try:
+        logging.root.setLevel(logging.INFO)
+        for formatter in (_TextFormatter(TEXT_FORMAT), JsonFormatter()):
+            direct, through = io.StringIO(), io.StringIO()
+            handler = LineHandler(direct)
+            handler.setFormatter(formatter)
+            logging.root.handlers = [handler]
+            emit_access(record)
+            handler.setStream(through)
+            access_log.handle(record)
+            assert direct.getvalue() == through.getvalue() and direct.getvalue().count("\n") == 1
+            assert "GET /v1/rooms 401 unauthorized peer=- remote=10.0.0.1:5 1.2 ms" in direct.getvalue()
+        # A second handler: both get the line. A filter on the way: it decides.
+        mine, theirs = io.StringIO(), io.StringIO()
+        handler.setStream(mine)
+        logging.root.handlers = [handler, logging.StreamHandler(theirs)]
+        emit_access(record)
+        assert mine.getvalue() and theirs.getvalue()
+        logging.root.handlers = [handler]
+        handler.addFilter(lambda r: False)
+        emit_access(record)
+        assert mine.getvalue().count("\n") == 1
+    finally:
+        logging.root.handlers = saved[0]
+        logging.root.setLevel(saved[1])

@@ -249,3 +249,30 @@ def test_a_filled_route_template_is_found_again(template: str, values: list[str]
 @given(path=st.text(max_size=200))
 def test_any_path_gets_a_bounded_label(path: str) -> None:
     assert route_template(path) in (*ROUTES, "other")
+
+
+@given(st.lists(st.tuples(st.sampled_from(["GET", "POST", "BREW"]), st.sampled_from(ROUTES[:4]),
+                          st.sampled_from(["ok", "not_found", "nonsense"]),
+                          st.floats(min_value=0, max_value=500, allow_nan=False)), max_size=30))
+def test_requests_received_expose_what_prometheus_metrics_would(requests: list) -> None:
+    """count_received keeps plain counts; a scrape shows them exactly as
+    prometheus_client's Counter and Histogram fed the same requests would."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from scaiwave_federation.shell.observe import metrics as m
+
+    reference = CollectorRegistry()
+    count = Counter("scaiwave_requests_received", "HTTP requests served, by route template, claimed peer "
+                    "(federation) and outcome code", ["method", "route", "peer", "code"], registry=reference)
+    seconds = Histogram("scaiwave_request_duration_seconds", "Time to answer an HTTP request", ["method", "route"],
+                        buckets=m._LATENCY, registry=reference)
+    metrics = m.Metrics.__new__(m.Metrics)  # the counting half only: no service to read at scrape time
+    metrics._received, metrics._received_seconds, metrics.labelled = {}, {}, frozenset()
+    for method, route, code, duration in requests:
+        metrics.count_received(method, route, None, code, duration)
+        shown = method if method != "BREW" else OTHER
+        count.labels(shown, route, "", code if code != "nonsense" else OTHER).inc()
+        seconds.labels(shown, route).observe(duration)
+    ours = CollectorRegistry()
+    ours.register(m._ReceivedCollector(metrics))
+    assert generate_latest(ours) == generate_latest(reference)

@@ -112,6 +112,10 @@ class Route:
     #: Answers other than 200 that are not refusals: status -> JSON schema
     #: (``/readyz``'s 503 names what is not ready).
     other: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    #: For a public route that takes no input: its answer from the handlers'
+    #: collaborators alone, given without building a Call (the descriptor,
+    #: fetched by every peer and load balancer). ``handler`` must answer the same.
+    static: Callable[[Ctx], Response] | None = None
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -133,11 +137,15 @@ class RouteTable:
         # (method, path) -> what match() answered: the same paths come again
         # and again (a client's room, the descriptor). Bounded: emptied when full.
         self._matched: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
+        # (method, exact path) -> Route.static, looked up before anything else.
+        self._static: dict[tuple[str, str], Callable[[Ctx], Response]] = {}
 
     def add(self, method: str, template: str, handler: Handler, *, auth: Auth, summary: str,
             response: Mapping[str, Any], **options: Any) -> None:
         """Register one endpoint (``options``: the rest of :class:`Route`'s fields)."""
         route = Route(method, template, handler, auth, summary, response, **options)
+        if route.static is not None and (route.auth is not PUBLIC or route.params or route.query or route.body):
+            raise ValueError(f"{method} {template}: only a public route without input can answer statically")
         names = _PARAM.findall(template)
         if sorted(names) != sorted(route.params):
             raise ValueError(f"{template}: path parameters {names} but types for {sorted(route.params)}")
@@ -145,6 +153,10 @@ class RouteTable:
             raise ValueError(f"{method} {template} registered twice")
         if any(r.operation_id == route.operation_id for r in self.routes):
             raise ValueError(f"{route.operation_id} names two routes")
+        if route.static is not None:
+            self._static[(method, template)] = route.static
+            if method == "GET":
+                self._static[("HEAD", template)] = route.static
         self.routes.append(route)
         self._by_length.setdefault(len(route.segments), []).append((route, route.segments))
         self._matched.clear()
@@ -184,6 +196,11 @@ class RouteTable:
     async def dispatch(self, service: Service, request: Request, nursery: trio.Nursery) -> Response:
         """Answer ``request`` from the table: every expected failure is a JSON refusal."""
         try:
+            static = self._static.get((request.method, request.target))
+            if static is not None and not request.body:  # the exact path, without a query
+                if request.target.startswith(_SHARED_STATE_PATHS) and not service.alone():
+                    await service.refresh_shared()  # as below
+                return static(service.ctx)
             route, texts = self.match(request.method, request.path)
             if request.path.startswith(_SHARED_STATE_PATHS) and not service.alone():
                 # The admin API and our descriptor answer the same on every

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "parse_level", "parse_format", "setup_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "LineHandler", "parse_level", "parse_format", "setup_logging"]
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -90,6 +90,39 @@ class _TextFormatter(logging.Formatter):
             self._second, self._text = second, time.strftime(self.default_time_format, self.converter(second))
         return f"{self._text},{int(record.msecs):03d}"  # logging's default_msec_format
 
+    def format(self, record: logging.LogRecord) -> str:
+        # TEXT_FORMAT written out (Formatter.format looks for %(asctime)s in the
+        # format and fills it from the record's whole __dict__, once a line);
+        # a record with a traceback or stack takes the general path.
+        if record.exc_info or record.exc_text or record.stack_info or self._fmt != TEXT_FORMAT:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+
+
+class LineHandler(logging.StreamHandler):
+    """The handler :func:`setup_logging` installs: a StreamHandler that also
+    writes a record handed to it directly (:meth:`write_line`), for the access
+    line, which would otherwise pass through the logger's and the handler's
+    dispatch once a request (see ``observe.requests.emit_access``)."""
+
+    def write_line(self, record: logging.LogRecord) -> None:
+        """What ``handle(record)`` does when this handler has no filters: format,
+        write under the handler's lock, flush (a line-buffered stream, like
+        stderr, has flushed already)."""
+        try:
+            line = self.format(record) + self.terminator
+            stream = self.stream
+            with self.lock:  # type: ignore[union-attr]
+                stream.write(line)
+                if not getattr(stream, "line_buffering", False):
+                    stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
 
 def setup_logging(level: int, fmt: str) -> None:
     """(Re)configure the root logger: ``level``, text or JSON lines, on stderr."""
@@ -98,7 +131,7 @@ def setup_logging(level: int, fmt: str) -> None:
     # "Optimization" advice), which counts at one access line per request.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # httpx logs every request at INFO: the access line and the metrics say it better.

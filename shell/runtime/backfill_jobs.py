@@ -358,16 +358,23 @@ class _PageStore:
             await self._done.wait()
             return
         self._started = True
+        job, records = self.job, [e.as_record() for e in self.effect.events]
+        cursor = {"peer": job.peer, "cursor": self.effect.cursor, "stored": self.stored, "updated_at": self.now}
+        # The job's progress, for every worker's admin API, as it will be once the page is stored.
+        view = {**job.view(), "stored": self.stored - self.base}
+
+        def write(sync: Any) -> None:
+            # One storage call: the page and its cursor (one durable write),
+            # then the progress (not flushed on its own), only if the page was stored.
+            sync.store_events(job.room_id, records, cursor=cursor)
+            sync.save_job(job.id, view, self.now)
+
         try:
             started = Work.store_started()
-            await store.store_events(
-                self.job.room_id, [e.as_record() for e in self.effect.events],
-                cursor={"peer": self.job.peer, "cursor": self.effect.cursor, "stored": self.stored,
-                        "updated_at": self.now})
+            await store.run(write)
             if self.work is not None:
                 self.work.store_done(started, len(self.effect.events))
-            self.job.stored = self.stored - self.base
-            await store.save_job(self.job.id, self.job.view(), self.now)  # progress, for every worker
+            job.stored = self.stored - self.base
         except StorageError as exc:
             self.failure = exc  # raised by whoever waits for it (not in a nursery's group)
         finally:
