@@ -230,6 +230,14 @@ def test_our_own_join_pushed_before_the_proposals_reply_starts_the_room():
                        held={join.id_text: join.event_id})
     _, decision = _decide(a, [join], held)
     assert decision.outcomes == ("ok",) and decision.store == () and decision.echoed == 1
+    # The host cannot make one up: a join of our user without our signed
+    # proposal inside is a forged sender, and starts nothing.
+    from scaiwave_federation.core import chain_event
+
+    forged = chain_event(b.keyring.current, head=head_of(chain), room_id=THEIRS, room_type="group",
+                         sender=f"@alice:{A}", type="m.member", ts=NOW, content={"membership": "join"})
+    _, decision = _decide(a, [forged], invited)
+    assert decision.outcomes == ("forged_sender",) and decision.store == ()
     # Relayed by a server that is not the room's host: refused.
     third = TxnSnapshot({THEIRS: RoomState(known=True, host="third.test", head=None)})
     _, decision = _decide(a, [join], third)
