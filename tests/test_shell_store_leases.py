@@ -88,5 +88,20 @@ def test_a_version_3_file_gets_the_lease_tables(tmp_path: Path) -> None:
     assert schema.migrate(sqlite_utils.Database(conn), schema.MIGRATIONS[:3]) == 3
     conn.close()
     with Store.open(tmp_path) as store:
-        assert store.schema_version() == 4
+        assert store.schema_version() == schema.SCHEMA_VERSION
         assert store.lease_rows() == [] and store.shared_generation() == 0
+
+
+def test_a_version_4_files_queued_rows_survive_the_outbox_index_change(tmp_path: Path) -> None:
+    """Migration 5 swaps the outbox's indexes: rows queued before it are all
+    there after it, in order, and read by peer and id range."""
+    conn = sqlite3.connect(tmp_path / DB_FILENAME, isolation_level=None)
+    assert schema.migrate(sqlite_utils.Database(conn), schema.MIGRATIONS[:4]) == 4
+    for n, peer in enumerate(["b.test", "c.test", "b.test", "b.test"]):
+        conn.execute("INSERT INTO outbox (peer, txn_id, path, body, created_at, next_attempt_at)"
+                     " VALUES (?, ?, '/send', x'00', 1, 1)", (peer, f"t{n}"))
+    conn.close()
+    with Store.open(tmp_path) as store:
+        assert store.schema_version() == schema.SCHEMA_VERSION
+        assert store.outbox_ids(["b.test", "c.test"]) == [(1, "b.test"), (2, "c.test"), (3, "b.test"), (4, "b.test")]
+        assert store.outbox_between("b.test", 1, 4) == [3]

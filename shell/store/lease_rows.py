@@ -144,10 +144,13 @@ class LeaseRows:
         """``id`` and ``peer`` of the queued rows with ``id > after_id``, by id."""
         return self._all("SELECT id, peer FROM outbox WHERE id > ? ORDER BY id LIMIT ?", after_id, limit)
 
+    #: Read in every write that queues a post for a peer: answered from the
+    #: ``(peer, id)`` index alone, in its order (migration 5).
+    OUTBOX_BETWEEN = "SELECT id FROM outbox WHERE peer = ? AND id > ? AND id < ? ORDER BY id"
+
     def outbox_between(self, peer: str, after_id: int, before_id: int) -> list[int]:
         """The ids of ``peer``'s queued rows with ``after_id < id < before_id``, by id."""
-        return [r["id"] for r in self._all("SELECT id FROM outbox WHERE peer = ? AND id > ? AND id < ? ORDER BY id",
-                                           peer, after_id, before_id)]
+        return [r[0] for r in self._x(self.OUTBOX_BETWEEN, peer, after_id, before_id).fetchall()]
 
     def outbox_ids(self, peers: Sequence[str]) -> list[tuple[int, str]]:
         """``(id, peer)`` of every row queued for ``peers``, by id."""

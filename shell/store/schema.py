@@ -265,10 +265,27 @@ def _m4_workers(db: sqlite_utils.Database) -> None:
     )""")
 
 
+def _m5_outbox_by_peer(db: sqlite_utils.Database) -> None:
+    """Version 5: the outbox indexed as it is read, by peer and id.
+
+    Every post queued for a peer reads that peer's rows between two ids in
+    its own write (``Store.outbox_between``, core/handover.py); with the
+    index on ``(peer, next_attempt_at)`` that read scanned all of the
+    peer's queued rows and sorted them, once per post (tens of µs with a
+    busy peer's hundred rows, and more the longer a peer is down). ``(peer,
+    id)`` answers it, and every other read by peer, in id order from the
+    index. ``outbox_due`` (by due time) served no read of the daemon's; one
+    index fewer to update per queued and per delivered row."""
+    db.execute("DROP INDEX outbox_due")
+    db.execute("DROP INDEX outbox_peer")
+    db.execute("CREATE INDEX outbox_peer_id ON outbox (peer, id)")
+
+
 Migration = Callable[[sqlite_utils.Database], None]
 
 #: Applied in order; migration ``i`` (0-based) takes a file to version ``i + 1``.
-MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two, _m4_workers]
+MIGRATIONS: list[Migration] = [_m1_initial, _m2_proposals, _m3_admin_day_two, _m4_workers,
+                               _m5_outbox_by_peer]
 
 #: PostgreSQL advisory lock key held while migrating ("scaiwave" in ASCII, as a bigint).
 MIGRATION_LOCK = 0x73636169776176
