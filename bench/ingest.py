@@ -13,7 +13,7 @@ interleaved so that machine drift hits all sides alike:
     envelope and body, event id hash, key lookup with the event-time rule,
     signature, and the chain link of every event against the room's head
     (``verify_events`` + ``rooms.link``). The backfill puller over pages of
-    100 is measured too (it also decodes pages and signs its requests);
+    500 (PAGE_CAP) is measured too (it also decodes pages and signs its requests);
 (c) signature jobs through ``shell.verify_pool.threaded_verifier`` on a
     ``ThreadPoolExecutor(2)`` against the single-threaded ``verify_batch``,
     and as its baseline, raw ``crypto_sign_open`` of the same signatures on
@@ -46,7 +46,7 @@ from nacl.signing import VerifyKey
 from scaiwave_federation.core import (
     BackfillPuller, Event, Federation, Head, KeyRing, Policy, Refused, StoreEvents, chain_event,
 )
-from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.backfill import PAGE_CAP, build_page
 from scaiwave_federation.core.events import verify_events
 from scaiwave_federation.core.keys import Domain, verify_batch
 from scaiwave_federation.core.rooms import link_run
@@ -152,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if refusal is not None or linked != len(envelopes):
             raise SystemExit(f"core refused a valid event: {refusal}")
 
-    # Backfill: the host serves pages of 100, newest first; the puller checks
+    # Backfill: the host serves pages of PAGE_CAP (500), newest first; the puller checks
     # every hash, signature and link and emits what to store.
     newest_first = list(reversed(events))
     pages: dict[int | None, bytes] = {}
     before: int | None = None
     while True:
-        chunk = [e for e in newest_first if before is None or e.depth < before][:100]
+        chunk = [e for e in newest_first if before is None or e.depth < before][:PAGE_CAP]
         pages[before] = build_page(ROOM, before, [e.envelope for e in chunk], [e.depth for e in chunk])
         if not chunk or chunk[-1].depth == 1:
             break
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{(t_core - t_raw) / n * 1e6:.1f} us/event for decode, hash, keys and chain)")
     # Backfill over the newest `limit` events (the pull cap), against raw on the same count.
     raw_share = t_raw * limit / n
-    print(f"core backfill puller ({limit} events, pages of 100): {t_backfill * 1000:8.1f} ms  "
+    print(f"core backfill puller ({limit} events, pages of {PAGE_CAP}): {t_backfill * 1000:8.1f} ms  "
           f"({t_backfill / limit * 1e6:6.1f} us/event)")
     print(f"ingest ratio vs raw verify: {ratio:.2f} (target >= {INGEST_TARGET}) {verdict(ratio, INGEST_TARGET)}")
     backfill_ratio = raw_share / t_backfill

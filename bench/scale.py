@@ -8,7 +8,7 @@ so that machine drift hits both alike, it measures on each room what the
 daemon asks of its store for:
 
 (a) serving a backfill page (``GET /backfill``): the room's row and members,
-    100 events below a random depth (``events_before``), and the page's CBOR
+    a page of 500 events (``PAGE_CAP``) below a random depth (``page_before``), and the page's CBOR
     (``core.backfill.build_page``);
 (b) ingesting a transaction (``PUT /send``): the replay check
     (``get_txn_response``), the room's row and head, then ``store_txn`` of 20
@@ -44,12 +44,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.backfill import PAGE_BYTES, PAGE_CAP, build_page
 from scaiwave_federation.shell.store.store import Store
 
 TARGET = 2.0
 NOW = 1_764_000_000_000
-PAGE = 100
+PAGE = PAGE_CAP
 TXN_EVENTS = 20
 ENVELOPE = bytes(range(220)) * 1  # one pre-made envelope-sized blob, reused (never decoded here)
 HOST = "big.test"
@@ -98,9 +98,9 @@ def serve_page(store: Store, room: Room, rng: random.Random) -> None:
     store.get_room(room.room_id)
     store.members(room.room_id)
     before = rng.randint(PAGE + 1, room.size)
-    rows = store.events_before(room.room_id, before, PAGE)
-    assert len(rows) == PAGE, len(rows)
-    build_page(room.room_id, before, [r["envelope"] for r in rows], [r["depth"] for r in rows])
+    depths, envelopes = store.page_before(room.room_id, before, PAGE, PAGE_BYTES)
+    assert len(depths) == PAGE, len(depths)
+    build_page(room.room_id, before, envelopes, depths)
 
 
 def ingest(store: Store, room: Room, rng: random.Random) -> None:

@@ -35,7 +35,8 @@ Modules, by what they own:
 """
 
 from .authz import Party, RoomFacts
-from .backfill import MAX_PULL, PAGE_CAP, BackfillDone, BackfillPuller, build_page, decode_page
+from .backfill import (MAX_PULL, PAGE_BYTES, PAGE_CAP, PAGE_ENVELOPE_HEAD, BackfillDone, BackfillPuller, build_page,
+                       decode_page)
 from .codes import DESCRIPTIONS, Code, LocalProtocolError, Refused
 from .descriptor import PROTOCOL_VERSIONS, build_descriptor, parse_descriptor
 from .drive import HostError, Machine, answer, check_driver, check_timer_host, drive
@@ -95,7 +96,8 @@ __all__ = [
     "DEFAULT_SKEW_MS", "parse_authorization",
     "decode_events_body", "encode_events_body", "invitee_of",
     "b64e", "decode", "encode",
-    "MAX_PULL", "PAGE_CAP", "BackfillDone", "BackfillPuller", "build_page", "decode_page",
+    "MAX_PULL", "PAGE_BYTES", "PAGE_CAP", "PAGE_ENVELOPE_HEAD", "BackfillDone", "BackfillPuller", "build_page",
+    "decode_page",
     "DESCRIPTIONS", "Code", "LocalProtocolError", "Refused",
     "PROTOCOL_VERSIONS", "build_descriptor", "parse_descriptor",
     "Failed", "FetchDescriptor", "KeyRotated", "PeerAgreed", "SendRequest", "StoreEvents",

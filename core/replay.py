@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from .authz import Party
-from .backfill import BackfillDone, BackfillPuller, decode_page
+from .backfill import PAGE_CAP, BackfillDone, BackfillPuller, decode_page
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
 from .drive import answer
@@ -400,6 +400,21 @@ class Replayer:
                 return rec
         return None
 
+    def _page_size(self, start: int, end: int, target: str) -> int:
+        """The page size the recorded pull asked for: its first page request's
+        ``limit`` (a recording made when pages were 100 asks 100; a pull that
+        asked for less than a page left to the end asks the same from then
+        on), :data:`~.backfill.PAGE_CAP` if it made none."""
+        for j in range(start + 1, end):
+            rec = self.records[j]
+            if (isinstance(rec, Mapping) and rec.get("kind") == "outbound" and rec.get("method") == "GET"
+                    and isinstance(rec.get("target"), str) and rec["target"].startswith(target + "?")):
+                text = dict(parse_qsl(rec["target"].partition("?")[2])).get("limit", "")
+                if text.isascii() and text.isdigit() and 0 < len(text) < 10:
+                    return min(int(text), PAGE_CAP)
+                break
+        return PAGE_CAP
+
     def _learn(self, server: str, now: int, window: tuple[int, int] | None,
                key_id: str | None = None) -> tuple[Refused | None, int]:
         """A fetch of ``server``'s keys for traffic, answered from the recording:
@@ -594,7 +609,7 @@ class Replayer:
         if refusal is not None or key is None:
             return replace(decision, replay=_refused(refusal or Refused(Code.OWN_KEY_MISSING)))
         puller = BackfillPuller.resume(cursor, server_name=self.node.server_name, key=key, keys=self.node.keys,
-                                       lookup=self.node.lookup)
+                                       lookup=self.node.lookup, page_size=self._page_size(index, end, target))
         effects = puller.start(now)
         replay = Outcome("diverged", detail="the pull ended without an answer")
         while effects:

@@ -22,6 +22,7 @@ from corehelpers import (
     make_node,
     pair,
     run_backfill,
+    run_handshake,
     tamper_envelope,
 )
 from scaiwave_federation.core import (
@@ -43,7 +44,9 @@ from scaiwave_federation.core import (
     chain_event,
     decode_page,
 )
-from scaiwave_federation.core.backfill import backfill_target, parse_query
+from scaiwave_federation.core import backfill as backfill_module
+from scaiwave_federation.core.backfill import MAX_PAGE_BYTES, PAGE_BYTES, backfill_target, page_bytes, parse_query
+from scaiwave_federation.core.events import MAX_EVENT_BYTES
 from scaiwave_federation.core.handshake import refusal_body
 from scaiwave_federation.core.wire import encode
 
@@ -282,8 +285,8 @@ def test_page_helpers():
     assert backfill_target(ROOM, None, 5) == f"/_scaiwave/federation/v1/rooms/{ROOM}/backfill?limit=5"
     assert backfill_target(ROOM, 7, 5).endswith("backfill?before=7&limit=5")
     assert parse_query({"before": "7", "limit": "5"}) == (7, 5)
-    assert parse_query({}) == (None, 100) and parse_query({"limit": "5000"}) == (None, 100)
-    assert parse_query({"before": str((1 << 63) - 1)}) == ((1 << 63) - 1, 100)
+    assert parse_query({}) == (None, PAGE_CAP) and parse_query({"limit": "5000"}) == (None, PAGE_CAP) == (None, 500)
+    assert parse_query({"before": str((1 << 63) - 1)}) == ((1 << 63) - 1, PAGE_CAP)
 
 
 @pytest.mark.parametrize("query", [
@@ -304,7 +307,7 @@ def test_backfill_query_is_digits_in_range_or_refused(query):
     else:
         before, limit = result
         assert before is None or (0 < before < 1 << 63 and str(before) == query["before"].lstrip("0"))
-        assert 0 < limit <= 100
+        assert 0 < limit <= PAGE_CAP
     page = decode_page(build_page(ROOM, 7, [b"x", b"y"], [6, 5]))
     assert (page.room_id, page.before, page.events, page.next) == (ROOM, 7, (b"x", b"y"), 5)
     assert decode_page(build_page(ROOM, 3, [b"x", b"y"], [2, 1])).next is None
@@ -595,3 +598,63 @@ class PaginationMachine(RuleBasedStateMachine):
 
 PaginationMachine.TestCase.settings = settings(stateful_step_count=20)
 TestPagination = PaginationMachine.TestCase
+
+
+# -- pages of 500, cut by bytes, and hosts that serve 100 --------------------------------
+
+
+def test_a_pull_from_a_host_that_serves_100_a_page_fits_its_budget(monkeypatch):
+    """PAGE_CAP went from 100 to 500: a puller asks for 500, but a host of
+    before serves at most 100 a page. Its budget counts pages of
+    BUDGET_PAGE (100), so a pull of 1,000 still completes there (with pages
+    of 500 in the count, four requests plus slack, it stopped at 600 with
+    ``no_progress``)."""
+    link, chain, room_id = hosted_pair(1200)
+    puller = _puller(link, limit=1000)
+    assert puller.page_size == PAGE_CAP == 500 and puller.budget == 12
+    monkeypatch.setattr(backfill_module, "PAGE_CAP", 100)  # the host (and page decoding) as before
+    run = run_backfill(link, puller)
+    assert run.done == BackfillDone(room_id, B, 1000, reached_start=False)
+    assert_chain_run(run.stored, chain, 1000)
+    asked = [x.target for x in link.log if "backfill" in x.target]
+    assert len(asked) == 10 and asked[0].endswith("limit=500")  # served 100 each
+
+
+def test_a_page_of_large_events_is_cut_at_page_bytes():
+    """build_page keeps the newest events that fit in PAGE_BYTES (each counted
+    as page_bytes says); the page decodes within MAX_PAGE_BYTES and its
+    ``next`` follows the last event it holds."""
+    big = [bytes([n % 251]) * MAX_EVENT_BYTES for n in range(130)]
+    depths = list(range(130, 0, -1))
+    body = build_page(ROOM, None, big, depths)
+    page = decode_page(body)
+    fit = PAGE_BYTES // page_bytes(big[0])
+    assert len(body) <= MAX_PAGE_BYTES and 100 <= fit < 130
+    assert page.events == tuple(big[:fit]) and page.next == depths[fit - 1]
+    # Small events: the count caps the page, not the bytes.
+    small = [b"x" * 600] * PAGE_CAP
+    assert len(decode_page(build_page(ROOM, 7, small, list(range(PAGE_CAP, 0, -1)))).events) == PAGE_CAP
+    # One event always fits, and an empty page stays empty.
+    assert decode_page(build_page(ROOM, None, [], [])).events == ()
+
+
+def test_a_pull_of_a_room_of_large_events_takes_the_pages_as_cut():
+    """A room of 130 events of about 64 KiB: the host's first page holds what
+    fits in PAGE_BYTES (fewer than asked), the next the rest; the pull stores
+    all 130, linked, within its budget."""
+    a, b = pair()
+    link = FakeLink(a, b)
+    assert run_handshake(link, A, B)[0].state == "peered"
+    key, sender, head, chain = b.keyring.current, f"@alice:{B}", None, []
+    for i in range(1, 131):
+        etype, content = ("m.create", {"creator": sender}) if i == 1 else ("m.message", {"body": "x" * 65_000})
+        event = chain_event(key, head=head, room_id=ROOM, room_type="group", sender=sender, type=etype,
+                            ts=NOW + i, content=content)
+        chain.append(event)
+        head = Head(event.depth, event.event_id)
+    link.server(B).rooms[ROOM] = HostedRoom("group", chain, member_servers={A})
+    run = run_backfill(link, _puller(link, limit=200))
+    assert run.done == BackfillDone(ROOM, B, 130, reached_start=True)
+    assert_chain_run(run.stored, chain, 130)
+    sizes = [len(x.reply) for x in link.log if "backfill" in x.target]
+    assert len(sizes) == 2 and all(s <= MAX_PAGE_BYTES for s in sizes)

@@ -327,7 +327,14 @@ def test_backfill_variants():
     # 3: no answer recorded.
     three = s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor)
     s.add("backfill_end", room_id=GROUP, peer=B, stored=0, reached_start=False, error=None)
+    # 4: recorded since pages hold 500 (1-3 asked for 100, as recordings made before did):
+    # the replay asks what the recording did.
+    four = s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor)
+    s.add("outbound", peer=B, method="GET", target=backfill_target(GROUP, None, 500), body=b"", status=200,
+          response=page)
+    s.add("backfill_end", room_id=GROUP, peer=B, stored=4, reached_start=True, error=None)
     d = _by_index(replay_records(A, s.records))
+    assert d[four].replay.short() == "done 4 stored" and d[four].same
     assert d[one].replay.short() == "done 4 stored" and d[one].same
     assert d[two].replay.code == "peer_unreachable" and d[two].same
     assert d[three].replay.verdict == "diverged" and not d[three].same

@@ -330,7 +330,8 @@ def test_replay_of_the_walkthrough_matches_the_live_decisions(w):
         assert recording.server_name == server.server_name
         result = replay(recording)
         decisions = result.decisions
-        assert len([d for d in decisions if d.comparable]) > 20
+        # (Fewer since pages hold up to 500 events: the guide's pulls make fewer page requests.)
+        assert len([d for d in decisions if d.comparable]) > 15, (len(decisions), len(recording), result.notes[:5])
         assert result.differing == [], [(d.index, d.target, d.replay, d.live) for d in result.differing]
         # The walkthrough's refusals are among them, with their codes.
         codes = {d.replay.code for d in decisions if d.replay.code}

@@ -21,6 +21,7 @@ import pytest
 
 from scaiwave_federation.shell.store import schema
 from scaiwave_federation.shell.store.dialect import INTEGRITY_ERRORS
+from scaiwave_federation.core.backfill import page_bytes
 from scaiwave_federation.shell.store.store import (
     DB_FILENAME,
     DEFAULT_POLICY,
@@ -325,6 +326,23 @@ def test_invites(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ events
+
+
+def test_a_backfill_page_is_read_up_to_its_byte_budget(store: Store) -> None:
+    """``page_before`` reads a page as build_page will hold it: at most
+    ``limit`` events below ``before``, newest first, and no more than fit in
+    ``max_bytes`` as the core counts them; the database stops there."""
+    events = [{**ev(d), "envelope": bytes([d]) * (1000 + d)} for d in range(1, 11)]
+    store.store_events(ROOM, events)
+    store.store_events("!other:host.test", [ev(d, room="!other:host.test") for d in range(3)])
+    assert store.page_before(ROOM, None, 3, 10**9) == ([10, 9, 8], [e["envelope"] for e in events[::-1][:3]])
+    assert store.page_before(ROOM, 4, 10, 10**9)[0] == [3, 2, 1]
+    assert store.page_before(ROOM, 1, 10, 10**9) == ([], [])
+    budget = sum(page_bytes(e["envelope"]) for e in events[-3:])  # depths 10, 9, 8 exactly
+    for cut, depths in [(budget, [10, 9, 8]), (budget - 1, [10, 9]), (budget + page_bytes(events[6]["envelope"]),
+                                                                        [10, 9, 8, 7])]:
+        got, envelopes = store.page_before(ROOM, None, 500, cut)
+        assert got == depths and envelopes == [events[d - 1]["envelope"] for d in depths]
 
 
 def test_event_queries(store: Store) -> None:

@@ -51,23 +51,27 @@ def _send_all(servers: list[Server], token: str, room_id: str, sender: str, fail
     killed under a request costs a retry, never a message."""
     for n in range(PER_SENDER):
         server = servers[n % len(servers)]
-        for _attempt in range(50):
+        last: object = None
+        for attempt in range(50):
+            if attempt:
+                time.sleep(min(0.02 * attempt, 0.5))  # back off, as a client should (a loaded machine)
             try:
                 status, answer = server.request("PUT", f"/v1/rooms/{room_id}/send/{sender}-{n}",
                                                 {"body": f"{sender} {n}"}, token=token)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                last = exc
                 server._http = None  # a fresh connection: the pass-through picks a live worker
                 continue
+            last = (status, answer)
             if status == 200:
                 break
             if status == 429:  # rate_limited: retry later, as a client should
-                time.sleep(0.2)
                 continue
             if status not in (409, 500, 502, 503, 504):
                 failures.append(f"{sender} {n}: {status} {answer}")
                 return
         else:
-            failures.append(f"{sender} {n}: no answer")
+            failures.append(f"{sender} {n}: no answer in 50 tries, the last: {last!r:.300}")
             return
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from scaiwave_federation.core import Authenticated, Code, Event, NeedKeys, Refused, RoomFacts, answer
 from scaiwave_federation.core import build_page
+from scaiwave_federation.core import PAGE_BYTES
 from scaiwave_federation.core import snapshot_context
 from scaiwave_federation.core import invitee_of
 from scaiwave_federation.core import INVITE_ACCEPTED
@@ -207,6 +208,6 @@ async def _backfill(ctx: Ctx, auth: Authenticated, room_id: str, request: Reques
     if isinstance(decision, Refused):
         return cbor_error(decision)
     before, limit = decision
-    rows = await ctx.store.events_before(room_id, before, limit)
-    page = build_page(room_id, before, [r["envelope"] for r in rows], [r["depth"] for r in rows])
+    depths, envelopes = await ctx.store.page_before(room_id, before, limit, PAGE_BYTES)
+    page = build_page(room_id, before, envelopes, depths)
     return Response.cbor(200, page)

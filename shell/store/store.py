@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scaiwave_federation.core import PAGE_ENVELOPE_HEAD
+
 from .dialect import INTEGRITY_ERRORS, is_postgres_url
 from .schema import SCHEMA_VERSION, StorageError
 from .admin_rows import AdminRows
@@ -519,6 +521,21 @@ class Store(AdminRows, OutboxRows, LeaseRows, TxnRows, abc.ABC):
             return self._all(sql, room_id, limit)
         sql = "SELECT * FROM events WHERE room_id = ? AND depth < ? ORDER BY depth DESC LIMIT ?"
         return self._all(sql, room_id, before_depth, limit)
+
+    def page_before(self, room_id: str, before_depth: int | None, limit: int,
+                    max_bytes: int) -> tuple[list[int], list[bytes]]:
+        """A backfill page's events: ``(depths, envelopes)`` of up to ``limit``
+        events strictly below ``before_depth`` (None: from the head), highest
+        depth first, as many as fit in ``max_bytes`` as the core counts them
+        (:func:`~scaiwave_federation.core.backfill.page_bytes`; ``max_bytes``
+        holds one event of the largest size at least). The database stops
+        there: a page of large events is not read whole and then cut."""
+        below, args = ("", [room_id]) if before_depth is None else (" AND depth < ?", [room_id, before_depth])
+        sql = (f"SELECT depth, envelope FROM (SELECT depth, envelope, SUM(length(envelope) + {PAGE_ENVELOPE_HEAD})"
+               f" OVER (ORDER BY depth DESC) AS upto FROM events WHERE room_id = ?{below}"
+               f" ORDER BY depth DESC LIMIT ?) AS page WHERE upto <= ? ORDER BY depth DESC")
+        rows = self._x(sql, *args, limit, max_bytes).fetchall()
+        return [r[0] for r in rows], [bytes(r[1]) for r in rows]
 
     def events_after(self, room_id: str, after_depth: int | None, limit: int) -> list[Row]:
         """Return up to ``limit`` events strictly above ``after_depth`` (None:
