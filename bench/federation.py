@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delivered {d['delivered_rate']:.0f} msg/s (posted {d['post_rate']:.0f}/s) vs local posts "
               f"{d['local_rate']:.0f} msg/s: {keep_up:.2f} (target >= {KEEP_UP_TARGET}) "
               f"{verdict(keep_up >= KEEP_UP_TARGET)}")
+        print(f"  of which: the same clients posted into the DM at {d['post_rate'] / d['local_rate']:.2f} of the local "
+              f"rate (what queueing a post for a peer costs the sender), and peer.test had stored the last message "
+              f"at {d['delivered_rate'] / d['post_rate']:.2f} of the DM's post rate (delivery behind posting)")
         failed = not ok_cpu or keep_up < KEEP_UP_TARGET
 
         h = measure_http(a, args.rounds, args.requests)

@@ -658,3 +658,23 @@ def test_a_pull_of_a_room_of_large_events_takes_the_pages_as_cut():
     assert_chain_run(run.stored, chain, 130)
     sizes = [len(x.reply) for x in link.log if "backfill" in x.target]
     assert len(sizes) == 2 and all(s <= MAX_PAGE_BYTES for s in sizes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 200, 4_000, 60_000, MAX_EVENT_BYTES]), max_size=PAGE_CAP + 20),
+       before=st.one_of(st.none(), st.integers(1, 10**6)))
+def test_a_built_page_is_the_longest_prefix_that_fits(sizes, before):
+    """Whatever storage hands it, build_page keeps the newest envelopes that
+    fit in PAGE_BYTES (at least one), decodes within MAX_PAGE_BYTES, and
+    names the last one's depth as ``next`` (None at depth 1 or for no events)."""
+    envelopes = [bytes([n % 256]) * size for n, size in enumerate(sizes)]
+    depths = list(range(len(sizes) + 5, 5, -1))
+    body = build_page(ROOM, before, envelopes, depths)
+    page = decode_page(body)
+    assert not isinstance(page, Refused) and len(body) <= MAX_PAGE_BYTES
+    kept = len(page.events)
+    assert page.events == tuple(envelopes[:kept]) and (kept > 0) == (len(envelopes) > 0)
+    assert sum(map(page_bytes, envelopes[:kept])) <= PAGE_BYTES or kept == 1
+    if kept < len(envelopes):
+        assert sum(map(page_bytes, envelopes[:kept + 1])) > PAGE_BYTES
+    assert page.next == (depths[kept - 1] if kept else None) and page.before == before
