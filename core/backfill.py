@@ -117,6 +117,8 @@ def page_bytes(envelope: bytes) -> int:
     """What one envelope adds to a page, as :func:`build_page` counts it
     against :data:`PAGE_BYTES`."""
     return len(envelope) + PAGE_ENVELOPE_HEAD
+
+
 _MAX_CURSOR = (1 << 63) - 1  # depths are below 2**63 (events.py)
 
 
@@ -154,7 +156,7 @@ def build_page(room_id: str, before: int | None, envelopes: list[bytes], depths:
     last one in the page."""
     total, fit = 0, 0
     for envelope in envelopes:
-        total += len(envelope) + PAGE_ENVELOPE_HEAD
+        total += page_bytes(envelope)
         if total > PAGE_BYTES and fit:
             break
         fit += 1

@@ -410,7 +410,7 @@ class Replayer:
             if (isinstance(rec, Mapping) and rec.get("kind") == "outbound" and rec.get("method") == "GET"
                     and isinstance(rec.get("target"), str) and rec["target"].startswith(target + "?")):
                 text = dict(parse_qsl(rec["target"].partition("?")[2])).get("limit", "")
-                if text.isascii() and text.isdigit() and 0 < len(text) < 10:
+                if text.isascii() and text.isdigit() and 0 < len(text) < 10 and int(text) > 0:
                     return min(int(text), PAGE_CAP)
                 break
         return PAGE_CAP

@@ -333,8 +333,17 @@ def test_backfill_variants():
     s.add("outbound", peer=B, method="GET", target=backfill_target(GROUP, None, 500), body=b"", status=200,
           response=page)
     s.add("backfill_end", room_id=GROUP, peer=B, stored=4, reached_start=True, error=None)
+    # 5: a recording whose page request names no usable size (limit=0, junk):
+    # the replay asks pages of PAGE_CAP, finds no such answer, and says so.
+    fives = []
+    for junk in ("0", "-3", "x", "99999999999", ""):
+        fives.append(s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor))
+        s.add("outbound", peer=B, method="GET", target=f"{backfill_target(GROUP, None, 1)[:-1]}{junk}", body=b"",
+              status=200, response=page)
+        s.add("backfill_end", room_id=GROUP, peer=B, stored=4, reached_start=True, error=None)
     d = _by_index(replay_records(A, s.records))
     assert d[four].replay.short() == "done 4 stored" and d[four].same
+    assert all(d[five].replay.verdict == "diverged" and not d[five].same for five in fives)
     assert d[one].replay.short() == "done 4 stored" and d[one].same
     assert d[two].replay.code == "peer_unreachable" and d[two].same
     assert d[three].replay.verdict == "diverged" and not d[three].same
