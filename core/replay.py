@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from .authz import Party
-from .backfill import PAGE_CAP, BackfillDone, BackfillPuller, decode_page
+from .backfill import PAGE_CAP, BackfillDone, BackfillPuller, decode_page, parse_query
 from .codes import Code, LocalProtocolError, Refused
 from .descriptor import parse_descriptor
 from .drive import answer
@@ -402,17 +402,16 @@ class Replayer:
 
     def _page_size(self, start: int, end: int, target: str) -> int:
         """The page size the recorded pull asked for: its first page request's
-        ``limit`` (a recording made when pages were 100 asks 100; a pull that
-        asked for less than a page left to the end asks the same from then
-        on), :data:`~.backfill.PAGE_CAP` if it made none."""
+        ``limit`` as a host reads it (:func:`~.backfill.parse_query`; a
+        recording made when pages were 100 asks 100, and a pull that asked
+        for less than a page left to the end asks the same from then on),
+        :data:`~.backfill.PAGE_CAP` if it made none or named no usable size."""
         for j in range(start + 1, end):
             rec = self.records[j]
             if (isinstance(rec, Mapping) and rec.get("kind") == "outbound" and rec.get("method") == "GET"
                     and isinstance(rec.get("target"), str) and rec["target"].startswith(target + "?")):
-                text = dict(parse_qsl(rec["target"].partition("?")[2])).get("limit", "")
-                if text.isascii() and text.isdigit() and 0 < len(text) < 10 and int(text) > 0:
-                    return min(int(text), PAGE_CAP)
-                break
+                asked = parse_query(dict(parse_qsl(rec["target"].partition("?")[2])))
+                return PAGE_CAP if isinstance(asked, Refused) else asked[1]
         return PAGE_CAP
 
     def _learn(self, server: str, now: int, window: tuple[int, int] | None,

@@ -346,13 +346,13 @@ def test_a_backfill_page_is_read_up_to_its_byte_budget(store: Store) -> None:
 
 
 def test_event_queries(store: Store) -> None:
-    assert store.head(ROOM) is None and store.events_before(ROOM, None, 10) == []
+    assert store.head(ROOM) is None and store.page_before(ROOM, None, 10, 10**9) == ([], [])
     assert store.store_events(ROOM, [ev(d) for d in range(10)]) == 10
     store.store_events("!other:host.test", [ev(d, room="!other:host.test") for d in range(3)])
     assert store.head(ROOM) == {"room_id": ROOM, **ev(9)}
-    assert [e["depth"] for e in store.events_before(ROOM, None, 3)] == [9, 8, 7]
-    assert [e["depth"] for e in store.events_before(ROOM, 7, 3)] == [6, 5, 4]
-    assert [e["depth"] for e in store.events_before(ROOM, 2, 10)] == [1, 0]
+    assert store.page_before(ROOM, None, 3, 10**9)[0] == [9, 8, 7]
+    assert store.page_before(ROOM, 7, 3, 10**9)[0] == [6, 5, 4]
+    assert store.page_before(ROOM, 2, 10, 10**9)[0] == [1, 0]
     assert [e["depth"] for e in store.events_after(ROOM, None, 3)] == [0, 1, 2]
     assert [e["depth"] for e in store.events_after(ROOM, 7, 10)] == [8, 9]
     assert store.event_count(ROOM) == 10 and store.depths(ROOM) == list(range(10))

@@ -373,7 +373,6 @@ class AsyncStore:
     event_at = _offload(Store.event_at)
     proposal_chained = _offload(Store.proposal_chained)
     head = _offload(Store.head)
-    events_before = _offload(Store.events_before)
     page_before = _offload(Store.page_before)
     events_after = _offload(Store.events_after)
     event_count = _offload(Store.event_count)

@@ -513,15 +513,6 @@ class Store(AdminRows, OutboxRows, LeaseRows, TxnRows, abc.ABC):
         sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth DESC LIMIT 1"
         return self._one(sql, room_id)
 
-    def events_before(self, room_id: str, before_depth: int | None, limit: int) -> list[Row]:
-        """Return up to ``limit`` events strictly below ``before_depth`` (None:
-        from the head), highest depth first."""
-        if before_depth is None:
-            sql = "SELECT * FROM events WHERE room_id = ? ORDER BY depth DESC LIMIT ?"
-            return self._all(sql, room_id, limit)
-        sql = "SELECT * FROM events WHERE room_id = ? AND depth < ? ORDER BY depth DESC LIMIT ?"
-        return self._all(sql, room_id, before_depth, limit)
-
     def page_before(self, room_id: str, before_depth: int | None, limit: int,
                     max_bytes: int) -> tuple[list[int], list[bytes]]:
         """A backfill page's events: ``(depths, envelopes)`` of up to ``limit``
