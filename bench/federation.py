@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="scaiwave-bench-"))
     tb = Testbed(root)
-    # Default settings: access lines are written, durability is synchronous=FULL.
+    # Default settings: access lines are written (held 100 ms, then written together), durability is
+    # synchronous=FULL.
     a = tb.add("your-host.test")
     b = tb.add("peer.test")
     if args.profile:

@@ -77,6 +77,8 @@ class Config:
     outbound_allow: tuple[Network, ...] = ()
     log_format: str = "text"
     log_level: int = 20  # logging.INFO
+    #: How long access lines are held and written together (0: each at once).
+    access_log_flush_ms: int = 100
     # Limits against hostile or broken peers (core.limits, shell.client; issue 16).
     federation_rate: int = 50
     federation_burst: int = 100
@@ -315,6 +317,14 @@ def _parse_interval(value: object, setting: str) -> int:
     return ms
 
 
+def _parse_flush(value: object, setting: str) -> int:
+    ms = parse_duration_ms(value, setting)
+    if ms > 10_000:
+        # Held lines are what a kill -9 loses: at most ten seconds of them.
+        raise ConfigError(f"{setting}: must be at most 10s, got {value!r}", setting)
+    return ms
+
+
 def _parse_lease(value: object, setting: str) -> int:
     ms = _parse_interval(value, setting)
     if ms < 100:
@@ -390,6 +400,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "outbox_poll": (_plain(_parse_interval), 100),
     "log_format": (_plain(lambda v, s: parse_format(v, s)), "text"),
     "log_level": (_plain(lambda v, s: parse_level(v, s)), 20),
+    "access_log_flush": (_plain(_parse_flush), 100),
 }
 
 
@@ -459,6 +470,7 @@ def load_config(env: Mapping[str, str], toml_path: Path | None = None) -> Config
         outbound_deadline_ms=values.pop("outbound_deadline"),
         lease_ms=values.pop("lease"),
         outbox_poll_ms=values.pop("outbox_poll"),
+        access_log_flush_ms=values.pop("access_log_flush"),
         **values,
     )
 

@@ -167,29 +167,123 @@ def test_access_lines_written_directly_read_as_logging_writes_them() -> None:
     from scaiwave_federation.shell.observe.requests import _AccessRecord, access_log, emit_access
 
     saved = logging.root.handlers[:], logging.root.level
-    record = _AccessRecord("GET", "/v1/rooms", 401, "unauthorized", None, "10.0.0.1:5", 1.25)
+    values = ("GET", "/v1/rooms", 401, "unauthorized", None, "10.0.0.1:5", 1.25)
     try:
         logging.root.setLevel(logging.INFO)
-        for formatter in (_TextFormatter(TEXT_FORMAT), JsonFormatter()):
-            direct, through = io.StringIO(), io.StringIO()
-            handler = LineHandler(direct)
-            handler.setFormatter(formatter)
-            logging.root.handlers = [handler]
-            emit_access(record)
-            handler.setStream(through)
-            access_log.handle(record)
-            assert direct.getvalue() == through.getvalue() and direct.getvalue().count("\n") == 1
-            assert "GET /v1/rooms 401 unauthorized peer=- remote=10.0.0.1:5 1.2 ms" in direct.getvalue()
+        # Times across a second's turn and a millisecond's edges: the text
+        # formatter's line (no record) must read as the record's.
+        for now in (1_700_000_000.0, 1_700_000_000.9995, 1_700_000_001.001, 1_700_000_001.5):
+            for formatter in (_TextFormatter(TEXT_FORMAT), JsonFormatter()):
+                direct, through = io.StringIO(), io.StringIO()
+                handler = LineHandler(direct)
+                handler.setFormatter(formatter)
+                logging.root.handlers = [handler]
+                emit_access(*values, now=now)
+                handler.setStream(through)
+                access_log.handle(_AccessRecord(*values, now))
+                assert direct.getvalue() == through.getvalue() and direct.getvalue().count("\n") == 1
+                assert "GET /v1/rooms 401 unauthorized peer=- remote=10.0.0.1:5 1.2 ms" in direct.getvalue()
         # A second handler: both get the line. A filter on the way: it decides.
         mine, theirs = io.StringIO(), io.StringIO()
         handler.setStream(mine)
         logging.root.handlers = [handler, logging.StreamHandler(theirs)]
-        emit_access(record)
+        emit_access(*values)
         assert mine.getvalue() and theirs.getvalue()
         logging.root.handlers = [handler]
         handler.addFilter(lambda r: False)
-        emit_access(record)
+        emit_access(*values)
         assert mine.getvalue().count("\n") == 1
     finally:
         logging.root.handlers = saved[0]
         logging.root.setLevel(saved[1])
+
+
+def test_access_log_flush_setting(tmp_path: Path) -> None:
+    base = {"SCAIWAVE_SERVER_NAME": "x.test", "SCAIWAVE_TLS_CERT": __file__, "SCAIWAVE_TLS_KEY": __file__,
+            "SCAIWAVE_ADMIN_TOKEN": "t" * 20}
+    assert load_config(base).access_log_flush_ms == 100
+    assert load_config({**base, "SCAIWAVE_ACCESS_LOG_FLUSH": "0"}).access_log_flush_ms == 0
+    assert load_config({**base, "SCAIWAVE_ACCESS_LOG_FLUSH": "2s"}).access_log_flush_ms == 2000
+    toml = tmp_path / "scaiwave.toml"
+    toml.write_text("access_log_flush = 250\n")
+    assert load_config(base, toml).access_log_flush_ms == 250
+    for bad, why in (("11s", "must be at most 10s"), ("-5", "must not be negative"), ("soon", "expected a duration")):
+        with pytest.raises(ConfigError, match=f"^SCAIWAVE_ACCESS_LOG_FLUSH: {why}"):
+            load_config({**base, "SCAIWAVE_ACCESS_LOG_FLUSH": bad})
+
+
+def test_held_access_lines_keep_their_order_and_a_bound() -> None:
+    """While held, access lines wait for write_held (or a cap, or any other
+    record, which comes after them), then go out in one write, in order."""
+    import io
+
+    from scaiwave_federation.shell.observe.logs import HELD_LINES_MAX, TEXT_FORMAT, LineHandler, _TextFormatter
+    from scaiwave_federation.shell.observe.requests import emit_access
+
+    class Writes(io.StringIO):
+        count = 0
+
+        def write(self, text: str) -> int:
+            self.count += 1
+            return super().write(text)
+
+    saved = logging.root.handlers[:], logging.root.level
+    stream = Writes()
+    handler = LineHandler(stream)
+    handler.setFormatter(_TextFormatter(TEXT_FORMAT))
+    try:
+        logging.root.handlers = [handler]
+        logging.root.setLevel(logging.INFO)
+        handler.hold(True)
+        for n in range(3):
+            emit_access("GET", f"/r{n}", 200, "ok", None, "-", 1.0)
+        assert stream.getvalue() == ""
+        logging.getLogger("scaiwave.service").warning("after the three")
+        lines = stream.getvalue().splitlines()
+        assert [line.split(": ", 1)[1].split()[1] for line in lines[:3]] == ["/r0", "/r1", "/r2"]
+        assert lines[3].endswith("scaiwave.service: after the three") and len(lines) == 4
+        emit_access("GET", "/r3", 200, "ok", None, "-", 1.0)
+        handler.write_held()
+        assert stream.getvalue().splitlines()[-1].split()[5] == "/r3"
+        # Never more than HELD_LINES_MAX wait: the last one writes them all, in one write.
+        before, writes = len(stream.getvalue().splitlines()), stream.count
+        for _ in range(HELD_LINES_MAX - 1):
+            emit_access("GET", "/cap", 200, "ok", None, "-", 1.0)
+        assert len(stream.getvalue().splitlines()) == before
+        emit_access("GET", "/cap", 200, "ok", None, "-", 1.0)
+        assert len(stream.getvalue().splitlines()) == before + HELD_LINES_MAX and stream.count == writes + 1
+        # flush() (logging's exit hook calls it) and hold(False) write what waits;
+        # not holding, a line goes at once.
+        emit_access("GET", "/flushed", 200, "ok", None, "-", 1.0)
+        handler.flush()
+        assert "/flushed" in stream.getvalue().splitlines()[-1]
+        handler.hold(True)
+        emit_access("GET", "/unheld", 200, "ok", None, "-", 1.0)
+        handler.hold(False)
+        assert "/unheld" in stream.getvalue().splitlines()[-1]
+        emit_access("GET", "/at-once", 200, "ok", None, "-", 1.0)
+        assert "/at-once" in stream.getvalue().splitlines()[-1]
+    finally:
+        handler.hold(False)
+        logging.root.handlers = saved[0]
+        logging.root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("flush", ["10s", "0"])
+def test_a_daemon_holds_access_lines_and_writes_them_when_it_stops(tmp_path: Path, flush: str) -> None:
+    """A real daemon: with ACCESS_LOG_FLUSH=10s a request's access line is not
+    in the log at once, and is there after a clean stop (SIGTERM); with 0 it
+    is written before the answer is sent."""
+    bed = Testbed(tmp_path)
+    server = bed.add("your-host.test")
+    server.env["SCAIWAVE_ACCESS_LOG_FLUSH"] = flush
+    try:
+        server.start()
+        for _ in range(3):
+            assert server.request("GET", "/healthz") == (200, {"alive": True})
+        logged = [x for x in _lines_text(server.log_path) if "GET /healthz 200 ok" in x]
+        # start() polls /healthz until the daemon answers: at least our three.
+        assert (len(logged) >= 3) if flush == "0" else not logged
+    finally:
+        bed.stop()
+    assert len([x for x in _lines_text(server.log_path) if "GET /healthz 200 ok" in x]) >= 3

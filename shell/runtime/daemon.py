@@ -19,6 +19,7 @@ from scaiwave_federation.core import Code, Refused
 from ..http.errors import INTERNAL, cbor_error, json_error
 from ..http.server import FEDERATION_PREFIX, Request, Response, serve_http
 from ..observe.requests import observed, outcome_code, route_template
+from ..observe.logs import write_held_lines
 from .ops import Ops
 from ..http.routes import all_routes
 from .service import Service
@@ -81,6 +82,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             nursery.start_soon(service.catch_up_worker)
             nursery.start_soon(service.keep_running, service.timer_loop)
             nursery.start_soon(_signals, nursery.cancel_scope)
+            nursery.start_soon(write_held_lines, config.access_log_flush_ms)
             if service.node.keyring.current is None:
                 log.warning("no federation key yet: run `scaiwave admin federation key generate`")
             log.info("scaiwave serving %s on %s:%s", config.server_name, config.listen_host, port)
