@@ -67,6 +67,9 @@ __all__ = [
     "page_bytes",
     "PAGE_ENVELOPE_HEAD",
     "BUDGET_SLACK",
+    "PAGE_RETRIES",
+    "PAGE_RETRY_MS",
+    "PAGE_RETRY_CODES",
     "request_budget",
     "backfill_target",
     "parse_query",
@@ -99,6 +102,18 @@ BUDGET_PAGE = 100
 #: Requests a pull may make beyond the pages its limit needs: the last page (which
 #: may find nothing older) and one more, so an honest host is never cut short.
 BUDGET_SLACK = 2
+#: A page the host refused with one of these codes (it said "not now": it is
+#: limiting our rate, its disk is failing, it ran out of time) is asked again
+#: after PAGE_RETRY_MS, then twice as long each time, at most PAGE_RETRIES
+#: times in a row; then the pull ends with that refusal, resumable from its
+#: cursor. A retry is not counted against the budget (the same page, asked
+#: again), and a page that arrives resets the count. (A pull used to end at
+#: the first ``rate_limited``: an admin pulling from a host busy with our
+#: traffic got a failed job.) Any other refusal, and a transport failure
+#: (the host is not there), ends the pull at once, as before.
+PAGE_RETRIES = 4
+PAGE_RETRY_MS = 1000
+PAGE_RETRY_CODES = frozenset({Code.RATE_LIMITED, Code.STORAGE_UNAVAILABLE, Code.TIMEOUT})
 
 
 def request_budget(events: int, page_size: int) -> int:
@@ -244,7 +259,8 @@ class BackfillPuller:
         self._pending: list[Page] = []
         self._fresh = 0  # events the page being processed added to the buffer
         self.done: BackfillDone | None = None
-        self.requests = 0  # page requests made so far
+        self.requests = 0  # page requests made so far (retries of the same page not counted)
+        self.retries = 0  # the current page asked again in a row (see PAGE_RETRIES)
         self._prefetched: SendRequest | None = None  # asked for ahead (see prefetch)
         self._decoded: tuple[bytes, Page | Refused] | None = None  # the page prefetch decoded
         self.budget = request_budget(limit, page_size)
@@ -323,12 +339,13 @@ class BackfillPuller:
     def _request(self, now: int) -> SendRequest:
         return self._request_for(self._current_before(), self.limit - self._p.stored, now)
 
-    def _request_for(self, before: int | None, remaining: int, now: int) -> SendRequest:
-        self.requests += 1
+    def _request_for(self, before: int | None, remaining: int, now: int, *, retry: bool = False) -> SendRequest:
+        if not retry:
+            self.requests += 1
         target = backfill_target(self.room_id, before, min(self.page_size, remaining))
         auth = sign_request(self.key, origin=self.server_name, destination=self.peer, method="GET",
                             target=target, body=b"", now=now)
-        return SendRequest(self.peer, "GET", target, b"", auth)
+        return SendRequest(self.peer, "GET", target, b"", auth, now if retry else 0)
 
     def prefetch(self, status: int, body: bytes, now: int) -> SendRequest | None:
         """Ask for the next page while this one is verified: call with a page
@@ -363,7 +380,17 @@ class BackfillPuller:
         if status != 200:
             from .handshake import decode_refusal
 
-            return self._finish(decode_refusal(status, body))
+            self._decoded = None
+            refusal = decode_refusal(status, body)
+            if refusal.code in PAGE_RETRY_CODES and self.retries < PAGE_RETRIES:
+                # The page we need now (an answer to a page asked ahead is for it too),
+                # signed for the time it may go.
+                self._prefetched = None
+                at = now + PAGE_RETRY_MS * 2 ** self.retries
+                self.retries += 1
+                return [self._request_for(self._current_before(), self.limit - self._p.stored, at, retry=True)]
+            return self._finish(refusal)
+        self.retries = 0
         decoded, self._decoded = self._decoded, None
         page = decoded[1] if decoded is not None and decoded[0] is body else decode_page(body)
         if isinstance(page, Refused):

@@ -12,8 +12,8 @@ effect                 the host does                             and answers wit
 =====================  ========================================  ==========================
 ``FetchDescriptor``    GET the server's descriptor (verified     the body ``bytes``, or the
                        TLS)                                      failure as a ``Refused``
-``SendRequest``        send the signed request                   ``(status, body)``, or the
-                                                                 failure as a ``Refused``
+``SendRequest``        send the signed request (not before its   ``(status, body)``, or the
+                       ``not_before``, when it has one)          failure as a ``Refused``
 ``NeedKeys``           fetch that server's descriptor into the   ``None``, or the fetch's
                        key cache (``Federation.learn_descriptor``)  failure as a ``Refused``
 =====================  ========================================  ==========================

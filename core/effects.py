@@ -29,13 +29,18 @@ class FetchDescriptor:
 
 @dataclass(frozen=True, slots=True)
 class SendRequest:
-    """Send a signed federation request; answer with ``(status, body)``."""
+    """Send a signed federation request; answer with ``(status, body)``.
+    ``not_before``: not before this time (ms, the clock the machine is
+    given; its signature carries that time); 0: at once. Only a backfill
+    page asked again after the host said "not now" has one (see
+    ``core.backfill.PAGE_RETRIES``)."""
 
     destination: str
     method: str
     target: str
     body: bytes
     authorization: str
+    not_before: int = 0
 
 
 @dataclass(frozen=True, slots=True)

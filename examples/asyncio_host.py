@@ -147,6 +147,8 @@ class AsyncioHost:
     async def send(self, effect: SendRequest) -> tuple[int, bytes] | Refused:
         """Carry out :class:`SendRequest`: ``(status, body)``, or the transport failure."""
         headers = {"Authorization": effect.authorization, "Content-Type": "application/cbor"}
+        if effect.not_before:  # a page asked again after the host said "not now"
+            await asyncio.sleep(max(0, effect.not_before - now_ms()) / 1000)
         try:
             return await self.http(effect.destination, effect.method, effect.target, headers, effect.body)
         except ssl.SSLError as exc:

@@ -104,6 +104,8 @@ class BlockingHost:
                 status, body = self.http(effect.server, "GET", "/.well-known/scaiwave")
                 return body if status == 200 else Refused(Code.NO_DESCRIPTOR, f"HTTP {status}")
             if isinstance(effect, SendRequest):
+                if effect.not_before:  # a page asked again after the host said "not now"
+                    time.sleep(max(0, effect.not_before - now_ms()) / 1000)
                 return self.http(effect.destination, effect.method, effect.target,
                                  {"Authorization": effect.authorization, "Content-Type": "application/cbor"},
                                  effect.body)

@@ -297,3 +297,15 @@ async def messages(remote: Remote, room_id: str, token: str) -> list[str]:
     status, body = await remote.request("GET", f"/v1/rooms/{room_id}/messages", token=token)
     assert status == 200, body
     return [m["body"] for m in body["messages"]]
+
+
+@asynccontextmanager
+async def in_rogue_room(tmp_path: Path, ca: tuple[trustme.CA, Path], history: int):
+    """A real daemon, peer.test, whose bob joined a room rogue.test hosts with
+    ``history`` messages: yields ``(rogue, daemon, room_id)``."""
+    async with trio.open_nursery() as nursery:
+        rogue = await RogueHost(ca[0], "rogue.test").start(nursery)
+        async with daemon(tmp_path, ca, "peer.test", rogue) as remote:
+            token = await set_up(remote, rogue.server_name)
+            yield rogue, remote, await join_rogue_room(remote, rogue, token, history=history)
+        nursery.cancel_scope.cancel()

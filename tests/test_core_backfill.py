@@ -537,7 +537,8 @@ class PaginationMachine(RuleBasedStateMachine):
             elif isinstance(effect, SendRequest):
                 self.request = effect
             elif isinstance(effect, Failed):
-                assert effect.refusal.code is Code.NO_PROGRESS  # a stale page moved nothing
+                # A stale page moved nothing, or the host kept saying "not now".
+                assert effect.refusal.code in (Code.NO_PROGRESS, Code.RATE_LIMITED)
             assert not isinstance(effect, NeedKeys)
 
     def _page(self, before, count):
@@ -552,6 +553,20 @@ class PaginationMachine(RuleBasedStateMachine):
         count = max(1, int(query["limit"]) - short)  # a host may cap pages lower
         self.request = None
         self._take(self.puller.page_received(200, self._page(before, count), NOW))
+
+    @precondition(lambda self: self.puller.done is None and self.request is not None)
+    @rule()
+    def not_now(self):
+        refused, self.request = self.request, None
+        retries, requests = self.puller.retries, self.puller.requests
+        self._take(self.puller.page_received(429, refusal_body(Refused(Code.RATE_LIMITED)), NOW))
+        if retries < backfill_module.PAGE_RETRIES:
+            # The same page again, later, and not counted against the budget.
+            assert self.request is not None and self.request.target == refused.target
+            assert self.request.not_before == NOW + backfill_module.PAGE_RETRY_MS * 2 ** retries
+            assert self.puller.requests == requests
+        else:
+            assert self.puller.done is not None and self.puller.done.refusal.code is Code.RATE_LIMITED
 
     @precondition(lambda self: self.puller.done is None)
     @rule(top=st.integers(0, 119), count=st.integers(1, 40))
@@ -575,8 +590,9 @@ class PaginationMachine(RuleBasedStateMachine):
         done = self.puller.done
         assert self.puller.requests <= self.puller.budget
         if done is not None and done.refusal is not None:
-            # A stale page that moved nothing ends the pull; a resume goes on from its cursor.
-            assert done.refusal.code is Code.NO_PROGRESS and done.stored == len(self.stored)
+            # A stale page that moved nothing, or "not now" past the retries, ends the
+            # pull; a resume goes on from its cursor.
+            assert done.refusal.code in (Code.NO_PROGRESS, Code.RATE_LIMITED) and done.stored == len(self.stored)
         elif done is not None:
             assert done.stored == len(self.stored) == min(self.n, self.limit)
 
@@ -678,3 +694,80 @@ def test_a_built_page_is_the_longest_prefix_that_fits(sizes, before):
     if kept < len(envelopes):
         assert sum(map(page_bytes, envelopes[:kept + 1])) > PAGE_BYTES
     assert page.next == (depths[kept - 1] if kept else None) and page.before == before
+
+
+# -- a host that says "not now" ----------------------------------------------------------
+
+def _pull_through(link, puller, busy, now=NOW):
+    """Drive ``puller`` over ``link``; ``busy(n)`` (n: requests so far) names a
+    refusal the host answers instead of the page, or None. Honours not_before
+    by moving the clock. Returns (run effects, [(request, the time it went)])."""
+    from scaiwave_federation.core.codes import HTTP_STATUS
+
+    effects, sent, out = puller.start(now), [], []
+    while effects:
+        following = []
+        for eff in effects:
+            out.append(eff)
+            if isinstance(eff, SendRequest):
+                now = max(now, eff.not_before)
+                sent.append((eff, now))
+                refusal = busy(len(sent))
+                if refusal is not None:
+                    status, body = HTTP_STATUS[refusal.code], refusal_body(refusal)
+                else:
+                    status, body = link.deliver(puller.server_name, eff, now)
+                now += 1
+                following += puller.page_received(status, body, now)
+        effects = following
+    return out, sent
+
+
+@pytest.mark.parametrize("code", sorted(backfill_module.PAGE_RETRY_CODES, key=lambda c: c.value))
+def test_a_page_the_host_refuses_for_the_moment_is_asked_again_later(code):
+    link, chain, room_id = hosted_pair(250)
+    puller = _puller(link, limit=200, page_size=60)
+    effects, sent = _pull_through(link, puller, lambda n: Refused(code, "not now") if n in (2, 3) else None)
+    done = effects[-1]
+    assert done == BackfillDone(room_id, B, 200, False) and not any(isinstance(e, Failed) for e in effects)
+    assert_chain_run([e for s in effects if isinstance(s, StoreEvents) for e in s.events], chain, 200)
+    # The second page was asked three times: the same target, 1 s then 2 s after the refusal.
+    (first, t1), (again, t2), (third, t3) = sent[1:4]
+    assert first.target == again.target == third.target and first.not_before == 0
+    assert (again.not_before, third.not_before) == (t1 + 1 + 1000, t2 + 1 + 2000) == (t2, t3)
+    # A retry is the same page: the budget counts pages (4 for 200 events of 60 a page).
+    assert puller.requests == 4 and len(sent) == 6
+
+
+def test_a_host_that_keeps_saying_not_now_ends_the_pull_with_its_refusal():
+    link, chain, room_id = hosted_pair(250)
+    puller = _puller(link, limit=200, page_size=60)
+    effects, sent = _pull_through(link, puller, lambda n: Refused(Code.RATE_LIMITED, "slow down") if n > 1 else None)
+    assert len(sent) == 2 + backfill_module.PAGE_RETRIES
+    waits = [req.not_before - at for (_, at), (req, _) in zip(sent[1:], sent[2:])]
+    assert waits == [1 + backfill_module.PAGE_RETRY_MS * 2 ** k for k in range(backfill_module.PAGE_RETRIES)]
+    done = effects[-1]
+    assert done.refusal.code is Code.RATE_LIMITED and done.stored == 60  # the first page stays stored
+    assert Failed(B, done.refusal) in effects
+    # Resumable: a later pull from its cursor stores the rest.
+    cursor = [e for e in effects if isinstance(e, StoreEvents)][-1].cursor
+    a = link.server(A).node
+    again = BackfillPuller.resume(cursor, server_name=A, key=a.keyring.current, keys=a.keys, page_size=60)
+    more, _ = _pull_through(link, again, lambda n: None, now=NOW + 60_000)
+    assert more[-1] == BackfillDone(room_id, B, 200, False)
+
+
+def test_the_count_of_retries_starts_again_with_each_page():
+    # "Not now" before every page: more refusals in all than PAGE_RETRIES, never that many in a row.
+    link, chain, room_id = hosted_pair(250)
+    puller = _puller(link, limit=250, page_size=30)
+    effects, sent = _pull_through(link, puller, lambda n: Refused(Code.RATE_LIMITED) if n % 2 else None)
+    assert effects[-1] == BackfillDone(room_id, B, 250, True)
+    assert len(sent) // 2 > backfill_module.PAGE_RETRIES
+
+
+@pytest.mark.parametrize("refusal", [Refused(Code.INTERNAL_ERROR), Refused(Code.NOT_PEERED), Refused(Code.FORBIDDEN)])
+def test_other_refusals_end_the_pull_at_once(refusal):
+    link, chain, room_id = hosted_pair(50)
+    effects, sent = _pull_through(link, _puller(link), lambda n: refusal)
+    assert len(sent) == 1 and effects[-1].refusal.code is refusal.code

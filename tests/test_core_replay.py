@@ -306,12 +306,17 @@ def test_outbound_handshake_without_an_answer_diverges():
     assert d.index == i and d.replay.verdict == "diverged" and not d.same
 
 
-def test_backfill_variants():
+def _pull_script():
+    """A script, the cursor of a fresh pull of B's group room, and the page of its 4 events."""
     s = Script().state()
     chain = build_chain(s.b.keyring.current, GROUP, 4)
     cursor = BackfillPuller(server_name=A, room_id=GROUP, peer=B, key=s.a.keyring.current,
                             keys=s.a.keys).cursor()
-    page = build_page(GROUP, None, [e.envelope for e in reversed(chain)], [4, 3, 2, 1])
+    return s, cursor, build_page(GROUP, None, [e.envelope for e in reversed(chain)], [4, 3, 2, 1])
+
+
+def test_backfill_variants():
+    s, cursor, page = _pull_script()
     # 1: keys fetched in the middle of the pull (NeedKeys), then a full page.
     one = s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor)
     s.add("outbound", peer=B, method="GET", target=backfill_target(GROUP, None, 100), body=b"", status=200,
@@ -402,3 +407,23 @@ def test_serving_a_room_that_never_leaves_is_refused_in_replay_too(room_type):
               status=403, response=_error(f"room_{room_type}"))
     (d,) = replay_records(A, s.records).decisions
     assert d.replay.code == f"room_{room_type}" and d.same
+
+
+def test_a_backfill_page_the_host_said_not_now_to_is_replayed_with_its_retry():
+    s, cursor, page = _pull_script()
+    target = backfill_target(GROUP, None, 500)
+    # Recorded since pulls retry: the refusal, then the same page asked again and answered.
+    retried = s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor)
+    s.add("outbound", peer=B, method="GET", target=target, body=b"", status=429, response=_error("rate_limited"))
+    s.add("outbound", peer=B, method="GET", target=target, body=b"", status=200, response=page)
+    s.add("descriptor", server=B, body=descriptor_bytes(s.b))
+    s.add("backfill_end", room_id=GROUP, peer=B, stored=4, reached_start=True, error=None)
+    # Recorded before: the pull ended at the refusal. Today's core asks again,
+    # and the recording holds no answer to that.
+    old = s.add("backfill_start", room_id=GROUP, peer=B, limit=1000, cursor=cursor)
+    s.add("outbound", peer=B, method="GET", target=target, body=b"", status=429, response=_error("rate_limited"))
+    s.add("backfill_end", room_id=GROUP, peer=B, stored=0, reached_start=False,
+          error={"code": "rate_limited", "message": "x"})
+    d = _by_index(replay_records(A, s.records))
+    assert d[retried].replay.short() == "done 4 stored" and d[retried].same
+    assert d[old].replay.verdict == "diverged" and "holds no answer" in d[old].replay.detail and not d[old].same

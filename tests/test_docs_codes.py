@@ -76,6 +76,10 @@ def render_limits() -> str:
         ("events in one backfill pull", str(backfill.MAX_PULL), "`backfill.MAX_PULL`"),
         ("page requests in one pull beyond the pages its limit needs", str(backfill.BUDGET_SLACK),
          "`backfill.BUDGET_SLACK`"),
+        ("a page asked again after \"not now\", in a row (waiting "
+         + ", ".join(f"{backfill.PAGE_RETRY_MS * 2 ** k / 1000:g}" for k in range(backfill.PAGE_RETRIES)) + " s)",
+         str(backfill.PAGE_RETRIES),
+         "`backfill.PAGE_RETRIES`"),
         ("old key still valid for live requests after `expired_at`", _ms(keys.GRACE_MS), "`keys.GRACE_MS`"),
         ("key rotation period", _ms(keys.ROTATION_PERIOD_MS), "`keys.ROTATION_PERIOD_MS`"),
         ("descriptor refetch, per server (default)", _ms(keycache.DEFAULT_REFETCH_INTERVAL_MS),

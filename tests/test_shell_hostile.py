@@ -8,9 +8,11 @@ from pathlib import Path
 import trio
 import trustme
 
-from roguehost import RogueHost, daemon, join_rogue_room, messages, set_up
+from roguehost import RogueHost, daemon, in_rogue_room, join_rogue_room, messages, set_up
 from shellhelpers import trusting, wait_for
-from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core import Code, Refused
+from scaiwave_federation.core.backfill import PAGE_RETRY_MS, build_page
+from scaiwave_federation.core.handshake import refusal_body
 
 
 async def test_a_host_answering_moved_cursors_gets_a_bounded_backfill(
@@ -19,30 +21,49 @@ async def test_a_host_answering_moved_cursors_gets_a_bounded_backfill(
     events. The admin's backfill used to ask again until the host said 404
     (151 requests); now it ends at the first such page with ``no_progress``,
     and what it stored stays."""
-    authority, _ = ca
-    async with trio.open_nursery() as nursery:
-        rogue = await RogueHost(authority, "rogue.test").start(nursery)
-        async with daemon(tmp_path, ca, "peer.test", rogue) as b:
-            token = await set_up(b, rogue.server_name)
-            room = await join_rogue_room(b, rogue, token, history=30)
-            pages = []
+    async with in_rogue_room(tmp_path, ca, history=30) as (rogue, b, room):
+        pages = []
 
-            async def moved(room_id, before, limit):
-                pages.append(before)
-                if len(pages) == 1:
-                    return 200, rogue.page(room_id, before, 1)  # an honest first page, of one event
-                if len(pages) > 200:
-                    return 404, b""  # (what ended the loop before the fix)
-                return 200, build_page(room_id, (before or 1000) + 7, [], [])
+        async def moved(room_id, before, limit):
+            pages.append(before)
+            if len(pages) == 1:
+                return 200, rogue.page(room_id, before, 1)  # an honest first page, of one event
+            if len(pages) > 200:
+                return 404, b""  # (what ended the loop before the fix)
+            return 200, build_page(room_id, (before or 1000) + 7, [], [])
 
-            rogue.backfill = moved
-            status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
-                                        {"limit": 20, "wait": True, "peer": rogue.server_name})
-            assert status == 200, job
-            assert len(pages) <= 3, f"{len(pages)} page requests"
-            assert job["state"] == "failed" and job["error"]["code"] == "no_progress", job
-            assert job["stored"] >= 1
-        nursery.cancel_scope.cancel()
+        rogue.backfill = moved
+        status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
+                                    {"limit": 20, "wait": True, "peer": rogue.server_name})
+        assert status == 200, job
+        assert len(pages) <= 3, f"{len(pages)} page requests"
+        assert job["state"] == "failed" and job["error"]["code"] == "no_progress", job
+        assert job["stored"] >= 1
+
+
+async def test_a_host_limiting_our_rate_gets_the_page_asked_again_not_a_failed_job(
+        tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:
+    """The host answers the first page request ``rate_limited`` (HTTP 429, as
+    our own daemon answers an origin over its rate). The admin's pull used to
+    fail there; now the page is asked again a second later and the job is
+    done, with the whole history stored."""
+    async with in_rogue_room(tmp_path, ca, history=30) as (rogue, b, room):
+        asked: list[tuple[int | None, float]] = []
+
+        async def limiting(room_id, before, limit):
+            asked.append((before, trio.current_time()))
+            if len(asked) == 1:
+                return 429, refusal_body(Refused(Code.RATE_LIMITED, "over 50 requests a second"))
+            return None  # the honest page
+
+        rogue.backfill = limiting
+        status, job = await b.admin("POST", f"/v1/admin/federation/rooms/{room}/backfill",
+                                    {"limit": 100, "wait": True, "peer": rogue.server_name})
+        assert status == 200, job
+        assert job["state"] == "done" and job["error"] is None, job
+        assert job["stored"] >= 30 and job["reached_start"], job  # the messages, the room and the join
+        (first, at), (again, later) = asked[:2]
+        assert again == first and later - at >= PAGE_RETRY_MS / 1000 * 0.9
 
 
 async def test_a_slow_host_holds_up_only_its_own_catch_up(tmp_path: Path, ca: tuple[trustme.CA, Path]) -> None:

@@ -272,6 +272,8 @@ class BackfillJobs:
                 else:
                     if ahead is not None:
                         ahead.scope.cancel()  # the guess was wrong: its answer is not wanted
+                    if effect.not_before:  # a page asked again after the host said "not now"
+                        await trio.sleep(max(0, effect.not_before - self.now()) / 1000)
                     result = await self.send(effect)
                 ahead = None
                 if isinstance(result, Refused):
