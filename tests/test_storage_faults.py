@@ -269,3 +269,42 @@ async def test_a_daemon_on_postgresql_rides_out_a_dropped_connection(
             return status == 200 and all(text in [m["body"] for m in body["messages"]] for text in acknowledged)
 
         await wait_for(delivered, timeout=20)
+
+
+async def test_a_local_invite_the_disk_refused_leaves_nothing_and_can_be_sent_again(
+        daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local user's invite is one write: its event, the invitee's
+    membership and the invite row. When the invite row cannot be written (a
+    full disk), the inviter gets a retryable ``storage_unavailable`` and
+    nothing of it stays; sent again, it reaches bob, who accepts. (The row
+    was a write of its own: the event and the membership stayed, and bob was
+    "invited" with no invite to accept.)"""
+    from scaiwave_federation.shell.store.schema import StorageError
+    from scaiwave_federation.shell.store.store import Store
+
+    assert (await daemon.admin("POST", "/v1/admin/tenants", {"name": "acme"}))[0] == 200
+    alice = (await daemon.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": "acme"}))[1]["access_token"]
+    bob = (await daemon.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": "acme"}))[1]["access_token"]
+    await daemon.admin("POST", "/v1/admin/federation/key/generate")
+    room = (await daemon.request("POST", "/v1/rooms", {"room_type": "group"}, token=alice))[1]["room_id"]
+    store = daemon.service.store
+
+    async def state() -> tuple[int, list]:
+        return (await store.head(room))["depth"], [m["user_id"] for m in await store.members(room)]
+
+    before = await state()
+    real = Store.save_invite
+
+    def disk_full(self, *args, **kwargs):
+        raise StorageError("unavailable", "disk full")
+
+    monkeypatch.setattr(Store, "save_invite", disk_full)
+    invite = ("POST", f"/v1/rooms/{room}/invite", {"user": "@bob:your-host.test"})
+    status, body = await daemon.request(*invite, token=alice)
+    assert status == 503 and body["error"]["code"] == "storage_unavailable", body
+    assert await state() == before  # no event, no membership
+    monkeypatch.setattr(Store, "save_invite", real)
+    assert (await daemon.request(*invite, token=alice))[0] == 200
+    notes = (await daemon.request("GET", "/v1/notifications", token=bob))[1]["notifications"]
+    assert [(n["type"], n["room_id"]) for n in notes] == [("invite", room)]
+    assert (await daemon.request("POST", f"/v1/invites/{room}/accept", token=bob))[0] == 200

@@ -122,12 +122,14 @@ def _key(ctx: Ctx):
 
 async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, content: dict,
                   answer: Callable[[Event], dict[str, Any]] | None = None, facts: RoomFacts | None = None,
-                  moves: dict[str, str] | None = None) -> Event:
+                  moves: dict[str, str] | None = None,
+                  invite: Callable[[Event], dict[str, Any]] | None = None) -> Event:
     """Chain an event in a room we host, then store it and queue it for member
-    servers in one write. ``answer``: the client txn row for this event, and
-    ``moves``: the memberships it changes (user id -> membership), stored in
-    that same write. ``facts``: the room's, if the caller just read them
-    and changed nothing since (else they are read again)."""
+    servers in one write. ``answer``: the client txn row for this event,
+    ``moves``: the memberships it changes (user id -> membership), and
+    ``invite``: a local invitee's invite row for this event, stored in that
+    same write. ``facts``: the room's, if the caller just read them and
+    changed nothing since (else they are read again)."""
     key = _key(ctx)
     if facts is not None:
         # The head is read, the event chained and signed, stored and queued in
@@ -144,7 +146,7 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
             try:
                 return (await ctx.runtime.chain_and_push(room["room_id"], chain, facts, answer,
                                                      lock=ctx.runtime.room_lock(room["room_id"]),
-                                                     memberships=moves))[-1]
+                                                     memberships=moves, invite=invite))[-1]
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained on the
                 # head we read, first: chain again on the new head. Each retry
@@ -158,7 +160,8 @@ async def _append(ctx: Ctx, room: dict[str, Any], sender: str, type: str, conten
                                 sender=sender, type=type, ts=ctx.now(), content=content)
             try:
                 await ctx.runtime.push_events(room["room_id"], [event], facts=facts,
-                                          client_txn=answer(event) if answer else None, memberships=moves)
+                                          client_txn=answer(event) if answer else None, memberships=moves,
+                                          invite=invite(event) if invite else None)
             except StorageError as exc:
                 # Another worker (the room lock is per process) chained at
                 # this depth first: chain again on the new head.
@@ -265,12 +268,19 @@ async def _create_dm(ctx: Ctx, user: dict[str, Any], body: dict[str, Any]) -> Re
 async def _invite_user(ctx: Ctx, user: dict[str, Any], room: dict[str, Any], to: str) -> Event:
     """Carry out an invite the rules allowed: chain it, then deliver it."""
     server = server_of(to) or ""  # a canonical user id (inputs.USER_ID): never empty
+
+    def local_invite(event: Event) -> dict[str, Any]:
+        # Stored with the event and the membership: a failed write leaves
+        # neither, so the invite can be sent again (it was a write of its own:
+        # a failure between them left `invite` with no invite to accept).
+        return {"room_id": room["room_id"], "user_id": to, "inviter": user["user_id"], "origin": server,
+                "room_type": room["room_type"], "state": "pending", "payload": event.envelope,
+                "created_at": ctx.now()}
+
+    local = server == ctx.server_name
     event = await _append(ctx, room, user["user_id"], "m.member", {"membership": "invite", "user": to},
-                          moves={to: "invite"})
-    if server == ctx.server_name:
-        await ctx.store.save_invite(room_id=room["room_id"], user_id=to, inviter=user["user_id"],
-                                        origin=server, room_type=room["room_type"], state="pending",
-                                        payload=event.envelope, created_at=ctx.now())
+                          moves={to: "invite"}, invite=local_invite if local else None)
+    if local:
         return event
     result = _need(await ctx.runtime.signed_request(server, "PUT", f"/_scaiwave/federation/v1/invite/{room['room_id']}",
                                                 encode_events_body([event.envelope])))

@@ -62,13 +62,14 @@ class Outbox:
 
     async def push_events(self, room_id: str, events: list[Event], *, facts: RoomFacts | None = None,
                           client_txn: dict[str, Any] | None = None,
-                          memberships: dict[str, str] | None = None) -> None:
+                          memberships: dict[str, str] | None = None,
+                          invite: dict[str, Any] | None = None) -> None:
         """Store events chained onto a room we host and queue them for every
         other server with joined members, in one write, then hand them to the
         delivery machine, which the outbox worker drives. ``facts``: the
         room's, when the caller has them; ``client_txn``: the user's send
         answer, and ``memberships``: the moves the events make (user id ->
-        membership), stored in that write."""
+        membership), and ``invite`` (a local invitee's invite row), stored in that write."""
         if facts is None:
             room = await self.store.get_room(room_id)
             if room is None:
@@ -81,7 +82,7 @@ class Outbox:
 
         def write(db: Any) -> tuple[list[int], list[list[int] | None]]:
             ids = db.store_events_and_enqueue(room_id, records, items, now, client_txn=client_txn,
-                                              memberships=memberships)
+                                              memberships=memberships, invite=invite)
             return ids, self._rows_below(db, servers, ids, floors)
 
         def queued(result: tuple[list[int], list[list[int] | None]]) -> None:
@@ -149,14 +150,16 @@ class Outbox:
 
     async def chain_and_push(self, room_id: str, chain: Callable[[Head | None], list[Event]], facts: RoomFacts,
                              client_txn: Callable[[Event], dict[str, Any]] | None = None, *,
-                             lock: trio.Lock, memberships: dict[str, str] | None = None) -> list[Event]:
+                             lock: trio.Lock, memberships: dict[str, str] | None = None,
+                             invite: Callable[[Event], dict[str, Any]] | None = None) -> list[Event]:
         """Chain events onto the head of a room we host (``chain(head)``), store
         them and queue them for every other server with joined members, all in
         one storage call: one round trip and one durable write for a client's
         post, a write that shares its commit with the posts queued next to it
         (group commit, see ``AsyncStore.submit``). ``client_txn``: the user's
-        send answer for the last event, and ``memberships`` (the moves the
-        events make), stored in that write. Returns the events once stored,
+        send answer for the last event, ``memberships`` (the moves the
+        events make) and ``invite`` (a local invitee's invite row for the
+        last event), stored in that write. Returns the events once stored,
         handed to the delivery machine in storage order.
 
         ``lock`` (the room's) is held only while the call is queued: calls run
@@ -173,7 +176,8 @@ class Outbox:
             servers, items, _envelopes = self._items([(targets, events)], now)
             ids = store.store_events_and_enqueue(room_id, [e.as_record() for e in events], items, now,
                                                  client_txn=client_txn(events[-1]) if client_txn else None,
-                                                 memberships=memberships)
+                                                 memberships=memberships,
+                                                 invite=invite(events[-1]) if invite else None)
             return events, ids, self._rows_below(store, servers, ids, floors)
 
         def queued(result: tuple[list[Event], list[int], list[list[int] | None]]) -> list[Event]:

@@ -33,6 +33,7 @@ class OutboxRows:
     _store_events_in_tx: Any
     save_client_txn: Any
     set_membership: Any
+    save_invite: Any
 
     def enqueue(self, peer: str, txn_id: str, path: str, body: bytes, now: int) -> int:
         """Queue a request for ``peer``, due at ``now``; return its outbox id.
@@ -61,17 +62,22 @@ class OutboxRows:
     def store_events_and_enqueue(self, room_id: str, events: Sequence[Row],
                                  items: Sequence[tuple[str, str, str, bytes]], now: int, *,
                                  client_txn: Row | None = None,
-                                 memberships: Mapping[str, str] | None = None) -> list[int]:
+                                 memberships: Mapping[str, str] | None = None,
+                                 invite: Row | None = None) -> list[int]:
         """Store a room's new events and queue them for its member servers in
         one transaction (one durable write for a client's post): both or
         neither, with the user's send answer (``client_txn``, see
         :meth:`store_events`) and the memberships the events move (user id ->
-        membership) if given. Returns the outbox ids; raises like
-        :meth:`store_events`, :meth:`enqueue_many` and :meth:`set_membership`."""
+        membership) and a local invitee's invite row (``invite``, the
+        arguments of :meth:`save_invite`) if given. Returns the outbox ids;
+        raises like :meth:`store_events`, :meth:`enqueue_many`,
+        :meth:`set_membership` and :meth:`save_invite`."""
         with self._write():
             self._store_events_in_tx(room_id, events, None)
             for user_id, membership in (memberships or {}).items():
                 self.set_membership(room_id, user_id, membership)
+            if invite is not None:
+                self.save_invite(**invite)
             if client_txn is not None and not self.save_client_txn(client_txn):
                 # The same send answered meanwhile (by another worker): this
                 # copy of the event is not stored.
