@@ -287,3 +287,43 @@ def test_a_daemon_holds_access_lines_and_writes_them_when_it_stops(tmp_path: Pat
     finally:
         bed.stop()
     assert len([x for x in _lines_text(server.log_path) if "GET /healthz 200 ok" in x]) >= 3
+
+
+def test_a_log_stream_that_fails_never_fails_a_request_or_the_daemon(capsys: pytest.CaptureFixture) -> None:
+    """A log on a closed pipe (EPIPE) or a full disk: writing an access line,
+    held or not, and writing the held ones (the daemon's task) report the
+    failure as logging does (``handleError``) and raise nothing: the request
+    is answered and the daemon goes on. Closing the handler (a second
+    ``setup_logging``) writes what it holds first."""
+    import io
+
+    from scaiwave_federation.shell.observe.logs import TEXT_FORMAT, LineHandler, _TextFormatter
+    from scaiwave_federation.shell.observe.requests import emit_access
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    saved = logging.root.handlers[:], logging.root.level
+    handler = LineHandler(Broken())
+    handler.setFormatter(_TextFormatter(TEXT_FORMAT))
+    try:
+        logging.root.handlers = [handler]
+        logging.root.setLevel(logging.INFO)
+        emit_access("GET", "/a", 200, "ok", None, "-", 1.0)  # not held: written at once
+        handler.hold(True)
+        emit_access("GET", "/b", 200, "ok", None, "-", 1.0)
+        handler.write_held()
+        handler.hold(False)
+        assert "Broken pipe" in capsys.readouterr().err  # reported, as logging reports it
+        # A handler closed while it holds lines writes them first.
+        good = io.StringIO()
+        handler.setStream(good)
+        handler.hold(True)
+        emit_access("GET", "/held", 200, "ok", None, "-", 1.0)
+        handler.close()
+        assert "/held" in good.getvalue()
+    finally:
+        handler.holding = False
+        logging.root.handlers = saved[0]
+        logging.root.setLevel(saved[1])

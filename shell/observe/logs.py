@@ -151,7 +151,9 @@ class LineHandler(logging.StreamHandler):
     def write_text(self, line: str) -> None:
         """Write a formatted line under the handler's lock and flush (a
         line-buffered stream, like stderr, has flushed already); held instead
-        while :attr:`holding`."""
+        while :attr:`holding`. A failing stream is reported as logging
+        reports it (:meth:`handleError`), never raised: a log on a closed
+        pipe or a full disk does not fail the request."""
         with self.lock:  # type: ignore[union-attr]
             if self.holding:
                 self._held.append(line)
@@ -188,11 +190,23 @@ class LineHandler(logging.StreamHandler):
         self._held.clear()
         return text
 
+    def close(self) -> None:
+        # A second setup_logging (basicConfig(force=True)) closes this handler
+        # without flushing it: what it holds goes out first.
+        self.write_held()
+        super().close()
+
     def _write(self, text: str) -> None:
-        stream = self.stream
-        stream.write(text)
-        if not getattr(stream, "line_buffering", False):
-            stream.flush()
+        try:
+            stream = self.stream
+            stream.write(text)
+            if not getattr(stream, "line_buffering", False):
+                stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": "scaiwave.access", "msg": "%d access line(s)",
+                                                    "args": (text.count("\n"),)}))
 
 
 def root_line_handler() -> LineHandler | None:
