@@ -37,7 +37,7 @@ from scaiwave_federation.core import (
     drive,
 )
 from scaiwave_federation.core.inbound import snapshot_of_chains
-from scaiwave_federation.core.backfill import build_page
+from scaiwave_federation.core.backfill import MAX_PULL, PAGE_CAP, build_page
 from scaiwave_federation.core.handshake import refusal_body
 from scaiwave_federation.core.rooms import encode_events_body
 from scaiwave_federation.core.wire import decode, encode
@@ -413,3 +413,19 @@ def hosted_pair(n_events: int, *, room_type: str = "group") -> tuple[FakeLink, l
 
 def events_body(events: Iterable[Event]) -> bytes:
     return encode_events_body([e.envelope for e in events])
+
+
+def backfill_puller(link: FakeLink, *, limit: int = MAX_PULL, page_size: int = PAGE_CAP, room_id: str = f"!grp:{B}",
+                    anchor: tuple[int, bytes | None] | None = None) -> BackfillPuller:
+    """A's puller of ``room_id`` (by default :func:`hosted_pair`'s room) from B."""
+    a = link.server(A).node
+    return BackfillPuller(server_name=A, room_id=room_id, peer=B, key=a.keyring.current, keys=a.keys,
+                          limit=limit, page_size=page_size, anchor=anchor)
+
+
+def assert_chain_run(stored: list[Event], chain: list[Event], count: int) -> None:
+    """``stored`` is exactly the newest ``count`` events of ``chain``, newest first, linked."""
+    expected = list(reversed(chain))[:count]
+    assert [e.event_id for e in stored] == [e.event_id for e in expected]
+    for newer, older in zip(stored, stored[1:]):
+        assert newer.prev == older.event_id and newer.depth == older.depth + 1
