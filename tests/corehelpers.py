@@ -46,6 +46,8 @@ from scaiwave_federation.core.wire import decode, encode
 NOW = 1_764_000_000_000
 A = "your-host.test"
 B = "peer.test:8449"
+#: The group room :func:`hosted_pair` has B host.
+GROUP_ROOM = f"!grp:{B}"
 C = "third.test"
 DAY = 24 * 60 * 60 * 1000
 
@@ -405,7 +407,7 @@ def hosted_pair(n_events: int, *, room_type: str = "group") -> tuple[FakeLink, l
     link = FakeLink(a, b)
     ini, _ = run_handshake(link, A, B)
     assert ini.state == "peered"
-    room_id = f"!grp:{B}"
+    room_id = GROUP_ROOM
     chain = build_chain(b.keyring.current, room_id, n_events, room_type=room_type)
     link.server(B).rooms[room_id] = HostedRoom(room_type, chain, member_servers={A})
     return link, chain, room_id
@@ -415,7 +417,7 @@ def events_body(events: Iterable[Event]) -> bytes:
     return encode_events_body([e.envelope for e in events])
 
 
-def backfill_puller(link: FakeLink, *, limit: int = MAX_PULL, page_size: int = PAGE_CAP, room_id: str = f"!grp:{B}",
+def backfill_puller(link: FakeLink, *, limit: int = MAX_PULL, page_size: int = PAGE_CAP, room_id: str = GROUP_ROOM,
                     anchor: tuple[int, bytes | None] | None = None) -> BackfillPuller:
     """A's puller of ``room_id`` (by default :func:`hosted_pair`'s room) from B."""
     a = link.server(A).node

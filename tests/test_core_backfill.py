@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from corehelpers import (
+    GROUP_ROOM,
     assert_chain_run,
     backfill_puller as _puller,
     A,
@@ -50,7 +51,7 @@ from scaiwave_federation.core.backfill import backfill_target, parse_query
 from scaiwave_federation.core.handshake import refusal_body
 from scaiwave_federation.core.wire import encode
 
-ROOM = f"!grp:{B}"
+ROOM = GROUP_ROOM
 
 
 @pytest.mark.parametrize(

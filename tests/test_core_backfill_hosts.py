@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corehelpers import (
+    GROUP_ROOM,
     A,
     B,
     NOW,
@@ -40,7 +41,7 @@ from scaiwave_federation.core.backfill import MAX_PAGE_BYTES, PAGE_BYTES, PAGE_C
 from scaiwave_federation.core.events import MAX_EVENT_BYTES
 from scaiwave_federation.core.handshake import refusal_body
 
-ROOM = f"!grp:{B}"
+ROOM = GROUP_ROOM
 
 
 # -- pages of 500, cut by bytes, and hosts that serve 100 --------------------------------
