@@ -260,11 +260,100 @@ async def test_environment_proxies_are_ignored(server, client_ctx, monkeypatch):
         assert await c.fetch_descriptor(f"peer.test:{server.port}") == DESCRIPTOR
 
 
-async def test_names_sharing_an_address_never_share_connections(server, client_ctx):
-    resolve = {("peer.test", server.port): "127.0.0.1", ("alias.test", server.port): "127.0.0.1"}
+@dataclass
+class KeepAliveServer:
+    """HTTPS/1.1 that keeps connections open: each request is answered with
+    the number of its connection and its Host."""
+
+    port: int = 0
+    connections: list[list[str]] = field(default_factory=list)  # the Hosts each connection carried
+    sni: list[str | None] = field(default_factory=list)
+
+    async def handle(self, stream: trio.SSLStream) -> None:
+        number = len(self.connections)
+        self.connections.append([])
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if not isinstance(event, h11.Request):
+                    return
+                host = dict(event.headers)[b"host"].decode()
+                self.connections[number].append(host)
+                while not isinstance(event, h11.EndOfMessage):
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                body = f"{number} {host}".encode()
+                await stream.send_all(conn.send(h11.Response(
+                    status_code=200, headers=[("content-length", str(len(body)))])))
+                await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def keep_alive_server(nursery: trio.Nursery, ca: trustme.CA, *names: str) -> KeepAliveServer:
+    server = KeepAliveServer()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(ctx)
+    ctx.sni_callback = lambda _obj, sni, _ctx: server.sni.append(sni)  # type: ignore[assignment]
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, server.handle, 0, ctx, host="127.0.0.1"))
+    server.port = listeners[0].transport_listener.socket.getsockname()[1]
+    return server
+
+
+async def test_a_connection_is_kept_and_reused_for_its_name_only(nursery, ca, client_ctx):
+    """Requests to one peer go one after another on one connection. Two names
+    pinned to one address:port each get a connection of their own, verified
+    (SNI) for that name, and neither carries the other's requests."""
+    server = await keep_alive_server(nursery, ca, "peer.test", "alias.test")
+    port = server.port
+    resolve = {("peer.test", port): "127.0.0.1", ("alias.test", port): "127.0.0.1"}
     async with PeerClient(ssl_context=client_ctx, resolve=resolve) as c:
-        await c.fetch_descriptor(f"peer.test:{server.port}")
-    assert server.seen[0].headers["connection"] == "close"
+        answers = [(await c.get(name, "/")).body.decode()
+                   for name in [f"peer.test:{port}", f"alias.test:{port}"] * 3]
+    assert answers == [f"0 peer.test:{port}", f"1 alias.test:{port}"] * 3
+    assert server.sni == ["peer.test", "alias.test"]
+    assert server.connections == [[f"peer.test:{port}"] * 3, [f"alias.test:{port}"] * 3]
+
+
+async def test_a_connection_the_peer_closed_while_idle_is_not_used(nursery, ca, client_ctx):
+    """The peer dropped the kept connection (a restart, an idle timeout): the
+    next request goes on a new one instead of failing on the dead one."""
+    server = await keep_alive_server(nursery, ca, "peer.test")
+    resolve = {("peer.test", server.port): "127.0.0.1"}
+    async with PeerClient(ssl_context=client_ctx, resolve=resolve) as c:
+        assert (await c.get(f"peer.test:{server.port}", "/")).body == f"0 peer.test:{server.port}".encode()
+        [[kept]] = c._idle.values()
+        await trio.sleep(0)
+        kept.socket.shutdown(socket.SHUT_RD)  # what a close by the peer looks like here: readable EOF
+        assert (await c.get(f"peer.test:{server.port}", "/")).body == f"1 peer.test:{server.port}".encode()
+
+
+async def test_a_request_cut_off_by_its_deadline_leaves_no_connection_behind(nursery, ca, client_ctx):
+    """A connection whose exchange did not complete (here: the deadline struck
+    while the answer was awaited) is closed, never pooled half-read."""
+    async def hang(stream: trio.abc.Stream) -> None:
+        await trio.sleep_forever()
+
+    hold = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("peer.test").configure_cert(hold)
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, hang, 0, hold, host="127.0.0.1"))
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    async with PeerClient(ssl_context=client_ctx, resolve={("peer.test", port): "127.0.0.1"}, deadline=0.3) as c:
+        with pytest.raises(TransportError) as info:
+            await c.get(f"peer.test:{port}", "/")
+        assert info.value.message.endswith("no complete answer within 0.3s")
+        assert c._idle == {}
 
 
 async def test_invalid_server_name_and_target(client_ctx):
