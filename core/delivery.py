@@ -14,6 +14,9 @@ quinn-proto way, with time passed in as integer milliseconds:
   :class:`Delivered`, :class:`Dropped`, :class:`Deferred` or
   :class:`Rehandshake` at a time;
 - :meth:`Delivery.poll_timeout` -- when to call :meth:`poll_transmit` next;
+  :meth:`Delivery.due_now` -- whether one peer has a transaction to send now
+  (after an enqueue for it: whether to wake the sender, without looking at
+  every other peer);
 - :meth:`Delivery.handle_inbound` -- a request from the peer verified: a
   peer in backoff is evidently up again, so its retry is brought forward
   (a 20 s outage no longer adds up to 5 minutes of backoff);
@@ -212,6 +215,7 @@ class Delivery:
         self._peers: dict[str, _Peer] = {}
         self._events: deque[DeliveryEvent] = deque()
         self._forgotten: set[str] = set()  # peers forgotten with a transaction in flight
+        self._queued: dict[int, str] = {}  # item id -> its peer, for every item queued
 
     # -- inputs --------------------------------------------------------------------
 
@@ -224,13 +228,15 @@ class Delivery:
         Raises LocalProtocolError for an item without events."""
         if not envelopes:
             raise LocalProtocolError("an outbox item carries at least one event")
-        state = self._peers.setdefault(peer, _Peer())
-        if item_id in state.ids:
+        state = self._peers.get(peer)
+        if state is None:
+            state = self._peers[peer] = _Peer()
+        elif item_id in state.ids:
             return False
         if not state.queue:
             state.failures, state.retry_at = max(0, attempts), retry_at
         envelopes = tuple(envelopes)
-        item = _Item(item_id, envelopes, sum(len(e) for e in envelopes))
+        item = _Item(item_id, envelopes, sum(map(len, envelopes)))
         if state.queue and item_id < state.queue[-1].id:
             # Behind what is in flight, before the first higher id waiting.
             at = len(state.in_flight.item_ids) if state.in_flight is not None else 0
@@ -240,6 +246,7 @@ class Delivery:
         else:
             state.queue.append(item)
         state.ids.add(item_id)
+        self._queued[item_id] = peer
         state.events += len(envelopes)
         return True
 
@@ -284,6 +291,8 @@ class Delivery:
             return ()
         if state.in_flight is not None:
             self._forgotten.add(peer)
+        for item in state.queue:
+            del self._queued[item.id]
         return tuple(item.id for item in state.queue)
 
     def handle_result(self, peer: str, txn_id: str, result: tuple[int, bytes] | Refused, now: int) -> None:
@@ -353,7 +362,15 @@ class Delivery:
 
     def queued(self, item_id: int) -> bool:
         """Whether item ``item_id`` is queued (in flight included) for any peer."""
-        return any(item_id in s.ids for s in self._peers.values())
+        return item_id in self._queued
+
+    def due_now(self, peer: str, now: int, *, may_send: Callable[[str], bool] | None = None) -> bool:
+        """Whether :meth:`poll_transmit` ``(now)`` has a transaction for ``peer``:
+        after an enqueue, the host need wake its sender only if so (the other
+        peers' times did not change)."""
+        state = self._peers.get(peer)
+        return (state is not None and state.in_flight is None and not state.paused and bool(state.queue)
+                and self._due_at(state) <= now and (may_send is None or may_send(peer)))
 
     def pending(self, peer: str | None = None) -> int:
         """Items queued for ``peer`` (or all peers), in flight included."""
@@ -404,6 +421,7 @@ class Delivery:
             item = state.queue.popleft()
             assert item.id == item_id
             state.ids.discard(item_id)
+            del self._queued[item_id]
             state.events -= len(item.envelopes)
         if not state.queue:
             del self._peers[peer]

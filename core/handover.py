@@ -79,11 +79,18 @@ class Handover:
         an id is in the delivery machine. Returns whether to hand ``ids``
         over now; if not, a look hands them over, after the rows below them
         (run one soon)."""
-        if not ids or below is None or any(i in self._finished for i in ids):
+        if not ids or below is None:
             return False
-        if not all(i in self._finished or queued(i) for i in below):
-            return False
-        self._known[peer] = max(self._known.get(peer, 0), max(ids))
+        finished = self._finished
+        for i in ids:
+            if i in finished:
+                return False
+        for i in below:
+            if i not in finished and not queued(i):
+                return False
+        top = max(ids)
+        if top > self._known.get(peer, 0):
+            self._known[peer] = top
         return True
 
     # -- looks ---------------------------------------------------------------------

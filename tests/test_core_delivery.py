@@ -270,8 +270,13 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     @invariant()
     def model_agrees(self):
+        for item in range(1, self.next_id):
+            assert self.m.queued(item) == (item not in self.reported)
         for peer in PEERS:
             assert self.m.pending(peer) == len(self.queued[peer])
+            # due_now (what the host asks after an enqueue) is poll_timeout's answer for that one peer.
+            due = self.m.poll_timeout(may_send=lambda p, peer=peer: p == peer)
+            assert self.m.due_now(peer, self.now) == (due is not None and due <= self.now)
             assert self.delivered[peer] == sorted(self.delivered[peer])
             waiting = self.m.poll_timeout()
             if self.queued[peer] and peer not in self.flight:
@@ -336,6 +341,7 @@ def test_forgetting_a_peer_drops_its_queue_and_ignores_the_answer_in_flight():
     assert txn is not None
     m.handle_enqueue("a.test", 3, _events(3, 1))
     assert m.forget("a.test") == (1, 2, 3) and m.pending("a.test") == 0
+    assert not any(m.queued(i) for i in (1, 2, 3))  # a look may hand them to a new holder
     m.handle_result("a.test", txn.txn_id, OK, 1)  # the answer to a forgotten peer: nothing happens
     assert _drain(m) == [] and m.poll_transmit(1) is None
     with pytest.raises(LocalProtocolError):

@@ -218,17 +218,18 @@ class Outbox:
         envelopes), in id order: hand them to the delivery machine now where
         core.handover allows it; the others wait for a look, which runs at once."""
         now = self.now()
+        wake = False
         for server, item_id, lower, item_envelopes in zip(servers, ids, below, envelopes):
             if not self.delivers_to(server):
                 continue
             if self.handover.handle_queued(server, (item_id,), lower, self.delivery.queued):
                 self.delivery.handle_enqueue(server, item_id, item_envelopes)
+                # Only when something can go now: a peer with a transaction in flight,
+                # in backoff or paced is woken for by its answer or its time.
+                wake = wake or self.delivery.due_now(server, now)
             else:
                 self.look_soon()
-        due = self.delivery.poll_timeout(may_send=self.delivers_to)
-        if due is not None and due <= now:
-            # Only when something can go now: a peer with a transaction in flight,
-            # in backoff or paced is woken for by its answer or its time.
+        if wake:
             self._wake_outbox.set()
 
     def peer_inbound(self, server: str) -> None:
