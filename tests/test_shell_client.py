@@ -339,6 +339,27 @@ async def test_a_connection_the_peer_closed_while_idle_is_not_used(nursery, ca, 
         assert (await c.get(f"peer.test:{server.port}", "/")).body == f"1 peer.test:{server.port}".encode()
 
 
+async def test_bytes_sent_after_an_answer_are_never_read_as_the_next_answer(nursery, ca, client_ctx):
+    """A peer that answers one request twice: the connection is dropped, and
+    the next request gets its own answer on a new one."""
+    async def twice(stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        if await read_request(conn, stream) is None:
+            return
+        answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst"
+        await stream.send_all(answer + answer.replace(b"first", b"extra"))
+        await trio.sleep(1)
+
+    hold = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("peer.test").configure_cert(hold)
+    listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, twice, 0, hold, host="127.0.0.1"))
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    async with PeerClient(ssl_context=client_ctx, resolve={("peer.test", port): "127.0.0.1"}) as c:
+        assert (await c.get(f"peer.test:{port}", "/")).body == b"first"
+        assert c._idle == {}
+        assert (await c.get(f"peer.test:{port}", "/")).body == b"first"
+
+
 async def test_a_request_cut_off_by_its_deadline_leaves_no_connection_behind(nursery, ca, client_ctx):
     """A connection whose exchange did not complete (here: the deadline struck
     while the answer was awaited) is closed, never pooled half-read."""

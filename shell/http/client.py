@@ -326,7 +326,10 @@ class PeerClient:
             done = True
             return PeerResponse(status=response.status_code, headers=headers, body=b"".join(chunks))
         finally:
-            if done and http.our_state is h11.DONE and http.their_state is h11.DONE:
+            # Kept only after a complete exchange with nothing more sent: bytes
+            # after the answer would be read as the answer to the next request.
+            if done and http.our_state is h11.DONE and http.their_state is h11.DONE \
+                    and not http.trailing_data[0]:
                 http.start_next_cycle()
                 self._keep(pool_key, conn)
             else:
