@@ -270,6 +270,9 @@ class Workers:
                     log.warning("no longer delivering to %s: its lease went to another worker", peer)
                     self._stop_delivering(peer)
             resync = True
+            # A peer whose lease had come within its margin (a renewal late under
+            # load) may be sent to again: its queue must not wait for a post to it.
+            self._wake_outbox.set()
         if not self.leases.holds(TIMERS, now):
             for claim in self.leases.want([TIMERS], now, spread=False):
                 if await self._claim(claim):
