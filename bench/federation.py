@@ -15,7 +15,8 @@ measures:
 2. **Delivered messages/s vs local posts/s**: the same C clients post N
    messages into a room with no remote member (the local rate), then N into
    the DM; delivered/s is N over the time until peer.test stored the last one.
-   Target: >= 0.9 (delivery keeps up with posting).
+   R rounds, each a local phase then a DM phase; the best of each counts
+   (row 1: the median round's CPU). Target: >= 0.9 (delivery keeps up with posting).
 3. **``GET /.well-known/scaiwave`` through the daemon vs bare trio + h11 with
    TLS** (``bench.httpload``: the same body, the same certificate, the same
    load generator in its own process), best of R rounds each, interleaved.
@@ -111,19 +112,36 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def measure_delivery(a: Server, b: Server, dm: str, alice: dict, messages: int, clients: int) -> dict:
+def measure_delivery(a: Server, b: Server, dm: str, alice: dict, messages: int, clients: int,
+                     rounds: int) -> dict:
+    """``rounds`` rounds, each a local phase then a DM phase of ``messages``
+    posts: the best local rate against the best delivered rate (a round that
+    another process slowed says nothing of the daemon; one round alone read
+    1.00 once, with its local phase slowed); CPU per message, the median
+    round's."""
     token = alice["access_token"]
     status, body = a.request("POST", "/v1/rooms", {"room_type": "group"}, token=token)
     assert status == 200, body
     alone = body["room_id"]
     post_all(a, token, alone, [f"warm-up {n}" for n in range(50)], clients)
+    runs = [_delivery_round(a, b, dm, alone, token, messages, clients, n) for n in range(rounds)]
+    best = max(runs, key=lambda r: r["delivered_rate"])
+    median = sorted(runs, key=lambda r: r["cpu_sender_ms"])[len(runs) // 2]
+    return {"local_rate": max(r["local_rate"] for r in runs), "post_rate": best["post_rate"],
+            "delivered_rate": best["delivered_rate"], "cpu_local_ms": median["cpu_local_ms"],
+            "cpu_sender_ms": median["cpu_sender_ms"], "cpu_receiver_ms": median["cpu_receiver_ms"],
+            "transactions": median["transactions"]}
+
+
+def _delivery_round(a: Server, b: Server, dm: str, alone: str, token: str, messages: int, clients: int,
+                    n: int) -> dict:
     cpu_local = cpu_seconds(a.proc.pid)
-    local_s = post_all(a, token, alone, [f"local {n}" for n in range(messages)], clients)
+    local_s = post_all(a, token, alone, [f"local {n}.{i}" for i in range(messages)], clients)
     cpu_local = cpu_seconds(a.proc.pid) - cpu_local
     before, txns = stored_messages(b, dm), transactions(b)
     cpu_a, cpu_b = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)
     started = time.perf_counter()
-    post_s = post_all(a, token, dm, [f"dm {n}" for n in range(messages)], clients)
+    post_s = post_all(a, token, dm, [f"dm {n}.{i}" for i in range(messages)], clients)
     # Only now is peer.test watched: the last message cannot be stored there
     # before it was posted. (Watching all along, a thread of this process
     # opened peer.test's database and counted its messages every 5 ms while
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.federation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1500, help="DM messages (default 1500)")
     parser.add_argument("--clients", type=int, default=4, help="posting clients at once (default 4)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the HTTP and backfill baselines")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each measure (default 3)")
     parser.add_argument("--requests", type=int, default=3000, help="GETs per HTTP round (default 3000)")
     parser.add_argument("--profile", type=Path, help="run the daemons under cProfile, profiles into DIR")
     args = parser.parse_args(argv)
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         dm, alice, bob = peered_dm(a, b)
         print(f"two daemons on loopback over TLS; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}")
 
-        d = measure_delivery(a, b, dm, alice, args.messages, args.clients)
+        d = measure_delivery(a, b, dm, alice, args.messages, args.clients, args.rounds)
         ok_cpu = d["cpu_sender_ms"] <= CPU_TARGET_MS and d["cpu_receiver_ms"] <= CPU_TARGET_MS
         print(f"CPU per delivered DM message ({args.messages} messages, {args.clients} clients): "
               f"sender {d['cpu_sender_ms']:.2f} ms (client POST included), receiver {d['cpu_receiver_ms']:.2f} ms "
