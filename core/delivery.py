@@ -225,14 +225,18 @@ class Delivery:
         others. ``attempts``/``retry_at``: the backoff stored with the item
         (a restart); they apply when it is the first of the peer's queue.
         Returns False, changing nothing, for an id already queued.
-        Raises LocalProtocolError for an item without events."""
+        Raises LocalProtocolError for an item without events, or one whose
+        id is queued for another peer (item ids name one item for one peer)."""
         if not envelopes:
             raise LocalProtocolError("an outbox item carries at least one event")
+        holder = self._queued.get(item_id)
+        if holder is not None:
+            if holder != peer:
+                raise LocalProtocolError(f"item {item_id} is queued for {holder} already (an item is for one peer)")
+            return False
         state = self._peers.get(peer)
         if state is None:
             state = self._peers[peer] = _Peer()
-        elif item_id in state.ids:
-            return False
         if not state.queue:
             state.failures, state.retry_at = max(0, attempts), retry_at
         envelopes = tuple(envelopes)

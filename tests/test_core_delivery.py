@@ -175,6 +175,9 @@ def test_misuse_raises():
         Delivery(batch_events=0)
     m.handle_enqueue("a.test", 1, [b"x"])
     assert m.handle_enqueue("a.test", 1, [b"x"]) is False  # an id is queued once
+    with pytest.raises(LocalProtocolError, match="queued for a.test already"):
+        m.handle_enqueue("b.test", 1, [b"x"])  # and for one peer: the item stays a.test's alone
+    assert m.pending("b.test") == 0 and m.pending("a.test") == 1
     t = m.poll_transmit(0)
     with pytest.raises(LocalProtocolError):
         m.handle_result("b.test", t.txn_id, OK, 0)
