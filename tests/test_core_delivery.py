@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from scaiwave_federation.core import Code, LocalProtocolError, Refused
 from scaiwave_federation.core.delivery import (
     BATCH_EVENTS,
+    QUIET_EVENTS,
     SEND_PREFIX,
     Deferred,
     Delivered,
@@ -85,6 +86,42 @@ def test_one_transaction_per_pace_unless_a_full_batch_waits():
     assert m.poll_transmit(1024).item_ids == (2 + BATCH_EVENTS,)
     with pytest.raises(LocalProtocolError):
         Delivery(pace_ms=-1)
+
+
+def test_the_end_of_a_burst_goes_once_the_queue_is_quiet_not_at_the_pace():
+    m = Delivery(pace_ms=50, quiet_ms=10)
+    m.handle_enqueue("a.test", 1, [b"e1"], now=1000)
+    first = m.poll_transmit(1000)
+    burst = range(2, 2 + QUIET_EVENTS + 5)  # an event every millisecond from 1002
+    for i in burst:
+        m.handle_enqueue("a.test", i, [b"e%d" % i], now=1000 + i)
+        if i == 3:
+            m.handle_result("a.test", first.txn_id, OK, 1003)
+            assert _drain(m) == [Delivered(peer="a.test", item_ids=(1,))]
+        # While it lasts, nothing goes before the pace (1050), and no post wakes the sender.
+        assert not m.due_now("a.test", 1000 + i) and m.poll_transmit(1000 + i) is None
+    last = 1000 + burst[-1]
+    # It ends: what it queued goes quiet_ms after its last event, not at 1050.
+    assert m.poll_timeout() == last + 10 < 1050
+    assert m.poll_transmit(last + 9) is None
+    batch = m.poll_transmit(last + 10)
+    assert batch is not None and batch.item_ids == tuple(burst)
+
+
+def test_a_small_batch_and_a_host_that_gives_no_time_keep_the_pace():
+    for timed in (True, False):
+        m = Delivery(pace_ms=50, quiet_ms=10)
+        m.handle_enqueue("a.test", 1, [b"e1"], now=1000 if timed else None)
+        first = m.poll_transmit(1000)
+        # Fewer than QUIET_EVENTS; or more, from a host that does not say when.
+        events = QUIET_EVENTS - 1 if timed else QUIET_EVENTS + 5
+        for i in range(2, 2 + events):
+            m.handle_enqueue("a.test", i, [b"e%d" % i], now=1000 + i if timed else None)
+        m.handle_result("a.test", first.txn_id, OK, 1001)
+        assert m.poll_timeout() == 1050
+        assert m.poll_transmit(1049) is None and m.poll_transmit(1050) is not None
+    with pytest.raises(LocalProtocolError):
+        Delivery(quiet_ms=-1)
 
 
 def test_byte_cap_and_oversized_item_goes_alone():
@@ -217,7 +254,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         item = self.next_id
         self.next_id += 1
         envelopes = [(b"B" if big else b"s") * (150 if big else 10) + str(item).encode()] * n
-        assert self.m.handle_enqueue(peer, item, envelopes)
+        assert self.m.handle_enqueue(peer, item, envelopes, now=self.now)
         self.queued[peer].append(item)
         self.sizes[item] = (n, sum(len(e) for e in envelopes))
 

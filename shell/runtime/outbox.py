@@ -223,7 +223,7 @@ class Outbox:
             if not self.delivers_to(server):
                 continue
             if self.handover.handle_queued(server, (item_id,), lower, self.delivery.queued):
-                self.delivery.handle_enqueue(server, item_id, item_envelopes)
+                self.delivery.handle_enqueue(server, item_id, item_envelopes, now=now)
                 # Only when something can go now: a peer with a transaction in flight,
                 # in backoff or paced is woken for by its answer or its time.
                 wake = wake or self.delivery.due_now(server, now)
