@@ -379,9 +379,17 @@ class Delivery:
         """When (ms) a waiting queue becomes due; None if none waits on time.
         A time at or before now means :meth:`poll_transmit` has work.
         ``may_send``: as for :meth:`poll_transmit`."""
-        return min((self._due_at(s) for p, s in self._peers.items()
-                    if s.in_flight is None and not s.paused and s.queue and (may_send is None or may_send(p))),
-                   default=None)
+        waiting = [(self._due_at(s), p) for p, s in self._peers.items()
+                   if s.in_flight is None and not s.paused and s.queue]
+        if not waiting:
+            return None
+        soonest = min(waiting)
+        if may_send is None or may_send(soonest[1]):
+            return soonest[0]
+        # may_send (a lease check in the host) is asked of the soonest peers
+        # first: usually the first answers, not every peer with a queue.
+        waiting.sort()
+        return next((due for due, p in waiting if may_send(p)), None)
 
     def queued(self, item_id: int) -> bool:
         """Whether item ``item_id`` is queued (in flight included) for any peer."""
