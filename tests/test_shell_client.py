@@ -274,26 +274,12 @@ class KeepAliveServer:
         self.connections.append([])
         conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                    continue
-                if not isinstance(event, h11.Request):
-                    return
-                host = dict(event.headers)[b"host"].decode()
+            while (read := await read_request(conn, stream)) is not None:
+                host = dict(read[0].headers)[b"host"].decode()
                 self.connections[number].append(host)
-                while not isinstance(event, h11.EndOfMessage):
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
                 body = f"{number} {host}".encode()
-                await stream.send_all(conn.send(h11.Response(
-                    status_code=200, headers=[("content-length", str(len(body)))])))
-                await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", str(len(body)))]))
+                                      + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
                 conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
