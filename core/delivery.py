@@ -20,7 +20,11 @@ quinn-proto way, with time passed in as integer milliseconds:
 - :meth:`Delivery.handle_inbound` -- a request from the peer verified: a
   peer in backoff is evidently up again, so its retry is brought forward
   (a 20 s outage no longer adds up to 5 minutes of backoff);
-- :meth:`Delivery.retry_now` -- the admin's "retry now".
+- :meth:`Delivery.retry_now` -- the admin's "retry now";
+- :meth:`Delivery.full` and :meth:`Delivery.wants_more` -- whether a peer's
+  queue in memory reached its window, and whether it drained to half of it
+  (``core.handover`` leaves the rest of a peer's rows in the outbox table
+  meanwhile, and reads them back when it drained).
 
 Rules, all here:
 
@@ -52,6 +56,11 @@ Rules, all here:
   refusal of a batch of several items: they are sent again one by one, so
   that only an item the peer refuses by itself is dropped. A final refusal
   of a single item drops it (:class:`Dropped`, to be logged).
+- **Window.** The machine holds at most :data:`WINDOW_EVENTS` events and
+  :data:`WINDOW_BYTES` bytes of a peer's queue (one item more when it
+  arrives under the limit): a peer down for a week in a busy room costs the
+  sender a window of memory, not the week's posts. The host asks
+  :meth:`Delivery.full` before handing an item over; the rest waits in storage.
 - **Once.** Each item is reported :class:`Delivered` or :class:`Dropped`
   exactly once; nothing is dropped unless the peer finally refused it.
 """
@@ -75,6 +84,8 @@ __all__ = [
     "PACE_MS",
     "QUIET_MS",
     "QUIET_EVENTS",
+    "WINDOW_EVENTS",
+    "WINDOW_BYTES",
     "Delivery",
     "SendTransaction",
     "Delivered",
@@ -106,6 +117,12 @@ PACE_MS = 50
 #: moderate traffic (an event every 20 ms, say) still goes in paced batches.
 QUIET_MS = 10
 QUIET_EVENTS = 10
+#: A peer's queue held in memory at most (events, envelope bytes): ten full
+#: batches. Beyond it a peer's rows wait in the outbox table, read back as
+#: the window drains (``core.handover``): 100,000 posts queued for a peer that
+#: was down held 60 MB of the sender's memory (about 600 bytes an item).
+WINDOW_EVENTS = 10 * BATCH_EVENTS
+WINDOW_BYTES = 4 * BATCH_BYTES
 BACKOFF_BASE_MS = 1000
 BACKOFF_CAP_MS = 300_000
 
@@ -202,6 +219,7 @@ class _Peer:
     ids: set[int] = field(default_factory=set)  # queued (in flight included): an id is taken once
     in_flight: SendTransaction | None = None
     events: int = 0  # events queued (in flight included)
+    size: int = 0  # their envelopes' bytes
     last_start: int | None = None  # when the last transaction went out
     last_enqueue: int | None = None  # when the last item was queued (None: not told)
     failures: int = 0
@@ -215,14 +233,20 @@ class _Peer:
 class Delivery:
     """Per-peer ordered, batched delivery with backoff (see the module doc).
 
-    ``batch_events`` and ``batch_bytes`` bound one transaction.
+    ``batch_events`` and ``batch_bytes`` bound one transaction;
+    ``window_events`` and ``window_bytes`` a peer's queue in memory.
     """
 
     def __init__(self, *, batch_events: int = BATCH_EVENTS, batch_bytes: int = BATCH_BYTES,
-                 pace_ms: int = PACE_MS, quiet_ms: int = QUIET_MS) -> None:
+                 pace_ms: int = PACE_MS, quiet_ms: int = QUIET_MS, window_events: int = WINDOW_EVENTS,
+                 window_bytes: int = WINDOW_BYTES) -> None:
         if batch_events < 1 or batch_bytes < 1 or pace_ms < 0 or quiet_ms < 0:
             raise LocalProtocolError("batches need room for at least one event and one byte; "
                                      "pace_ms and quiet_ms >= 0")
+        if window_events < 1 or window_bytes < 1:
+            raise LocalProtocolError("a window holds at least one event and one byte")
+        self.window_events = window_events
+        self.window_bytes = window_bytes
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
         self.pace_ms = pace_ms
@@ -271,6 +295,7 @@ class Delivery:
         if now is not None:
             state.last_enqueue = now
         state.events += len(envelopes)
+        state.size += item.size
         return True
 
     def handle_inbound(self, peer: str, now: int) -> bool:
@@ -403,6 +428,24 @@ class Delivery:
         return (state is not None and state.in_flight is None and not state.paused and bool(state.queue)
                 and self._due_at(state) <= now and (may_send is None or may_send(peer)))
 
+    def full(self, peer: str) -> bool:
+        """Whether ``peer``'s queue in memory reached its window: an item the
+        host has for it now waits in storage (see the module doc)."""
+        state = self._peers.get(peer)
+        return state is not None and (state.events >= self.window_events or state.size >= self.window_bytes)
+
+    def room(self, peer: str) -> int:
+        """How many more events ``peer``'s window holds (how many rows a read
+        of what waits in storage for it should ask for at most)."""
+        state = self._peers.get(peer)
+        return self.window_events - (state.events if state is not None else 0) if not self.full(peer) else 0
+
+    def wants_more(self, peer: str) -> bool:
+        """Whether ``peer``'s queue in memory is down to half its window: time
+        to read what waits in storage for it."""
+        state = self._peers.get(peer)
+        return state is None or (state.events <= self.window_events // 2 and state.size <= self.window_bytes // 2)
+
     def pending(self, peer: str | None = None) -> int:
         """Items queued for ``peer`` (or all peers), in flight included."""
         if peer is None:
@@ -458,5 +501,6 @@ class Delivery:
             state.ids.discard(item_id)
             del self._queued[item_id]
             state.events -= len(item.envelopes)
+            state.size -= item.size
         if not state.queue:
             del self._peers[peer]

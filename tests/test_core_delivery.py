@@ -400,3 +400,28 @@ def test_an_item_handed_over_late_goes_in_id_order_behind_what_is_in_flight() ->
     m.handle_result("a.test", first.txn_id, OK, 1)
     nxt = m.poll_transmit(1000)
     assert nxt is not None and nxt.item_ids == (3, 7, 9)
+
+
+def test_a_peers_window_bounds_what_is_held_in_memory() -> None:
+    d = Delivery(window_events=4, window_bytes=1000)
+    assert not d.full("b.test") and d.wants_more("b.test") and d.room("b.test") == 4
+    for item_id in range(1, 4):
+        d.handle_enqueue("b.test", item_id, [b"x" * 10])
+    assert not d.full("b.test") and d.room("b.test") == 1 and not d.wants_more("b.test")
+    d.handle_enqueue("b.test", 4, [b"x" * 10])
+    assert d.full("b.test") and d.room("b.test") == 0
+    # Bytes count too: one big item fills it.
+    d.handle_enqueue("c.test", 10, [b"y" * 1000])
+    assert d.full("c.test") and not d.full("d.test")
+    # Drained to half: time to read more.
+    txn = d.poll_transmit(0)
+    assert txn is not None and txn.peer == "b.test"
+    d.handle_result("b.test", txn.txn_id, (200, b""), 0)
+    assert not d.full("b.test") and d.wants_more("b.test") and d.room("b.test") == 4
+
+
+def test_a_window_holds_at_least_one_event_and_one_byte() -> None:
+    with pytest.raises(LocalProtocolError):
+        Delivery(window_events=0)
+    with pytest.raises(LocalProtocolError):
+        Delivery(window_bytes=0)

@@ -9,9 +9,14 @@ row, read the rows below it) runs before its callback (which runs before
 any later storage call of the holder's answers, as ``AsyncStore`` does); a look reads the
 new ids, then the rows, then hands them over; a removal commits after the
 machine finished the rows; a peer is lost and taken again (its queue read,
-then handed over). After every step: each peer was sent its rows in
-increasing id order since the holder (re)took it. At the end, after a
-resync look and a drain: every row was delivered and the outbox is empty.
+then handed over). The delivery machine holds a window of three events per
+peer: rows beyond it wait in the outbox and are read back by refills (read,
+then handed over, with anything between), a peer taken starts behind and is
+read by refills before and after its lease is recorded. After every step:
+each peer was sent its rows in increasing id order since the holder
+(re)took it, and the machine holds no more than its window. At the end,
+after refills, a resync look and a drain: every row was delivered and the
+outbox is empty.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from scaiwave_federation.core import Delivered, Delivery, Handover
+from scaiwave_federation.core import Delivered, Delivery, Handover, encode_events_body
 
 PEERS = ("b.test", "c.test")
+WINDOW = 3
+BODY = encode_events_body([b"event"])
 
 
 class Outbox:
@@ -46,7 +53,13 @@ class Outbox:
         return sorted((i, p) for i, p in self.rows.items() if p in peers)
 
     def read(self, ids: list[int]) -> list[dict[str, object]]:
-        return [{"id": i, "peer": self.rows[i]} for i in ids if i in self.rows]
+        return [self._row(i) for i in ids if i in self.rows]
+
+    def next_of(self, peer: str, after_id: int, limit: int) -> list[dict[str, object]]:
+        return [self._row(i) for i in sorted(i for i, p in self.rows.items() if p == peer and i > after_id)[:limit]]
+
+    def _row(self, item_id: int) -> dict[str, object]:
+        return {"id": item_id, "peer": self.rows[item_id], "body": BODY, "attempts": 0, "next_attempt_at": 0}
 
 
 class HandoverMachine(RuleBasedStateMachine):
@@ -54,13 +67,15 @@ class HandoverMachine(RuleBasedStateMachine):
         super().__init__()
         self.outbox = Outbox()
         self.handover = Handover()
-        self.delivery = Delivery()
+        self.delivery = Delivery(window_events=WINDOW)
         self.held: set[str] = set(PEERS)
+        #: Refills read, not yet handed over: peer -> (rows, how many were asked for).
+        self.refills: dict[str, tuple[list[dict[str, object]], int]] = {}
         self.now = 0
         #: The holder's storage calls done, callbacks not yet run: (peer, id, rows below).
         self.callbacks: list[tuple[str, int, list[int] | None]] = []
         self.look: tuple[int, list[int], bool] | None = None  # (number, ids to read, resync)
-        self.taking: tuple[str, list[int]] | None = None
+        self.taking: str | None = None  # a peer being taken: behind, its lease not yet recorded
         self.removals: list[tuple[int, ...]] = []
         self.in_flight: dict[str, tuple[str, tuple[int, ...]]] = {}
         #: Per peer, the ids sent since the holder last took it (must increase).
@@ -68,8 +83,8 @@ class HandoverMachine(RuleBasedStateMachine):
         self.delivered: set[int] = set()
 
     def _enqueue(self, rows: list[dict[str, object]], peers: set[str]) -> None:
-        for row in self.handover.handle_rows(rows, peers):
-            self.delivery.handle_enqueue(str(row["peer"]), int(str(row["id"])), [b"event"])
+        _handed, unreadable = self.handover.hand_over(self.delivery, rows, peers)
+        assert not unreadable
 
     # -- writers ---------------------------------------------------------------
 
@@ -90,7 +105,9 @@ class HandoverMachine(RuleBasedStateMachine):
     @rule()
     def holder_callback(self) -> None:
         peer, item_id, below = self.callbacks.pop(0)
-        if peer in self.held and self.handover.handle_queued(peer, (item_id,), below, self.delivery.queued):
+        if self.handover.stays(peer, self.delivery.full(peer)) or peer not in self.held:
+            return  # waits for a refill, or not ours to send
+        if self.handover.handle_queued(peer, (item_id,), below, self.delivery.queued):
             self.delivery.handle_enqueue(peer, item_id, [b"event"])
 
     # -- looks -----------------------------------------------------------------
@@ -135,25 +152,47 @@ class HandoverMachine(RuleBasedStateMachine):
         self.held.discard(peer)
         self.delivery.forget(peer)
         self.handover.forget(peer)
+        self.refills.pop(peer, None)
 
     @precondition(lambda self: self.taking is None)
     @rule(peer=st.sampled_from(PEERS))
-    def peer_taken_reads(self, peer: str) -> None:
+    def peer_taken_starts(self, peer: str) -> None:
         if peer in self.held:
             return
-        self._read()
-        self.taking = (peer, self.handover.handle_resync(self.outbox.of({peer}), self.delivery.queued))
+        self.handover.take(peer)  # read by refills, a window at a time
+        self.taking = peer
 
     @precondition(lambda self: self.taking is not None)
     @rule()
-    def peer_taken_hands_over(self) -> None:
+    def peer_taken(self) -> None:
         assert self.taking is not None
-        peer, ids = self.taking
-        self._read()
-        self._enqueue(self.outbox.read(ids), {peer})
-        self.held.add(peer)
-        self.sent[peer] = []  # a new holding period: what was in flight before may go again
+        self.held.add(self.taking)
+        self.sent[self.taking] = []  # a new holding period: what was in flight before may go again
         self.taking = None
+
+    # -- refills -----------------------------------------------------------------
+
+    @rule(peer=st.sampled_from(PEERS))
+    def refill_reads(self, peer: str) -> None:
+        if peer in self.refills or not (peer in self.held or peer == self.taking) \
+                or not self.delivery.wants_more(peer):
+            return
+        after = self.handover.refill_from(peer)
+        if after is None:
+            return
+        self._read()
+        limit = self.delivery.room(peer)
+        self.refills[peer] = (self.outbox.next_of(peer, after, limit), limit)
+
+    @precondition(lambda self: self.refills)
+    @rule(data=st.data())
+    def refill_hands_over(self, data: st.DataObject) -> None:
+        # No _read(): the holder's later storage calls' callbacks may run before or after.
+        peer = data.draw(st.sampled_from(sorted(self.refills)))
+        rows, limit = self.refills.pop(peer)
+        if peer in self.held or peer == self.taking:
+            _handed, unreadable = self.handover.hand_over(self.delivery, rows, {peer}, refill=(peer, limit))
+            assert not unreadable
 
     # -- delivery --------------------------------------------------------------
 
@@ -195,24 +234,39 @@ class HandoverMachine(RuleBasedStateMachine):
         for peer, ids in self.sent.items():
             assert ids == sorted(set(ids)), f"{peer} was sent {ids}"
 
+    @invariant()
+    def no_more_than_a_window_in_memory(self) -> None:
+        for peer in PEERS:
+            assert self.delivery.pending(peer) <= WINDOW, (peer, self.delivery.pending(peer))
+
     def teardown(self) -> None:
-        # Everything settles: callbacks run, the look ends, the peer is taken,
-        # a resync look, then deliver until nothing is left.
+        # Everything settles: callbacks run, the look ends, refills read end,
+        # the peers are taken, a resync look, then deliver and refill until
+        # nothing is left.
         while self.callbacks:
             self.holder_callback()
         if self.look is not None:
             self.look_hands_over()
+        for peer in sorted(self.refills):
+            rows, limit = self.refills.pop(peer)
+            if peer in self.held or peer == self.taking:
+                self.handover.hand_over(self.delivery, rows, {peer}, refill=(peer, limit))
         if self.taking is not None:
-            self.peer_taken_hands_over()
+            self.peer_taken()
         for peer in PEERS:
             if peer not in self.held:
-                self.peer_taken_reads(peer)
-                self.peer_taken_hands_over()
+                self.peer_taken_starts(peer)
+                self.peer_taken()
         self.look_reads_ids(True)
         self.look_hands_over()
         for _ in range(10_000):
+            for peer in PEERS:
+                self.refill_reads(peer)
+            for peer in sorted(self.refills):
+                rows, limit = self.refills.pop(peer)
+                self.handover.hand_over(self.delivery, rows, {peer}, refill=(peer, limit))
             self.send()
-            if not self.in_flight and not self.removals:
+            if not self.in_flight and not self.removals and not self.outbox.rows:
                 break
             for peer in sorted(self.in_flight):
                 self._answer(peer)
@@ -224,7 +278,7 @@ class HandoverMachine(RuleBasedStateMachine):
 
 
 TestHandover = HandoverMachine.TestCase
-TestHandover.settings = __import__("hypothesis").settings(max_examples=300, stateful_step_count=60, deadline=None)
+TestHandover.settings = __import__("hypothesis").settings(max_examples=1000, stateful_step_count=80, deadline=None)
 
 
 def test_own_rows_wait_behind_a_lower_row_not_yet_handed_over() -> None:
@@ -256,3 +310,70 @@ def test_a_finished_row_still_in_the_outbox_does_not_hold_rows_back() -> None:
     look = handover.look_started()
     handover.look_done(look)  # began after the removal: 1 is forgotten
     assert not handover.is_finished(1)
+
+
+def _window_of_two() -> tuple[Handover, Delivery]:
+    """b.test's window (two events) full with rows 1 and 2; row 3 waits in the outbox."""
+    handover, delivery = Handover(), Delivery(window_events=2)
+    for item_id in (1, 2):
+        assert not handover.stays("b.test", delivery.full("b.test"))
+        assert handover.handle_queued("b.test", (item_id,), [], delivery.queued)
+        delivery.handle_enqueue("b.test", item_id, [b"e"])
+    assert handover.stays("b.test", delivery.full("b.test"))  # row 3: the window is full
+    assert handover.behind("b.test")
+    return handover, delivery
+
+
+def _drain(delivery: Delivery, now: int = 10_000) -> list[int]:
+    txn = delivery.poll_transmit(now)
+    assert txn is not None
+    delivery.handle_result("b.test", txn.txn_id, (200, b""), now)
+    return list(txn.item_ids)
+
+
+def _row(item_id: int) -> dict[str, object]:
+    return {"id": item_id, "peer": "b.test", "body": encode_events_body([b"e"]), "attempts": 0,
+            "next_attempt_at": 0}
+
+
+def test_a_peer_past_its_window_waits_in_the_outbox_and_is_read_back_in_order() -> None:
+    handover, delivery = _window_of_two()
+    assert delivery.pending("b.test") == 2  # not 3: row 3 is in the outbox only
+    assert _drain(delivery) == [1, 2]
+    assert delivery.wants_more("b.test")
+    after = handover.refill_from("b.test")
+    assert after == 2
+    # The refill asks for two rows, finds one (3): the peer is level again.
+    handed, unreadable = handover.hand_over(delivery, [_row(3)], {"b.test"}, refill=("b.test", 2))
+    assert (handed, unreadable) == (1, [])
+    assert not handover.behind("b.test")
+    assert handover.floor("b.test") == 3
+    assert _drain(delivery) == [3]
+
+
+def test_a_row_queued_while_a_refill_reads_keeps_the_peer_behind() -> None:
+    """The refill's read did not see row 4 (queued after it); the refill must
+    not call the peer level, or row 4 stays in the outbox while later rows go."""
+    handover, delivery = _window_of_two()
+    _drain(delivery)
+    after = handover.refill_from("b.test")
+    read = [_row(3)]  # the read: row 4 was not committed yet
+    assert handover.stays("b.test", delivery.full("b.test"))  # row 4 queued here, meanwhile
+    handover.hand_over(delivery, read, {"b.test"}, refill=("b.test", 2))
+    assert handover.behind("b.test"), "level, with row 4 left behind in the outbox"
+    assert handover.refill_from("b.test") == 3 and after == 2
+    handover.hand_over(delivery, [_row(4)], {"b.test"}, refill=("b.test", 1 + 1))
+    assert not handover.behind("b.test")
+    assert _drain(delivery) == [3, 4]
+
+
+def test_another_workers_row_a_look_sees_during_a_refill_keeps_the_peer_behind() -> None:
+    handover, delivery = _window_of_two()
+    _drain(delivery)
+    handover.refill_from("b.test")
+    # Another worker queued row 4 after the refill's read; a look sees it
+    # (and moves past it) while the peer is behind: not handed over by the look.
+    assert handover.handle_look([(3, "b.test"), (4, "b.test")], lambda p: True, delivery.queued) == []
+    assert handover.seen == 4
+    handover.hand_over(delivery, [_row(3)], {"b.test"}, refill=("b.test", 2))
+    assert handover.behind("b.test"), "level, with row 4 left in the outbox and no look to find it"

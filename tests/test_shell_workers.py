@@ -95,3 +95,45 @@ async def test_two_workers_share_state_and_split_the_work(tmp_path: Path, ca) ->
 
     with Store.open(tmp_path / "a" / "data") as store:
         assert store.lease_rows() == []
+
+
+async def test_a_peers_queue_past_its_window_is_read_back_a_window_at_a_time(tmp_path: Path, ca) -> None:
+    """A peer with more queued than its delivery window (5 events here): the
+    machine holds a window, the rest waits in the SQLite outbox and is read
+    back as deliveries drain it, every row once and in id order."""
+    from scaiwave_federation.core import Delivered, Delivery
+
+    authority, ca_path = ca
+    service = await Service.open(load_config(make_env(tmp_path / "a", ca_path, authority, "your-host.test")))
+    try:
+        service.delivery = Delivery(window_events=5)
+        body = encode_events_body([b"\x83\x41a\x41b\x41c"])
+        ids = await service.store.enqueue_many([(PEER, f"t{n}", "/x", body) for n in range(12)], service.now())
+        await service.look()  # takes the peer: its queue is read a window at a time
+        assert service.delivers_to(PEER)
+        assert service.delivery.pending(PEER) == 5 and service.handover.behind(PEER)
+        await service.look_outbox(resync=True)  # a resync does not read the rows behind the window
+        assert service.delivery.pending(PEER) == 5
+        # Posts queued meanwhile wait in the outbox too.
+        ids += await service.store.enqueue_many([(PEER, "t12", "/x", body)], service.now())
+        await service.look()
+        assert service.delivery.pending(PEER) == 5
+
+        sent: list[int] = []
+        now = service.now() + 60_000
+        while (txn := service.delivery.poll_transmit(now)) is not None:
+            sent += txn.item_ids
+            service.delivery.handle_result(PEER, txn.txn_id, (200, b""), now)
+            event = service.delivery.poll()
+            assert isinstance(event, Delivered)
+            service.finished(event.item_ids)
+            await service.store.delivered_many(list(event.item_ids))
+            service.removed(event.item_ids)
+            await service.refill_due(PEER)
+            assert service.delivery.pending(PEER) <= 5
+            now += 1000
+        assert sent == ids
+        assert not service.handover.behind(PEER)
+        assert await service.store.pending_count(PEER) == 0
+    finally:
+        await service.aclose()

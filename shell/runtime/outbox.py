@@ -53,6 +53,7 @@ class Outbox:
         def look_soon(self) -> None: ...
         async def take_peer(self, peer: str) -> None: ...
         def finished(self, ids: tuple[int, ...]) -> None: ...
+        async def refill_due(self, peer: str) -> None: ...
         def removed(self, ids: tuple[int, ...]) -> None: ...
         async def shared_change(self, change: Any, *, expect: int | None = None) -> Any: ...
         _paused: set[str]
@@ -220,8 +221,8 @@ class Outbox:
         now = self.now()
         wake = False
         for server, item_id, lower, item_envelopes in zip(servers, ids, below, envelopes):
-            if not self.delivers_to(server):
-                continue
+            if self.handover.stays(server, self.delivery.full(server)) or not self.delivers_to(server):
+                continue  # waiting in the outbox for a refill (one may be reading), or another worker's
             if self.handover.handle_queued(server, (item_id,), lower, self.delivery.queued):
                 self.delivery.handle_enqueue(server, item_id, item_envelopes, now=now)
                 # Only when something can go now: a peer with a transaction in flight,
@@ -277,6 +278,7 @@ class Outbox:
                     ids = event.item_ids
                     await self.store.submit(lambda store, ids=ids: store.delivered_many(ids), group=True).wait()
                     self.removed(event.item_ids)
+                    await self.refill_due(event.peer)
                 elif isinstance(event, Deferred):
                     await self.store.mark_attempt(event.item_id, event.retry_at)
                 elif isinstance(event, Rehandshake):

@@ -52,9 +52,7 @@ from scaiwave_federation.core import (
     Leases,
     OldKey,
     Policy,
-    Refused,
     SigningKey,
-    decode_events_body,
     peer_lease,
     pull_lease,
     worker_lease,
@@ -100,6 +98,7 @@ class Workers:
         self._claiming: set[str] = set()
         self._wanted: set[str] = set()  # peer leases with rows queued, as of the last looks
         self._paused: set[str] = set()
+        self._refilling: set[str] = set()  # peers whose waiting rows are being read
 
     @property
     def worker_id(self) -> str:
@@ -184,26 +183,49 @@ class Workers:
             self._wake_outbox.set()
 
     async def _load_peer(self, peer: str) -> None:
+        """A peer just taken: its queue is read a window at a time (core.handover)."""
         if peer in self._paused:
             self.delivery.pause(peer)
-        ids = self.handover.handle_resync(await self.store.outbox_ids([peer]), self.delivery.queued)
-        await self._hand_over(await self.store.outbox_rows(ids), {peer})
+        self.handover.take(peer)
+        await self.refill(peer, taking=True)
 
-    async def _hand_over(self, rows: list[dict[str, Any]], peers: set[str]) -> int:
-        """Give the delivery machine the rows of ``peers`` it does not have yet."""
-        handed, unreadable = 0, []
-        for row in self.handover.handle_rows(rows, peers):
-            decoded = decode_events_body(bytes(row["body"]))
-            if isinstance(decoded, Refused):
-                log.warning("outbox entry %s for %s is unreadable, dropped: %s", row["id"], row["peer"], decoded)
-                unreadable.append(row["id"])
-                continue
-            if self.delivery.handle_enqueue(row["peer"], row["id"], decoded[0], attempts=row.get("attempts") or 0,
-                                            retry_at=row["next_attempt_at"]):
-                handed += 1
+    async def _hand_over(self, rows: list[dict[str, Any]], peers: set[str], *,
+                         refill: tuple[str, int] | None = None) -> int:
+        """Give the delivery machine the rows of ``peers`` it does not have
+        yet and has room for (core.handover decides); remove the unreadable."""
+        handed, unreadable = self.handover.hand_over(self.delivery, rows, peers, refill=refill)
+        for row in unreadable:
+            log.warning("outbox entry %s for %s is unreadable, dropped", row["id"], row["peer"])
         if unreadable:
-            await self.store.delivered_many(unreadable)
+            await self.store.delivered_many([row["id"] for row in unreadable])
         return handed
+
+    async def refill_due(self, peer: str) -> None:
+        """After a delivery to ``peer``: if rows of it wait in the outbox and
+        its window drained to half, read the next ones (one refill at a time)."""
+        if self.handover.behind(peer) and self.delivery.wants_more(peer) and peer not in self._refilling:
+            self._refilling.add(peer)
+            try:
+                await self.refill(peer)
+            finally:
+                self._refilling.discard(peer)
+
+    async def refill(self, peer: str, *, taking: bool = False) -> None:
+        """Hand ``peer``'s rows waiting in the outbox to the delivery machine,
+        a window at a time, while it has room and the peer is behind.
+        ``taking``: the peer's lease is being claimed (not yet held)."""
+        while (taking or self.delivers_to(peer)) and self.delivery.wants_more(peer):
+            after = self.handover.refill_from(peer)
+            if after is None:
+                return
+            limit = self.delivery.room(peer)
+            rows = await self.store.outbox_from(peer, after, limit)
+            if not (taking or self.delivers_to(peer)):
+                return
+            if await self._hand_over(rows, {peer}, refill=(peer, limit)):
+                self._wake_outbox.set()
+            if len(rows) < limit and not self.handover.behind(peer):
+                return  # level: its next rows go to the machine as they are queued
 
     def finished(self, ids: tuple[int, ...]) -> None:
         """The delivery machine is done with these outbox ids (their removal follows)."""
@@ -302,11 +324,16 @@ class Workers:
                 # Now and then, everything: peers queued for before this look's
                 # window, and rows of ours committed behind a newer id.
                 self._wanted = {peer_lease(p) for p in await self.store.queued_peers()}
-                held = [n[len(_PEER_PREFIX):] for n in self.leases.held() if n.startswith(_PEER_PREFIX)]
+                held = self.handover.resync_peers(
+                    n[len(_PEER_PREFIX):] for n in self.leases.held() if n.startswith(_PEER_PREFIX))
                 ids = self.handover.handle_resync(await self.store.outbox_ids(held), self.delivery.queued)
                 if ids:
                     rows = await self.store.outbox_rows(ids)
                     handed += await self._hand_over(rows, {p for p in held if self.delivers_to(p)})
+                for name in self.leases.held():
+                    # A peer behind whose refill failed (a storage error) is read again here.
+                    if name.startswith(_PEER_PREFIX):
+                        await self.refill_due(name[len(_PEER_PREFIX):])
         finally:
             self.handover.look_done(look)
         if handed:
@@ -372,8 +399,7 @@ class Workers:
                 self._stop_delivering(peer)
                 self.node.keys.forget(peer)
             elif self.delivery.backoff(peer)[1] > now:
-                queued = await self.store.outbox_ids([peer])
-                head = await self.store.outbox_rows([queued[0][0]]) if queued else []
+                head = await self.store.outbox_from(peer, 0, 1)
                 if head and head[0]["next_attempt_at"] <= now:  # an admin's "retry now" on another worker
                     self.delivery.retry_now(peer, now)
                     self._wake_outbox.set()

@@ -410,6 +410,7 @@ class AsyncStore:
     outbox_after = _offload(Store.outbox_after)
     outbox_ids = _offload(Store.outbox_ids)
     outbox_rows = _offload(Store.outbox_rows)
+    outbox_from = _offload(Store.outbox_from)
     queued_peers = _offload(Store.queued_peers)
     shared_change = _offload(Store.shared_change)
     save_job = _offload(Store.save_job)

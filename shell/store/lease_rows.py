@@ -162,6 +162,13 @@ class LeaseRows:
                     self._all(f"SELECT id, peer FROM outbox WHERE peer IN ({marks}) ORDER BY id", *chunk)]
         return sorted(out)
 
+    def outbox_from(self, peer: str, after_id: int, limit: int) -> list[Row]:
+        """``peer``'s next ``limit`` rows with ``id > after_id`` (id, peer, body
+        and backoff), by id: a refill of its delivery window (core.handover),
+        from the ``(peer, id)`` index."""
+        return self._all("SELECT id, peer, body, attempts, next_attempt_at FROM outbox"
+                         " WHERE peer = ? AND id > ? ORDER BY id LIMIT ?", peer, after_id, limit)
+
     def outbox_rows(self, ids: Sequence[int]) -> list[Row]:
         """The rows with these ids still queued (their peer, body and backoff), by id."""
         out: list[Row] = []
