@@ -52,7 +52,7 @@ openapi: $(STAMP)
 
 ## make bench: every benchmark (each prints PASS/FAIL per target); exits 1 if any target is missed
 bench: $(STAMP)
-	status=0; for b in ingest pipeline replay federation scale peers workers; do echo "== bench.$$b"; $(PY) -m bench.$$b || status=1; done; exit $$status
+	status=0; for b in ingest pipeline replay federation scale peers backlog workers; do echo "== bench.$$b"; $(PY) -m bench.$$b || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info .coverage .hypothesis .pytest_cache .mypy_cache .ruff_cache demo-run

@@ -637,3 +637,23 @@ def test_a_post_is_stored_and_queued_in_one_write(store: Store) -> None:
     with pytest.raises(StorageError):
         store.store_events_and_enqueue(ROOM, [ev(3, tag="fork")], [], 100, memberships={"@carol:host.test": "join"})
     assert "@carol:host.test" not in {m["user_id"] for m in store.members(ROOM)}
+
+
+def test_a_refill_reads_a_peers_next_rows_and_the_queued_peers_are_found_by_seeks(store: Store) -> None:
+    """``outbox_from`` (a refill of a peer's delivery window, core.handover):
+    the peer's next rows above an id, in id order, at most ``limit``.
+    ``queued_peers`` (every resync): one seek per peer of the (peer, id)
+    index, not a read of every row; the same answer on both backends."""
+    assert store.queued_peers() == []
+    assert store.outbox_from("b.test", 0, 10) == []
+    ids = store.enqueue_many([(peer, f"r{n}-{peer}", "/send", b"x%d" % n)
+                              for n in range(30) for peer in ("b.test", "a.test:8448", "é.test")], 5)
+    b_ids = ids[0::3]
+    rows = store.outbox_from("b.test", b_ids[3], 5)
+    assert [r["id"] for r in rows] == b_ids[4:9]
+    assert {r["peer"] for r in rows} == {"b.test"} and bytes(rows[0]["body"]) == b"x4"
+    assert rows[0]["attempts"] == 0 and rows[0]["next_attempt_at"] == 5
+    assert [r["id"] for r in store.outbox_from("b.test", b_ids[-2], 5)] == b_ids[-1:]
+    assert store.queued_peers() == sorted({"b.test", "a.test:8448", "é.test"})
+    store.delivered_many(ids[1::3])
+    assert store.queued_peers() == sorted({"b.test", "é.test"})

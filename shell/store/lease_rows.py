@@ -181,4 +181,9 @@ class LeaseRows:
 
     def queued_peers(self) -> list[str]:
         """The peers with anything queued, by name."""
-        return [r["peer"] for r in self._all("SELECT DISTINCT peer FROM outbox ORDER BY peer")]
+        # A skip scan of the (peer, id) index, one seek per peer: DISTINCT read
+        # every row of it (100,000 rows queued for a dead peer: at every resync).
+        return [r["peer"] for r in self._all(
+            "WITH RECURSIVE p(peer) AS (SELECT min(peer) FROM outbox UNION ALL"
+            " SELECT (SELECT min(peer) FROM outbox WHERE peer > p.peer) FROM p WHERE p.peer IS NOT NULL)"
+            " SELECT peer FROM p WHERE peer IS NOT NULL")]
