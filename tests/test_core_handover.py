@@ -12,7 +12,7 @@ machine finished the rows; a peer is lost and taken again (its queue read,
 then handed over). The delivery machine holds a window of three events per
 peer: rows beyond it wait in the outbox and are read back by refills (read,
 then handed over, with anything between), a peer taken starts behind and is
-read by refills before and after its lease is recorded. After every step:
+read by refills. After every step:
 each peer was sent its rows in increasing id order since the holder
 (re)took it, and the machine holds no more than its window. At the end,
 after refills, a resync look and a drain: every row was delivered and the
@@ -75,7 +75,6 @@ class HandoverMachine(RuleBasedStateMachine):
         #: The holder's storage calls done, callbacks not yet run: (peer, id, rows below).
         self.callbacks: list[tuple[str, int, list[int] | None]] = []
         self.look: tuple[int, list[int], bool] | None = None  # (number, ids to read, resync)
-        self.taking: str | None = None  # a peer being taken: behind, its lease not yet recorded
         self.removals: list[tuple[int, ...]] = []
         self.in_flight: dict[str, tuple[str, tuple[int, ...]]] = {}
         #: Per peer, the ids sent since the holder last took it (must increase).
@@ -144,7 +143,6 @@ class HandoverMachine(RuleBasedStateMachine):
 
     # -- a peer lost and taken again -----------------------------------------------
 
-    @precondition(lambda self: self.taking is None)
     @rule(peer=st.sampled_from(PEERS))
     def peer_lost(self, peer: str) -> None:
         if peer not in self.held or peer in self.in_flight:
@@ -154,28 +152,21 @@ class HandoverMachine(RuleBasedStateMachine):
         self.handover.forget(peer)
         self.refills.pop(peer, None)
 
-    @precondition(lambda self: self.taking is None)
     @rule(peer=st.sampled_from(PEERS))
-    def peer_taken_starts(self, peer: str) -> None:
+    def peer_taken(self, peer: str) -> None:
+        # Behind from before its lease is recorded (one step for the host: no
+        # await between), then read by refills, a window at a time.
         if peer in self.held:
             return
-        self.handover.take(peer)  # read by refills, a window at a time
-        self.taking = peer
-
-    @precondition(lambda self: self.taking is not None)
-    @rule()
-    def peer_taken(self) -> None:
-        assert self.taking is not None
-        self.held.add(self.taking)
-        self.sent[self.taking] = []  # a new holding period: what was in flight before may go again
-        self.taking = None
+        self.handover.take(peer)
+        self.held.add(peer)
+        self.sent[peer] = []  # a new holding period: what was in flight before may go again
 
     # -- refills -----------------------------------------------------------------
 
     @rule(peer=st.sampled_from(PEERS))
     def refill_reads(self, peer: str) -> None:
-        if peer in self.refills or not (peer in self.held or peer == self.taking) \
-                or not self.delivery.wants_more(peer):
+        if peer in self.refills or peer not in self.held or not self.delivery.wants_more(peer):
             return
         after = self.handover.refill_from(peer)
         if after is None:
@@ -190,7 +181,7 @@ class HandoverMachine(RuleBasedStateMachine):
         # No _read(): the holder's later storage calls' callbacks may run before or after.
         peer = data.draw(st.sampled_from(sorted(self.refills)))
         rows, limit = self.refills.pop(peer)
-        if peer in self.held or peer == self.taking:
+        if peer in self.held:
             _handed, unreadable = self.handover.hand_over(self.delivery, rows, {peer}, refill=(peer, limit))
             assert not unreadable
 
@@ -249,14 +240,10 @@ class HandoverMachine(RuleBasedStateMachine):
             self.look_hands_over()
         for peer in sorted(self.refills):
             rows, limit = self.refills.pop(peer)
-            if peer in self.held or peer == self.taking:
+            if peer in self.held:
                 self.handover.hand_over(self.delivery, rows, {peer}, refill=(peer, limit))
-        if self.taking is not None:
-            self.peer_taken()
         for peer in PEERS:
-            if peer not in self.held:
-                self.peer_taken_starts(peer)
-                self.peer_taken()
+            self.peer_taken(peer)
         self.look_reads_ids(True)
         self.look_hands_over()
         for _ in range(10_000):

@@ -166,28 +166,30 @@ class Workers:
             log.warning("delivery to %s not claimed now: %s", peer, exc)
 
     async def _take(self, claim: Claim) -> None:
-        """Claim a peer and, if taken, load its queue before anything else is
-        handed to the delivery machine for it (queue order is id order)."""
+        """Claim a peer and, if taken, read its queue into the delivery
+        machine, a window at a time, before anything else is handed over for
+        it (queue order is id order): the peer is behind (core.handover)
+        from before it is ours, so rows queued for it meanwhile wait for
+        these reads."""
         peer = claim.name[len(_PEER_PREFIX):]
         self._claiming.add(claim.name)
         try:
             taken, row = await self.store.run(lambda store: briefly(
                 store, lambda: store.claim_lease(claim.name, claim.owner, claim.expires_at, claim.now)))
             if taken:
-                await self._load_peer(peer)
+                if peer in self._paused:
+                    self.delivery.pause(peer)
+                self.handover.take(peer)
             self.leases.handle_claim(claim, taken, _row(row))
         finally:
             self._claiming.discard(claim.name)
         if taken:
             log.info("delivering to %s from this worker (%s)", peer, self.worker_id)
+            try:
+                await self.refill(peer)
+            except StorageError as exc:  # the next resync reads it
+                log.warning("queue of %s not read yet: %s", peer, exc)
             self._wake_outbox.set()
-
-    async def _load_peer(self, peer: str) -> None:
-        """A peer just taken: its queue is read a window at a time (core.handover)."""
-        if peer in self._paused:
-            self.delivery.pause(peer)
-        self.handover.take(peer)
-        await self.refill(peer, taking=True)
 
     async def _hand_over(self, rows: list[dict[str, Any]], peers: set[str], *,
                          refill: tuple[str, int] | None = None) -> int:
@@ -210,17 +212,16 @@ class Workers:
             finally:
                 self._refilling.discard(peer)
 
-    async def refill(self, peer: str, *, taking: bool = False) -> None:
+    async def refill(self, peer: str) -> None:
         """Hand ``peer``'s rows waiting in the outbox to the delivery machine,
-        a window at a time, while it has room and the peer is behind.
-        ``taking``: the peer's lease is being claimed (not yet held)."""
-        while (taking or self.delivers_to(peer)) and self.delivery.wants_more(peer):
+        a window at a time, while it has room and the peer is behind."""
+        while self.delivers_to(peer) and self.delivery.wants_more(peer):
             after = self.handover.refill_from(peer)
             if after is None:
                 return
             limit = self.delivery.room(peer)
             rows = await self.store.outbox_from(peer, after, limit)
-            if not (taking or self.delivers_to(peer)):
+            if not self.delivers_to(peer):
                 return
             if await self._hand_over(rows, {peer}, refill=(peer, limit)):
                 self._wake_outbox.set()
