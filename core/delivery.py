@@ -68,6 +68,7 @@ Rules, all here:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -228,6 +229,10 @@ class _Peer:
     singles_until: int = -1
     #: The admin paused delivery to this peer: its queue is kept, nothing goes out.
     paused: bool = False
+    #: Its one live entry in the machine's due-time heap (None: none), and that
+    #: entry's time, never later than the peer's actual due time.
+    entry: int | None = None
+    entry_due: int = 0
 
 
 class Delivery:
@@ -255,6 +260,10 @@ class Delivery:
         self._events: deque[DeliveryEvent] = deque()
         self._forgotten: set[str] = set()  # peers forgotten with a transaction in flight
         self._queued: dict[int, str] = {}  # item id -> its peer, for every item queued
+        #: (due, entry, peer): when each peer with something to send may send
+        #: it, at the earliest (see _schedule); stale entries are skipped.
+        self._heap: list[tuple[int, int, str]] = []
+        self._entries = itertools.count(1)
 
     # -- inputs --------------------------------------------------------------------
 
@@ -296,6 +305,7 @@ class Delivery:
             state.last_enqueue = now
         state.events += len(envelopes)
         state.size += item.size
+        self._schedule(peer, state)
         return True
 
     def handle_inbound(self, peer: str, now: int) -> bool:
@@ -305,6 +315,7 @@ class Delivery:
         if state is None or state.in_flight is not None or state.retry_at <= now:
             return False
         state.retry_at = now
+        self._schedule(peer, state)
         return True
 
     def retry_now(self, peer: str, now: int) -> int:
@@ -313,6 +324,7 @@ class Delivery:
         if state is None:
             return 0
         state.failures, state.retry_at = 0, min(state.retry_at, now)
+        self._schedule(peer, state)
         return len(state.queue)
 
     def pause(self, peer: str) -> None:
@@ -325,6 +337,7 @@ class Delivery:
         state = self._peers.get(peer)
         if state is not None:
             state.paused = False
+            self._schedule(peer, state)
 
     def paused(self, peer: str) -> bool:
         state = self._peers.get(peer)
@@ -344,6 +357,12 @@ class Delivery:
         return tuple(item.id for item in state.queue)
 
     def handle_result(self, peer: str, txn_id: str, result: tuple[int, bytes] | Refused, now: int) -> None:
+        self._handle_result(peer, txn_id, result, now)
+        state = self._peers.get(peer)
+        if state is not None:
+            self._schedule(peer, state)
+
+    def _handle_result(self, peer: str, txn_id: str, result: tuple[int, bytes] | Refused, now: int) -> None:
         """Answer the :class:`SendTransaction` ``txn_id`` to ``peer``: the
         peer's ``(status, body)``, or the refusal the host met sending it
         (transport failures: ``peer_unreachable``, ``tls_failure``, ...).
@@ -388,13 +407,23 @@ class Delivery:
         """The next transaction to send, or None (nothing due). Each peer has
         at most one in flight; call again until None. ``may_send(peer)``:
         whether this host may send to ``peer`` now (a worker that does not
-        hold the peer's lease, ``core.leases``, must not); its queue waits."""
-        for peer, state in self._peers.items():
-            if state.in_flight is None and not state.paused and state.queue and self._due_at(state) <= now \
-                    and (may_send is None or may_send(peer)):
-                state.last_start = now
-                return self._build(peer, state)
-        return None
+        hold the peer's lease, ``core.leases``, must not); its queue waits.
+        The soonest due first: O(log n) in the peers waiting, not a scan."""
+        aside: list[tuple[int, int, str]] = []
+        txn = None
+        while txn is None and (top := self._live_top()) is not None and top[0] <= now:
+            entry = heapq.heappop(self._heap)
+            peer = entry[2]
+            if may_send is not None and not may_send(peer):
+                aside.append(entry)  # not ours to send now: its entry stays
+                continue
+            state = self._peers[peer]
+            state.entry = None
+            state.last_start = now
+            txn = self._build(peer, state)
+        for entry in aside:
+            heapq.heappush(self._heap, entry)
+        return txn
 
     def poll(self) -> DeliveryEvent | None:
         """The next thing the host must carry out, or None."""
@@ -403,18 +432,19 @@ class Delivery:
     def poll_timeout(self, *, may_send: Callable[[str], bool] | None = None) -> int | None:
         """When (ms) a waiting queue becomes due; None if none waits on time.
         A time at or before now means :meth:`poll_transmit` has work.
-        ``may_send``: as for :meth:`poll_transmit`."""
-        waiting = [(self._due_at(s), p) for p, s in self._peers.items()
-                   if s.in_flight is None and not s.paused and s.queue]
-        if not waiting:
-            return None
-        soonest = min(waiting)
-        if may_send is None or may_send(soonest[1]):
-            return soonest[0]
-        # may_send (a lease check in the host) is asked of the soonest peers
-        # first: usually the first answers, not every peer with a queue.
-        waiting.sort()
-        return next((due for due, p in waiting if may_send(p)), None)
+        ``may_send``: as for :meth:`poll_transmit` (asked of the soonest
+        peers first: usually the first answers, not every peer with a queue)."""
+        aside: list[tuple[int, int, str]] = []
+        due = None
+        while (top := self._live_top()) is not None:
+            if may_send is not None and not may_send(top[2]):
+                aside.append(heapq.heappop(self._heap))
+                continue
+            due = top[0]
+            break
+        for entry in aside:
+            heapq.heappush(self._heap, entry)
+        return due
 
     def queued(self, item_id: int) -> bool:
         """Whether item ``item_id`` is queued (in flight included) for any peer."""
@@ -475,6 +505,45 @@ class Delivery:
         if self.quiet_ms and state.last_enqueue is not None and state.events >= QUIET_EVENTS:
             due = min(due, state.last_enqueue + self.quiet_ms)
         return max(state.retry_at, due)
+
+    @staticmethod
+    def _waits(state: _Peer) -> bool:
+        """Whether the peer has something to send, once due."""
+        return state.in_flight is None and not state.paused and bool(state.queue)
+
+    def _schedule(self, peer: str, state: _Peer) -> None:
+        """After a change to ``peer``'s queue or times: give it an entry in the
+        heap if it waits and has none as early as its due time (an entry
+        earlier than that is corrected when it reaches the top)."""
+        if not self._waits(state):
+            return
+        due = self._due_at(state)
+        if state.entry is None or due < state.entry_due:
+            state.entry, state.entry_due = next(self._entries), due
+            heapq.heappush(self._heap, (due, state.entry, peer))
+
+    def _live_top(self) -> tuple[int, int, str] | None:
+        """The heap's first entry once stale ones are dropped and an early one
+        is moved to its peer's actual due time: the soonest peer that waits."""
+        heap = self._heap
+        while heap:
+            due, entry, peer = heap[0]
+            state = self._peers.get(peer)
+            if state is None or state.entry != entry:
+                heapq.heappop(heap)  # replaced by a newer entry, or the peer is gone
+                continue
+            if not self._waits(state):
+                heapq.heappop(heap)  # in flight, paused or empty: rescheduled when that ends
+                state.entry = None
+                continue
+            actual = self._due_at(state)
+            if actual > due:  # its times moved on (a later enqueue, a backoff)
+                heapq.heappop(heap)
+                state.entry, state.entry_due = next(self._entries), actual
+                heapq.heappush(heap, (actual, state.entry, peer))
+                continue
+            return heap[0]
+        return None
 
     def _build(self, peer: str, state: _Peer) -> SendTransaction:
         first = state.queue[0]
