@@ -61,6 +61,10 @@ Rules, all here:
   arrives under the limit): a peer down for a week in a busy room costs the
   sender a window of memory, not the week's posts. The host asks
   :meth:`Delivery.full` before handing an item over; the rest waits in storage.
+  A peer that failed :data:`SHED_FAILURES` times in a row is held to one
+  batch (what its next retry sends): :meth:`Delivery.shed` lets the rest of
+  its queue go from memory, so a server with many peers down holds a batch
+  of each, not a window; the full window is back once a delivery succeeds.
 - **Once.** Each item is reported :class:`Delivered` or :class:`Dropped`
   exactly once; nothing is dropped unless the peer finally refused it.
 """
@@ -87,6 +91,7 @@ __all__ = [
     "QUIET_EVENTS",
     "WINDOW_EVENTS",
     "WINDOW_BYTES",
+    "SHED_FAILURES",
     "Delivery",
     "SendTransaction",
     "Delivered",
@@ -124,6 +129,10 @@ QUIET_EVENTS = 10
 #: was down held 60 MB of the sender's memory (about 600 bytes an item).
 WINDOW_EVENTS = 10 * BATCH_EVENTS
 WINDOW_BYTES = 4 * BATCH_BYTES
+#: After this many failures in a row (1 + 2 + 4 s of backoff) a peer's queue
+#: in memory is cut to one batch (:meth:`Delivery.shed`): 1,000 peers down
+#: held a window each, about 600 MB; now a batch each.
+SHED_FAILURES = 3
 BACKOFF_BASE_MS = 1000
 BACKOFF_CAP_MS = 300_000
 
@@ -458,23 +467,66 @@ class Delivery:
         return (state is not None and state.in_flight is None and not state.paused and bool(state.queue)
                 and self._due_at(state) <= now and (may_send is None or may_send(peer)))
 
+    def _window(self, state: _Peer) -> tuple[int, int]:
+        """(events, bytes) the peer's queue may hold in memory: a batch while
+        it keeps failing, else the window."""
+        if state.failures >= SHED_FAILURES:
+            return min(self.batch_events, self.window_events), min(self.batch_bytes, self.window_bytes)
+        return self.window_events, self.window_bytes
+
     def full(self, peer: str) -> bool:
         """Whether ``peer``'s queue in memory reached its window: an item the
         host has for it now waits in storage (see the module doc)."""
         state = self._peers.get(peer)
-        return state is not None and (state.events >= self.window_events or state.size >= self.window_bytes)
+        if state is None:
+            return False
+        events, size = self._window(state)
+        return state.events >= events or state.size >= size
 
     def room(self, peer: str) -> int:
         """How many more events ``peer``'s window holds (how many rows a read
         of what waits in storage for it should ask for at most)."""
         state = self._peers.get(peer)
-        return self.window_events - (state.events if state is not None else 0) if not self.full(peer) else 0
+        if state is None:
+            return self.window_events
+        return 0 if self.full(peer) else self._window(state)[0] - state.events
 
     def wants_more(self, peer: str) -> bool:
         """Whether ``peer``'s queue in memory is down to half its window: time
         to read what waits in storage for it."""
         state = self._peers.get(peer)
-        return state is None or (state.events <= self.window_events // 2 and state.size <= self.window_bytes // 2)
+        if state is None:
+            return True
+        events, size = self._window(state)
+        return state.events <= events // 2 and state.size <= size // 2
+
+    def shed(self, peer: str) -> int | None:
+        """A peer that failed :data:`SHED_FAILURES` times in a row keeps in
+        memory only the batch its next retry sends: the items behind it are
+        let go (they stay in storage; ``core.handover`` reads them back).
+        Returns the last id kept, or None when nothing was let go (call it
+        after each answer; ``Handover.shed`` does)."""
+        state = self._peers.get(peer)
+        if state is None or state.in_flight is not None or state.failures < SHED_FAILURES:
+            return None
+        most_events, most_bytes = self._window(state)
+        events = size = kept = 0
+        for item in state.queue:
+            if kept and (events + len(item.envelopes) > most_events or size + item.size > most_bytes):
+                break
+            kept += 1
+            events += len(item.envelopes)
+            size += item.size
+        if kept == len(state.queue):
+            return None
+        while len(state.queue) > kept:
+            item = state.queue.pop()
+            state.ids.discard(item.id)
+            del self._queued[item.id]
+            state.events -= len(item.envelopes)
+            state.size -= item.size
+        self._schedule(peer, state)
+        return state.queue[-1].id
 
     def pending(self, peer: str | None = None) -> int:
         """Items queued for ``peer`` (or all peers), in flight included."""

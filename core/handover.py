@@ -113,6 +113,19 @@ class Handover:
         start by refills, a window at a time (see the module doc)."""
         self._behind.add(peer)
 
+    def shed(self, delivery: Delivery, peer: str) -> bool:
+        """After an answer from ``peer``: if the delivery machine let the
+        items behind its next batch go (a peer that keeps failing,
+        ``Delivery.shed``), their rows wait in the outbox from now on and the
+        peer is behind, its floor the last id kept. Call it in the same step
+        as the answer (no await between). Returns whether anything was let go."""
+        kept = delivery.shed(peer)
+        if kept is None:
+            return False
+        self._known[peer] = kept
+        self._behind.add(peer)
+        return True
+
     def refill_from(self, peer: str) -> int | None:
         """A refill of ``peer`` begins: above which id to read its next rows
         (None: it is not behind, nothing to read)."""

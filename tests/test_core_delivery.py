@@ -21,6 +21,7 @@ from scaiwave_federation.core.delivery import (
     BATCH_EVENTS,
     QUIET_EVENTS,
     SEND_PREFIX,
+    SHED_FAILURES,
     Deferred,
     Delivered,
     Delivery,
@@ -438,3 +439,28 @@ def test_a_window_holds_at_least_one_event_and_one_byte() -> None:
         Delivery(window_events=0)
     with pytest.raises(LocalProtocolError):
         Delivery(window_bytes=0)
+
+
+def test_a_peer_that_keeps_failing_keeps_one_batch_in_memory() -> None:
+    d = Delivery(batch_events=2, window_events=10)
+    for item in range(1, 6):
+        d.handle_enqueue("b.test", item, [b"e%d" % item])
+    now = 0
+    for failures in range(1, SHED_FAILURES + 1):
+        txn = d.poll_transmit(now)
+        assert txn is not None and txn.item_ids == (1, 2)
+        d.handle_result("b.test", txn.txn_id, Refused(Code.PEER_UNREACHABLE, "down"), now)
+        kept = d.shed("b.test")
+        if failures < SHED_FAILURES:
+            assert kept is None and d.pending("b.test") == 5 and not d.full("b.test")
+        now += 400_000
+    # Down three times in a row: only the batch its retry sends stays in memory.
+    assert kept == 2 and d.pending("b.test") == 2
+    assert not d.queued(3) and d.queued(2)
+    assert d.full("b.test") and d.room("b.test") == 0 and not d.wants_more("b.test")
+    assert d.shed("b.test") is None  # nothing more to let go
+    # Back: the batch goes, and the whole window is open again.
+    txn = d.poll_transmit(now)
+    assert txn is not None and txn.item_ids == (1, 2)
+    d.handle_result("b.test", txn.txn_id, OK, now)
+    assert d.wants_more("b.test") and d.room("b.test") == 10 and not d.full("b.test")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from scaiwave_federation.core import Delivered, Delivery, Handover, encode_events_body
+from scaiwave_federation.core import Code, Delivered, Delivery, Handover, Refused, encode_events_body
 
 PEERS = ("b.test", "c.test")
 WINDOW = 3
@@ -67,7 +67,7 @@ class HandoverMachine(RuleBasedStateMachine):
         super().__init__()
         self.outbox = Outbox()
         self.handover = Handover()
-        self.delivery = Delivery(window_events=WINDOW)
+        self.delivery = Delivery(window_events=WINDOW, batch_events=2)  # a peer failing keeps 2
         self.held: set[str] = set(PEERS)
         #: Refills read, not yet handed over: peer -> (rows, how many were asked for).
         self.refills: dict[str, tuple[list[dict[str, object]], int]] = {}
@@ -189,7 +189,7 @@ class HandoverMachine(RuleBasedStateMachine):
 
     @rule()
     def send(self) -> None:
-        self.now += 1000  # past any pace
+        self.now += 300_000  # past any pace and backoff
         txn = self.delivery.poll_transmit(self.now, may_send=lambda p: p in self.held)
         if txn is None:
             return
@@ -201,9 +201,23 @@ class HandoverMachine(RuleBasedStateMachine):
     def peer_answers(self, data: st.DataObject) -> None:
         self._answer(data.draw(st.sampled_from(sorted(self.in_flight))))
 
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def peer_fails(self, data: st.DataObject) -> None:
+        # A refusal of the moment: the batch waits, with backoff; after a few
+        # in a row the machine keeps only that batch (shed), in the same step.
+        peer = data.draw(st.sampled_from(sorted(self.in_flight)))
+        txn_id, ids = self.in_flight.pop(peer)
+        del self.sent[peer][len(self.sent[peer]) - len(ids):]  # not delivered: sent again later
+        self.delivery.handle_result(peer, txn_id, Refused(Code.PEER_UNREACHABLE, "down"), self.now)
+        self.handover.shed(self.delivery, peer)
+        while self.delivery.poll() is not None:
+            pass
+
     def _answer(self, peer: str) -> None:
         txn_id, _ids = self.in_flight.pop(peer)
         self.delivery.handle_result(peer, txn_id, (200, b""), self.now)
+        self.handover.shed(self.delivery, peer)
         while (event := self.delivery.poll()) is not None:
             if isinstance(event, Delivered):
                 self.delivered |= set(event.item_ids)
