@@ -89,3 +89,41 @@ async def test_a_failure_while_sending_is_a_retry_not_a_stuck_queue(daemon, nurs
     failures, retry_at = service.delivery.backoff("peer.test:8449")
     assert failures == 1 and retry_at > service.now()
     assert [(r["id"], r["attempts"]) for r in await service.store.due(now=1 << 62)] == [(item, 1)]
+
+
+def test_a_backlog_past_what_a_failing_peer_keeps_in_memory_arrives_whole_and_in_order(tmp_path: Path) -> None:
+    """150 posts while peer.test is down: after three failures in a row the
+    sender keeps only the next batch (100 events) in memory and the rest
+    waits in its outbox table (core.delivery SHED_FAILURES, core.handover
+    refills). When peer.test is back, all of it arrives, in order, once."""
+    tb = Testbed(tmp_path)
+    a = tb.add("your-host.test", extra={"SCAIWAVE_RECORD": str(tmp_path / "a.cbor")})
+    b = tb.add("peer.test")
+    try:
+        a.start()
+        b.start()
+        room, alice, bob = peered_dm(a, b)
+        at, bt = alice["access_token"], bob["access_token"]
+        b.stop()
+        texts = [f"while down {n}" for n in range(150)]
+        for text in texts:
+            assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at)[0] == 200
+        wait_until(lambda: (rows := _outbox(a)) and rows[0][0] >= 3, timeout=30)  # shed: three failures
+        shed = [line for line in a.log_path.read_text().splitlines() if "keeps failing" in line]
+        assert shed and f"delivery to {b.server_name} keeps failing" in shed[0], shed
+        b.start()
+        assert b.request("POST", f"/v1/rooms/{room}/messages", {"body": "back"}, token=bt)[0] == 200
+
+        def bob_sees_all():
+            messages = b.get(f"/v1/rooms/{room}/messages", token=bt)["messages"]
+            return messages if len(messages) >= len(texts) + 1 else None
+
+        messages = wait_until(bob_sees_all, timeout=30)
+        assert [m["body"] for m in messages] == texts + ["back"]
+        wait_until(lambda: _outbox(a) == [], timeout=10)
+    finally:
+        tb.stop()
+    _header, records, _torn = read_recording(tmp_path / "a.cbor")
+    delivered = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"] and r.get("status") == 200]
+    bodies = [body for r in delivered for body in cbor2.loads(r["body"])["events"]]
+    assert len(bodies) == len(set(bodies)), "an event was delivered twice"

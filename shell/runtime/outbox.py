@@ -264,7 +264,8 @@ class Outbox:
             log.exception("delivery to %s failed", txn.peer)
             result = Refused(Code.INTERNAL_ERROR, f"delivery failed here: {type(exc).__name__}")
         self.delivery.handle_result(txn.peer, txn.txn_id, result, self.now())
-        self.handover.shed(self.delivery, txn.peer)  # a peer that keeps failing: a batch in memory
+        if self.handover.shed(self.delivery, txn.peer):
+            log.info("delivery to %s keeps failing: its queue past the next batch waits in the outbox", txn.peer)
         self._wake_outbox.set()  # the peer's next batch goes now, while we update the outbox
         while (event := self.delivery.poll()) is not None:
             try:
