@@ -6,6 +6,8 @@ order, and a request from the peer ends the backoff at once.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cbor2
@@ -25,7 +27,11 @@ def _outbox(server: Server) -> list[tuple[int, int]]:
         db.close()
 
 
-def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path) -> None:
+@contextmanager
+def _posts_while_the_peer_is_down(tmp_path: Path, count: int) -> Iterator[tuple[Server, Server, str, str, list[str]]]:
+    """your-host.test (recording its traffic) and peer.test share a DM;
+    peer.test stops and ``count`` messages are posted. Yields (host, peer,
+    room, the peer user's token, the texts); stops both at the end."""
     tb = Testbed(tmp_path)
     a = tb.add("your-host.test", extra={"SCAIWAVE_RECORD": str(tmp_path / "a.cbor")})
     b = tb.add("peer.test")
@@ -33,28 +39,38 @@ def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path)
         a.start()
         b.start()
         room, alice, bob = peered_dm(a, b)
-        at, bt = alice["access_token"], bob["access_token"]
         b.stop()
-        texts = [f"while down {n}" for n in range(20)]
+        texts = [f"while down {n}" for n in range(count)]
         for text in texts:
-            assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at)[0] == 200
+            assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=alice["access_token"])[0] == 200
+        yield a, b, room, bob["access_token"], texts
+    finally:
+        tb.stop()
+
+
+def _all_arrive(b: Server, room: str, token: str, texts: list[str]) -> None:
+    """peer.test is back: a post of its user's ends the host's backoff; every
+    text arrives, then that post, in order; the host's outbox empties."""
+    assert b.request("POST", f"/v1/rooms/{room}/messages", {"body": "back"}, token=token)[0] == 200
+
+    def sees_all():
+        messages = b.get(f"/v1/rooms/{room}/messages", token=token)["messages"]
+        return messages if len(messages) >= len(texts) + 1 else None
+
+    messages = wait_until(sees_all, timeout=30)
+    assert [m["body"] for m in messages] == texts + ["back"]
+
+
+def test_a_backlog_goes_as_one_transaction_when_the_peer_is_back(tmp_path: Path) -> None:
+    with _posts_while_the_peer_is_down(tmp_path, 20) as (a, b, room, bt, texts):
         # The outbox backs off: wait until its next try is 8 s away.
         backlog = wait_until(lambda: (rows := _outbox(a)) and rows[0][0] >= 4 and rows, timeout=30)
         retry_at = backlog[0][1]
         b.start()
         # bob writes (a proposal to the host): the host hears from peer.test and
         # retries at once instead of waiting out its backoff.
-        assert b.request("POST", f"/v1/rooms/{room}/messages", {"body": "I'm back"}, token=bt)[0] == 200
-
-        def bob_sees_all():
-            messages = b.get(f"/v1/rooms/{room}/messages", token=bt)["messages"]
-            return messages if len(messages) == len(texts) + 1 else None
-
-        messages = wait_until(bob_sees_all, timeout=30)
-        assert [m["body"] for m in messages] == texts + ["I'm back"]
-        wait_until(lambda: _outbox(a) == [], timeout=10)  # the chained "I'm back" too
-    finally:
-        tb.stop()
+        _all_arrive(b, room, bt, texts)
+        wait_until(lambda: _outbox(a) == [], timeout=10)  # the chained "back" too
     _header, records, _torn = read_recording(tmp_path / "a.cbor")
     sends = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"]]
     delivered = [r for r in sends if r.get("status") == 200]
@@ -96,33 +112,13 @@ def test_a_backlog_past_what_a_failing_peer_keeps_in_memory_arrives_whole_and_in
     sender keeps only the next batch (100 events) in memory and the rest
     waits in its outbox table (core.delivery SHED_FAILURES, core.handover
     refills). When peer.test is back, all of it arrives, in order, once."""
-    tb = Testbed(tmp_path)
-    a = tb.add("your-host.test", extra={"SCAIWAVE_RECORD": str(tmp_path / "a.cbor")})
-    b = tb.add("peer.test")
-    try:
-        a.start()
-        b.start()
-        room, alice, bob = peered_dm(a, b)
-        at, bt = alice["access_token"], bob["access_token"]
-        b.stop()
-        texts = [f"while down {n}" for n in range(150)]
-        for text in texts:
-            assert a.request("POST", f"/v1/rooms/{room}/messages", {"body": text}, token=at)[0] == 200
+    with _posts_while_the_peer_is_down(tmp_path, 150) as (a, b, room, bt, texts):
         wait_until(lambda: (rows := _outbox(a)) and rows[0][0] >= 3, timeout=30)  # shed: three failures
         shed = [line for line in a.log_path.read_text().splitlines() if "keeps failing" in line]
         assert shed and f"delivery to {b.server_name} keeps failing" in shed[0], shed
         b.start()
-        assert b.request("POST", f"/v1/rooms/{room}/messages", {"body": "back"}, token=bt)[0] == 200
-
-        def bob_sees_all():
-            messages = b.get(f"/v1/rooms/{room}/messages", token=bt)["messages"]
-            return messages if len(messages) >= len(texts) + 1 else None
-
-        messages = wait_until(bob_sees_all, timeout=30)
-        assert [m["body"] for m in messages] == texts + ["back"]
+        _all_arrive(b, room, bt, texts)
         wait_until(lambda: _outbox(a) == [], timeout=10)
-    finally:
-        tb.stop()
     _header, records, _torn = read_recording(tmp_path / "a.cbor")
     delivered = [r for r in records if r["kind"] == "outbound" and "/send/" in r["target"] and r.get("status") == 200]
     bodies = [body for r in delivered for body in cbor2.loads(r["body"])["events"]]
