@@ -16,7 +16,9 @@ lease table (``store/lease_rows.py``). Every worker runs :meth:`Workers.lease_lo
 - every third of a lease (``lease_ms``, 10 s by default) it renews its
   leases, reads the whole table (who else is alive, what they hold), stops
   delivering to the peers it lost, and re-reads the queues of its peers
-  (a row committed late behind a newer one is found then);
+  (a row committed late behind a newer one is found then), but for the
+  peers behind their delivery window: those are read a window at a time
+  as their deliveries drain (``refill``), as is a peer just taken;
 - at every look it checks the shared-state generation (one read): when
   another worker changed the key ring, the policy or a peer's pause, it
   reloads them. The descriptor endpoint and the admin API check it before
