@@ -198,8 +198,10 @@ class Handover:
         nothing between (a row may have finished, a peer fallen behind,
         while they were read)."""
         behind = self._behind
+        # A peer's rows go over by a look or resync while it is level, by its
+        # refill while it is behind (not once it was forgotten meanwhile).
         return sorted((r for r in rows if r["peer"] in peers and r["id"] not in self._finished
-                       and (r["peer"] not in behind or r["peer"] == refill)),
+                       and (r["peer"] in behind) == (r["peer"] == refill)),
                       key=lambda r: r["id"])
 
     def hand_over(self, delivery: Delivery, rows: Sequence[R], peers: Collection[str], *,

@@ -378,3 +378,14 @@ def test_another_workers_row_a_look_sees_during_a_refill_keeps_the_peer_behind()
     assert handover.seen == 4
     handover.hand_over(delivery, [_row(3)], {"b.test"}, refill=("b.test", 2))
     assert handover.behind("b.test"), "level, with row 4 left in the outbox and no look to find it"
+
+
+def test_a_refills_rows_are_not_handed_over_once_the_peer_was_forgotten() -> None:
+    """An admin forgot the peer (or its lease went) while its refill read:
+    the rows read are not handed to the machine."""
+    handover, delivery = Handover(), Delivery()
+    handover.take("b.test")
+    assert handover.refill_from("b.test") == 0
+    handover.forget("b.test")
+    handed, _ = handover.hand_over(delivery, [_row(1), _row(2)], {"b.test"}, refill=("b.test", 10))
+    assert handed == 0 and delivery.pending("b.test") == 0

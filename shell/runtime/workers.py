@@ -188,7 +188,7 @@ class Workers:
         if taken:
             log.info("delivering to %s from this worker (%s)", peer, self.worker_id)
             try:
-                await self.refill(peer)
+                await self.refill_due(peer)
             except StorageError as exc:  # the next resync reads it
                 log.warning("queue of %s not read yet: %s", peer, exc)
             self._wake_outbox.set()
