@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from scaiwave_federation.core import encode_events_body
 from scaiwave_federation.shell.demo.testbed import Server, Testbed, free_port
+from scaiwave_federation.shell.store.sqlite_store import SqliteStore
 
 from bench.federation import cpu_seconds
 
@@ -61,18 +61,15 @@ def rss_bytes(pid: int) -> int:
 
 def queue_backlog(server: Server, peers: list[str], posts: int) -> None:
     """``posts`` outbox rows, spread over ``peers``, in the stopped daemon's
-    database; each peer's first has failed 4 times (a restart during an outage)."""
-    db = sqlite3.connect(server.root / "data" / "scaiwave.db")
-    try:
-        body = encode_events_body([ENVELOPE])
-        path = "/_scaiwave/federation/v1/send"
-        with db:
-            db.executemany("INSERT INTO outbox (peer, txn_id, path, body, created_at, attempts, next_attempt_at)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           ((peers[n % len(peers)], f"backlog-{n}", path, body, NOW, 4 if n < len(peers) else 0, NOW)
-                            for n in range(posts)))
-    finally:
-        db.close()
+    database (through its store, as the daemon queues them); each peer's
+    first has failed 4 times (a restart during an outage)."""
+    body = encode_events_body([ENVELOPE])
+    path = "/_scaiwave/federation/v1/send"
+    with SqliteStore.open(server.root / "data") as store:
+        ids = store.enqueue_many([(peers[n % len(peers)], f"backlog-{n}", path, body) for n in range(posts)], NOW)
+        for head in ids[:len(peers)]:
+            for _ in range(4):
+                store.mark_attempt(head, NOW)
 
 
 def measure(tb: Testbed, name: str, peers: list[str], posts: int, idle: float,
