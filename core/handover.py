@@ -12,7 +12,7 @@ Rows reach the holder two ways:
 
 - **its own**, the moment its storage call queued them: the same call
   reads the peer's other rows below them (:meth:`Handover.floor` says from
-  which id), and :meth:`Handover.handle_queued` hands them over only if
+  which id, or that nothing need be read: the peer is behind), and :meth:`Handover.handle_queued` hands them over only if
   every one of those is in the machine already or finished. Writes are one
   at a time on every backend, so when a row commits every lower id has
   committed, and no lower id can appear later: the check is exact, whoever
@@ -86,10 +86,17 @@ class Handover:
 
     # -- rows this worker queued ---------------------------------------------------
 
-    def floor(self, peer: str) -> int:
+    def floor(self, peer: str) -> int | None:
         """The storage call that queues rows for ``peer`` reads the peer's rows
         with ids above this and below its own first (every row at or below it
-        is accounted for here)."""
+        is accounted for here). None: read nothing, the peer is behind and its
+        new rows stay in the outbox whatever is below them (:meth:`stays`);
+        its backlog, however long, is read by refills only, a window at a
+        time, not by every post. (If a refill brings the peer level before the
+        call's rows are handed over, :meth:`handle_queued` gets no rows below
+        and leaves them to a look, as for a peer not delivered to.)"""
+        if peer in self._behind:
+            return None
         return self._known.get(peer, 0)
 
     def stays(self, peer: str, full: bool) -> bool:

@@ -389,3 +389,28 @@ def test_a_refills_rows_are_not_handed_over_once_the_peer_was_forgotten() -> Non
     handover.forget("b.test")
     handed, _ = handover.hand_over(delivery, [_row(1), _row(2)], {"b.test"}, refill=("b.test", 10))
     assert handed == 0 and delivery.pending("b.test") == 0
+
+
+def test_a_peer_behind_its_window_needs_no_read_below_a_new_row() -> None:
+    """A peer behind (a paused or dead peer's backlog in the outbox): the row
+    queued next stays in the outbox whatever is below it, so the storage call
+    that queues it reads nothing below it. Reading from the floor read the
+    whole backlog at every post: posting slowed as the backlog grew."""
+    handover, delivery = _window_of_two()
+    assert handover.floor("b.test") is None
+    # What the shell does when floor() is None: the row is not handed over
+    # here; a refill reads it in order.
+    assert handover.stays("b.test", delivery.full("b.test"))
+    assert not handover.handle_queued("b.test", (4,), None, delivery.queued)
+    _drain(delivery)
+    assert handover.refill_from("b.test") == 2
+    handover.hand_over(delivery, [_row(3), _row(4)], {"b.test"}, refill=("b.test", 3))
+    assert not handover.behind("b.test") and handover.floor("b.test") == 4
+    assert _drain(delivery) == [3, 4]
+
+
+def test_a_peer_taken_over_needs_no_read_below_until_its_refills_caught_up() -> None:
+    handover = Handover()
+    handover.take("b.test")
+    assert handover.floor("b.test") is None
+    assert handover.floor("c.test") == 0  # never behind: read from the start

@@ -201,8 +201,13 @@ class Outbox:
 
     def _floors(self, servers: list[str]) -> dict[str, int]:
         """For the peers this worker delivers to: above which id the storage
-        call that queues rows for them reads their other rows (core.handover)."""
-        return {s: self.handover.floor(s) for s in servers if self.delivers_to(s)}
+        call that queues rows for them reads their other rows (core.handover;
+        none for a peer behind its window, whose new rows stay in the outbox)."""
+        floors = {}
+        for server in servers:
+            if self.delivers_to(server) and (floor := self.handover.floor(server)) is not None:
+                floors[server] = floor
+        return floors
 
     @staticmethod
     def _rows_below(store: Any, servers: list[str], ids: list[int],
