@@ -325,24 +325,41 @@ def peered_dm(a: Server, b: Server, tenant: str = "acme") -> tuple[str, dict[str
     """Keys, policies allowing each other, a handshake, and a DM from alice (on
     ``a``) that bob (on ``b``) accepted: ``(room_id, alice, bob)``, each user
     as ``admin user create`` answered (``user_id``, ``access_token``)."""
-    for server, other in ((a, b), (b, a)):
+    alice, [(dm, bob)] = peered_dms(a, [b], tenant)
+    return dm, alice, bob
+
+
+def peered_dms(a: Server, others: list[Server],
+               tenant: str = "acme") -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """:func:`peered_dm` between ``a`` and each of ``others``: ``a`` allows
+    them all, one alice on ``a`` opens a DM with a bob on each. Returns
+    ``(alice, [(room_id, bob) per other server])``."""
+    def setup(server: Server, allowed: list[Server]) -> None:
         for method, path, body in (
                 ("POST", "/v1/admin/federation/key/generate", None),
                 ("PUT", "/v1/admin/federation/policy",
-                 {"default_mode": "invite_only", "allowed_peers": [other.server_name], "blocked_peers": []}),
+                 {"default_mode": "invite_only", "allowed_peers": [o.server_name for o in allowed],
+                  "blocked_peers": []}),
                 ("POST", "/v1/admin/tenants", {"name": tenant})):
             status, answer = server.admin(method, path, body)
             if status != 200:
                 raise RuntimeError(f"{server.server_name}: {method} {path}: {status} {answer}")
-    status, answer = a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake")
-    if status != 200:
-        raise RuntimeError(f"handshake: {status} {answer}")
+
+    setup(a, others)
+    for b in others:
+        setup(b, [a])
     alice = a.admin("POST", "/v1/admin/users", {"name": "alice", "tenant": tenant})[1]
-    bob = b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": tenant})[1]
-    status, dm = a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
-    if status != 200:
-        raise RuntimeError(f"dm: {status} {dm}")
-    status, answer = b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"])
-    if status != 200:
-        raise RuntimeError(f"accept: {status} {answer}")
-    return dm["room_id"], alice, bob
+    out = []
+    for b in others:
+        status, answer = a.admin("POST", f"/v1/admin/federation/peers/{b.server_name}/handshake")
+        if status != 200:
+            raise RuntimeError(f"handshake: {status} {answer}")
+        bob = b.admin("POST", "/v1/admin/users", {"name": "bob", "tenant": tenant})[1]
+        status, dm = a.request("POST", "/v1/dms", {"to": bob["user_id"]}, token=alice["access_token"])
+        if status != 200:
+            raise RuntimeError(f"dm: {status} {dm}")
+        status, answer = b.request("POST", f"/v1/invites/{dm['room_id']}/accept", token=bob["access_token"])
+        if status != 200:
+            raise RuntimeError(f"accept: {status} {answer}")
+        out.append((dm["room_id"], bob))
+    return alice, out
