@@ -52,11 +52,10 @@ import time
 from pathlib import Path
 
 from scaiwave_federation.core import encode_events_body
-from scaiwave_federation.shell.demo.testbed import Server, Testbed, free_port
+from scaiwave_federation.shell.demo.testbed import Server, Testbed, free_port, peered_dms
 from scaiwave_federation.shell.store.sqlite_store import SqliteStore
 
-from bench.federation import cpu_seconds, post_all
-from scaiwave_federation.shell.demo.testbed import peered_dms
+from bench.federation import cpu_seconds, post_all, verdict
 
 MEMORY_TARGET = 1.25
 CPU_TARGET = 2.0
@@ -86,6 +85,23 @@ def queue_backlog(server: Server, peers: list[str], posts: int) -> None:
                 store.mark_attempt(head, NOW)
 
 
+def start_taking(server: Server, peers: list[str], settle: float = 3.0) -> None:
+    """Start ``server`` and wait until it took ``peers`` (its log says it
+    delivers to each), then ``settle`` seconds more: its first tries, its
+    backoff, and its first looks, which read the outbox's ids once."""
+    offset = len(server.log_path.read_text()) if server.log_path.exists() else 0
+    server.start()
+    deadline = time.monotonic() + 60
+    while True:
+        log = server.log_path.read_text()[offset:]
+        if all(f"delivering to {peer} from" in log for peer in peers):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.server_name} did not take its {len(peers)} peers in 60 s: {server.log_path}")
+        time.sleep(0.05)
+    time.sleep(settle)
+
+
 def measure(tb: Testbed, name: str, peers: list[str], posts: int, idle: float,
             settle: float = 3.0) -> tuple[int, float]:
     """Start a daemon with ``posts`` queued for dead ``peers``; (RSS once it
@@ -94,15 +110,9 @@ def measure(tb: Testbed, name: str, peers: list[str], posts: int, idle: float,
     server.start()  # creates the database
     server.stop()
     queue_backlog(server, peers, posts)
-    server.start()
     try:
+        start_taking(server, peers, settle)
         assert server.proc is not None
-        deadline = time.monotonic() + 60
-        while server.log_path.read_text().count("delivering to gone") < len(peers):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not take its {len(peers)} peers in 60 s: {server.log_path}")
-            time.sleep(0.05)
-        time.sleep(settle)  # its first tries, its backoff, its first looks
         rss = rss_bytes(server.proc.pid)
         cpu = cpu_seconds(server.proc.pid)
         time.sleep(idle)
@@ -126,17 +136,7 @@ def measure_posting(tb: Testbed, big: int, small: int, posts: int, clients: int,
             server.stop()
         queue_backlog(host, [far.server_name], big)
         queue_backlog(host, [near.server_name], small)
-        log = host.log_path.read_text()
-        taken = {peer.server_name: log.count("delivering to " + peer.server_name) for peer in (far, near)}
-        host.start()
-        # As in measure(): once it took both peers, past its first looks,
-        # which read the outbox's ids once (not what a post costs).
-        deadline = time.monotonic() + 60
-        while any(host.log_path.read_text().count("delivering to " + peer) <= count for peer, count in taken.items()):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{host.server_name} did not take its peers in 60 s: {host.log_path}")
-            time.sleep(0.05)
-        time.sleep(3.0)
+        start_taking(host, [far.server_name, near.server_name])
         token = alice["access_token"]
         for dm in (near_dm, far_dm):
             post_all(host, token, dm, [f"warm-up {n}" for n in range(50)], clients)
@@ -193,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         ok_memory, ok_cpu = memory_ratio <= MEMORY_TARGET, cpu_ratio <= CPU_TARGET
         ok = ok and ok_memory and ok_cpu
         print(f"{key}: resident memory {rss[key] / 2**20:.0f} MB vs {rss['small'] / 2**20:.0f} MB: "
-              f"{memory_ratio:.2f}x (target <= {MEMORY_TARGET}x) {'PASS' if ok_memory else 'FAIL'}; "
+              f"{memory_ratio:.2f}x (target <= {MEMORY_TARGET}x) {verdict(ok_memory)}; "
               f"idle CPU over {args.idle:g} s {cpu[key]:.2f} s vs {cpu['small']:.2f} s: {cpu_ratio:.2f}x "
-              f"(target <= {CPU_TARGET}x) {'PASS' if ok_cpu else 'FAIL'}")
+              f"(target <= {CPU_TARGET}x) {verdict(ok_cpu)}")
     posting = big_rate / small_rate
     ok_posting = posting >= POSTING_TARGET
     print(f"posting beside a backlog: {big_rate:.0f} posts/s into a DM with a peer down with {args.big:,} queued "
           f"vs {small_rate:.0f}/s into one with a peer down with {args.small:,}: {posting:.2f} "
-          f"(target >= {POSTING_TARGET}) {'PASS' if ok_posting else 'FAIL'}")
+          f"(target >= {POSTING_TARGET}) {verdict(ok_posting)}")
     return 0 if ok and ok_posting else 1
 
 

@@ -12,8 +12,9 @@ Rows reach the holder two ways:
 
 - **its own**, the moment its storage call queued them: the same call
   reads the peer's other rows below them (:meth:`Handover.floor` says from
-  which id, or that nothing need be read: the peer is behind), and :meth:`Handover.handle_queued` hands them over only if
-  every one of those is in the machine already or finished. Writes are one
+  which id, or that nothing need be read: the peer is behind), and
+  :meth:`Handover.handle_queued` hands them over only if every one of
+  those is in the machine already or finished. Writes are one
   at a time on every backend, so when a row commits every lower id has
   committed, and no lower id can appear later: the check is exact, whoever
   queued the lower rows and whether or not that worker is still alive.
